@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# tunneler demo: three network-namespace "nodes", each with a real OpenSSH
+# sshd on port 22 and small test servers, and one tunneler daemon in front.
+#
+#   sudo deploy/demo/demo.sh          # runs until Ctrl-C
+#   sudo deploy/demo/demo.sh --once   # exits right after the demo
+#
+# Addresses (slot 240 of the test range 10.200.0.0/14):
+#   nodes    10.200.240.11-13 on bridge tnlbrdemo (host side 10.200.240.1)
+#   pods     10.201.240.16/28, .32/28, .48/28 (pod address .17, .33, .49)
+#   services 10.202.240.0/24 (10.202.240.11-13, one per node)
+# Set TUNNELER_BIN to use a built binary instead of `cargo build --release`.
+# Everything is removed on exit; deploy/demo/down.sh cleans up leftovers.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+# shellcheck source=common.sh
+. "$here/common.sh"
+
+once=0
+for arg in "$@"; do
+    case "$arg" in
+        --once) once=1 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "demo.sh needs root: it creates network namespaces and runs sshd" >&2
+    exit 1
+fi
+for tool in ip /usr/sbin/sshd ssh-keygen python3 curl; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
+done
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ -n "${TUNNELER_BIN:-}" ]; then
+    bin=$TUNNELER_BIN
+else
+    step "building tunneler (cargo build --release --locked)"
+    (cd "$repo" && cargo build --release --locked)
+    bin=$repo/target/release/tunneler
+fi
+
+# A previous run that was killed hard may have left things behind.
+demo_cleanup
+
+tmp=$(mktemp -d /tmp/tunneler-demo.XXXXXX)
+mkdir -p "$DEMO_STATE" /run/sshd
+echo "$tmp" > "$DEMO_STATE/tmpdir"
+on_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    echo
+    echo "==> cleaning up"
+    demo_cleanup
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+net=10.200.$DEMO_SLOT
+pods=10.201.$DEMO_SLOT
+svcs=10.202.$DEMO_SLOT
+
+step "keys: client key from 'tunneler keygen', host keys from ssh-keygen"
+"$bin" keygen --out "$tmp/id_ed25519" > "$tmp/keygen.out"
+grep 'ssh-ed25519' "$tmp/keygen.out" > "$tmp/authorized_keys"
+cat "$tmp/authorized_keys"
+cp "$here/node-servers.py" "$tmp/node-servers.py"
+
+# PerSourcePenalties (OpenSSH >= 9.8) would slow down reconnects after a
+# restart; turn it off where this sshd knows it.
+ssh-keygen -q -t ed25519 -N '' -C probe -f "$tmp/probe_key"
+printf 'HostKey %s\nPerSourcePenalties no\n' "$tmp/probe_key" > "$tmp/probe_config"
+penalties=""
+if /usr/sbin/sshd -t -f "$tmp/probe_config" 2>/dev/null; then penalties="PerSourcePenalties no"; fi
+
+step "network: bridge $DEMO_BRIDGE ($net.1/24) and $DEMO_NODES node namespaces"
+ip link add "$DEMO_BRIDGE" type bridge
+ip addr add "$net.1/24" dev "$DEMO_BRIDGE"
+ip link set "$DEMO_BRIDGE" up
+: > "$tmp/known_hosts"
+for i in $(seq "$DEMO_NODES"); do
+    ns=$(demo_ns "$i"); vh=$(demo_veth_host "$i"); vn=$(demo_veth_node "$i")
+    node_ip=$net.$((10 + i)); pod_ip=$pods.$((16 * i + 1)); svc_ip=$svcs.$((10 + i))
+    dir=$tmp/node-$i
+    mkdir -p "$dir"
+    ip netns add "$ns"
+    ip link add "$vh" type veth peer name "$vn" netns "$ns"
+    ip link set "$vh" master "$DEMO_BRIDGE" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$node_ip/24" dev "$vn"
+    ip -n "$ns" link set "$vn" up
+    ip -n "$ns" addr add "$pod_ip/32" dev lo
+    ip -n "$ns" addr add "$svc_ip/32" dev lo
+
+    ssh-keygen -q -t ed25519 -N '' -C "host-node-$i" -f "$dir/ssh_host_ed25519_key"
+    echo "$node_ip $(cut -d' ' -f1,2 "$dir/ssh_host_ed25519_key.pub")" >> "$tmp/known_hosts"
+    cat > "$dir/sshd_config" <<CFG
+ListenAddress $node_ip
+Port 22
+HostKey $dir/ssh_host_ed25519_key
+AuthorizedKeysFile $tmp/authorized_keys
+PidFile $dir/sshd.pid
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+AllowTcpForwarding yes
+PermitRootLogin prohibit-password
+MaxStartups 100
+$penalties
+CFG
+    ip netns exec "$ns" /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
+    ip netns exec "$ns" python3 -u "$tmp/node-servers.py" "node-$i" 7000 8080 \
+        > "$dir/servers.out" 2> "$dir/servers.log" &
+    echo "  node-$i: ns $ns, ssh $node_ip:22, pod $pod_ip, service $svc_ip"
+done
+for i in $(seq "$DEMO_NODES"); do
+    for _ in $(seq 100); do grep -q ready "$tmp/node-$i/servers.out" && break; sleep 0.1; done
+    grep -q ready "$tmp/node-$i/servers.out" || { cat "$tmp/node-$i/servers.log" >&2; exit 1; }
+done
+
+step "config: $tmp/tunneler.toml"
+cat > "$tmp/tunneler.toml" <<CFG
+[ssh]
+user = "root"
+identity_file = "id_ed25519"
+known_hosts_file = "known_hosts"
+port = 22
+connect_timeout = "2s"
+keepalive_interval = "1s"
+keepalive_max = 3
+
+[reconnect]
+initial_backoff = "100ms"
+max_backoff = "2s"
+
+[proxy]
+listen = ["unix://$tmp/egress.sock", "tcp://127.0.0.1:0"]
+service_cidrs = ["$svcs.0/24"]
+dial_timeout = "2s"
+
+[admin]
+socket = "$tmp/admin.sock"
+CFG
+for i in $(seq "$DEMO_NODES"); do
+    printf '\n[[node]]\nname = "node-%s"\naddress = "%s"\npod_cidrs = ["%s"]\n' \
+        "$i" "$net.$((10 + i))" "$pods.$((16 * i))/28" >> "$tmp/tunneler.toml"
+done
+cat "$tmp/tunneler.toml"
+"$bin" check-config --config "$tmp/tunneler.toml"
+
+step "starting: tunneler run (log: $tmp/tunneler.log)"
+RUST_LOG=${RUST_LOG:-info} "$bin" run --config "$tmp/tunneler.toml" 2> "$tmp/tunneler.log" &
+echo $! > "$DEMO_STATE/daemon.pid"
+healthy=0
+for _ in $(seq 150); do
+    if "$bin" status --socket "$tmp/admin.sock" > /dev/null 2>&1; then healthy=1; break; fi
+    kill -0 "$(cat "$DEMO_STATE/daemon.pid")" 2>/dev/null || break
+    sleep 0.2
+done
+if [ "$healthy" -ne 1 ]; then
+    echo "nodes did not become healthy within 30s; daemon log:" >&2
+    tail -n 40 "$tmp/tunneler.log" >&2
+    exit 1
+fi
+
+step "tunneler status --socket $tmp/admin.sock"
+"$bin" status --socket "$tmp/admin.sock"
+
+port=$(curl -sS --unix-socket "$tmp/admin.sock" http://localhost/v1/status |
+    python3 -c 'import json,sys; print(next(l for l in json.load(sys.stdin)["listeners"] if l.startswith("tcp://")).rsplit(":", 1)[1])')
+
+step "curl -sS -p -x http://127.0.0.1:$port http://$net.11:8080/"
+curl -sS --max-time 10 -p -x "http://127.0.0.1:$port" "http://$net.11:8080/"
+
+pod=$pods.$((16 * 2 + 1))
+step "raw CONNECT $pod:7000 over $tmp/egress.sock (as kube-apiserver sends it)"
+python3 - "$tmp/egress.sock" "$pod:7000" <<'PY'
+import socket, sys
+sock, target = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sock)
+s.sendall(("CONNECT %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % target).encode())
+head = b""
+while not head.endswith(b"\r\n\r\n"):
+    b = s.recv(1)
+    if not b:
+        break
+    head += b
+print("<", head.decode().splitlines()[0] if head else "(no answer)")
+s.sendall(b"hello through the tunnel\n")
+print("<", s.makefile().readline().strip())
+PY
+
+step "GET /v1/status on the admin socket"
+curl -sS --unix-socket "$tmp/admin.sock" http://localhost/v1/status | python3 -m json.tool
+
+if [ "$once" -eq 1 ]; then
+    exit 0
+fi
+echo
+echo "The demo is running. Try:"
+echo "  curl -sS -p -x http://127.0.0.1:$port http://node-3:8080/"
+echo "  $bin status --socket $tmp/admin.sock"
+echo "  ip netns exec $(demo_ns 1) kill \$(cat $tmp/node-1/sshd.pid)   # then watch status"
+echo "Ctrl-C stops and cleans up."
+wait "$(cat "$DEMO_STATE/daemon.pid")" || true

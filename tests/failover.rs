@@ -1,0 +1,124 @@
+//! Node failures with real sshd: a node whose sshd dies leaves healthy and
+//! comes back when sshd does, without disturbing the other nodes; a node
+//! whose host key changes is rejected, not retried into.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{node_status, Cluster, Daemon, ECHO_PORT};
+
+const READY: Duration = Duration::from_secs(20);
+
+#[test]
+fn node_recovers_after_sshd_restart_while_others_keep_serving() {
+    require_netns!("node_recovers_after_sshd_restart_while_others_keep_serving");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+    let (n1, n2) = (cluster.node(1), cluster.node(2));
+
+    // A stream to node 2 opened before the failure outlives it.
+    let (status, mut long_lived) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(
+        common::echo_over(&mut long_lived, "before"),
+        format!("node=node-2 local={} echo=before", n2.pod_ip)
+    );
+
+    cluster.kill_sshd(1);
+    let status = daemon.wait_node_unhealthy("node-1", READY);
+    let before = node_status(&status, "node-1").unwrap()["reconnects"]
+        .as_u64()
+        .unwrap();
+
+    // While node 1 is down: node 2 serves new and old streams, node 1's
+    // targets get 503 once the tunnel is known to be gone.
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.ip), "during");
+    assert_eq!(got, format!("node=node-2 local={} echo=during", n2.ip));
+    assert_eq!(
+        common::echo_over(&mut long_lived, "during"),
+        format!("node=node-2 local={} echo=during", n2.pod_ip)
+    );
+    let down = daemon.wait_for("node-1 in backoff with an error", READY, |s| {
+        node_status(s, "node-1")
+            .is_some_and(|n| n["state"] == "backoff" && n["last_error"].is_string())
+    });
+    assert_eq!(node_status(&down, "node-2").unwrap()["state"], "healthy");
+    let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+
+    cluster.start_sshd(1);
+    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let n = node_status(&status, "node-1").unwrap();
+    assert!(
+        n["reconnects"].as_u64().unwrap() > before || before > 0,
+        "{n}"
+    );
+    assert!(
+        n["last_error"].is_null() || n["last_error"].is_string(),
+        "{n}"
+    );
+
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "after");
+    assert_eq!(got, format!("node=node-1 local={} echo=after", n1.pod_ip));
+    assert_eq!(
+        common::echo_over(&mut long_lived, "after"),
+        format!("node=node-2 local={} echo=after", n2.pod_ip)
+    );
+}
+
+#[test]
+fn changed_host_key_rejects_the_node() {
+    require_netns!("changed_host_key_rejects_the_node");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+
+    // The running session is cut; the reconnect meets a new host key.
+    cluster.replace_host_key(1);
+    let status = daemon.wait_node_state("node-1", "rejected", READY);
+    let n1 = node_status(&status, "node-1").unwrap();
+    let err = n1["last_error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(err.contains("host key"), "last_error: {n1}");
+    assert_eq!(node_status(&status, "node-2").unwrap()["state"], "healthy");
+
+    let node = cluster.node(1);
+    for target in [
+        format!("{}:{ECHO_PORT}", node.ip),
+        format!("{}:{ECHO_PORT}", node.pod_ip),
+        format!("node-1:{ECHO_PORT}"),
+    ] {
+        let (status, _) = daemon.connect(&target);
+        assert!(status.starts_with("HTTP/1.1 503"), "{target}: {status}");
+    }
+    let node2 = cluster.node(2);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node2.pod_ip), "ok");
+    assert_eq!(got, format!("node=node-2 local={} echo=ok", node2.pod_ip));
+
+    // Rejected is sticky: it is not retried into healthy (or a hot loop).
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = daemon.status_json();
+    assert_eq!(node_status(&status, "node-1").unwrap()["state"], "rejected");
+}
+
+/// A node whose host key never matched is rejected from the start and never
+/// becomes healthy, while the other nodes come up.
+#[test]
+fn wrong_host_key_at_startup_is_rejected() {
+    require_netns!("wrong_host_key_at_startup_is_rejected");
+    let cluster = Cluster::new(2);
+    cluster.replace_host_key(2);
+    let daemon = Daemon::start(&cluster);
+    let status = daemon.wait_for("node-1 healthy, node-2 rejected", READY, |s| {
+        node_status(s, "node-1").is_some_and(|n| n["state"] == "healthy")
+            && node_status(s, "node-2").is_some_and(|n| n["state"] == "rejected")
+    });
+    let err = node_status(&status, "node-2").unwrap()["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(err.contains("host key"), "{status}");
+    let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).ip));
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+}
