@@ -1,0 +1,657 @@
+//! Configuration: the TOML shapes serde reads, and the validated types the
+//! rest of the daemon uses.
+//!
+//! The two are kept apart on purpose. The serde shapes mirror the file
+//! (strings for durations, paths as written); [`Config::from_toml`] turns them
+//! into domain types (`Duration`, `IpNet`, absolute `PathBuf`s) and rejects
+//! anything inconsistent. Code after validation never has to re-check config.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Where `tunneler run` looks for its config unless `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tunneler/tunneler.toml";
+/// Where the admin socket lives unless the config or `--socket` says otherwise.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tunneler/admin.sock";
+
+/// A config error names the offending key, so an operator can find it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path tried.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or shape error (unknown key, wrong type, missing key).
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value that parsed but does not make sense.
+    #[error("invalid config: `{key}`: {reason}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `node[2].pod_cidrs`.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// serde shapes
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    ssh: RawSsh,
+    #[serde(default)]
+    reconnect: RawReconnect,
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default, rename = "node")]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    user: String,
+    identity_file: PathBuf,
+    known_hosts_file: PathBuf,
+    port: Option<u16>,
+    connect_timeout: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_max: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconnect {
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+    stable_after: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<Vec<String>>,
+    service_cidrs: Option<Vec<String>>,
+    dial_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    address: String,
+    port: Option<u16>,
+    internal_ips: Option<Vec<String>>,
+    #[serde(default)]
+    pod_cidrs: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------
+// validated types
+// ---------------------------------------------------------------------------
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// SSH client settings shared by every node.
+    pub ssh: SshConfig,
+    /// Reconnect backoff.
+    pub reconnect: ReconnectConfig,
+    /// The egress (HTTP CONNECT) front end.
+    pub proxy: ProxyConfig,
+    /// The admin API.
+    pub admin: AdminConfig,
+    /// Statically configured nodes.
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// SSH client settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshConfig {
+    /// Remote user.
+    pub user: String,
+    /// Private key, absolute.
+    pub identity_file: PathBuf,
+    /// known_hosts file, absolute.
+    pub known_hosts_file: PathBuf,
+    /// Default SSH port for nodes that do not set one.
+    pub port: u16,
+    /// Bound on the TCP connect, and separately on handshake + auth.
+    pub connect_timeout: Duration,
+    /// Interval between keepalives.
+    pub keepalive_interval: Duration,
+    /// Unanswered keepalives before the session is declared dead.
+    pub keepalive_max: usize,
+}
+
+/// Reconnect backoff settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconnectConfig {
+    /// First retry delay (upper bound of the jittered delay).
+    pub initial_backoff: Duration,
+    /// Cap on the retry delay; also the retry interval for rejected nodes.
+    pub max_backoff: Duration,
+    /// A session that lived this long resets the backoff.
+    pub stable_after: Duration,
+}
+
+/// A listener address for the egress proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address (loopback only, validated).
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Unix(p) => write!(f, "unix://{}", p.display()),
+            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// Egress proxy settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Where to accept CONNECT requests.
+    pub listen: Vec<ListenAddr>,
+    /// Service CIDRs, dialed through any healthy tunnel.
+    pub service_cidrs: Vec<IpNet>,
+    /// Bound on a dial: waiting for a connecting tunnel plus the channel open.
+    pub dial_timeout: Duration,
+}
+
+/// Admin API settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// The admin Unix socket.
+    pub socket: PathBuf,
+}
+
+/// One node, as the rest of the program sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// Unique node name (the Kubernetes node name).
+    pub name: String,
+    /// SSH endpoint host (IP or DNS name).
+    pub address: String,
+    /// SSH port.
+    pub port: u16,
+    /// IPs that route to this node; the first is the target for name dials.
+    pub internal_ips: Vec<IpAddr>,
+    /// Pod CIDRs that route to this node.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl NodeConfig {
+    /// `host:port` of the SSH endpoint, for display and dialing.
+    pub fn endpoint(&self) -> String {
+        match self.address.parse::<IpAddr>() {
+            Ok(IpAddr::V6(v6)) => format!("[{v6}]:{}", self.port),
+            _ => format!("{}:{}", self.address, self.port),
+        }
+    }
+}
+
+fn parse_duration(
+    key: &str,
+    value: Option<&String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    let d = humantime::parse_duration(v.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{v:?} is not a duration with a unit (like \"5s\" or \"250ms\"): {e}"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Parses a listener URL such as `unix:///run/x.sock` or `tcp://127.0.0.1:8131`.
+pub fn parse_listen(key: &str, s: &str, base: &Path) -> Result<ListenAddr, ConfigError> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if path.is_empty() {
+            return Err(invalid(key, "unix:// needs a path"));
+        }
+        return Ok(ListenAddr::Unix(resolve(base, Path::new(path))));
+    }
+    if let Some(addr) = s.strip_prefix("tcp://") {
+        let sa: std::net::SocketAddr = addr.parse().map_err(|_| {
+            invalid(
+                key,
+                format!("{s:?}: expected tcp://IP:PORT, e.g. tcp://127.0.0.1:8131"),
+            )
+        })?;
+        if !sa.ip().is_loopback() {
+            return Err(invalid(
+                key,
+                format!("{s:?}: a plain TCP listener must be on a loopback address; it would otherwise be an unauthenticated proxy into the cluster"),
+            ));
+        }
+        return Ok(ListenAddr::Tcp(sa));
+    }
+    Err(invalid(
+        key,
+        format!("{s:?}: expected unix://PATH or tcp://IP:PORT"),
+    ))
+}
+
+fn parse_cidr(key: &str, s: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = s
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not a CIDR like 10.244.1.0/24")))?;
+    if net.trunc() != net {
+        return Err(invalid(
+            key,
+            format!("{s:?} has host bits set; did you mean {}?", net.trunc()),
+        ));
+    }
+    Ok(net)
+}
+
+fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let abs = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(path))
+                .unwrap_or_else(|_| path.to_path_buf())
+        };
+        let base = abs.parent().unwrap_or(Path::new("/"));
+        Config::from_toml(&text, base)
+    }
+
+    /// Parses and validates TOML text; relative paths resolve against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        Config::validate(raw, base)
+    }
+
+    fn validate(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+        let s = raw.ssh;
+        if s.user.trim().is_empty() {
+            return Err(invalid("ssh.user", "must not be empty"));
+        }
+        if s.port == Some(0) {
+            return Err(invalid("ssh.port", "must not be 0"));
+        }
+        let keepalive_max = s.keepalive_max.unwrap_or(3);
+        if keepalive_max == 0 {
+            return Err(invalid("ssh.keepalive_max", "must be at least 1"));
+        }
+        let ssh = SshConfig {
+            user: s.user,
+            identity_file: resolve(base, &s.identity_file),
+            known_hosts_file: resolve(base, &s.known_hosts_file),
+            port: s.port.unwrap_or(22),
+            connect_timeout: parse_duration(
+                "ssh.connect_timeout",
+                s.connect_timeout.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            keepalive_interval: parse_duration(
+                "ssh.keepalive_interval",
+                s.keepalive_interval.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            keepalive_max,
+        };
+
+        let r = raw.reconnect;
+        let reconnect = ReconnectConfig {
+            initial_backoff: parse_duration(
+                "reconnect.initial_backoff",
+                r.initial_backoff.as_ref(),
+                Duration::from_secs(1),
+            )?,
+            max_backoff: parse_duration(
+                "reconnect.max_backoff",
+                r.max_backoff.as_ref(),
+                Duration::from_secs(30),
+            )?,
+            stable_after: parse_duration(
+                "reconnect.stable_after",
+                r.stable_after.as_ref(),
+                Duration::from_secs(30),
+            )?,
+        };
+        if reconnect.initial_backoff > reconnect.max_backoff {
+            return Err(invalid(
+                "reconnect.initial_backoff",
+                "must not be greater than reconnect.max_backoff",
+            ));
+        }
+
+        let p = raw.proxy;
+        let listen_raw = p
+            .listen
+            .unwrap_or_else(|| vec!["unix:///run/tunneler/egress.sock".to_string()]);
+        let mut listen = Vec::new();
+        for (i, l) in listen_raw.iter().enumerate() {
+            let addr = parse_listen(&format!("proxy.listen[{i}]"), l, base)?;
+            if listen.contains(&addr) {
+                return Err(invalid(
+                    format!("proxy.listen[{i}]"),
+                    format!("{l:?} is listed twice"),
+                ));
+            }
+            listen.push(addr);
+        }
+        let mut service_cidrs = Vec::new();
+        for (i, c) in p.service_cidrs.unwrap_or_default().iter().enumerate() {
+            service_cidrs.push(parse_cidr(&format!("proxy.service_cidrs[{i}]"), c)?);
+        }
+        let proxy = ProxyConfig {
+            listen,
+            service_cidrs,
+            dial_timeout: parse_duration(
+                "proxy.dial_timeout",
+                p.dial_timeout.as_ref(),
+                Duration::from_secs(5),
+            )?,
+        };
+
+        let admin = AdminConfig {
+            socket: raw
+                .admin
+                .socket
+                .map(|s| resolve(base, &s))
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+        };
+        if proxy
+            .listen
+            .contains(&ListenAddr::Unix(admin.socket.clone()))
+        {
+            return Err(invalid(
+                "admin.socket",
+                "is the same path as a proxy listener",
+            ));
+        }
+
+        let mut nodes = Vec::new();
+        for (i, n) in raw.nodes.into_iter().enumerate() {
+            nodes.push(validate_node(&format!("node[{i}]"), n, ssh.port)?);
+        }
+        check_node_set(&nodes, &proxy.service_cidrs)?;
+
+        Ok(Config {
+            ssh,
+            reconnect,
+            proxy,
+            admin,
+            nodes,
+        })
+    }
+}
+
+fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig, ConfigError> {
+    if !valid_node_name(&n.name) {
+        return Err(invalid(
+            format!("{key}.name"),
+            format!(
+                "{:?} is not a valid node name (lowercase letters, digits, '-' and '.')",
+                n.name
+            ),
+        ));
+    }
+    let address = n.address.trim().to_string();
+    if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
+        return Err(invalid(
+            format!("{key}.address"),
+            format!("{:?} is not a host name or IP address", n.address),
+        ));
+    }
+    if n.port == Some(0) {
+        return Err(invalid(format!("{key}.port"), "must not be 0"));
+    }
+    let internal_ips = match n.internal_ips {
+        Some(list) => {
+            if list.is_empty() {
+                return Err(invalid(
+                    format!("{key}.internal_ips"),
+                    "must not be empty when set (omit it to default to the address)",
+                ));
+            }
+            let mut ips = Vec::new();
+            for (j, s) in list.iter().enumerate() {
+                let ip: IpAddr = s.trim().parse().map_err(|_| {
+                    invalid(format!("{key}.internal_ips[{j}]"), format!("{s:?} is not an IP address"))
+                })?;
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+            ips
+        }
+        None => match address.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => {
+                return Err(invalid(
+                    format!("{key}.internal_ips"),
+                    format!(
+                        "must be set because the address {address:?} is not an IP: dials by node name need an IP the node's sshd can reach"
+                    ),
+                ))
+            }
+        },
+    };
+    let mut pod_cidrs = Vec::new();
+    for (j, c) in n.pod_cidrs.iter().enumerate() {
+        pod_cidrs.push(parse_cidr(&format!("{key}.pod_cidrs[{j}]"), c)?);
+    }
+    Ok(NodeConfig {
+        name: n.name,
+        address,
+        port: n.port.unwrap_or(default_port),
+        internal_ips,
+        pod_cidrs,
+    })
+}
+
+/// Checks the rules that span nodes: unique names, each internal IP owned by
+/// one node, pod CIDRs that do not overlap each other or the service CIDRs.
+/// Shared by config validation and, later, by runtime node changes.
+pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    let mut ips: HashMap<IpAddr, &str> = HashMap::new();
+    let mut cidrs: Vec<(IpNet, &str)> = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if !names.insert(n.name.as_str()) {
+            return Err(invalid(
+                format!("node[{i}].name"),
+                format!("duplicate node name {:?}", n.name),
+            ));
+        }
+        for ip in &n.internal_ips {
+            if let Some(other) = ips.insert(*ip, &n.name) {
+                return Err(invalid(
+                    format!("node[{i}].internal_ips"),
+                    format!("{ip} is already an internal IP of node {other:?}"),
+                ));
+            }
+        }
+        for c in &n.pod_cidrs {
+            for (oc, owner) in &cidrs {
+                if oc.contains(&c.network()) || c.contains(&oc.network()) {
+                    return Err(invalid(
+                        format!("node[{i}].pod_cidrs"),
+                        format!("{c} overlaps {oc} of node {owner:?}"),
+                    ));
+                }
+            }
+            for s in service_cidrs {
+                if s.contains(&c.network()) || c.contains(&s.network()) {
+                    return Err(invalid(
+                        format!("node[{i}].pod_cidrs"),
+                        format!("{c} overlaps the service CIDR {s}"),
+                    ));
+                }
+            }
+            cidrs.push((*c, &n.name));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[ssh]
+user = "tunneler"
+identity_file = "keys/id_ed25519"
+known_hosts_file = "keys/known_hosts"
+"#;
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{BASE}{extra}"), Path::new("/etc/tunneler"))
+    }
+
+    #[test]
+    fn the_documented_shape_parses() {
+        let c = parse(
+            r#"
+[reconnect]
+initial_backoff = "1s"
+max_backoff = "30s"
+
+[proxy]
+listen = ["unix:///run/tunneler/egress.sock", "tcp://127.0.0.1:8131"]
+service_cidrs = ["10.96.0.0/12"]
+
+[admin]
+socket = "/run/tunneler/admin.sock"
+
+[[node]]
+name = "node-1"
+address = "10.0.0.11"
+pod_cidrs = ["10.244.1.0/24"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.ssh.identity_file,
+            PathBuf::from("/etc/tunneler/keys/id_ed25519")
+        );
+        assert_eq!(c.ssh.port, 22);
+        assert_eq!(
+            c.nodes[0].internal_ips,
+            vec!["10.0.0.11".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(c.nodes[0].endpoint(), "10.0.0.11:22");
+        assert_eq!(c.proxy.dial_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.listen.len(), 2);
+    }
+
+    #[test]
+    fn zero_nodes_is_valid() {
+        assert!(parse("").unwrap().nodes.is_empty());
+    }
+
+    fn err_of(extra: &str) -> String {
+        parse(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err_of("[proxy]\nbogus = 1\n").contains("bogus"));
+        assert!(err_of("[proxy]\ndial_timeout = \"5\"\n").contains("proxy.dial_timeout"));
+        assert!(err_of("[proxy]\nservice_cidrs = [\"10.96.0.0/33\"]\n")
+            .contains("proxy.service_cidrs[0]"));
+        assert!(err_of("[proxy]\nlisten = [\"tcp://0.0.0.0:8131\"]\n").contains("loopback"));
+        assert!(
+            err_of("[reconnect]\ninitial_backoff = \"1m\"\nmax_backoff = \"1s\"\n")
+                .contains("reconnect.initial_backoff")
+        );
+        let dup = "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\n[[node]]\nname = \"a\"\naddress = \"10.0.0.2\"\n";
+        assert!(err_of(dup).contains("node[1].name"));
+        let overlap = "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\npod_cidrs = [\"10.244.0.0/16\"]\n[[node]]\nname = \"b\"\naddress = \"10.0.0.2\"\npod_cidrs = [\"10.244.1.0/24\"]\n";
+        assert!(err_of(overlap).contains("node[1].pod_cidrs"));
+        let host_bits =
+            "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\npod_cidrs = [\"10.244.1.1/24\"]\n";
+        assert!(err_of(host_bits).contains("host bits"));
+        let dns = "[[node]]\nname = \"a\"\naddress = \"node-a.example\"\n";
+        assert!(err_of(dns).contains("node[0].internal_ips"));
+        let bad_name = "[[node]]\nname = \"Node_A\"\naddress = \"10.0.0.1\"\n";
+        assert!(err_of(bad_name).contains("node[0].name"));
+    }
+
+    #[test]
+    fn missing_user_is_named() {
+        let e = Config::from_toml(
+            "[ssh]\nidentity_file = \"a\"\nknown_hosts_file = \"b\"\n",
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("user"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_nodes() {
+        let c =
+            parse("[[node]]\nname = \"v6\"\naddress = \"fd00::11\"\npod_cidrs = [\"fd10::/64\"]\n")
+                .unwrap();
+        assert_eq!(c.nodes[0].endpoint(), "[fd00::11]:22");
+    }
+}

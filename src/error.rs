@@ -1,0 +1,95 @@
+//! Typed tunnel errors.
+//!
+//! The proxy maps these to HTTP statuses and the status page shows them, so
+//! they are an enum a caller can match on rather than strings: a timeout is a
+//! 504, a channel the node refused is a 502 with the SSH reason, a tunnel that
+//! is down is a 503, and a host key mismatch puts the node in `rejected`.
+
+use std::time::Duration;
+
+/// Why a connection to a node, or a channel through it, failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TunnelError {
+    /// TCP connect did not finish in time.
+    #[error("TCP connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// The node actively refused the TCP connection.
+    #[error("TCP connect refused: {0}")]
+    ConnectRefused(String),
+    /// Any other TCP-level connect failure (unreachable, reset...).
+    #[error("TCP connect failed: {0}")]
+    Connect(String),
+    /// SSH handshake or authentication did not finish in time.
+    #[error("SSH handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    /// The node presented a host key that known_hosts does not accept.
+    #[error("host key verification failed: {0}")]
+    HostKey(String),
+    /// The node refused our public key.
+    #[error("authentication refused for user {user:?} (remaining methods: {methods})")]
+    AuthRejected {
+        /// The user we tried.
+        user: String,
+        /// What the server said it would still accept.
+        methods: String,
+    },
+    /// The local identity could not be loaded.
+    #[error("identity file: {0}")]
+    Identity(String),
+    /// The SSH session failed or ended.
+    #[error("SSH session: {0}")]
+    Session(String),
+    /// The node refused to open the channel (RFC 4254 reason).
+    #[error("channel open refused by node: {0}")]
+    ChannelRefused(String),
+    /// The node did not answer a channel open in time.
+    #[error("channel open timed out after {0:?}")]
+    ChannelOpenTimeout(Duration),
+    /// There is no usable tunnel (backoff, rejected, shutting down).
+    #[error("no healthy tunnel: {0}")]
+    NotConnected(String),
+}
+
+impl TunnelError {
+    /// True for failures that retrying soon will not fix without an operator
+    /// (a changed host key, a refused key). The supervisor slows down to
+    /// `max_backoff` for these and shows the node as `rejected`.
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::HostKey(_) | TunnelError::AuthRejected { .. } | TunnelError::Identity(_)
+        )
+    }
+
+    /// True when the failure is on the tunnel side (not the destination):
+    /// a pool dial may retry such a failure on another node.
+    pub fn is_tunnel_side(&self) -> bool {
+        !matches!(self, TunnelError::ChannelRefused(_))
+    }
+
+    /// A short machine-friendly class, for logs and (later) metrics labels.
+    pub fn class(&self) -> &'static str {
+        match self {
+            TunnelError::ConnectTimeout(_)
+            | TunnelError::HandshakeTimeout(_)
+            | TunnelError::ChannelOpenTimeout(_) => "timeout",
+            TunnelError::ConnectRefused(_) => "refused",
+            TunnelError::HostKey(_) => "host_key",
+            TunnelError::AuthRejected { .. } | TunnelError::Identity(_) => "auth",
+            _ => "other",
+        }
+    }
+}
+
+/// Text for an SSH channel-open failure code, as OpenSSH would phrase it.
+pub fn channel_open_reason(f: &russh::ChannelOpenFailure) -> String {
+    match f {
+        russh::ChannelOpenFailure::AdministrativelyProhibited => {
+            "administratively prohibited".to_string()
+        }
+        russh::ChannelOpenFailure::ConnectFailed => "connect failed".to_string(),
+        russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".to_string(),
+        russh::ChannelOpenFailure::ResourceShortage => "resource shortage".to_string(),
+        russh::ChannelOpenFailure::Other { code, reason } => format!("code {code}: {reason}"),
+    }
+}

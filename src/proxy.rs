@@ -1,0 +1,549 @@
+//! The egress proxy: HTTP CONNECT as kube-apiserver speaks it.
+//!
+//! kube-apiserver opens one connection per dial and writes exactly
+//! `CONNECT host:port HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`. The target comes
+//! from the request line (the Host header is always 127.0.0.1). We open a
+//! direct-tcpip channel on the routed tunnel and reply `200` only once the
+//! node confirmed it; no byte follows the reply's headers until one side
+//! speaks. Errors map to statuses the apiserver shows its users:
+//!
+//! | reply | when |
+//! |---|---|
+//! | 400 | malformed request |
+//! | 405 | a method other than CONNECT |
+//! | 403 | destination not allowed (not a node, pod or service address) |
+//! | 503 | no healthy tunnel for the destination |
+//! | 502 | the node refused the channel (SSH reason in the reason phrase) |
+//! | 504 | `dial_timeout` passed |
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::error::TunnelError;
+use crate::relay::{relay, RelayEnd};
+use crate::route::{Route, RouteTable};
+use crate::tunnel::{NodeTunnel, TunnelState};
+
+/// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// A client must finish its request head within this time.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The live route table, swapped atomically when the node set changes.
+pub type SharedRoutes = Arc<ArcSwap<RouteTable<Arc<NodeTunnel>>>>;
+
+/// A bound proxy listener. Building (binding) is kept apart from serving so
+/// that bind errors surface at start and tests can hand in their own.
+#[derive(Debug)]
+pub enum ProxyListener {
+    /// A Unix socket.
+    Unix(UnixListener, std::path::PathBuf),
+    /// A TCP socket.
+    Tcp(TcpListener),
+}
+
+impl ProxyListener {
+    /// The address as a URL, for status output.
+    pub fn url(&self) -> String {
+        match self {
+            ProxyListener::Unix(_, p) => format!("unix://{}", p.display()),
+            ProxyListener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp://{a}"),
+                Err(_) => "tcp://?".into(),
+            },
+        }
+    }
+}
+
+/// Settings the proxy needs at serve time.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Bound on waiting for a connecting tunnel plus the channel open.
+    pub dial_timeout: Duration,
+}
+
+/// The egress proxy front end.
+#[derive(Clone)]
+pub struct EgressProxy {
+    routes: SharedRoutes,
+    settings: ProxySettings,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    next_stream: Arc<AtomicU64>,
+}
+
+/// A parsed CONNECT target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Host without brackets: an IP literal or a name.
+    pub host: String,
+    /// Port, never 0.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Why a request head was refused before any routing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not HTTP, or a CONNECT without a valid `host:port`.
+    BadRequest(String),
+    /// A method other than CONNECT.
+    NotConnect(String),
+    /// The head is larger than [`MAX_HEADER_BYTES`].
+    TooLarge,
+}
+
+/// Outcome of parsing a buffer that may hold a partial head.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// A complete CONNECT head of `len` bytes for `target`.
+    Connect {
+        /// The target from the request line.
+        target: Target,
+        /// Length of the head, including the blank line.
+        len: usize,
+    },
+}
+
+/// Parses a CONNECT request head with httparse. Pure, for tests and fuzzing.
+pub fn parse_head(buf: &[u8]) -> Result<Parsed, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= MAX_HEADER_BYTES {
+                Err(HeadError::TooLarge)
+            } else {
+                Ok(Parsed::Partial)
+            }
+        }
+        Ok(httparse::Status::Complete(len)) => {
+            let method = req.method.unwrap_or_default();
+            if method != "CONNECT" {
+                return Err(HeadError::NotConnect(method.to_string()));
+            }
+            let path = req.path.unwrap_or_default();
+            let target = parse_authority(path).ok_or_else(|| {
+                HeadError::BadRequest(format!("CONNECT target {path:?} is not host:port"))
+            })?;
+            Ok(Parsed::Connect { target, len })
+        }
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(HeadError::BadRequest(format!(
+            "malformed HTTP request: {e}"
+        ))),
+    }
+}
+
+/// Parses `host:port`, `[v6]:port`. Hosts are IP literals or DNS-style names.
+pub fn parse_authority(s: &str) -> Option<Target> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        h.parse::<std::net::Ipv6Addr>().ok()?;
+        (h.to_string(), p)
+    } else {
+        let (h, p) = s.rsplit_once(':')?;
+        if h.contains(':') {
+            return None; // unbracketed IPv6 is ambiguous
+        }
+        (h.to_string(), p)
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    if port == 0 || host.is_empty() || host.len() > 253 {
+        return None;
+    }
+    let ok = host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':' || b == b'_');
+    if !ok {
+        return None;
+    }
+    Some(Target { host, port })
+}
+
+/// Keeps a reason phrase on one line and printable.
+fn phrase(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(400)
+        .collect()
+}
+
+async fn reply<W: AsyncWrite + Unpin>(w: &mut W, code: u16, text: &str) {
+    let head = format!(
+        "HTTP/1.1 {code} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        phrase(text)
+    );
+    let _ = w.write_all(head.as_bytes()).await;
+    let _ = w.shutdown().await;
+}
+
+fn error_reply(e: &TunnelError) -> (u16, String) {
+    match e {
+        TunnelError::ChannelRefused(_) => (502, format!("Bad Gateway: {e}")),
+        TunnelError::ChannelOpenTimeout(_) => (504, format!("Gateway Timeout: {e}")),
+        _ => (503, format!("Service Unavailable: {e}")),
+    }
+}
+
+impl EgressProxy {
+    /// A proxy over `routes`. Connections are tracked on `tracker` and end
+    /// when `cancel` fires.
+    pub fn new(
+        routes: SharedRoutes,
+        settings: ProxySettings,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> EgressProxy {
+        EgressProxy {
+            routes,
+            settings,
+            tracker,
+            cancel,
+            next_stream: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Serves one listener until cancelled. Accept errors (EMFILE...) are
+    /// logged and retried after a short pause; they never end the listener.
+    pub async fn serve(self, listener: ProxyListener) {
+        let url = listener.url();
+        info!(listener = %url, "egress proxy listening");
+        loop {
+            let accepted = match &listener {
+                ProxyListener::Unix(l, _) => tokio::select! {
+                    _ = self.cancel.cancelled() => break,
+                    r = l.accept() => r.map(|(s, _)| {
+                        let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+                        (Conn::Unix(s), peer)
+                    }),
+                },
+                ProxyListener::Tcp(l) => tokio::select! {
+                    _ = self.cancel.cancelled() => break,
+                    r = l.accept() => r.map(|(s, a)| {
+                        let _ = s.set_nodelay(true);
+                        (Conn::Tcp(s), a)
+                    }),
+                },
+            };
+            match accepted {
+                Ok((conn, peer)) => {
+                    let this = self.clone();
+                    let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+                    self.tracker.spawn(async move {
+                        match conn {
+                            Conn::Unix(s) => this.handle(s, peer, id).await,
+                            Conn::Tcp(s) => this.handle(s, peer, id).await,
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(listener = %url, error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        if let ProxyListener::Unix(_, path) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Handles one client connection: read the head, route, dial, relay.
+    pub async fn handle<S>(&self, mut s: S, peer: SocketAddr, id: u64)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut buf = BytesMut::with_capacity(512);
+        let head = tokio::time::timeout(HEADER_TIMEOUT, async {
+            loop {
+                match parse_head(&buf) {
+                    Ok(Parsed::Partial) => {}
+                    other => return other,
+                }
+                let want = MAX_HEADER_BYTES.saturating_sub(buf.len()).max(1);
+                let mut limited = (&mut s).take(want as u64);
+                match limited.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) if buf.is_empty() => {
+                        return Err(HeadError::BadRequest("connection closed".into()))
+                    }
+                    Ok(0) | Err(_) => {
+                        return Err(HeadError::BadRequest(
+                            "connection closed before the request head was complete".into(),
+                        ))
+                    }
+                    Ok(_) => {}
+                }
+            }
+        });
+        let parsed = tokio::select! {
+            _ = self.cancel.cancelled() => return,
+            r = head => r,
+        };
+        let (target, len) = match parsed {
+            Err(_) => {
+                debug!("client did not send a request head in time");
+                return;
+            }
+            Ok(Err(HeadError::BadRequest(why))) => {
+                if why != "connection closed" {
+                    reply(&mut s, 400, &format!("Bad Request: {why}")).await;
+                }
+                return;
+            }
+            Ok(Err(HeadError::NotConnect(m))) => {
+                reply(
+                    &mut s,
+                    405,
+                    &format!("Method Not Allowed: {m}; only CONNECT is served"),
+                )
+                .await;
+                return;
+            }
+            Ok(Err(HeadError::TooLarge)) => {
+                reply(&mut s, 431, "Request Header Fields Too Large").await;
+                return;
+            }
+            Ok(Ok(Parsed::Partial)) => return,
+            Ok(Ok(Parsed::Connect { target, len })) => (target, len),
+        };
+        let first = buf.split_off(len).freeze();
+        let span = info_span!("stream", stream = id, dst = %target);
+        self.dial_and_relay(s, peer, target, first)
+            .instrument(span)
+            .await
+    }
+
+    async fn dial_and_relay<S>(&self, mut s: S, peer: SocketAddr, target: Target, first: Bytes)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let deadline = tokio::time::Instant::now() + self.settings.dial_timeout;
+        let routes = self.routes.load_full();
+        let (tunnel, channel) = match routes.lookup(&target.host) {
+            Route::Forbidden => {
+                debug!("destination not allowed");
+                reply(
+                    &mut s,
+                    403,
+                    &format!("Forbidden: {target} is not a node, pod or service address"),
+                )
+                .await;
+                return;
+            }
+            Route::Node { node, host } => {
+                match node.open_channel(&host, target.port, peer, deadline).await {
+                    Ok(ch) => (node, ch),
+                    Err(e) => {
+                        let (code, text) = error_reply(&e);
+                        info!(node = %node.node.name, error = %e, code, "dial failed");
+                        reply(&mut s, code, &text).await;
+                        return;
+                    }
+                }
+            }
+            Route::Pool { host } => {
+                match self
+                    .dial_pool(routes.nodes(), &host, target.port, peer, deadline)
+                    .await
+                {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        let (code, text) = error_reply(&e);
+                        info!(error = %e, code, "pool dial failed");
+                        reply(&mut s, code, &text).await;
+                        return;
+                    }
+                }
+            }
+        };
+        if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            let _ = channel.close().await;
+            return;
+        }
+        let c = &tunnel.counters;
+        c.total_streams.fetch_add(1, Ordering::Relaxed);
+        c.active_streams.fetch_add(1, Ordering::Relaxed);
+        debug!(node = %tunnel.node.name, "stream open");
+        let end = relay(s, first, channel, c, self.cancel.child_token()).await;
+        c.active_streams.fetch_sub(1, Ordering::Relaxed);
+        if end == RelayEnd::ClientTooSlow {
+            warn!(node = %tunnel.node.name, "stream reset: client stopped reading");
+        }
+        debug!(node = %tunnel.node.name, ?end, "stream closed");
+    }
+
+    /// Service-CIDR dials: the less loaded of two random healthy tunnels;
+    /// a tunnel-side failure is retried once on another tunnel.
+    async fn dial_pool(
+        &self,
+        nodes: &[Arc<NodeTunnel>],
+        host: &str,
+        port: u16,
+        peer: SocketAddr,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Arc<NodeTunnel>, russh::Channel<russh::client::Msg>), TunnelError> {
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last = None;
+        for _ in 0..2 {
+            let healthy: Vec<usize> = (0..nodes.len())
+                .filter(|i| !tried.contains(i) && nodes[*i].state().state == TunnelState::Healthy)
+                .collect();
+            let Some(pick) = pick_two(&healthy, |i| {
+                nodes[i].counters.active_streams.load(Ordering::Relaxed)
+            }) else {
+                break;
+            };
+            tried.push(pick);
+            let node = &nodes[pick];
+            match node.open_channel(host, port, peer, deadline).await {
+                Ok(ch) => return Ok((node.clone(), ch)),
+                Err(e)
+                    if e.is_tunnel_side() && !matches!(e, TunnelError::ChannelOpenTimeout(_)) =>
+                {
+                    info!(node = %node.node.name, error = %e, "pool dial failed on this tunnel; trying another");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            TunnelError::NotConnected(format!(
+                "no healthy tunnel among {} node(s) for service address {host}",
+                nodes.len()
+            ))
+        }))
+    }
+}
+
+/// Power of two choices: two distinct random candidates, the less loaded wins.
+fn pick_two(cands: &[usize], load: impl Fn(usize) -> u64) -> Option<usize> {
+    match cands.len() {
+        0 => None,
+        1 => Some(cands[0]),
+        n => {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (cands[a], cands[b]);
+            Some(if load(b) < load(a) { b } else { a })
+        }
+    }
+}
+
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(host: &str, port: u16) -> Target {
+        Target {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn apiserver_request_parses() {
+        let req = b"CONNECT 10.0.0.11:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nextra";
+        assert_eq!(
+            parse_head(req),
+            Ok(Parsed::Connect {
+                target: t("10.0.0.11", 10250),
+                len: req.len() - 5
+            })
+        );
+        assert_eq!(
+            parse_head(b"CONNECT 10.0.0.11:10250 HTTP/1.1\r\nHo"),
+            Ok(Parsed::Partial)
+        );
+    }
+
+    #[test]
+    fn authorities() {
+        assert_eq!(
+            parse_authority("[fd00::1]:10250"),
+            Some(t("fd00::1", 10250))
+        );
+        assert_eq!(parse_authority("node-1:10250"), Some(t("node-1", 10250)));
+        assert_eq!(parse_authority("fd00::1:10250"), None);
+        assert_eq!(parse_authority("[fd00::1]"), None);
+        assert_eq!(parse_authority("[not-ip]:80"), None);
+        assert_eq!(parse_authority("host:0"), None);
+        assert_eq!(parse_authority("host:65536"), None);
+        assert_eq!(parse_authority("host:+80"), None);
+        assert_eq!(parse_authority(":80"), None);
+        assert_eq!(parse_authority("a b:80"), None);
+        assert_eq!(parse_authority("host"), None);
+    }
+
+    #[test]
+    fn bad_heads() {
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(HeadError::NotConnect(_))
+        ));
+        assert!(matches!(
+            parse_head(b"\x16\x03\x01garbage\r\n\r\n"),
+            Err(HeadError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_head(b"CONNECT nope HTTP/1.1\r\n\r\n"),
+            Err(HeadError::BadRequest(_))
+        ));
+        let mut big = b"CONNECT a:1 HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEADER_BYTES + 10, b'a');
+        assert_eq!(parse_head(&big), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn pick_two_prefers_less_loaded() {
+        assert_eq!(pick_two(&[], |_| 0), None);
+        assert_eq!(pick_two(&[4], |_| 0), Some(4));
+        for _ in 0..100 {
+            // node 1 has no load, 0 has lots: whenever 1 is drawn it wins,
+            // and with two candidates both are always drawn.
+            assert_eq!(pick_two(&[0, 1], |i| if i == 0 { 100 } else { 0 }), Some(1));
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The status document served at `GET /v1/status` and read by
+//! `tunneler status`. One type for both ends keeps them in step.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole status document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusDocument {
+    /// Daemon version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: f64,
+    /// The proxy listeners as bound (a `:0` port shows the real port).
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// One entry per node, sorted by name.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node's tunnel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub name: String,
+    /// SSH endpoint, `host:port`.
+    pub address: String,
+    /// connecting, healthy, backoff or rejected.
+    pub state: String,
+    /// When the current state was entered (RFC 3339, UTC).
+    pub since: String,
+    /// The most recent failure, if any.
+    pub last_error: Option<String>,
+    /// Established sessions that were lost since start.
+    pub reconnects: u64,
+    /// Streams open now.
+    pub active_streams: u64,
+    /// Streams opened since start.
+    pub total_streams: u64,
+    /// Bytes node → clients.
+    pub bytes_in: u64,
+    /// Bytes clients → node.
+    pub bytes_out: u64,
+}
+
+impl StatusDocument {
+    /// True when every node is healthy (vacuously true with no nodes).
+    pub fn all_healthy(&self) -> bool {
+        self.nodes.iter().all(|n| n.state == "healthy")
+    }
+
+    /// The human table printed by `tunneler status`.
+    pub fn table(&self) -> String {
+        let headers = ["NAME", "ADDRESS", "STATE", "SINCE", "STREAMS", "LAST ERROR"];
+        let rows: Vec<[String; 6]> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                [
+                    n.name.clone(),
+                    n.address.clone(),
+                    n.state.clone(),
+                    n.since.clone(),
+                    format!("{}/{}", n.active_streams, n.total_streams),
+                    n.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let mut widths = headers.map(str::len);
+        for r in &rows {
+            for (i, c) in r.iter().enumerate().take(5) {
+                widths[i] = widths[i].max(c.len());
+            }
+        }
+        let mut out = String::new();
+        let line = |cells: [&str; 6], out: &mut String| {
+            for (i, c) in cells.iter().enumerate() {
+                if i < 5 {
+                    out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+                } else {
+                    out.push_str(c);
+                }
+            }
+            out.push('\n');
+        };
+        line(headers, &mut out);
+        for r in &rows {
+            line(
+                [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]].map(|s| s.as_str()),
+                &mut out,
+            );
+        }
+        if self.nodes.is_empty() {
+            out.push_str("(no nodes configured)\n");
+        }
+        out
+    }
+}
+
+/// Formats a time as RFC 3339 in UTC, seconds precision.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t);
+    let dt = dt.replace_nanosecond(0).unwrap_or(dt);
+    dt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "?".into())
+}
