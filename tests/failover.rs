@@ -122,3 +122,31 @@ fn wrong_host_key_at_startup_is_rejected() {
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).ip));
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
 }
+
+/// A link that goes silent (no FIN, no RST) is noticed by the keepalives,
+/// and the node comes back once the link does.
+#[test]
+fn silent_link_loss_is_detected_and_recovered() {
+    require_netns!("silent_link_loss_is_detected_and_recovered");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+
+    cluster.link_down(1);
+    let t = std::time::Instant::now();
+    // keepalive 1 s × 3: about 4 s; allow generous slack on a busy box.
+    daemon.wait_node_unhealthy("node-1", Duration::from_secs(15));
+    eprintln!("silent link loss noticed after {:?}", t.elapsed());
+    let n2 = cluster.node(2);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.pod_ip), "meanwhile");
+    assert_eq!(
+        got,
+        format!("node=node-2 local={} echo=meanwhile", n2.pod_ip)
+    );
+
+    cluster.link_up(1);
+    daemon.wait_node_state("node-1", "healthy", READY);
+    let n1 = cluster.node(1);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "back");
+    assert_eq!(got, format!("node=node-1 local={} echo=back", n1.pod_ip));
+}

@@ -296,3 +296,23 @@ fn sigterm_stops_the_daemon_cleanly() {
     let exit = daemon.stop().expect("daemon exit status");
     assert!(exit.success(), "exit after SIGTERM: {exit}");
 }
+
+/// A daemon killed hard leaves its socket files behind; the next one on the
+/// same config must still bind them, and SIGINT stops it like SIGTERM.
+#[test]
+fn restart_after_a_hard_kill_and_sigint() {
+    require_netns!("restart_after_a_hard_kill_and_sigint");
+    let cluster = Cluster::new(1);
+    let mut first = Daemon::start(&cluster);
+    first.wait_all_healthy(READY);
+    first.stop_with("KILL");
+    assert!(cluster.egress_socket().exists() || cluster.admin_socket().exists());
+
+    let mut second = Daemon::start(&cluster);
+    second.wait_all_healthy(READY);
+    let node = cluster.node(1);
+    let got = second.echo(&format!("{}:{ECHO_PORT}", node.ip), "again");
+    assert_eq!(got, format!("node=node-1 local={} echo=again", node.ip));
+    let exit = second.stop_with("INT").expect("exit status");
+    assert!(exit.success(), "exit after SIGINT: {exit}");
+}

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Test servers run inside each demo/test node namespace.
 
-usage: node-servers.py NODE_NAME ECHO_PORT HTTP_PORT
+usage: node-servers.py NODE_NAME ECHO_PORT HTTP_PORT [FLOOD_PORT]
 
 - ECHO_PORT: per connection, answers each line with
   "node=<name> local=<local ip> echo=<line>".
 - HTTP_PORT: answers GET with the body "node=<name>".
+- FLOOD_PORT (default ECHO_PORT+1): writes data without end to whoever
+  connects, for tests of a client that stops reading.
 Both bind 0.0.0.0, so they answer on the node, pod and service addresses.
-Prints "ready" once both sockets are bound.
+Prints "ready" once all sockets are bound.
 """
 import socket, socketserver, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 NAME = sys.argv[1]
 ECHO_PORT = int(sys.argv[2])
 HTTP_PORT = int(sys.argv[3])
+FLOOD_PORT = int(sys.argv[4]) if len(sys.argv) > 4 else ECHO_PORT + 1
 
 class Echo(socketserver.StreamRequestHandler):
     def handle(self):
@@ -27,6 +30,15 @@ class Echo(socketserver.StreamRequestHandler):
 class EchoServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+
+class Flood(socketserver.BaseRequestHandler):
+    def handle(self):
+        chunk = b"x" * 65536
+        try:
+            while True:
+                self.request.sendall(chunk)
+        except OSError:
+            pass
 
 class Http(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -45,6 +57,8 @@ class HttpServer(ThreadingHTTPServer):
 
 echo = EchoServer(("0.0.0.0", ECHO_PORT), Echo)
 http = HttpServer(("0.0.0.0", HTTP_PORT), Http)
+flood = EchoServer(("0.0.0.0", FLOOD_PORT), Flood)
 threading.Thread(target=echo.serve_forever, daemon=True).start()
+threading.Thread(target=flood.serve_forever, daemon=True).start()
 print("ready", flush=True)
 http.serve_forever()

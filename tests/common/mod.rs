@@ -41,6 +41,8 @@ const MAX_SLOT: u32 = 239;
 pub const ECHO_PORT: u16 = 7000;
 /// Port of the HTTP server in every namespace.
 pub const HTTP_PORT: u16 = 8080;
+/// Port of the server that writes endlessly to whoever connects.
+pub const FLOOD_PORT: u16 = 7001;
 /// Last octet of the service address every node carries.
 pub const ANYCAST_OCTET: u8 = 100;
 
@@ -277,6 +279,7 @@ impl Slot {
                                 .unwrap_or(false),
                         };
                         if stale {
+                            kill_stale_daemon(&dir);
                             let grave = PathBuf::from(format!("{SLOT_ROOT}/.stale-{n}-{me}"));
                             if fs::rename(&dir, &grave).is_ok() {
                                 let _ = fs::remove_dir_all(&grave);
@@ -298,6 +301,21 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A test process killed hard leaves its daemon running; its pid was
+/// recorded in the slot dir.
+fn kill_stale_daemon(slot_dir: &Path) {
+    let Some(pid) = fs::read_to_string(slot_dir.join("daemon.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("tunneler") {
+        signal(pid, "KILL");
     }
 }
 
@@ -584,6 +602,7 @@ impl Cluster {
                 node.name.as_str(),
                 &ECHO_PORT.to_string(),
                 &HTTP_PORT.to_string(),
+                &FLOOD_PORT.to_string(),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -671,6 +690,61 @@ impl Cluster {
         let node = self.node(i);
         ssh_keygen(&node.host_key(), &format!("host-{}-replaced", node.name));
         self.start_sshd(i);
+    }
+
+    /// Makes `ip` a silent black hole inside node `i`: a route through a
+    /// made-up neighbour on the node's veth, so a TCP connect to it from
+    /// the node hangs (the SYNs go to a MAC nobody has, and never leave the
+    /// test bridge) instead of failing fast.
+    pub fn blackhole(&self, i: usize, ip: Ipv4Addr) {
+        let node = self.node(i);
+        let dev = format!("tv{}n{}", self.n, i);
+        let gw = format!("10.200.{}.250", self.n);
+        let ns = node.ns.as_str();
+        run_quiet(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                "02:00:00:00:00:fa",
+                "dev",
+                &dev,
+                "nud",
+                "permanent",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &format!("{ip}/32"),
+                "via",
+                &gw,
+                "dev",
+                &dev,
+            ],
+        );
+    }
+
+    /// Takes node `i`'s host-side veth down: a silent link loss, with no
+    /// FIN or RST reaching either side.
+    pub fn link_down(&self, i: usize) {
+        run(
+            "ip",
+            &["link", "set", &format!("tv{}h{}", self.n, i), "down"],
+        );
+    }
+
+    /// Undoes [`Cluster::link_down`].
+    pub fn link_up(&self, i: usize) {
+        run("ip", &["link", "set", &format!("tv{}h{}", self.n, i), "up"]);
     }
 
     /// TOML config for this cluster. `spec` selects nodes and extras.
@@ -838,6 +912,9 @@ impl Daemon {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn tunneler run");
+        if let Some(slot) = &cluster.slot {
+            let _ = fs::write(slot.dir.join("daemon.pid"), child.id().to_string());
+        }
         let mut d = Daemon {
             child: Some(child),
             config,
@@ -995,8 +1072,14 @@ impl Daemon {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `sig` (a `kill` signal name) and waits (bounded, 10 s) for the
+    /// exit status; SIGKILLs it after that.
+    pub fn stop_with(&mut self, sig: &str) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        signal(child.id(), "TERM");
+        signal(child.id(), sig);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(st)) = child.try_wait() {
