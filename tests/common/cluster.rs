@@ -1,0 +1,501 @@
+//! The namespace cluster: nodes with sshd and test servers, and the
+//! config that points a daemon at them.
+
+use super::*;
+
+/// One node namespace of a [`Cluster`].
+pub struct Node {
+    /// 1-based index.
+    pub index: usize,
+    /// Node name as written in the config (`node-<i>`).
+    pub name: String,
+    /// Network namespace name.
+    pub ns: String,
+    /// SSH address on the test bridge.
+    pub ip: Ipv4Addr,
+    /// The node's pod CIDR (a /28).
+    pub pod_cidr: String,
+    /// The one pod address configured on the node's `lo`.
+    pub pod_ip: Ipv4Addr,
+    /// A service address only this node carries.
+    pub service_ip: Ipv4Addr,
+    dir: PathBuf,
+    servers: Option<Child>,
+}
+
+impl Node {
+    fn sshd_config(&self) -> PathBuf {
+        self.dir.join("sshd_config")
+    }
+    fn host_key(&self) -> PathBuf {
+        self.dir.join("ssh_host_ed25519_key")
+    }
+    /// Path of this node's sshd log.
+    pub fn sshd_log(&self) -> PathBuf {
+        self.dir.join("sshd.log")
+    }
+}
+
+/// A set of namespace nodes with sshd and test servers, owned by one test.
+pub struct Cluster {
+    /// Slot number: the third octet of every address.
+    pub n: u32,
+    /// Nodes, `nodes[0]` is node 1.
+    pub nodes: Vec<Node>,
+    /// Temp directory holding keys, configs and logs.
+    pub dir: PathBuf,
+    /// The client private key the config refers to by default.
+    pub client_key: PathBuf,
+    tmp: Option<tempfile::TempDir>,
+    pub(super) slot: Option<Slot>,
+    bridge: String,
+}
+
+impl Cluster {
+    /// Builds a cluster with `n_nodes` nodes. Call [`can_run`] first.
+    pub fn new(n_nodes: usize) -> Cluster {
+        assert!((1..=14).contains(&n_nodes), "1..=14 nodes per cluster");
+        environment()
+            .as_ref()
+            .expect("environment checked by can_run");
+        let slot = Slot::acquire();
+        let n = slot.n;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("tnl{n}."))
+            .tempdir_in("/tmp")
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut cluster = Cluster {
+            n,
+            nodes: Vec::new(),
+            client_key: dir.join("id_ed25519"),
+            dir,
+            tmp: Some(tmp),
+            slot: Some(slot),
+            bridge: format!("tnlbr{n}"),
+        };
+        // From here on Drop cleans up whatever was created.
+        cluster.build(n_nodes);
+        cluster
+    }
+
+    fn build(&mut self, n_nodes: usize) {
+        let n = self.n;
+        fs::write(self.dir.join("servers.py"), SERVER_PY).unwrap();
+        ssh_keygen(&self.client_key, "tunneler-test");
+        let client_pub = fs::read_to_string(pub_path(&self.client_key)).unwrap();
+        self.set_authorized_keys(&format!(
+            "restrict,port-forwarding,command=\"/bin/false\" {}",
+            client_pub.trim()
+        ));
+
+        let br = self.bridge.clone();
+        run("ip", &["link", "add", &br, "type", "bridge"]);
+        run(
+            "ip",
+            &["addr", "add", &format!("10.200.{n}.1/24"), "dev", &br],
+        );
+        run("ip", &["link", "set", &br, "up"]);
+
+        for i in 1..=n_nodes {
+            let ns = format!("tnl{n}-{i}");
+            let vh = format!("tv{n}h{i}");
+            let vn = format!("tv{n}n{i}");
+            let node_dir = self.dir.join(format!("node-{i}"));
+            fs::create_dir_all(&node_dir).unwrap();
+            let ip = Ipv4Addr::new(10, 200, n as u8, 10 + i as u8);
+            let pod_base = 16 * i as u8;
+            let node = Node {
+                index: i,
+                name: format!("node-{i}"),
+                ns: ns.clone(),
+                ip,
+                pod_cidr: format!("10.201.{n}.{pod_base}/28"),
+                pod_ip: Ipv4Addr::new(10, 201, n as u8, pod_base + 1),
+                service_ip: Ipv4Addr::new(10, 202, n as u8, 10 + i as u8),
+                dir: node_dir,
+                servers: None,
+            };
+            self.nodes.push(node);
+
+            run("ip", &["netns", "add", &ns]);
+            run(
+                "ip",
+                &[
+                    "link", "add", &vh, "type", "veth", "peer", "name", &vn, "netns", &ns,
+                ],
+            );
+            run("ip", &["link", "set", &vh, "master", &br]);
+            run("ip", &["link", "set", &vh, "up"]);
+            let node = &self.nodes[i - 1];
+            let ipn = |args: &[&str]| {
+                let mut v = vec!["-n", ns.as_str()];
+                v.extend_from_slice(args);
+                run("ip", &v);
+            };
+            ipn(&["link", "set", "lo", "up"]);
+            ipn(&["addr", "add", &format!("{ip}/24"), "dev", &vn]);
+            ipn(&["link", "set", &vn, "up"]);
+            ipn(&["addr", "add", &format!("{}/32", node.pod_ip), "dev", "lo"]);
+            ipn(&[
+                "addr",
+                "add",
+                &format!("{}/32", node.service_ip),
+                "dev",
+                "lo",
+            ]);
+            ipn(&[
+                "addr",
+                "add",
+                &format!("10.202.{n}.{ANYCAST_OCTET}/32"),
+                "dev",
+                "lo",
+            ]);
+
+            ssh_keygen(&node.host_key(), &format!("host-{}", node.name));
+            self.write_sshd_config(i);
+            self.start_servers(i);
+            self.start_sshd(i);
+        }
+        self.write_known_hosts();
+    }
+
+    /// Node `i` (1-based).
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    /// Path of the Unix egress listener the default config uses.
+    pub fn egress_socket(&self) -> PathBuf {
+        self.dir.join("egress.sock")
+    }
+
+    /// Path of the admin socket the default config uses.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    /// Service CIDR of this cluster.
+    pub fn service_cidr(&self) -> String {
+        format!("10.202.{}.0/24", self.n)
+    }
+
+    /// Service address every node carries on its `lo`.
+    pub fn anycast_service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 202, self.n as u8, ANYCAST_OCTET)
+    }
+
+    /// Replaces authorized_keys (sshd re-reads it on every login).
+    pub fn set_authorized_keys(&self, contents: &str) {
+        let mut s = contents.trim_end().to_string();
+        s.push('\n');
+        fs::write(self.dir.join("authorized_keys"), s).unwrap();
+    }
+
+    fn write_sshd_config(&self, i: usize) {
+        let node = self.node(i);
+        let mut cfg = format!(
+            "ListenAddress {ip}\n\
+             Port 22\n\
+             HostKey {key}\n\
+             AuthorizedKeysFile {ak}\n\
+             PidFile {dir}/sshd.pid\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             UsePAM no\n\
+             StrictModes no\n\
+             AllowTcpForwarding yes\n\
+             PermitRootLogin prohibit-password\n\
+             MaxStartups 100\n\
+             LogLevel VERBOSE\n",
+            ip = node.ip,
+            key = node.host_key().display(),
+            ak = self.dir.join("authorized_keys").display(),
+            dir = node.dir.display(),
+        );
+        if sshd_has_penalties(&self.dir) {
+            cfg.push_str("PerSourcePenalties no\n");
+        }
+        fs::write(node.sshd_config(), cfg).unwrap();
+    }
+
+    /// known_hosts with one plain line per node built from the host keys.
+    pub fn write_known_hosts(&self) {
+        let mut s = String::new();
+        for node in &self.nodes {
+            let pubkey = fs::read_to_string(pub_path(&node.host_key())).unwrap();
+            let mut parts = pubkey.split_whitespace();
+            let (kt, kb) = (parts.next().unwrap(), parts.next().unwrap());
+            s.push_str(&format!("{} {kt} {kb}\n", node.ip));
+        }
+        fs::write(self.dir.join("known_hosts"), s).unwrap();
+    }
+
+    fn start_servers(&mut self, i: usize) {
+        let node = &self.nodes[i - 1];
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "/usr/bin/python3", "-u"])
+            .arg(self.dir.join("servers.py"))
+            .args([
+                node.name.as_str(),
+                &ECHO_PORT.to_string(),
+                &HTTP_PORT.to_string(),
+                &FLOOD_PORT.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(node.dir.join("servers.log")).unwrap())
+            .spawn()
+            .expect("spawn python servers");
+        // The script prints "ready" once both sockets are bound, or exits
+        // (closing stdout) when it cannot bind.
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let _ = out.read_line(&mut line);
+        let ok = line.trim() == "ready";
+        self.nodes[i - 1].servers = Some(child);
+        if !ok {
+            let log = fs::read_to_string(self.nodes[i - 1].dir.join("servers.log"));
+            panic!(
+                "python servers in {} did not start: {log:?}",
+                self.nodes[i - 1].ns
+            );
+        }
+    }
+
+    /// Starts sshd in node `i`'s namespace and waits until it accepts.
+    pub fn start_sshd(&self, i: usize) {
+        let node = self.node(i);
+        // sshd daemonizes; its stdio goes to a file so nothing waits on a pipe.
+        let start_log = node.dir.join("sshd.start.log");
+        let out = fs::File::create(&start_log).unwrap();
+        let status = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "/usr/sbin/sshd", "-f"])
+            .arg(node.sshd_config())
+            .arg("-E")
+            .arg(node.sshd_log())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .expect("spawn sshd");
+        assert!(
+            status.success(),
+            "sshd in {} failed to start ({status}): {}",
+            node.ns,
+            fs::read_to_string(&start_log).unwrap_or_default()
+        );
+        let addr = SocketAddr::from((node.ip, 22));
+        let up = poll(Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .map(|mut s| {
+                    // Read the banner so sshd sees an orderly client.
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+                    let mut buf = [0u8; 4];
+                    s.read(&mut buf).map(|n| n > 0).unwrap_or(false)
+                })
+                .unwrap_or(false)
+        });
+        assert!(
+            up,
+            "sshd in {} did not come up: {}",
+            node.ns,
+            fs::read_to_string(node.sshd_log()).unwrap_or_default()
+        );
+    }
+
+    /// Kills every sshd process (listener and per-connection children) in
+    /// node `i`'s namespace and waits until they are gone.
+    pub fn kill_sshd(&self, i: usize) {
+        let ns = &self.node(i).ns;
+        let gone = poll(Duration::from_secs(5), || {
+            let pids: Vec<u32> = netns_pids(ns)
+                .into_iter()
+                .filter(|p| comm(*p).starts_with("sshd"))
+                .collect();
+            for p in &pids {
+                signal(*p, "KILL");
+            }
+            pids.is_empty()
+        });
+        assert!(gone, "sshd processes in {ns} survived SIGKILL");
+    }
+
+    /// Gives node `i` a new host key and restarts its sshd, so known_hosts
+    /// no longer matches it.
+    pub fn replace_host_key(&self, i: usize) {
+        self.kill_sshd(i);
+        let node = self.node(i);
+        ssh_keygen(&node.host_key(), &format!("host-{}-replaced", node.name));
+        self.start_sshd(i);
+    }
+
+    /// Makes `ip` a silent black hole inside node `i`: a route through a
+    /// made-up neighbour on the node's veth, so a TCP connect to it from
+    /// the node hangs (the SYNs go to a MAC nobody has, and never leave the
+    /// test bridge) instead of failing fast.
+    pub fn blackhole(&self, i: usize, ip: Ipv4Addr) {
+        let node = self.node(i);
+        let dev = format!("tv{}n{}", self.n, i);
+        let gw = format!("10.200.{}.250", self.n);
+        let ns = node.ns.as_str();
+        run_quiet(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                "02:00:00:00:00:fa",
+                "dev",
+                &dev,
+                "nud",
+                "permanent",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &format!("{ip}/32"),
+                "via",
+                &gw,
+                "dev",
+                &dev,
+            ],
+        );
+    }
+
+    /// Takes node `i`'s host-side veth down: a silent link loss, with no
+    /// FIN or RST reaching either side.
+    pub fn link_down(&self, i: usize) {
+        run(
+            "ip",
+            &["link", "set", &format!("tv{}h{}", self.n, i), "down"],
+        );
+    }
+
+    /// Undoes [`Cluster::link_down`].
+    pub fn link_up(&self, i: usize) {
+        run("ip", &["link", "set", &format!("tv{}h{}", self.n, i), "up"]);
+    }
+
+    /// TOML config for this cluster. `spec` selects nodes and extras.
+    pub fn config_toml(&self, spec: &ConfigSpec) -> String {
+        let identity = spec
+            .identity_file
+            .clone()
+            .unwrap_or_else(|| "id_ed25519".to_string());
+        let service_cidrs = spec
+            .service_cidrs
+            .clone()
+            .unwrap_or_else(|| vec![self.service_cidr()]);
+        let quoted = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut s = format!(
+            r#"[ssh]
+user = "root"
+identity_file = {identity:?}
+known_hosts_file = "known_hosts"
+port = 22
+connect_timeout = "2s"
+keepalive_interval = "1s"
+keepalive_max = 3
+
+[reconnect]
+initial_backoff = "100ms"
+max_backoff = "1s"
+
+[proxy]
+listen = ["unix://{egress}", "tcp://127.0.0.1:0"]
+service_cidrs = [{svc}]
+dial_timeout = "2s"
+
+[admin]
+socket = "{admin}"
+"#,
+            egress = self.egress_socket().display(),
+            admin = self.admin_socket().display(),
+            svc = quoted(&service_cidrs),
+        );
+        let selected: Vec<usize> = spec
+            .nodes
+            .clone()
+            .unwrap_or_else(|| (1..=self.nodes.len()).collect());
+        for i in selected {
+            let node = self.node(i);
+            s.push_str(&format!(
+                "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\"]\n",
+                node.name, node.ip, node.pod_cidr
+            ));
+        }
+        s.push_str(&spec.extra);
+        s
+    }
+
+    /// Writes `config.toml` into the cluster dir and returns its path.
+    pub fn write_config(&self, spec: &ConfigSpec) -> PathBuf {
+        let path = self.dir.join("config.toml");
+        fs::write(&path, self.config_toml(spec)).unwrap();
+        path
+    }
+
+    /// Tail of every node's sshd log, for failure reports.
+    fn dump_logs(&self) {
+        for node in &self.nodes {
+            let log = fs::read_to_string(node.sshd_log()).unwrap_or_default();
+            eprintln!("---- sshd log {} (tail) ----\n{}", node.ns, tail(&log, 20));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.servers.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            kill_namespace_processes(&node.ns);
+            run_quiet("ip", &["netns", "del", &node.ns]);
+            run_quiet(
+                "ip",
+                &["link", "del", &format!("tv{}h{}", self.n, node.index)],
+            );
+        }
+        run_quiet("ip", &["link", "del", &self.bridge]);
+        if std::env::var_os("TUNNELER_TEST_KEEP").is_some() {
+            if let Some(t) = self.tmp.take() {
+                eprintln!("keeping {}", t.keep().display());
+            }
+        }
+        drop(self.tmp.take());
+        // The slot goes last, once nothing of ours is left in the kernel.
+        drop(self.slot.take());
+    }
+}
+
+/// Options for [`Cluster::config_toml`].
+#[derive(Clone, Default)]
+pub struct ConfigSpec {
+    /// Which nodes (1-based) to list; all when `None`.
+    pub nodes: Option<Vec<usize>>,
+    /// `ssh.identity_file`; `"id_ed25519"` (relative to the config) when `None`.
+    pub identity_file: Option<String>,
+    /// `proxy.service_cidrs`; the cluster's 10.202.n.0/24 when `None`.
+    pub service_cidrs: Option<Vec<String>>,
+    /// Appended verbatim at the end (after the `[[node]]` tables).
+    pub extra: String,
+}

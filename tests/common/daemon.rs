@@ -1,0 +1,354 @@
+//! A `tunneler run` process on a cluster's config, and the client side of
+//! its admin API and egress listeners.
+
+use super::*;
+
+/// A running `tunneler run` process; killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The config file it was started with.
+    pub config: PathBuf,
+    /// Admin socket path.
+    pub admin: PathBuf,
+    /// Unix egress listener path.
+    pub egress: PathBuf,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+/// Path of the binary under test.
+pub fn tunneler_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tunneler")
+}
+
+impl Daemon {
+    /// Starts the daemon on the cluster's default config.
+    pub fn start(cluster: &Cluster) -> Daemon {
+        Daemon::start_with(cluster, &ConfigSpec::default())
+    }
+
+    /// Starts the daemon with a config built from `spec`, and waits until
+    /// the admin socket answers.
+    pub fn start_with(cluster: &Cluster, spec: &ConfigSpec) -> Daemon {
+        let config = cluster.write_config(spec);
+        let log = cluster.dir.join("daemon.log");
+        let child = Command::new(tunneler_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,tunneler=debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(cluster.dir.join("daemon.stdout")).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tunneler run");
+        if let Some(slot) = &cluster.slot {
+            let _ = fs::write(slot.dir.join("daemon.pid"), child.id().to_string());
+        }
+        let mut d = Daemon {
+            child: Some(child),
+            config,
+            admin: cluster.admin_socket(),
+            egress: cluster.egress_socket(),
+            log,
+        };
+        let mut last = String::new();
+        let ok = poll(Duration::from_secs(15), || {
+            if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
+                last = format!("daemon exited: {st}");
+                return true;
+            }
+            match d.try_status() {
+                Ok(_) => true,
+                Err(e) => {
+                    last = e;
+                    false
+                }
+            }
+        });
+        assert!(
+            ok && d.try_status().is_ok(),
+            "daemon admin socket never answered: {last}"
+        );
+        d
+    }
+
+    /// Process id of the daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `GET /v1/status`, or an error string.
+    pub fn try_status(&self) -> Result<Value, String> {
+        let (code, body) = admin_get(&self.admin, "/v1/status")?;
+        if code != 200 {
+            return Err(format!("status {code}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("bad json ({e}): {body}"))
+    }
+
+    /// `GET /v1/status`; panics when the admin API does not answer.
+    pub fn status_json(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("admin status: {e}"))
+    }
+
+    /// Polls the status until `cond` holds; panics with the last status
+    /// after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let ok = poll(timeout, || match self.try_status() {
+            Ok(v) => {
+                let hit = cond(&v);
+                last = v;
+                hit
+            }
+            Err(e) => {
+                last = Value::String(e);
+                false
+            }
+        });
+        assert!(
+            ok,
+            "timed out after {timeout:?} waiting for {what}; last status:\n{}",
+            serde_json::to_string_pretty(&last).unwrap()
+        );
+        last
+    }
+
+    /// Waits until every listed node is healthy.
+    pub fn wait_all_healthy(&self, timeout: Duration) -> Value {
+        self.wait_for("all nodes healthy", timeout, |s| {
+            s["nodes"]
+                .as_array()
+                .map(|n| !n.is_empty() && n.iter().all(|n| n["state"] == "healthy"))
+                .unwrap_or(false)
+        })
+    }
+
+    /// Waits until node `name` has `state`.
+    pub fn wait_node_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        self.wait_for(&format!("{name} {state}"), timeout, |s| {
+            node_status(s, name)
+                .map(|n| n["state"] == state)
+                .unwrap_or(false)
+        })
+    }
+
+    /// Waits until node `name` is in any state other than healthy.
+    pub fn wait_node_unhealthy(&self, name: &str, timeout: Duration) -> Value {
+        self.wait_for(&format!("{name} not healthy"), timeout, |s| {
+            node_status(s, name)
+                .map(|n| n["state"] != "healthy")
+                .unwrap_or(false)
+        })
+    }
+
+    /// The TCP egress listener's address, from the status `listeners`.
+    pub fn tcp_listener(&self) -> SocketAddr {
+        let s = self.status_json();
+        s["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.as_str())
+            .find_map(|l| l.strip_prefix("tcp://"))
+            .unwrap_or_else(|| panic!("no tcp listener in status: {s}"))
+            .parse()
+            .expect("tcp listener address")
+    }
+
+    /// CONNECT through the Unix listener.
+    pub fn connect(&self, target: &str) -> (String, UnixStream) {
+        let mut s = UnixStream::connect(&self.egress).expect("connect egress socket");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+        let line = send_connect(&mut s, target);
+        (line, s)
+    }
+
+    /// CONNECT through the TCP listener.
+    pub fn connect_tcp(&self, target: &str) -> (String, TcpStream) {
+        let mut s = TcpStream::connect(self.tcp_listener()).expect("connect egress tcp");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
+        let line = send_connect(&mut s, target);
+        (line, s)
+    }
+
+    /// Sends raw bytes to the Unix listener and returns the response head.
+    pub fn raw_request(&self, bytes: &[u8]) -> String {
+        let mut s = UnixStream::connect(&self.egress).expect("connect egress socket");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(bytes).unwrap();
+        read_head(&mut s)
+    }
+
+    /// CONNECT to `target` over the Unix listener, send `line`, return the
+    /// echo server's answer. Panics unless the CONNECT got 200.
+    pub fn echo(&self, target: &str, line: &str) -> String {
+        let (status, s) = self.connect(target);
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "CONNECT {target}: {status}"
+        );
+        echo_over(s, line)
+    }
+
+    /// Last `lines` lines of the daemon log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), lines)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        self.stop_with("TERM")
+    }
+
+    /// Sends `sig` (a `kill` signal name) and waits (bounded, 10 s) for the
+    /// exit status; SIGKILLs it after that.
+    pub fn stop_with(&mut self, sig: &str) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), sig);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- daemon log {} (tail) ----\n{}",
+                self.log.display(),
+                self.log_tail(60)
+            );
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The status entry for node `name`.
+pub fn node_status<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == name)
+}
+
+/// Writes `line` to an established tunnel and reads one answer line.
+pub fn echo_over<S: Read + Write>(mut s: S, line: &str) -> String {
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match s.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => {
+                if byte[0] == b'\n' {
+                    break;
+                }
+                answer.push(byte[0]);
+            }
+            Err(e) => panic!("reading echo answer: {e} (got {answer:?})"),
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Sends a kube-apiserver style CONNECT and returns the status line.
+pub fn send_connect<S: Read + Write>(s: &mut S, target: &str) -> String {
+    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let head = read_head(s);
+    head.lines().next().unwrap_or("").to_string()
+}
+
+/// Reads a response head byte by byte up to and including `\r\n\r\n`, so
+/// that no tunnel byte is consumed. Returns what was read on EOF.
+pub fn read_head<S: Read>(s: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match s.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) => head.push(byte[0]),
+            Err(e) => panic!(
+                "reading response head: {e} (got {:?})",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Minimal HTTP/1.1 GET over a Unix socket: returns (status code, body).
+pub fn admin_get(socket: &Path, path: &str) -> Result<(u16, String), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding") && l.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// Runs the tunneler binary with `args` and returns its output.
+pub fn tunneler(args: &[&str]) -> Output {
+    Command::new(tunneler_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tunneler")
+}
+
+/// stdout and stderr of `out` joined, for message assertions.
+pub fn all_output(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
