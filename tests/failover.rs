@@ -150,3 +150,33 @@ fn silent_link_loss_is_detected_and_recovered() {
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "back");
     assert_eq!(got, format!("node=node-1 local={} echo=back", n1.pod_ip));
 }
+
+/// A node that refuses our key never becomes healthy: its state says so,
+/// with an error, and its targets get 503.
+#[test]
+fn refused_authentication_keeps_the_node_out_of_service() {
+    require_netns!("refused_authentication_keeps_the_node_out_of_service");
+    let cluster = Cluster::new(1);
+    // A valid key line, but not ours.
+    let other = cluster.dir.join("other_key");
+    common::ssh_keygen(&other, "someone-else");
+    let other_pub = std::fs::read_to_string(cluster.dir.join("other_key.pub")).unwrap();
+    cluster.set_authorized_keys(&other_pub);
+
+    let daemon = Daemon::start(&cluster);
+    let status = daemon.wait_for("node-1 failing with an error", READY, |s| {
+        node_status(s, "node-1").is_some_and(|n| {
+            (n["state"] == "rejected" || n["state"] == "backoff") && n["last_error"].is_string()
+        })
+    });
+    eprintln!(
+        "auth refused shows as: {}",
+        node_status(&status, "node-1").unwrap()
+    );
+    let (reply, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).ip));
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    // It does not flip to healthy by itself.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = daemon.status_json();
+    assert_ne!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+}

@@ -31,6 +31,14 @@ fn routes_by_node_ip_name_and_pod_ip_to_the_owning_node() {
             got,
             format!("node={name} local={} echo=by-pod", node.pod_ip)
         );
+        // An IPv6 literal inside the node's IPv6 pod CIDR.
+        match node.pod_ip6 {
+            Some(ip6) => {
+                let got = daemon.echo(&format!("[{ip6}]:{ECHO_PORT}"), "by-pod6");
+                assert_eq!(got, format!("node={name} local={ip6} echo=by-pod6"));
+            }
+            None => eprintln!("note: no IPv6 in this kernel; IPv6 pod routing not checked"),
+        }
     }
 
     // Several lines over one tunnel, and the same through the TCP listener.

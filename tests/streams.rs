@@ -207,3 +207,47 @@ fn failed_dials_get_502_with_reason_or_504_on_timeout() {
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "fine");
     assert_eq!(got, format!("node=node-1 local={} echo=fine", node.pod_ip));
 }
+
+#[test]
+fn a_hundred_concurrent_streams_on_one_node() {
+    require_netns!("a_hundred_concurrent_streams_on_one_node");
+    let cluster = Cluster::new(1);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+    let node = cluster.node(1);
+
+    // Open all streams first, so they are really concurrent, then use them.
+    let streams: Vec<_> = (0..100)
+        .map(|k| {
+            let target = if k % 2 == 0 {
+                format!("{}:{ECHO_PORT}", node.ip)
+            } else {
+                format!("{}:{ECHO_PORT}", node.pod_ip)
+            };
+            let (status, s) = daemon.connect(&target);
+            assert!(status.starts_with("HTTP/1.1 200"), "stream {k}: {status}");
+            s
+        })
+        .collect();
+    let status = daemon.status_json();
+    assert_eq!(
+        node_status(&status, "node-1").unwrap()["active_streams"],
+        100,
+        "{status}"
+    );
+    std::thread::scope(|scope| {
+        for (k, s) in streams.into_iter().enumerate() {
+            let node = &node;
+            scope.spawn(move || {
+                let local = if k % 2 == 0 { node.ip } else { node.pod_ip };
+                let got = common::echo_over(s, &format!("s{k}"));
+                assert_eq!(got, format!("node=node-1 local={local} echo=s{k}"));
+            });
+        }
+    });
+    daemon.wait_for("streams closed", READY, |s| {
+        node_status(s, "node-1").is_some_and(|n| {
+            n["active_streams"] == 0 && n["total_streams"].as_u64().unwrap_or(0) >= 100
+        })
+    });
+}

@@ -119,6 +119,7 @@ CFG
     ip netns exec "$ns" /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
     ip netns exec "$ns" python3 -u "$tmp/node-servers.py" "node-$i" 7000 8080 \
         > "$dir/servers.out" 2> "$dir/servers.log" &
+    disown   # cleanup kills them through the namespace; no job noise
     echo "  node-$i: ns $ns, ssh $node_ip:22, pod $pod_ip, service $svc_ip"
 done
 for i in $(seq "$DEMO_NODES"); do
@@ -210,6 +211,9 @@ echo
 echo "The demo is running. Try:"
 echo "  curl -sS -p -x http://127.0.0.1:$port http://node-3:8080/"
 echo "  $bin status --socket $tmp/admin.sock"
-echo "  ip netns exec $(demo_ns 1) kill \$(cat $tmp/node-1/sshd.pid)   # then watch status"
+echo "  # take node-1 down (every sshd in its namespace), then watch status:"
+echo "  for p in \$(ip netns pids $(demo_ns 1)); do grep -qx sshd /proc/\$p/comm && kill \$p; done"
+echo "  # and bring it back:"
+echo "  ip netns exec $(demo_ns 1) /usr/sbin/sshd -f $tmp/node-1/sshd_config -E $tmp/node-1/sshd.log"
 echo "Ctrl-C stops and cleans up."
 wait "$(cat "$DEMO_STATE/daemon.pid")" || true

@@ -8,7 +8,8 @@ usage: node-servers.py NODE_NAME ECHO_PORT HTTP_PORT [FLOOD_PORT]
 - HTTP_PORT: answers GET with the body "node=<name>".
 - FLOOD_PORT (default ECHO_PORT+1): writes data without end to whoever
   connects, for tests of a client that stops reading.
-Both bind 0.0.0.0, so they answer on the node, pod and service addresses.
+All bind the wildcard address (dual-stack "::" where IPv6 works, else
+0.0.0.0), so they answer on the node, pod and service addresses.
 Prints "ready" once all sockets are bound.
 """
 import socket, socketserver, sys, threading
@@ -22,6 +23,8 @@ FLOOD_PORT = int(sys.argv[4]) if len(sys.argv) > 4 else ECHO_PORT + 1
 class Echo(socketserver.StreamRequestHandler):
     def handle(self):
         local = self.connection.getsockname()[0]
+        if local.startswith("::ffff:"):
+            local = local[len("::ffff:"):]
         for raw in self.rfile:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             self.wfile.write(("node=%s local=%s echo=%s\n" % (NAME, local, line)).encode())
@@ -55,9 +58,21 @@ class HttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-echo = EchoServer(("0.0.0.0", ECHO_PORT), Echo)
-http = HttpServer(("0.0.0.0", HTTP_PORT), Http)
-flood = EchoServer(("0.0.0.0", FLOOD_PORT), Flood)
+def serve(server_cls, handler, port):
+    """Dual-stack listener on [::]:port, or 0.0.0.0:port without IPv6."""
+    class DualStack(server_cls):
+        address_family = socket.AF_INET6
+        def server_bind(self):
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+    try:
+        return DualStack(("::", port), handler)
+    except OSError:
+        return server_cls(("0.0.0.0", port), handler)
+
+echo = serve(EchoServer, Echo, ECHO_PORT)
+http = serve(HttpServer, Http, HTTP_PORT)
+flood = serve(EchoServer, Flood, FLOOD_PORT)
 threading.Thread(target=echo.serve_forever, daemon=True).start()
 threading.Thread(target=flood.serve_forever, daemon=True).start()
 print("ready", flush=True)

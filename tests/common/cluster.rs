@@ -19,6 +19,10 @@ pub struct Node {
     pub pod_ip: Ipv4Addr,
     /// A service address only this node carries.
     pub service_ip: Ipv4Addr,
+    /// IPv6 pod CIDR `fd00:201:<n>:<i>::/64`, listed in the config too.
+    pub pod_cidr6: String,
+    /// IPv6 pod address on `lo`; `None` when the kernel has no IPv6.
+    pub pod_ip6: Option<Ipv6Addr>,
     dir: PathBuf,
     servers: Option<Child>,
 }
@@ -113,6 +117,8 @@ impl Cluster {
                 pod_cidr: format!("10.201.{n}.{pod_base}/28"),
                 pod_ip: Ipv4Addr::new(10, 201, n as u8, pod_base + 1),
                 service_ip: Ipv4Addr::new(10, 202, n as u8, 10 + i as u8),
+                pod_cidr6: format!("fd00:201:{n}:{i}::/64"),
+                pod_ip6: None,
                 dir: node_dir,
                 servers: None,
             };
@@ -152,7 +158,14 @@ impl Cluster {
                 "lo",
             ]);
 
+            let ip6: Ipv6Addr = format!("fd00:201:{n}:{i}::1").parse().unwrap();
+            let has_v6 = run_quiet(
+                "ip",
+                &["-n", &ns, "addr", "add", &format!("{ip6}/128"), "dev", "lo"],
+            );
+
             ssh_keygen(&node.host_key(), &format!("host-{}", node.name));
+            self.nodes[i - 1].pod_ip6 = has_v6.then_some(ip6);
             self.write_sshd_config(i);
             self.start_servers(i);
             self.start_sshd(i);
@@ -434,8 +447,8 @@ socket = "{admin}"
         for i in selected {
             let node = self.node(i);
             s.push_str(&format!(
-                "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\"]\n",
-                node.name, node.ip, node.pod_cidr
+                "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\", \"{}\"]\n",
+                node.name, node.ip, node.pod_cidr, node.pod_cidr6
             ));
         }
         s.push_str(&spec.extra);

@@ -10,9 +10,12 @@
 //!   SSH address 10.200.n.(10+i)/24 and no default route;
 //! - on the node's `lo`: pod address 10.201.n.(16i+1)/32 (pod CIDR
 //!   10.201.n.(16i)/28), its own service address 10.202.n.(10+i)/32, and the
-//!   shared "anycast" service address 10.202.n.100/32 that every node has;
+//!   shared "anycast" service address 10.202.n.100/32 that every node has,
+//!   and (where IPv6 works) the pod address fd00:201:n:i::1/128 in the
+//!   node's second pod CIDR fd00:201:n:i::/64;
 //! - line echo server on port 7000 (`node=<name> local=<ip> echo=<line>`) and
-//!   HTTP server on port 8080 (body `node=<name>`), both on 0.0.0.0.
+//!   HTTP server on port 8080 (body `node=<name>`), plus a server on 7001
+//!   that floods whoever connects; all on the wildcard address.
 //!
 //! Only node SSH addresses on our own bridge are ever dialled from the host
 //! namespace; pod and service addresses are reached through the daemon only.
@@ -23,7 +26,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
