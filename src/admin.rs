@@ -3,16 +3,24 @@
 //! Endpoints:
 //! - `GET /v1/status`: the [`StatusDocument`](crate::status::StatusDocument).
 //! - `GET /healthz`: 200 while the process serves.
+//! - `POST /v1/nodes` (JSON body `{"name", "address", "port"?,
+//!   "internal_ips"?, "pod_cidrs"?}`): add a node.
+//! - `DELETE /v1/nodes/{name}`: remove a node (drained, then closed).
+//! - `POST /v1/nodes/{name}/drain`, `/undrain`: pool membership.
+//! - `POST /v1/nodes/{name}/reconnect`: make-before-break reconnect.
+//! - `POST /v1/reload`: re-read the config file and apply the difference.
 //!
-//! `curl --unix-socket /run/tunneler/admin.sock http://localhost/v1/status`
-//! works, and `tunneler status` is a client of the same endpoint.
+//! Errors are `{"error": "..."}` with a 4xx code; a refused change changes
+//! nothing. `curl --unix-socket /run/tunneler/admin.sock
+//! http://localhost/v1/status` works, and `tunneler status` is a client of
+//! the same endpoint.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -21,10 +29,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::daemon::Daemon;
+use crate::daemon::{ChangeError, Daemon};
 
 /// Admin connections served at once; more wait in the accept queue.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Largest request body accepted (a node definition is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The admin API server.
 pub struct AdminApi {
@@ -33,7 +43,9 @@ pub struct AdminApi {
     cancel: CancellationToken,
 }
 
-fn json(code: StatusCode, body: String) -> Response<Full<Bytes>> {
+type Resp = Response<Full<Bytes>>;
+
+fn json(code: StatusCode, body: String) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = code;
     r.headers_mut().insert(
@@ -43,27 +55,98 @@ fn json(code: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-fn error(code: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+fn error(code: StatusCode, msg: &str) -> Resp {
     json(code, serde_json::json!({ "error": msg }).to_string() + "\n")
 }
 
-/// Routes one admin request. Pure apart from reading the daemon's state.
-pub fn route(daemon: &Daemon, method: &Method, path: &str) -> Response<Full<Bytes>> {
-    match (method, path) {
-        (&Method::GET, "/v1/status") => match serde_json::to_string_pretty(&daemon.status()) {
+fn ok(value: serde_json::Value) -> Resp {
+    json(StatusCode::OK, value.to_string() + "\n")
+}
+
+fn change_error(e: &ChangeError) -> Resp {
+    let code = match e {
+        ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+        ChangeError::Exists(_) => StatusCode::CONFLICT,
+        ChangeError::Invalid(_) | ChangeError::Start(_) => StatusCode::BAD_REQUEST,
+        ChangeError::NoConfigFile => StatusCode::CONFLICT,
+        ChangeError::Tunnel(_) => StatusCode::BAD_GATEWAY,
+    };
+    error(code, &e.to_string())
+}
+
+/// Routes one admin request.
+pub async fn route(daemon: &Daemon, method: &Method, path: &str, body: Bytes) -> Resp {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => match serde_json::to_string_pretty(&daemon.status()) {
             Ok(s) => json(StatusCode::OK, s + "\n"),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         },
-        (&Method::GET, "/healthz") => {
+        (&Method::GET, ["healthz"]) => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
             *r.status_mut() = StatusCode::OK;
             r
         }
-        (_, "/v1/status") | (_, "/healthz") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        (&Method::POST, ["v1", "nodes"]) => {
+            let value: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}")),
+            };
+            let node = match crate::config::node_from_json(value, daemon.default_ssh_port().await) {
+                Ok(n) => n,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+            };
+            let name = node.name.clone();
+            match daemon.add_node(node).await {
+                Ok(()) => ok(serde_json::json!({ "added": name })),
+                Err(e) => change_error(&e),
+            }
         }
+        (&Method::DELETE, ["v1", "nodes", name]) => match daemon.remove_node(name).await {
+            Ok(()) => ok(serde_json::json!({ "removed": name })),
+            Err(e) => change_error(&e),
+        },
+        (&Method::POST, ["v1", "nodes", name, action @ ("drain" | "undrain")]) => {
+            match daemon.set_draining(name, *action == "drain") {
+                Ok(state) => ok(serde_json::json!({ "node": name, "state": state.as_str() })),
+                Err(e) => change_error(&e),
+            }
+        }
+        (&Method::POST, ["v1", "nodes", name, "reconnect"]) => match daemon.reconnect(name).await {
+            Ok(()) => ok(serde_json::json!({ "node": name, "reconnected": true })),
+            Err(e) => change_error(&e),
+        },
+        (&Method::POST, ["v1", "reload"]) => match daemon.reload().await {
+            Ok(report) => ok(serde_json::to_value(&report).unwrap_or_default()),
+            Err(e) => change_error(&e),
+        },
+        (_, ["v1", "status"])
+        | (_, ["healthz"])
+        | (_, ["v1", "reload"])
+        | (_, ["v1", "nodes", ..]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
+}
+
+async fn handle(daemon: Arc<Daemon>, req: Request<Incoming>) -> Resp {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body over {MAX_BODY_BYTES} bytes"),
+            )
+        }
+    };
+    if method != Method::GET {
+        info!(audit = true, %method, %path, "admin request");
+    }
+    route(&daemon, &method, &path, body).await
 }
 
 impl AdminApi {
@@ -101,8 +184,8 @@ impl AdminApi {
             self.tracker.spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let r = route(&daemon, req.method(), req.uri().path());
-                    async move { Ok::<_, std::convert::Infallible>(r) }
+                    let daemon = daemon.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(daemon, req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .header_read_timeout(Duration::from_secs(10))

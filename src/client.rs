@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
@@ -32,6 +32,16 @@ pub enum ClientError {
 
 /// `GET path` on the admin socket; returns status code and body.
 pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError> {
+    request(socket, hyper::Method::GET, path, None).await
+}
+
+/// Any request on the admin socket, with an optional JSON body.
+pub async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, Bytes), ClientError> {
     let sp = socket.display().to_string();
     let unreachable = |reason: String| ClientError::Unreachable {
         path: sp.clone(),
@@ -45,9 +55,13 @@ pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError>
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(path)
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, "localhost")
-            .body(Empty::<Bytes>::new())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(payload)))
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)
@@ -62,9 +76,10 @@ pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError>
             .to_bytes();
         Ok((code, body))
     };
-    match tokio::time::timeout(Duration::from_secs(10), fut).await {
+    // Generous: a reconnect or a reload may wait for a handshake.
+    match tokio::time::timeout(Duration::from_secs(120), fut).await {
         Ok(r) => r,
-        Err(_) => Err(unreachable("no answer within 10s".into())),
+        Err(_) => Err(unreachable("no answer within 120s".into())),
     }
 }
 

@@ -64,6 +64,7 @@ struct RawConfig {
     proxy: RawProxy,
     #[serde(default)]
     admin: RawAdmin,
+    health: Option<RawHealth>,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -94,6 +95,16 @@ struct RawProxy {
     listen: Option<Vec<String>>,
     service_cidrs: Option<Vec<String>>,
     dial_timeout: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    probe: String,
+    interval: Option<String>,
+    timeout: Option<String>,
+    unhealthy_after: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +139,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The admin API.
     pub admin: AdminConfig,
+    /// The optional active health probe.
+    pub health: Option<HealthConfig>,
     /// Statically configured nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -189,6 +202,43 @@ pub struct ProxyConfig {
     pub service_cidrs: Vec<IpNet>,
     /// Bound on a dial: waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
+    /// How long a removed node or replaced session may keep serving the
+    /// streams it already carries before it is closed.
+    pub drain_timeout: Duration,
+}
+
+/// What the health probe checks, from the node's side of the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeTarget {
+    /// `http://host:port/path`: a GET that must answer 2xx.
+    Http {
+        /// Host as dialed on the node (usually 127.0.0.1).
+        host: String,
+        /// Port.
+        port: u16,
+        /// Path and query.
+        path: String,
+    },
+    /// `tcp://host:port`: the channel open must succeed.
+    Tcp {
+        /// Host as dialed on the node.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// The active health probe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// What to check.
+    pub probe: ProbeTarget,
+    /// Time between probes of one node.
+    pub interval: Duration,
+    /// Bound on one probe.
+    pub timeout: Duration,
+    /// Consecutive failures before the node is `unhealthy`.
+    pub unhealthy_after: u32,
 }
 
 /// Admin API settings.
@@ -408,7 +458,13 @@ impl Config {
                 p.dial_timeout.as_ref(),
                 Duration::from_secs(5),
             )?,
+            drain_timeout: parse_duration(
+                "proxy.drain_timeout",
+                p.drain_timeout.as_ref(),
+                Duration::from_secs(60),
+            )?,
         };
+        let health = raw.health.map(validate_health).transpose()?;
 
         let admin = AdminConfig {
             socket: raw
@@ -438,9 +494,83 @@ impl Config {
             reconnect,
             proxy,
             admin,
+            health,
             nodes,
         })
     }
+}
+
+fn validate_health(h: RawHealth) -> Result<HealthConfig, ConfigError> {
+    let uri: hyper::Uri = h.probe.parse().map_err(|_| {
+        invalid(
+            "health.probe",
+            format!(
+                "{:?} is not a URL like http://127.0.0.1:10248/healthz or tcp://127.0.0.1:10250",
+                h.probe
+            ),
+        )
+    })?;
+    let host = uri
+        .host()
+        .map(|s| s.trim_start_matches('[').trim_end_matches(']').to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| invalid("health.probe", "needs a host"))?;
+    let probe = match uri.scheme_str() {
+        Some("http") => ProbeTarget::Http {
+            host,
+            port: uri.port_u16().unwrap_or(80),
+            path: uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "/".into()),
+        },
+        Some("tcp") => ProbeTarget::Tcp {
+            host,
+            port: uri
+                .port_u16()
+                .ok_or_else(|| invalid("health.probe", "tcp:// needs a port"))?,
+        },
+        _ => {
+            return Err(invalid(
+                "health.probe",
+                "scheme must be http:// or tcp:// (https is not supported: kubelet's healthz is plain HTTP on loopback)",
+            ))
+        }
+    };
+    let interval = parse_duration(
+        "health.interval",
+        h.interval.as_ref(),
+        Duration::from_secs(30),
+    )?;
+    let timeout = parse_duration("health.timeout", h.timeout.as_ref(), Duration::from_secs(5))?;
+    if timeout > interval {
+        return Err(invalid(
+            "health.timeout",
+            "must not be longer than health.interval",
+        ));
+    }
+    let unhealthy_after = h.unhealthy_after.unwrap_or(3);
+    if unhealthy_after == 0 {
+        return Err(invalid("health.unhealthy_after", "must be at least 1"));
+    }
+    Ok(HealthConfig {
+        probe,
+        interval,
+        timeout,
+        unhealthy_after,
+    })
+}
+
+/// Validates one node given as the raw TOML/JSON shape (also used by the
+/// admin API's `POST /v1/nodes`).
+pub fn node_from_json(
+    value: serde_json::Value,
+    default_port: u16,
+) -> Result<NodeConfig, ConfigError> {
+    let raw: RawNode =
+        serde_json::from_value(value).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    validate_node("node", raw, default_port)
 }
 
 fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig, ConfigError> {
@@ -601,6 +731,35 @@ pod_cidrs = ["10.244.1.0/24"]
         assert_eq!(c.nodes[0].endpoint(), "10.0.0.11:22");
         assert_eq!(c.proxy.dial_timeout, Duration::from_secs(5));
         assert_eq!(c.proxy.listen.len(), 2);
+    }
+
+    #[test]
+    fn health_probe() {
+        let c = parse("[health]\nprobe = \"http://127.0.0.1:10248/healthz\"\n").unwrap();
+        let h = c.health.unwrap();
+        assert_eq!(
+            h.probe,
+            ProbeTarget::Http {
+                host: "127.0.0.1".into(),
+                port: 10248,
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(h.unhealthy_after, 3);
+        let t = parse(
+            "[health]\nprobe = \"tcp://127.0.0.1:10250\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            t.health.unwrap().probe,
+            ProbeTarget::Tcp { port: 10250, .. }
+        ));
+        assert!(err_of("[health]\nprobe = \"https://x:1/\"\n").contains("health.probe"));
+        assert!(err_of("[health]\nprobe = \"tcp://x\"\n").contains("health.probe"));
+        assert!(
+            err_of("[health]\nprobe = \"tcp://x:1\"\ninterval = \"1s\"\ntimeout = \"2s\"\n")
+                .contains("health.timeout")
+        );
     }
 
     #[test]

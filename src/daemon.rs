@@ -1,29 +1,34 @@
 //! Wiring: load keys, bind sockets, start one tunnel per node, serve the
-//! proxy and the admin API, and shut everything down in order.
+//! proxy and the admin API, change the node set live, and shut down in order.
 //!
 //! Building (loading keys, binding sockets) happens in [`Daemon::start`] and
 //! fails fast with a clear error; serving runs until the shutdown token fires.
 //! One cancellation tree covers everything: the root token, a child per node
 //! and per stream. Shutdown waits for tracked tasks with a deadline.
+//!
+//! Every change to the node set (API add/remove, reload) goes through one
+//! async lock, is validated as a whole before anything is touched, and ends
+//! by swapping in a new route table.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::admin::AdminApi;
-use crate::config::{Config, ListenAddr};
+use crate::config::{check_node_set, Config, ConfigError, ListenAddr, NodeConfig};
 use crate::known_hosts::KnownHostsStore;
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
 use crate::sockets::{bind_unix, BindError};
 use crate::status::{rfc3339, NodeStatus, StatusDocument};
-use crate::tunnel::{NodeTunnel, SshContext};
+use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
 
 /// How long shutdown waits for streams and sessions to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -60,23 +65,106 @@ pub enum StartError {
     },
 }
 
-/// The daemon's shared state, read by the admin API.
+/// Why a change to the node set was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The named node does not exist.
+    #[error("no node named {0:?}")]
+    NotFound(String),
+    /// A node with this name exists already.
+    #[error("a node named {0:?} exists already")]
+    Exists(String),
+    /// The request or the new config is invalid.
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    /// The new config's keys could not be loaded.
+    #[error("{0}")]
+    Start(#[from] StartError),
+    /// There is no config file to reload (started from a Config value).
+    #[error("this daemon was not started from a config file")]
+    NoConfigFile,
+    /// A tunnel operation failed (e.g. a reconnect could not connect).
+    #[error("{0}")]
+    Tunnel(#[from] crate::error::TunnelError),
+}
+
+/// Where a node came from. Reload manages `Config` nodes only; nodes added
+/// through the API survive a reload unless the config names them too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A `[[node]]` entry in the config file.
+    Config,
+    /// `POST /v1/nodes`.
+    Api,
+}
+
+struct NodeEntry {
+    tunnel: Arc<NodeTunnel>,
+    source: Source,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadReport {
+    /// Nodes started.
+    pub added: Vec<String>,
+    /// Nodes drained and closed.
+    pub removed: Vec<String>,
+    /// Nodes whose settings changed: closed after draining and started anew.
+    pub changed: Vec<String>,
+    /// Nodes left untouched (their connection and `since` stay).
+    pub unchanged: usize,
+    /// Settings that only take effect after a restart.
+    pub warnings: Vec<String>,
+}
+
+/// The daemon's shared state, read and changed by the admin API.
 pub struct Daemon {
     started: Instant,
-    tunnels: Mutex<BTreeMap<String, Arc<NodeTunnel>>>,
+    config_path: Option<PathBuf>,
+    nodes: Mutex<BTreeMap<String, NodeEntry>>,
+    changes: tokio::sync::Mutex<Config>,
     routes: SharedRoutes,
+    settings: Arc<ArcSwap<ProxySettings>>,
+    ctx: SharedContext,
     listeners: Vec<String>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+fn load_context(config: &Config) -> Result<SshContext, StartError> {
+    let identity = russh::keys::load_secret_key(&config.ssh.identity_file, None).map_err(|e| {
+        StartError::Identity {
+            path: config.ssh.identity_file.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let known_hosts = KnownHostsStore::open(&config.ssh.known_hosts_file).map_err(|source| {
+        StartError::KnownHosts {
+            path: config.ssh.known_hosts_file.clone(),
+            source,
+        }
+    })?;
+    Ok(SshContext::new(
+        config.ssh.clone(),
+        config.reconnect.clone(),
+        config.health.clone(),
+        config.proxy.drain_timeout,
+        Arc::new(identity),
+        Arc::new(known_hosts),
+    ))
 }
 
 impl Daemon {
     /// The status document for `GET /v1/status`.
     pub fn status(&self) -> StatusDocument {
         let tunnels: Vec<Arc<NodeTunnel>> = self
-            .tunnels
+            .nodes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .cloned()
+            .map(|e| e.tunnel.clone())
             .collect();
         let nodes = tunnels
             .iter()
@@ -96,6 +184,8 @@ impl Daemon {
                     total_streams: ld(&c.total_streams),
                     bytes_in: ld(&c.bytes_in),
                     bytes_out: ld(&c.bytes_out),
+                    rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    next_retry: s.next_retry.map(rfc3339),
                 }
             })
             .collect();
@@ -107,32 +197,25 @@ impl Daemon {
         }
     }
 
+    /// The SSH port for nodes that do not name one.
+    pub async fn default_ssh_port(&self) -> u16 {
+        self.changes.lock().await.ssh.port
+    }
+
     /// The live route table.
     pub fn routes(&self) -> &SharedRoutes {
         &self.routes
     }
 
     /// Loads keys, binds every socket and starts all actors. Returns once
-    /// everything is bound; the returned future-free handle keeps running
-    /// until `shutdown` fires, then [`Daemon::wait`] finishes the shutdown.
+    /// everything is bound; tasks run on the returned tracker until
+    /// `shutdown` fires.
     pub async fn start(
         config: Config,
+        config_path: Option<PathBuf>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Daemon>, TaskTracker), StartError> {
-        let identity =
-            russh::keys::load_secret_key(&config.ssh.identity_file, None).map_err(|e| {
-                StartError::Identity {
-                    path: config.ssh.identity_file.clone(),
-                    reason: e.to_string(),
-                }
-            })?;
-        let known_hosts =
-            KnownHostsStore::open(&config.ssh.known_hosts_file).map_err(|source| {
-                StartError::KnownHosts {
-                    path: config.ssh.known_hosts_file.clone(),
-                    source,
-                }
-            })?;
+        let ctx: SharedContext = Arc::new(ArcSwap::from_pointee(load_context(&config)?));
 
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
@@ -153,38 +236,39 @@ impl Daemon {
         let admin_listener = bind_unix(&config.admin.socket, 0o600)?;
 
         let tracker = TaskTracker::new();
-        let ctx = Arc::new(SshContext::new(
-            config.ssh.clone(),
-            config.reconnect.clone(),
-            Arc::new(identity),
-            Arc::new(known_hosts),
-        ));
-        let mut tunnels = BTreeMap::new();
-        for n in &config.nodes {
-            let t = NodeTunnel::spawn(n.clone(), ctx.clone(), shutdown.child_token(), &tracker);
-            tunnels.insert(n.name.clone(), t);
-        }
-        let table = RouteTable::build(
-            config
-                .nodes
-                .iter()
-                .filter_map(|n| tunnels.get(&n.name).map(|t| (n, t.clone()))),
-            &config.proxy.service_cidrs,
-        );
-        let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(table));
-
+        let settings = Arc::new(ArcSwap::from_pointee(ProxySettings {
+            dial_timeout: config.proxy.dial_timeout,
+        }));
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
-            tunnels: Mutex::new(tunnels),
-            routes: routes.clone(),
+            config_path,
+            nodes: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(config.clone()),
+            routes: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
+            settings: settings.clone(),
+            ctx,
             listeners: listeners.iter().map(ProxyListener::url).collect(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
         });
+        {
+            let mut nodes = daemon.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            for n in &config.nodes {
+                let tunnel = daemon.spawn_tunnel(n.clone());
+                nodes.insert(
+                    n.name.clone(),
+                    NodeEntry {
+                        tunnel,
+                        source: Source::Config,
+                    },
+                );
+            }
+        }
+        daemon.rebuild_routes(&config.proxy.service_cidrs);
 
         let proxy = EgressProxy::new(
-            routes,
-            ProxySettings {
-                dial_timeout: config.proxy.dial_timeout,
-            },
+            daemon.routes.clone(),
+            settings,
             tracker.clone(),
             shutdown.child_token(),
         );
@@ -192,8 +276,7 @@ impl Daemon {
             tracker.spawn(proxy.clone().serve(l));
         }
         let admin = AdminApi::new(daemon.clone(), tracker.clone(), shutdown.child_token());
-        let admin_path = config.admin.socket.clone();
-        tracker.spawn(admin.serve(admin_listener, admin_path));
+        tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));
         info!(
             nodes = config.nodes.len(),
             admin = %config.admin.socket.display(),
@@ -201,12 +284,261 @@ impl Daemon {
         );
         Ok((daemon, tracker))
     }
+
+    fn spawn_tunnel(&self, node: NodeConfig) -> Arc<NodeTunnel> {
+        NodeTunnel::spawn(
+            node,
+            self.ctx.clone(),
+            self.shutdown.child_token(),
+            &self.tracker,
+        )
+    }
+
+    fn rebuild_routes(&self, service_cidrs: &[ipnet::IpNet]) {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let table = RouteTable::build(
+            nodes.values().map(|e| (&e.tunnel.node, e.tunnel.clone())),
+            service_cidrs,
+        );
+        self.routes.store(Arc::new(table));
+    }
+
+    fn node_configs(&self) -> Vec<(NodeConfig, Source)> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| (e.tunnel.node.clone(), e.source))
+            .collect()
+    }
+
+    fn tunnel(&self, name: &str) -> Result<Arc<NodeTunnel>, ChangeError> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|e| e.tunnel.clone())
+            .ok_or_else(|| ChangeError::NotFound(name.to_string()))
+    }
+
+    /// Drains and then stops a tunnel that has already left the route table:
+    /// streams already flowing keep flowing until they end or the drain
+    /// timeout passes.
+    fn retire(&self, tunnel: Arc<NodeTunnel>, limit: Duration) {
+        tunnel.set_draining(true);
+        let span = tracing::info_span!("node", node = %tunnel.node.name);
+        self.tracker.spawn(
+            async move {
+                let drained = tokio::select! {
+                    d = tunnel.wait_streams_done(limit) => d,
+                    _ = tunnel.cancel_token().cancelled() => true,
+                };
+                if !drained {
+                    warn!(?limit, "drain timeout: closing with streams still open");
+                }
+                tunnel.stop();
+                info!(drained, "node removed and its tunnel closed");
+            }
+            .instrument(span),
+        );
+    }
+
+    /// `POST /v1/nodes`: adds a node. Refused (and nothing changes) when the
+    /// name exists or the node conflicts with another's addresses.
+    pub async fn add_node(&self, node: NodeConfig) -> Result<(), ChangeError> {
+        let config = self.changes.lock().await;
+        let mut all: Vec<NodeConfig> = self.node_configs().into_iter().map(|(n, _)| n).collect();
+        if all.iter().any(|n| n.name == node.name) {
+            return Err(ChangeError::Exists(node.name));
+        }
+        all.push(node.clone());
+        check_node_set(&all, &config.proxy.service_cidrs)?;
+        let tunnel = self.spawn_tunnel(node.clone());
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            node.name.clone(),
+            NodeEntry {
+                tunnel,
+                source: Source::Api,
+            },
+        );
+        self.rebuild_routes(&config.proxy.service_cidrs);
+        info!(node = %node.name, "node added through the admin API");
+        Ok(())
+    }
+
+    /// `DELETE /v1/nodes/{name}`: removes a node from routing at once, then
+    /// closes its tunnel after its streams drain (bounded by the drain timeout).
+    pub async fn remove_node(&self, name: &str) -> Result<(), ChangeError> {
+        let config = self.changes.lock().await;
+        let entry = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| ChangeError::NotFound(name.to_string()))?;
+        self.rebuild_routes(&config.proxy.service_cidrs);
+        self.retire(entry.tunnel, config.proxy.drain_timeout);
+        info!(node = %name, "node removed; draining its streams");
+        Ok(())
+    }
+
+    /// `POST /v1/nodes/{name}/drain` and `/undrain`.
+    pub fn set_draining(&self, name: &str, on: bool) -> Result<TunnelState, ChangeError> {
+        let t = self.tunnel(name)?;
+        t.set_draining(on);
+        info!(node = %name, draining = on, "drain changed");
+        Ok(t.state().state)
+    }
+
+    /// `POST /v1/nodes/{name}/reconnect`: make-before-break.
+    pub async fn reconnect(&self, name: &str) -> Result<(), ChangeError> {
+        let t = self.tunnel(name)?;
+        t.reconnect().await?;
+        Ok(())
+    }
+
+    /// `POST /v1/reload` and SIGHUP: re-reads the config file and applies
+    /// the difference. An invalid config is rejected as a whole.
+    pub async fn reload(&self) -> Result<ReloadReport, ChangeError> {
+        let path = self.config_path.clone().ok_or(ChangeError::NoConfigFile)?;
+        let result = self.reload_from(&path).await;
+        match &result {
+            Ok(r) => info!(
+                added = ?r.added, removed = ?r.removed, changed = ?r.changed,
+                unchanged = r.unchanged, warnings = ?r.warnings, "config reloaded"
+            ),
+            Err(e) => error!(error = %e, "reload rejected; the running config stays"),
+        }
+        result
+    }
+
+    async fn reload_from(&self, path: &Path) -> Result<ReloadReport, ChangeError> {
+        let new = Config::load(path)?;
+        let mut current = self.changes.lock().await;
+        let mut report = ReloadReport::default();
+
+        // Validate everything first: the new config's nodes plus the API
+        // nodes it does not name.
+        let existing = self.node_configs();
+        let mut combined = new.nodes.clone();
+        for (n, src) in &existing {
+            if *src == Source::Api && !new.nodes.iter().any(|c| c.name == n.name) {
+                combined.push(n.clone());
+            }
+        }
+        check_node_set(&combined, &new.proxy.service_cidrs)?;
+        let ctx_changed = new.ssh != current.ssh
+            || new.reconnect != current.reconnect
+            || new.health != current.health
+            || new.proxy.drain_timeout != current.proxy.drain_timeout;
+        let new_ctx = if ctx_changed {
+            Some(load_context(&new)?)
+        } else {
+            None
+        };
+
+        // Apply.
+        if new.proxy.listen != current.proxy.listen {
+            report
+                .warnings
+                .push("proxy.listen changed: takes effect after a restart".into());
+        }
+        if new.admin.socket != current.admin.socket {
+            report
+                .warnings
+                .push("admin.socket changed: takes effect after a restart".into());
+        }
+        if let Some(ctx) = new_ctx {
+            self.ctx.store(Arc::new(ctx));
+        }
+        self.settings.store(Arc::new(ProxySettings {
+            dial_timeout: new.proxy.dial_timeout,
+        }));
+        let mut retired = Vec::new();
+        {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            // Removed: config nodes the new config no longer names.
+            let gone: Vec<String> = nodes
+                .iter()
+                .filter(|(name, e)| {
+                    e.source == Source::Config && !new.nodes.iter().any(|n| &n.name == *name)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in gone {
+                if let Some(e) = nodes.remove(&name) {
+                    retired.push(e.tunnel);
+                    report.removed.push(name);
+                }
+            }
+            for n in &new.nodes {
+                match nodes.get_mut(&n.name) {
+                    Some(e) if e.tunnel.node == *n => {
+                        e.source = Source::Config;
+                        report.unchanged += 1;
+                    }
+                    Some(_) => {
+                        if let Some(old) = nodes.remove(&n.name) {
+                            retired.push(old.tunnel);
+                        }
+                        let tunnel = self.spawn_tunnel(n.clone());
+                        nodes.insert(
+                            n.name.clone(),
+                            NodeEntry {
+                                tunnel,
+                                source: Source::Config,
+                            },
+                        );
+                        report.changed.push(n.name.clone());
+                    }
+                    None => {
+                        let tunnel = self.spawn_tunnel(n.clone());
+                        nodes.insert(
+                            n.name.clone(),
+                            NodeEntry {
+                                tunnel,
+                                source: Source::Config,
+                            },
+                        );
+                        report.added.push(n.name.clone());
+                    }
+                }
+            }
+        }
+        self.rebuild_routes(&new.proxy.service_cidrs);
+        for t in retired {
+            self.retire(t, new.proxy.drain_timeout);
+        }
+        *current = new;
+        Ok(report)
+    }
 }
 
 /// Runs the daemon until `shutdown` fires, then waits (bounded) for every
-/// task to finish.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
-    let (_daemon, tracker) = Daemon::start(config, shutdown.clone()).await?;
+/// task to finish. SIGHUP reloads `config_path`.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let (daemon, tracker) = Daemon::start(config, config_path, shutdown.clone()).await?;
+    let hup_daemon = daemon.clone();
+    let hup_cancel = shutdown.clone();
+    tracker.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            warn!("cannot listen for SIGHUP; reload through the admin API only");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup_cancel.cancelled() => return,
+                r = hup.recv() => if r.is_none() { return },
+            }
+            info!("SIGHUP received: reloading the config");
+            let _ = hup_daemon.reload().await;
+        }
+    });
     shutdown.cancelled().await;
     info!("shutting down");
     tracker.close();

@@ -45,6 +45,20 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Change the node set of a running daemon.
+    Nodes {
+        /// Admin socket (default /run/tunneler/admin.sock).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        action: NodesAction,
+    },
+    /// Re-read the daemon's config file and apply the difference.
+    Reload {
+        /// Admin socket (default /run/tunneler/admin.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Write a new ed25519 key pair and print the authorized_keys line.
     Keygen {
         /// Private key path; the public key goes to PATH.pub.
@@ -53,6 +67,47 @@ enum Command {
         /// Comment in the public key.
         #[arg(long, default_value = "tunneler")]
         comment: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesAction {
+    /// Add a node.
+    Add {
+        /// Node name.
+        name: String,
+        /// SSH address (IP or name).
+        #[arg(long)]
+        address: String,
+        /// SSH port (default from [ssh] port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// IP that routes to this node (repeatable; default: the address).
+        #[arg(long = "internal-ip")]
+        internal_ips: Vec<String>,
+        /// Pod CIDR of this node (repeatable).
+        #[arg(long = "pod-cidr")]
+        pod_cidrs: Vec<String>,
+    },
+    /// Remove a node: out of routing at once, closed after its streams drain.
+    Remove {
+        /// Node name.
+        name: String,
+    },
+    /// Take a node out of the service pool; node-addressed dials still go.
+    Drain {
+        /// Node name.
+        name: String,
+    },
+    /// Put a drained node back into the service pool.
+    Undrain {
+        /// Node name.
+        name: String,
+    },
+    /// Open a new session, switch new streams to it, drain the old one.
+    Reconnect {
+        /// Node name.
+        name: String,
     },
 }
 
@@ -95,6 +150,48 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Nodes { socket, action } => {
+            let (method, path, body) = match action {
+                NodesAction::Add {
+                    name,
+                    address,
+                    port,
+                    internal_ips,
+                    pod_cidrs,
+                } => {
+                    let mut body = serde_json::json!({ "name": name, "address": address, "pod_cidrs": pod_cidrs });
+                    if let Some(p) = port {
+                        body["port"] = p.into();
+                    }
+                    if !internal_ips.is_empty() {
+                        body["internal_ips"] = internal_ips.into();
+                    }
+                    (hyper::Method::POST, "/v1/nodes".to_string(), Some(body))
+                }
+                NodesAction::Remove { name } => (
+                    hyper::Method::DELETE,
+                    format!("/v1/nodes/{}", path_segment(&name)),
+                    None,
+                ),
+                NodesAction::Drain { name } => (
+                    hyper::Method::POST,
+                    format!("/v1/nodes/{}/drain", path_segment(&name)),
+                    None,
+                ),
+                NodesAction::Undrain { name } => (
+                    hyper::Method::POST,
+                    format!("/v1/nodes/{}/undrain", path_segment(&name)),
+                    None,
+                ),
+                NodesAction::Reconnect { name } => (
+                    hyper::Method::POST,
+                    format!("/v1/nodes/{}/reconnect", path_segment(&name)),
+                    None,
+                ),
+            };
+            admin_call(socket, method, &path, body)
+        }
+        Command::Reload { socket } => admin_call(socket, hyper::Method::POST, "/v1/reload", None),
         Command::Keygen { out, comment } => match tunneler::keygen::generate(&out, &comment) {
             Ok(g) => {
                 eprintln!(
@@ -148,7 +245,8 @@ fn run(config_path: &Path) -> ExitCode {
             }
             signals.cancel();
         });
-        match tunneler::daemon::run(config, shutdown).await {
+        let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
+        match tunneler::daemon::run(config, Some(path), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
@@ -157,6 +255,57 @@ fn run(config_path: &Path) -> ExitCode {
             }
         }
     })
+}
+
+/// Node names are DNS-style, so only a name with other bytes needs care:
+/// refuse to build a path from it rather than percent-encode by hand.
+fn path_segment(name: &str) -> String {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        name.to_string()
+    } else {
+        "%00invalid-node-name".to_string()
+    }
+}
+
+/// Sends one admin request and prints the answer: exit 0 on 2xx, 1 on an
+/// error answer (printed to stderr), 2 when the daemon cannot be reached.
+fn admin_call(
+    socket: Option<PathBuf>,
+    method: hyper::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> ExitCode {
+    let socket = socket.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(tunneler::client::request(&socket, method, path, body)) {
+        Ok((code, body)) => {
+            let text = String::from_utf8_lossy(&body);
+            if (200..300).contains(&code) {
+                print!("{text}");
+                ExitCode::SUCCESS
+            } else {
+                let msg = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                    .unwrap_or_else(|| text.trim().to_string());
+                eprintln!("tunneler: {msg} (HTTP {code})");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("tunneler: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {

@@ -33,7 +33,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::error::TunnelError;
 use crate::relay::{relay, RelayEnd};
 use crate::route::{Route, RouteTable};
-use crate::tunnel::{NodeTunnel, TunnelState};
+use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
@@ -77,7 +77,7 @@ pub struct ProxySettings {
 #[derive(Clone)]
 pub struct EgressProxy {
     routes: SharedRoutes,
-    settings: ProxySettings,
+    settings: Arc<ArcSwap<ProxySettings>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
     next_stream: Arc<AtomicU64>,
@@ -222,7 +222,7 @@ impl EgressProxy {
     /// when `cancel` fires.
     pub fn new(
         routes: SharedRoutes,
-        settings: ProxySettings,
+        settings: Arc<ArcSwap<ProxySettings>>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> EgressProxy {
@@ -348,9 +348,9 @@ impl EgressProxy {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let deadline = tokio::time::Instant::now() + self.settings.dial_timeout;
+        let deadline = tokio::time::Instant::now() + self.settings.load().dial_timeout;
         let routes = self.routes.load_full();
-        let (tunnel, channel) = match routes.lookup(&target.host) {
+        let open = match routes.lookup(&target.host) {
             Route::Forbidden => {
                 debug!("destination not allowed");
                 reply(
@@ -363,7 +363,7 @@ impl EgressProxy {
             }
             Route::Node { node, host } => {
                 match node.open_channel(&host, target.port, peer, deadline).await {
-                    Ok(ch) => (node, ch),
+                    Ok(open) => open,
                     Err(e) => {
                         let (code, text) = error_reply(&e);
                         info!(node = %node.node.name, error = %e, code, "dial failed");
@@ -373,11 +373,8 @@ impl EgressProxy {
                 }
             }
             Route::Pool { host } => {
-                match self
-                    .dial_pool(routes.nodes(), &host, target.port, peer, deadline)
-                    .await
-                {
-                    Ok(pair) => pair,
+                match dial_pool(routes.nodes(), &host, target.port, peer, deadline).await {
+                    Ok(open) => open,
                     Err(e) => {
                         let (code, text) = error_reply(&e);
                         info!(error = %e, code, "pool dial failed");
@@ -387,6 +384,8 @@ impl EgressProxy {
                 }
             }
         };
+        let OpenStream { channel, guard } = open;
+        let tunnel = guard.tunnel().clone();
         if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
             .await
             .is_err()
@@ -394,59 +393,74 @@ impl EgressProxy {
             let _ = channel.close().await;
             return;
         }
-        let c = &tunnel.counters;
-        c.total_streams.fetch_add(1, Ordering::Relaxed);
-        c.active_streams.fetch_add(1, Ordering::Relaxed);
         debug!(node = %tunnel.node.name, "stream open");
-        let end = relay(s, first, channel, c, self.cancel.child_token()).await;
-        c.active_streams.fetch_sub(1, Ordering::Relaxed);
+        let end = relay(
+            s,
+            first,
+            channel,
+            &tunnel.counters,
+            self.cancel.child_token(),
+        )
+        .await;
+        drop(guard);
         if end == RelayEnd::ClientTooSlow {
             warn!(node = %tunnel.node.name, "stream reset: client stopped reading");
         }
         debug!(node = %tunnel.node.name, ?end, "stream closed");
     }
+}
 
-    /// Service-CIDR dials: the less loaded of two random healthy tunnels;
-    /// a tunnel-side failure is retried once on another tunnel.
-    async fn dial_pool(
-        &self,
-        nodes: &[Arc<NodeTunnel>],
-        host: &str,
-        port: u16,
-        peer: SocketAddr,
-        deadline: tokio::time::Instant,
-    ) -> Result<(Arc<NodeTunnel>, russh::Channel<russh::client::Msg>), TunnelError> {
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last = None;
-        for _ in 0..2 {
-            let healthy: Vec<usize> = (0..nodes.len())
-                .filter(|i| !tried.contains(i) && nodes[*i].state().state == TunnelState::Healthy)
-                .collect();
-            let Some(pick) = pick_two(&healthy, |i| {
-                nodes[i].counters.active_streams.load(Ordering::Relaxed)
-            }) else {
-                break;
-            };
-            tried.push(pick);
-            let node = &nodes[pick];
-            match node.open_channel(host, port, peer, deadline).await {
-                Ok(ch) => return Ok((node.clone(), ch)),
-                Err(e)
-                    if e.is_tunnel_side() && !matches!(e, TunnelError::ChannelOpenTimeout(_)) =>
-                {
-                    info!(node = %node.node.name, error = %e, "pool dial failed on this tunnel; trying another");
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
+/// Service-CIDR dials: the less loaded of two random tunnels among those
+/// that are healthy (not draining, not failing their probe); a tunnel-side
+/// failure is retried once on another. When every candidate fails, the
+/// error lists why.
+async fn dial_pool(
+    nodes: &[Arc<NodeTunnel>],
+    host: &str,
+    port: u16,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<OpenStream, TunnelError> {
+    let mut tried: Vec<usize> = Vec::new();
+    let mut reasons: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        let healthy: Vec<usize> = (0..nodes.len())
+            .filter(|i| !tried.contains(i) && nodes[*i].pool_eligible())
+            .collect();
+        let Some(pick) = pick_two(&healthy, |i| {
+            nodes[i].counters.active_streams.load(Ordering::Relaxed)
+        }) else {
+            break;
+        };
+        tried.push(pick);
+        let node = &nodes[pick];
+        match node.open_channel(host, port, peer, deadline).await {
+            Ok(open) => return Ok(open),
+            Err(e @ TunnelError::ChannelOpenTimeout(_)) => return Err(e),
+            Err(e) if e.is_tunnel_side() => {
+                info!(node = %node.node.name, error = %e, "pool dial failed on this tunnel; trying another");
+                reasons.push(format!("{}: {e}", node.node.name));
             }
+            Err(e) => return Err(e),
         }
-        Err(last.unwrap_or_else(|| {
-            TunnelError::NotConnected(format!(
-                "no healthy tunnel among {} node(s) for service address {host}",
-                nodes.len()
-            ))
-        }))
     }
+    if reasons.is_empty() {
+        let mut states: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{} {}", n.node.name, n.state().state.as_str()))
+            .collect();
+        states.truncate(10);
+        return Err(TunnelError::NotConnected(format!(
+            "no healthy tunnel for service address {host} ({} node(s){}{})",
+            nodes.len(),
+            if states.is_empty() { "" } else { ": " },
+            states.join(", ")
+        )));
+    }
+    Err(TunnelError::NotConnected(format!(
+        "every candidate tunnel failed: {}",
+        reasons.join("; ")
+    )))
 }
 
 /// Power of two choices: two distinct random candidates, the less loaded wins.

@@ -24,7 +24,7 @@ pub struct NodeStatus {
     pub name: String,
     /// SSH endpoint, `host:port`.
     pub address: String,
-    /// connecting, healthy, backoff or rejected.
+    /// connecting, healthy, unhealthy, draining, backoff or rejected.
     pub state: String,
     /// When the current state was entered (RFC 3339, UTC).
     pub since: String,
@@ -40,6 +40,14 @@ pub struct NodeStatus {
     pub bytes_in: u64,
     /// Bytes clients → node.
     pub bytes_out: u64,
+    /// Round trip of the last keepalive ping, in milliseconds (null when
+    /// unknown, e.g. while not connected).
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// When the next connect attempt is due (RFC 3339; null unless in
+    /// backoff or rejected).
+    #[serde(default)]
+    pub next_retry: Option<String>,
 }
 
 impl StatusDocument {

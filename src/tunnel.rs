@@ -6,30 +6,30 @@
 //! It never gives up on a node that is still configured. Cancelling the
 //! node's token stops it and disconnects the session.
 //!
-//! Session end is detected through the russh handler being dropped (it is
-//! owned by the session task), not through stream EOFs: a dead connection
-//! looks like a clean EOF on each channel, so only the session can tell.
+//! A planned reconnect is make-before-break: the actor opens the new session
+//! while the old one serves, switches new streams to it, and lets the old one
+//! drain (bounded by the drain timeout) before disconnecting it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
-use russh::client::{self, AuthResult, DisconnectReason, Handle};
-use russh::keys::ssh_key::HashAlg;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::client::{self, Handle};
+use russh::keys::PrivateKey;
 use russh::{Channel, Disconnect};
 use serde::Serialize;
-use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::config::{NodeConfig, ReconnectConfig, SshConfig};
+use crate::config::{HealthConfig, NodeConfig, ReconnectConfig, SshConfig};
 use crate::error::{channel_open_reason, TunnelError};
-use crate::known_hosts::{KnownHostsStore, Verdict};
+use crate::known_hosts::KnownHostsStore;
+use crate::session::{self, ClientHandler, Session};
 
 /// The state a node's tunnel is in, as shown by `tunneler status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,6 +39,12 @@ pub enum TunnelState {
     Connecting,
     /// Connected and authenticated.
     Healthy,
+    /// Connected, but the active health probe fails. Node-addressed dials
+    /// still use it; pool dials avoid it.
+    Unhealthy,
+    /// Connected, but taken out of the pool by an operator. Node-addressed
+    /// dials still use it; streams already flowing keep flowing.
+    Draining,
     /// Waiting to retry after a failure.
     Backoff,
     /// Host key mismatch or authentication refused; retried at max_backoff.
@@ -51,21 +57,61 @@ impl TunnelState {
         match self {
             TunnelState::Connecting => "connecting",
             TunnelState::Healthy => "healthy",
+            TunnelState::Unhealthy => "unhealthy",
+            TunnelState::Draining => "draining",
             TunnelState::Backoff => "backoff",
             TunnelState::Rejected => "rejected",
         }
     }
+
+    /// True when a session is up (whatever the probe or drain say).
+    pub fn is_connected(&self) -> bool {
+        matches!(
+            self,
+            TunnelState::Healthy | TunnelState::Unhealthy | TunnelState::Draining
+        )
+    }
+}
+
+/// Where the connection itself is; the shown state also folds in drain and
+/// probe results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Connecting,
+    Up,
+    Backoff,
+    Rejected,
 }
 
 /// State plus when it was entered and why the last failure happened.
 #[derive(Debug, Clone)]
 pub struct StateInfo {
-    /// Current state.
+    /// Current shown state.
     pub state: TunnelState,
     /// When this state was entered.
     pub since: SystemTime,
     /// The most recent failure, kept across a later success for diagnosis.
     pub last_error: Option<TunnelError>,
+    /// When the next connect attempt is due (backoff and rejected only).
+    pub next_retry: Option<SystemTime>,
+    /// Round trip of the last keepalive ping.
+    pub rtt: Option<Duration>,
+    link: Link,
+    draining: bool,
+    probe_failing: bool,
+}
+
+impl StateInfo {
+    fn shown(&self) -> TunnelState {
+        match self.link {
+            Link::Connecting => TunnelState::Connecting,
+            Link::Backoff => TunnelState::Backoff,
+            Link::Rejected => TunnelState::Rejected,
+            Link::Up if self.draining => TunnelState::Draining,
+            Link::Up if self.probe_failing => TunnelState::Unhealthy,
+            Link::Up => TunnelState::Healthy,
+        }
+    }
 }
 
 /// Everything the actors share that does not depend on the node.
@@ -75,6 +121,10 @@ pub struct SshContext {
     pub ssh: SshConfig,
     /// Backoff settings.
     pub reconnect: ReconnectConfig,
+    /// The optional active health probe.
+    pub health: Option<HealthConfig>,
+    /// How long a retiring session may keep serving its streams.
+    pub drain_timeout: Duration,
     /// The loaded client key. Never logged.
     pub identity: Arc<PrivateKey>,
     /// Host keys.
@@ -88,6 +138,8 @@ impl SshContext {
     pub fn new(
         ssh: SshConfig,
         reconnect: ReconnectConfig,
+        health: Option<HealthConfig>,
+        drain_timeout: Duration,
         identity: Arc<PrivateKey>,
         known_hosts: Arc<KnownHostsStore>,
     ) -> SshContext {
@@ -116,6 +168,8 @@ impl SshContext {
         SshContext {
             ssh,
             reconnect,
+            health,
+            drain_timeout,
             identity,
             known_hosts,
             client_config: Arc::new(client_config),
@@ -123,9 +177,31 @@ impl SshContext {
     }
 }
 
-/// A connected, authenticated session.
-struct Conn {
+/// The context as currently configured; a reload swaps it, and each connect
+/// attempt uses the newest one (so a rotated key or changed known_hosts path
+/// applies at the next connect without touching live sessions).
+pub type SharedContext = Arc<arc_swap::ArcSwap<SshContext>>;
+
+/// A connected, authenticated session and the streams riding on it.
+pub struct Conn {
     handle: Handle<ClientHandler>,
+    streams: AtomicU64,
+    idle: Notify,
+}
+
+impl Conn {
+    async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.idle.notified();
+            if self.streams.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.streams.load(Ordering::Acquire) == 0;
+            }
+        }
+    }
 }
 
 /// Per-node counters, updated lock-free by streams.
@@ -143,6 +219,45 @@ pub struct Counters {
     pub reconnects: AtomicU64,
 }
 
+/// Commands to the actor.
+enum Command {
+    Reconnect(oneshot::Sender<Result<(), TunnelError>>),
+}
+
+/// An open channel plus the accounting that ends with it: dropping the
+/// guard decrements the node's and the session's stream counts.
+pub struct OpenStream {
+    /// The channel.
+    pub channel: Channel<client::Msg>,
+    /// Decrements counts on drop.
+    pub guard: StreamGuard,
+}
+
+/// See [`OpenStream`].
+pub struct StreamGuard {
+    tunnel: Arc<NodeTunnel>,
+    conn: Arc<Conn>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.tunnel
+            .counters
+            .active_streams
+            .fetch_sub(1, Ordering::Relaxed);
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn.idle.notify_waiters();
+        }
+    }
+}
+
+impl StreamGuard {
+    /// The tunnel this stream belongs to.
+    pub fn tunnel(&self) -> &Arc<NodeTunnel> {
+        &self.tunnel
+    }
+}
+
 /// The shared handle to one node's tunnel.
 pub struct NodeTunnel {
     /// The node's settings.
@@ -152,6 +267,7 @@ pub struct NodeTunnel {
     /// Stream and byte counters.
     pub counters: Counters,
     cancel: CancellationToken,
+    commands: mpsc::Sender<Command>,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -164,28 +280,38 @@ impl std::fmt::Debug for NodeTunnel {
 }
 
 impl NodeTunnel {
-    /// Creates the handle and starts the supervising actor on `tracker`.
-    /// The actor stops when `cancel` is cancelled.
+    /// Creates the handle and starts the supervising actor (and the health
+    /// probe, when configured) on `tracker`. Both stop when `cancel` fires.
     pub fn spawn(
         node: NodeConfig,
-        ctx: Arc<SshContext>,
+        ctx: SharedContext,
         cancel: CancellationToken,
-        tracker: &tokio_util::task::TaskTracker,
+        tracker: &TaskTracker,
     ) -> Arc<NodeTunnel> {
         let (state, _) = watch::channel(StateInfo {
             state: TunnelState::Connecting,
             since: SystemTime::now(),
             last_error: None,
+            next_retry: None,
+            rtt: None,
+            link: Link::Connecting,
+            draining: false,
+            probe_failing: false,
         });
+        let (commands, rx) = mpsc::channel(4);
         let tunnel = Arc::new(NodeTunnel {
             node,
             state,
             conn: ArcSwapOption::empty(),
             counters: Counters::default(),
             cancel,
+            commands,
         });
         let span = info_span!("node", node = %tunnel.node.name);
-        tracker.spawn(supervise(tunnel.clone(), ctx).instrument(span));
+        tracker.spawn(
+            supervise(tunnel.clone(), ctx.clone(), rx, tracker.clone()).instrument(span.clone()),
+        );
+        tracker.spawn(crate::probe::run(tunnel.clone(), ctx).instrument(span));
         tunnel
     }
 
@@ -194,21 +320,91 @@ impl NodeTunnel {
         self.state.borrow().clone()
     }
 
-    /// Stops the actor (and with it the session).
+    /// A receiver that sees every state change (tests, probes).
+    pub fn subscribe(&self) -> watch::Receiver<StateInfo> {
+        self.state.subscribe()
+    }
+
+    /// The token that stops this node's actor.
+    pub fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Stops the actor (and with it the session) at once.
     pub fn stop(&self) {
         self.cancel.cancel();
     }
 
-    fn set_state(&self, state: TunnelState, err: Option<TunnelError>) {
+    /// Takes the node out of (or back into) the service pool.
+    pub fn set_draining(&self, on: bool) {
+        self.update(|s| s.draining = on);
+    }
+
+    /// True when an operator drained the node.
+    pub fn is_draining(&self) -> bool {
+        self.state.borrow().draining
+    }
+
+    /// True when pool (service CIDR) dials may use this node.
+    pub fn pool_eligible(&self) -> bool {
+        self.state.borrow().shown() == TunnelState::Healthy
+    }
+
+    pub(crate) fn set_probe_failing(&self, failing: bool) {
+        self.update(|s| s.probe_failing = failing);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StateInfo)) {
         self.state.send_modify(|s| {
-            if s.state != state {
-                s.state = state;
+            let before = s.shown();
+            f(s);
+            let after = s.shown();
+            if before != after {
+                s.state = after;
                 s.since = SystemTime::now();
+            }
+        });
+    }
+
+    fn set_link(&self, link: Link, err: Option<TunnelError>, next_retry: Option<Duration>) {
+        self.update(|s| {
+            s.link = link;
+            if link != Link::Up {
+                s.rtt = None;
+                s.probe_failing = false;
             }
             if err.is_some() {
                 s.last_error = err;
             }
+            s.next_retry = next_retry.map(|d| SystemTime::now() + d);
         });
+    }
+
+    /// Asks the actor for a make-before-break reconnect and waits for the
+    /// new session (or the reason it could not be made).
+    pub async fn reconnect(&self) -> Result<(), TunnelError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reconnect(tx))
+            .await
+            .map_err(|_| TunnelError::NotConnected("node is shutting down".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(TunnelError::NotConnected("node is shutting down".into())))
+    }
+
+    /// Waits until no stream is open on this node, or `limit` passes.
+    /// Returns true when it drained fully.
+    pub async fn wait_streams_done(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.counters.active_streams.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Opens a direct-tcpip channel to `host:port` on the node's side.
@@ -217,13 +413,22 @@ impl NodeTunnel {
     /// the tunnel is in backoff or rejected. The channel open itself is bounded
     /// by the same deadline because russh has no open timeout (russh #329).
     pub async fn open_channel(
-        &self,
+        self: &Arc<Self>,
         host: &str,
         port: u16,
         originator: SocketAddr,
         deadline: tokio::time::Instant,
-    ) -> Result<Channel<client::Msg>, TunnelError> {
+    ) -> Result<OpenStream, TunnelError> {
+        let started = tokio::time::Instant::now();
         let conn = self.wait_connected(deadline).await?;
+        // Count the stream before the open, so a retiring session never sees
+        // zero while an open is in flight on it.
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        self.counters.active_streams.fetch_add(1, Ordering::Relaxed);
+        let guard = StreamGuard {
+            tunnel: self.clone(),
+            conn: conn.clone(),
+        };
         let open = conn.handle.channel_open_direct_tcpip(
             host,
             port as u32,
@@ -231,10 +436,11 @@ impl NodeTunnel {
             originator.port() as u32,
         );
         match tokio::time::timeout_at(deadline, open).await {
-            Err(_) => Err(TunnelError::ChannelOpenTimeout(
-                deadline.saturating_duration_since(tokio::time::Instant::now()),
-            )),
-            Ok(Ok(ch)) => Ok(ch),
+            Err(_) => Err(TunnelError::ChannelOpenTimeout(deadline - started)),
+            Ok(Ok(channel)) => {
+                self.counters.total_streams.fetch_add(1, Ordering::Relaxed);
+                Ok(OpenStream { channel, guard })
+            }
             Ok(Err(russh::Error::ChannelOpenFailure(f))) => {
                 Err(TunnelError::ChannelRefused(channel_open_reason(&f)))
             }
@@ -249,14 +455,14 @@ impl NodeTunnel {
         let mut rx = self.state.subscribe();
         loop {
             let state = rx.borrow_and_update().clone();
-            match state.state {
-                TunnelState::Healthy => {
+            match state.link {
+                Link::Up => {
                     if let Some(c) = self.conn.load_full() {
                         return Ok(c);
                     }
                 }
-                TunnelState::Connecting => {}
-                TunnelState::Backoff | TunnelState::Rejected => {
+                Link::Connecting => {}
+                Link::Backoff | Link::Rejected => {
                     let why = state
                         .last_error
                         .map(|e| e.to_string())
@@ -287,248 +493,202 @@ impl NodeTunnel {
     }
 }
 
-/// The russh callbacks for one session. It lives inside russh's session
-/// task, so its drop marks the session's end.
-struct ClientHandler {
-    node: NodeConfig,
-    known_hosts: Arc<KnownHostsStore>,
-    /// Filled when the host key is refused, so the caller can say why.
-    host_key_error: Arc<Mutex<Option<TunnelError>>>,
-    /// Filled with the disconnect reason when the session ends.
-    end_reason: Arc<Mutex<Option<String>>>,
-    _ended: DropGuard,
+/// Disconnects a replaced session once its streams are done (or the drain
+/// timeout passes, or the session dies on its own).
+async fn retire(conn: Arc<Conn>, ended: CancellationToken, limit: Duration, why: &'static str) {
+    let drained = tokio::select! {
+        d = conn.wait_idle(limit) => d,
+        _ = ended.cancelled() => return,
+    };
+    if !drained {
+        warn!(
+            streams = conn.streams.load(Ordering::Relaxed),
+            ?limit,
+            "drain timeout: closing the old session with streams still open"
+        );
+    }
+    let _ = conn
+        .handle
+        .disconnect(Disconnect::ByApplication, why, "")
+        .await;
+    debug!(drained, "old session closed");
 }
 
-impl client::Handler for ClientHandler {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        let key = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key,
-            PublicKeyOrCertificate::Certificate(_) => {
-                *self
-                    .host_key_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(TunnelError::HostKey(
-                    "host certificates are not supported yet".into(),
-                ));
-                return Ok(false);
-            }
+/// Measures the keepalive round trip while a session is up.
+async fn ping_loop(
+    tunnel: Arc<NodeTunnel>,
+    conn: Arc<Conn>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        let t0 = Instant::now();
+        let ok = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(every.max(Duration::from_secs(1)) * 3, conn.handle.send_ping()) => matches!(r, Ok(Ok(()))),
         };
-        let file = self.known_hosts.current();
-        let mut names: Vec<String> = vec![self.node.address.clone()];
-        names.push(self.node.name.clone());
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let presented = key.fingerprint(HashAlg::Sha256).to_string();
-        let verdict = file.check(&refs, self.node.port, key);
-        let err = match verdict {
-            Verdict::Trusted => return Ok(true),
-            Verdict::Mismatch { expected } => {
-                warn!(presented = %presented, expected = ?expected, "HOST KEY MISMATCH: the node presented a key that known_hosts does not list for it");
-                TunnelError::HostKey(format!(
-                    "host key mismatch: node presented {presented}, known_hosts has {}",
-                    expected.join(", ")
-                ))
-            }
-            Verdict::Unknown => {
-                warn!(presented = %presented, "host key unknown: no known_hosts entry for this node");
-                TunnelError::HostKey(format!(
-                    "host key {presented} is not in known_hosts (no entry for {})",
-                    self.node.address
-                ))
-            }
-            Verdict::Revoked => TunnelError::HostKey(format!("host key {presented} is revoked")),
-        };
-        *self
-            .host_key_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(err);
-        Ok(false)
-    }
-
-    async fn disconnected(
-        &mut self,
-        reason: DisconnectReason<Self::Error>,
-    ) -> Result<(), Self::Error> {
-        let text = match &reason {
-            DisconnectReason::ReceivedDisconnect(info) => {
-                format!(
-                    "node sent disconnect: {:?} {}",
-                    info.reason_code, info.message
-                )
-            }
-            DisconnectReason::Error(e) => match e {
-                russh::Error::KeepaliveTimeout => {
-                    "keepalive timeout: no answer from the node".into()
-                }
-                other => format!("session error: {other}"),
-            },
-        };
-        *self.end_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
-        match reason {
-            DisconnectReason::ReceivedDisconnect(_) => Ok(()),
-            DisconnectReason::Error(e) => Err(e),
+        let rtt = ok.then(|| t0.elapsed());
+        tunnel.state.send_modify(|s| s.rtt = rtt);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
         }
-    }
-}
-
-/// Connects, verifies and authenticates once. Returns the session and a
-/// token that is cancelled when the session ends.
-async fn connect_once(
-    node: &NodeConfig,
-    ctx: &SshContext,
-) -> Result<
-    (
-        Handle<ClientHandler>,
-        CancellationToken,
-        Arc<Mutex<Option<String>>>,
-    ),
-    TunnelError,
-> {
-    let timeout = ctx.ssh.connect_timeout;
-    let endpoint = (node.address.as_str(), node.port);
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
-        Err(_) => return Err(TunnelError::ConnectTimeout(timeout)),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            return Err(TunnelError::ConnectRefused(e.to_string()))
-        }
-        Ok(Err(e)) => return Err(TunnelError::Connect(e.to_string())),
-        Ok(Ok(s)) => s,
-    };
-    let _ = tcp.set_nodelay(true);
-
-    let ended = CancellationToken::new();
-    let host_key_error = Arc::new(Mutex::new(None));
-    let end_reason = Arc::new(Mutex::new(None));
-    let handler = ClientHandler {
-        node: node.clone(),
-        known_hosts: ctx.known_hosts.clone(),
-        host_key_error: host_key_error.clone(),
-        end_reason: end_reason.clone(),
-        _ended: ended.clone().drop_guard(),
-    };
-
-    let handshake = async {
-        let mut handle = client::connect_stream(ctx.client_config.clone(), tcp, handler)
-            .await
-            .map_err(|e| {
-                if let Some(hk) = host_key_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                {
-                    return hk;
-                }
-                match e {
-                    russh::Error::UnknownKey => {
-                        TunnelError::HostKey("host key not accepted".into())
-                    }
-                    other => TunnelError::Session(format!("handshake failed: {other}")),
-                }
-            })?;
-        let hash = if ctx.identity.algorithm().is_rsa() {
-            handle
-                .best_supported_rsa_hash()
-                .await
-                .map_err(|e| TunnelError::Session(e.to_string()))?
-                .flatten()
-        } else {
-            None
-        };
-        let auth = handle
-            .authenticate_publickey(
-                ctx.ssh.user.clone(),
-                PrivateKeyWithHashAlg::new(ctx.identity.clone(), hash),
-            )
-            .await
-            .map_err(|e| TunnelError::Session(format!("authentication failed: {e}")))?;
-        match auth {
-            AuthResult::Success => Ok(handle),
-            AuthResult::Failure {
-                remaining_methods, ..
-            } => {
-                let methods: Vec<&str> = remaining_methods.iter().map(|m| m.into()).collect();
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, "authentication refused", "")
-                    .await;
-                Err(TunnelError::AuthRejected {
-                    user: ctx.ssh.user.clone(),
-                    methods: methods.join(","),
-                })
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, handshake).await {
-        Err(_) => Err(TunnelError::HandshakeTimeout(timeout)),
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(handle)) => Ok((handle, ended, end_reason)),
     }
 }
 
 /// The actor loop. Runs until the node's token is cancelled.
-async fn supervise(tunnel: Arc<NodeTunnel>, ctx: Arc<SshContext>) {
-    let mut backoff = Backoff::new(ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff);
+async fn supervise(
+    tunnel: Arc<NodeTunnel>,
+    shared: SharedContext,
+    mut commands: mpsc::Receiver<Command>,
+    tracker: TaskTracker,
+) {
+    let first = shared.load_full();
+    let mut backoff = Backoff::new(first.reconnect.initial_backoff, first.reconnect.max_backoff);
     let cancel = tunnel.cancel.clone();
-    loop {
-        tunnel.set_state(TunnelState::Connecting, None);
+    // A reconnect asked for while not connected is answered after the next
+    // attempt, with its real outcome.
+    let mut pending: Option<oneshot::Sender<Result<(), TunnelError>>> = None;
+    'outer: loop {
+        let ctx = shared.load_full();
+        tunnel.set_link(Link::Connecting, None, None);
         debug!(endpoint = %tunnel.node.endpoint(), "connecting");
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = connect_once(&tunnel.node, &ctx) => r,
+            r = session::connect(&tunnel.node, &ctx) => r,
         };
+        if let Some(reply) = pending.take() {
+            let _ = reply.send(attempt.as_ref().map(|_| ()).map_err(Clone::clone));
+        }
         let delay = match attempt {
-            Ok((handle, ended, end_reason)) => {
-                let conn = Arc::new(Conn { handle });
-                tunnel.conn.store(Some(conn.clone()));
-                tunnel.set_state(TunnelState::Healthy, None);
+            Ok(first) => {
+                let mut up_at = Instant::now();
+                let Session {
+                    handle,
+                    mut ended,
+                    mut end_reason,
+                } = first;
+                let mut conn = install(&tunnel, handle, &ctx, &tracker, ended.clone());
+                tunnel.set_link(Link::Up, None, None);
                 info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
-                let up_at = Instant::now();
-                let stopping = tokio::select! {
-                    _ = cancel.cancelled() => true,
-                    _ = ended.cancelled() => false,
+                // Serve until the session ends, a reconnect is asked for, or
+                // the node is stopped.
+                let why = loop {
+                    let cmd = tokio::select! {
+                        _ = cancel.cancelled() => {
+                            tunnel.conn.store(None);
+                            let _ = conn.handle.disconnect(Disconnect::ByApplication, "tunneler shutting down", "").await;
+                            break 'outer;
+                        }
+                        _ = ended.cancelled() => break Session::reason(&end_reason),
+                        c = commands.recv() => c,
+                    };
+                    let Some(Command::Reconnect(reply)) = cmd else {
+                        continue;
+                    };
+                    info!("planned reconnect: opening the new session first");
+                    let fresh = shared.load_full();
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => {
+                            let _ = reply.send(Err(TunnelError::NotConnected("node is shutting down".into())));
+                            continue;
+                        }
+                        r = session::connect(&tunnel.node, &fresh) => r,
+                    };
+                    match next {
+                        Ok(new) => {
+                            let old = conn;
+                            let old_ended = std::mem::replace(&mut ended, new.ended);
+                            end_reason = new.end_reason;
+                            conn = install(&tunnel, new.handle, &ctx, &tracker, ended.clone());
+                            up_at = Instant::now();
+                            tracker.spawn(
+                                retire(
+                                    old,
+                                    old_ended,
+                                    ctx.drain_timeout,
+                                    "replaced by a new session",
+                                )
+                                .in_current_span(),
+                            );
+                            info!("switched to the new session; the old one drains");
+                            let _ = reply.send(Ok(()));
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "planned reconnect failed; keeping the current session");
+                            let _ = reply.send(Err(e));
+                        }
+                    }
                 };
                 tunnel.conn.store(None);
-                if stopping {
-                    let _ = conn
-                        .handle
-                        .disconnect(Disconnect::ByApplication, "tunneler shutting down", "")
-                        .await;
-                    break;
-                }
-                let why = end_reason
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take()
-                    .unwrap_or_else(|| "session ended".into());
                 warn!(reason = %why, "tunnel lost");
                 tunnel.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 if up_at.elapsed() >= ctx.reconnect.stable_after {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                tunnel.set_state(TunnelState::Backoff, Some(TunnelError::Session(why)));
+                tunnel.set_link(Link::Backoff, Some(TunnelError::Session(why)), Some(delay));
                 delay
             }
             Err(e) if e.is_rejection() => {
                 warn!(error = %e, retry_in = ?backoff.max(), "tunnel rejected");
-                tunnel.set_state(TunnelState::Rejected, Some(e));
+                tunnel.set_link(Link::Rejected, Some(e), Some(backoff.max()));
                 backoff.max()
             }
             Err(e) => {
                 let delay = backoff.next_delay();
                 info!(error = %e, retry_in = ?delay, "connect failed");
-                tunnel.set_state(TunnelState::Backoff, Some(e));
+                tunnel.set_link(Link::Backoff, Some(e), Some(delay));
                 delay
             }
         };
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
+        // Wait out the delay; a reconnect command cuts it short.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break 'outer,
+                _ = &mut sleep => break,
+                c = commands.recv() => if let Some(Command::Reconnect(reply)) = c {
+                    info!("reconnect requested: retrying now");
+                    pending = Some(reply);
+                    break;
+                },
+            }
         }
     }
     tunnel.conn.store(None);
     debug!("supervisor stopped");
+}
+
+/// Makes `handle` the live session: new streams go to it from now on, and
+/// its keepalive round trip is measured until the session ends.
+fn install(
+    tunnel: &Arc<NodeTunnel>,
+    handle: Handle<ClientHandler>,
+    ctx: &SshContext,
+    tracker: &TaskTracker,
+    ended: CancellationToken,
+) -> Arc<Conn> {
+    let conn = Arc::new(Conn {
+        handle,
+        streams: AtomicU64::new(0),
+        idle: Notify::new(),
+    });
+    tunnel.conn.store(Some(conn.clone()));
+    let stop = ended.clone();
+    let cancel = tunnel.cancel.clone();
+    let t = tunnel.clone();
+    let c = conn.clone();
+    let every = ctx.ssh.keepalive_interval;
+    tracker.spawn(
+        async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = ping_loop(t, c, every, stop) => {}
+            }
+        }
+        .in_current_span(),
+    );
+    conn
 }
