@@ -79,6 +79,10 @@ struct RawSsh {
     connect_timeout: Option<String>,
     keepalive_interval: Option<String>,
     keepalive_max: Option<usize>,
+    host_key_policy: Option<String>,
+    passphrase_file: Option<PathBuf>,
+    identity_agent: Option<PathBuf>,
+    certificate_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +166,27 @@ pub struct SshConfig {
     pub keepalive_interval: Duration,
     /// Unanswered keepalives before the session is declared dead.
     pub keepalive_max: usize,
+    /// What to do with a host that known_hosts does not know.
+    pub host_key_policy: HostKeyPolicy,
+    /// File holding the passphrase of an encrypted identity file.
+    pub passphrase_file: Option<PathBuf>,
+    /// ssh-agent socket that holds the identity; `identity_file` then names
+    /// its public key (or a private key with a `.pub` beside it).
+    pub identity_agent: Option<PathBuf>,
+    /// OpenSSH user certificate for the identity.
+    pub certificate_file: Option<PathBuf>,
+}
+
+/// `[ssh] host_key_policy`. There is deliberately no value that turns host
+/// key verification off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostKeyPolicy {
+    /// Only hosts known_hosts trusts are accepted (the default).
+    #[default]
+    Strict,
+    /// A host with no known_hosts entry at all has its key recorded and is
+    /// accepted; a host whose key changed is still refused.
+    AcceptNew,
 }
 
 /// Reconnect backoff settings.
@@ -388,6 +413,22 @@ impl Config {
         if keepalive_max == 0 {
             return Err(invalid("ssh.keepalive_max", "must be at least 1"));
         }
+        let host_key_policy = match s.host_key_policy.as_deref() {
+            None | Some("strict") => HostKeyPolicy::Strict,
+            Some("accept-new") => HostKeyPolicy::AcceptNew,
+            Some(other) => {
+                return Err(invalid(
+                    "ssh.host_key_policy",
+                    format!("{other:?}: expected \"strict\" or \"accept-new\" (host key verification cannot be turned off)"),
+                ))
+            }
+        };
+        if s.identity_agent.is_some() && s.passphrase_file.is_some() {
+            return Err(invalid(
+                "ssh.passphrase_file",
+                "cannot be used with ssh.identity_agent: the agent holds the decrypted key",
+            ));
+        }
         let ssh = SshConfig {
             user: s.user,
             identity_file: resolve(base, &s.identity_file),
@@ -404,6 +445,10 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             keepalive_max,
+            host_key_policy,
+            passphrase_file: s.passphrase_file.map(|p| resolve(base, &p)),
+            identity_agent: s.identity_agent.map(|p| resolve(base, &p)),
+            certificate_file: s.certificate_file.map(|p| resolve(base, &p)),
         };
 
         let r = raw.reconnect;
@@ -804,6 +849,38 @@ pod_cidrs = ["10.244.1.0/24"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("user"), "{e}");
+    }
+
+    #[test]
+    fn ssh_identity_and_trust_keys() {
+        let c = parse("").unwrap();
+        assert_eq!(c.ssh.host_key_policy, HostKeyPolicy::Strict);
+        assert_eq!(c.ssh.passphrase_file, None);
+        let c = Config::from_toml(
+            "[ssh]\nuser = \"u\"\nidentity_file = \"k\"\nknown_hosts_file = \"kh\"\nhost_key_policy = \"accept-new\"\npassphrase_file = \"pass\"\ncertificate_file = \"k-cert.pub\"\n",
+            Path::new("/etc/t"),
+        )
+        .unwrap();
+        assert_eq!(c.ssh.host_key_policy, HostKeyPolicy::AcceptNew);
+        assert_eq!(c.ssh.passphrase_file, Some(PathBuf::from("/etc/t/pass")));
+        assert_eq!(
+            c.ssh.certificate_file,
+            Some(PathBuf::from("/etc/t/k-cert.pub"))
+        );
+        let e = Config::from_toml(
+            "[ssh]\nuser = \"u\"\nidentity_file = \"k\"\nknown_hosts_file = \"kh\"\nhost_key_policy = \"no\"\n",
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ssh.host_key_policy"), "{e}");
+        let e = Config::from_toml(
+            "[ssh]\nuser = \"u\"\nidentity_file = \"k\"\nknown_hosts_file = \"kh\"\nidentity_agent = \"/a.sock\"\npassphrase_file = \"p\"\n",
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ssh.passphrase_file"), "{e}");
     }
 
     #[test]

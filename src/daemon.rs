@@ -23,6 +23,7 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::admin::AdminApi;
 use crate::config::{check_node_set, Config, ConfigError, ListenAddr, NodeConfig};
+use crate::identity::Identity;
 use crate::known_hosts::KnownHostsStore;
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
@@ -134,11 +135,9 @@ pub struct Daemon {
 }
 
 fn load_context(config: &Config) -> Result<SshContext, StartError> {
-    let identity = russh::keys::load_secret_key(&config.ssh.identity_file, None).map_err(|e| {
-        StartError::Identity {
-            path: config.ssh.identity_file.clone(),
-            reason: e.to_string(),
-        }
+    let identity = Identity::load(&config.ssh).map_err(|e| StartError::Identity {
+        path: config.ssh.identity_file.clone(),
+        reason: e.to_string(),
     })?;
     let known_hosts = KnownHostsStore::open(&config.ssh.known_hosts_file).map_err(|source| {
         StartError::KnownHosts {
@@ -186,6 +185,7 @@ impl Daemon {
                     bytes_out: ld(&c.bytes_out),
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     next_retry: s.next_retry.map(rfc3339),
+                    host_key_mismatches: ld(&c.host_key_mismatches),
                 }
             })
             .collect();
@@ -427,15 +427,11 @@ impl Daemon {
             }
         }
         check_node_set(&combined, &new.proxy.service_cidrs)?;
-        let ctx_changed = new.ssh != current.ssh
-            || new.reconnect != current.reconnect
-            || new.health != current.health
-            || new.proxy.drain_timeout != current.proxy.drain_timeout;
-        let new_ctx = if ctx_changed {
-            Some(load_context(&new)?)
-        } else {
-            None
-        };
+        // The identity and known_hosts are re-read on every reload, changed
+        // settings or not: a reload is how an operator says "pick up the
+        // rotated key / the edited known_hosts now". A key that fails the
+        // checks (e.g. mode 0644) rejects the reload as a whole.
+        let new_ctx = Some(load_context(&new)?);
 
         // Apply.
         if new.proxy.listen != current.proxy.listen {

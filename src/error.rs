@@ -25,6 +25,10 @@ pub enum TunnelError {
     /// The node presented a host key that known_hosts does not accept.
     #[error("host key verification failed: {0}")]
     HostKey(String),
+    /// The node presented a key other than the one(s) known_hosts lists for
+    /// it: possibly an attack. Counted per node (`host_key_mismatches`).
+    #[error("host key verification failed: {0}")]
+    HostKeyChanged(String),
     /// The node refused our public key.
     #[error("authentication refused for user {user:?} (remaining methods: {methods})")]
     AuthRejected {
@@ -57,7 +61,10 @@ impl TunnelError {
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            TunnelError::HostKey(_) | TunnelError::AuthRejected { .. } | TunnelError::Identity(_)
+            TunnelError::HostKey(_)
+                | TunnelError::HostKeyChanged(_)
+                | TunnelError::AuthRejected { .. }
+                | TunnelError::Identity(_)
         )
     }
 
@@ -74,7 +81,7 @@ impl TunnelError {
             | TunnelError::HandshakeTimeout(_)
             | TunnelError::ChannelOpenTimeout(_) => "timeout",
             TunnelError::ConnectRefused(_) => "refused",
-            TunnelError::HostKey(_) => "host_key",
+            TunnelError::HostKey(_) | TunnelError::HostKeyChanged(_) => "host_key",
             TunnelError::AuthRejected { .. } | TunnelError::Identity(_) => "auth",
             _ => "other",
         }

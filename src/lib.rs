@@ -6,6 +6,7 @@
 //! - [`config`]: TOML shapes and validated types;
 //! - [`tunnel`]: one supervised SSH connection per node;
 //! - [`known_hosts`]: host key verification;
+//! - [`identity`]: loading and checking the client key;
 //! - [`route`]: the lock-free route table;
 //! - [`proxy`] and [`relay`]: the HTTP CONNECT front end and stream relay;
 //! - [`admin`], [`status`], [`client`]: the admin API and its client;
@@ -20,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod identity;
 pub mod keygen;
 pub mod known_hosts;
 pub mod probe;

@@ -9,16 +9,16 @@
 use std::sync::{Arc, Mutex};
 
 use russh::client::{self, AuthResult, DisconnectReason, Handle};
-use russh::keys::ssh_key::HashAlg;
-use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::keys::ssh_key::{HashAlg, PublicKey};
+use russh::keys::PublicKeyOrCertificate;
 use russh::Disconnect;
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::warn;
+use tracing::{info, warn};
 
-use crate::config::NodeConfig;
+use crate::config::{HostKeyPolicy, NodeConfig};
 use crate::error::TunnelError;
-use crate::known_hosts::{KnownHostsStore, Verdict};
+use crate::known_hosts::{KnownHostsStore, Learned, Verdict};
 use crate::tunnel::SshContext;
 
 /// An established, authenticated session.
@@ -47,11 +47,58 @@ impl Session {
 pub struct ClientHandler {
     node: NodeConfig,
     known_hosts: Arc<KnownHostsStore>,
+    policy: HostKeyPolicy,
     /// Filled when the host key is refused, so the caller can say why.
     host_key_error: Arc<Mutex<Option<TunnelError>>>,
     /// Filled with the disconnect reason when the session ends.
     end_reason: Arc<Mutex<Option<String>>>,
     _ended: DropGuard,
+}
+
+impl ClientHandler {
+    /// The names known_hosts is searched for: the SSH address and the node
+    /// name (the latter also as a certificate principal).
+    fn names(&self) -> [&str; 2] {
+        [self.node.address.as_str(), self.node.name.as_str()]
+    }
+
+    fn refuse(&self, err: TunnelError) -> Result<bool, russh::Error> {
+        *self
+            .host_key_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(err);
+        Ok(false)
+    }
+
+    /// `accept-new`: record the key of a host known_hosts says nothing about.
+    async fn learn(&self, key: &PublicKey) -> Result<Learned, TunnelError> {
+        let store = self.known_hosts.clone();
+        let node = self.node.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            store.learn(
+                &[node.address.as_str(), node.name.as_str()],
+                node.port,
+                &node.address,
+                &key,
+            )
+        })
+        .await
+        .map_err(|e| TunnelError::HostKey(format!("accept-new: {e}")))?
+        .map_err(|e| {
+            TunnelError::HostKey(format!(
+                "accept-new could not record the host key in {}: {e}",
+                self.known_hosts.path().display()
+            ))
+        })
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl client::Handler for ClientHandler {
@@ -61,29 +108,50 @@ impl client::Handler for ClientHandler {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let key = match key {
-            PublicKeyOrCertificate::PublicKey { key, .. } => key,
-            PublicKeyOrCertificate::Certificate(_) => {
-                *self
-                    .host_key_error
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(TunnelError::HostKey(
-                    "host certificates are not supported yet".into(),
-                ));
-                return Ok(false);
+        let file = self.known_hosts.current();
+        let names = self.names();
+        let port = self.node.port;
+        // The plain key (inside the certificate, if one was presented) is
+        // what accept-new records and what the log names.
+        let (mut verdict, plain, presented) = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => (
+                file.check(&names, port, key),
+                key.clone(),
+                key.fingerprint(HashAlg::Sha256).to_string(),
+            ),
+            PublicKeyOrCertificate::Certificate(cert) => {
+                let plain = PublicKey::new(cert.public_key().clone(), "");
+                let presented = format!(
+                    "{} (certificate {:?} signed by CA {})",
+                    plain.fingerprint(HashAlg::Sha256),
+                    cert.key_id(),
+                    cert.signature_key().fingerprint(HashAlg::Sha256)
+                );
+                (
+                    file.check_certificate(&names, port, cert, unix_now()),
+                    plain,
+                    presented,
+                )
             }
         };
-        let file = self.known_hosts.current();
-        let mut names: Vec<String> = vec![self.node.address.clone()];
-        names.push(self.node.name.clone());
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let presented = key.fingerprint(HashAlg::Sha256).to_string();
-        let verdict = file.check(&refs, self.node.port, key);
+        if verdict == Verdict::Unknown && self.policy == HostKeyPolicy::AcceptNew {
+            match self.learn(&plain).await {
+                Ok(Learned::Added) => {
+                    info!(presented = %presented, file = %self.known_hosts.path().display(), "accept-new: recorded the key of a host known_hosts did not know");
+                    return Ok(true);
+                }
+                Ok(Learned::Existing(v)) => verdict = v,
+                Err(e) => {
+                    warn!(error = %e, "accept-new failed");
+                    return self.refuse(e);
+                }
+            }
+        }
         let err = match verdict {
             Verdict::Trusted => return Ok(true),
             Verdict::Mismatch { expected } => {
                 warn!(presented = %presented, expected = ?expected, "HOST KEY MISMATCH: the node presented a key that known_hosts does not list for it");
-                TunnelError::HostKey(format!(
+                TunnelError::HostKeyChanged(format!(
                     "host key mismatch: node presented {presented}, known_hosts has {}",
                     expected.join(", ")
                 ))
@@ -95,13 +163,16 @@ impl client::Handler for ClientHandler {
                     self.node.address
                 ))
             }
-            Verdict::Revoked => TunnelError::HostKey(format!("host key {presented} is revoked")),
+            Verdict::Revoked => {
+                warn!(presented = %presented, "host key REVOKED in known_hosts");
+                TunnelError::HostKey(format!("host key {presented} is revoked"))
+            }
+            Verdict::CertificateRejected { reason } => {
+                warn!(presented = %presented, reason = %reason, "host certificate refused");
+                TunnelError::HostKey(format!("host certificate {presented} refused: {reason}"))
+            }
         };
-        *self
-            .host_key_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(err);
-        Ok(false)
+        self.refuse(err)
     }
 
     async fn disconnected(
@@ -150,13 +221,28 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     let handler = ClientHandler {
         node: node.clone(),
         known_hosts: ctx.known_hosts.clone(),
+        policy: ctx.ssh.host_key_policy,
         host_key_error: host_key_error.clone(),
         end_reason: end_reason.clone(),
         _ended: ended.clone().drop_guard(),
     };
 
+    // Advertise certificate host key algorithms only when a CA could vouch
+    // for this node, as OpenSSH orders its algorithms by what known_hosts
+    // holds; otherwise a node with a certificate shows its plain key.
+    let names = [node.address.as_str(), node.name.as_str()];
+    let client_config = if ctx
+        .known_hosts
+        .current()
+        .has_cert_authority_for(&names, node.port)
+    {
+        ctx.client_config_with_certificates.clone()
+    } else {
+        ctx.client_config.clone()
+    };
+
     let handshake = async {
-        let mut handle = client::connect_stream(ctx.client_config.clone(), tcp, handler)
+        let mut handle = client::connect_stream(client_config, tcp, handler)
             .await
             .map_err(|e| {
                 if let Some(hk) = host_key_error
@@ -173,22 +259,10 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
                     other => TunnelError::Session(format!("handshake failed: {other}")),
                 }
             })?;
-        let hash = if ctx.identity.algorithm().is_rsa() {
-            handle
-                .best_supported_rsa_hash()
-                .await
-                .map_err(|e| TunnelError::Session(e.to_string()))?
-                .flatten()
-        } else {
-            None
-        };
-        let auth = handle
-            .authenticate_publickey(
-                ctx.ssh.user.clone(),
-                PrivateKeyWithHashAlg::new(ctx.identity.clone(), hash),
-            )
-            .await
-            .map_err(|e| TunnelError::Session(format!("authentication failed: {e}")))?;
+        let auth = ctx
+            .identity
+            .authenticate(&mut handle, &ctx.ssh.user)
+            .await?;
         match auth {
             AuthResult::Success => Ok(handle),
             AuthResult::Failure {

@@ -48,6 +48,10 @@ pub struct NodeStatus {
     /// backoff or rejected).
     #[serde(default)]
     pub next_retry: Option<String>,
+    /// Connects refused since start because the node presented a host key
+    /// other than the one known_hosts lists for it.
+    #[serde(default)]
+    pub host_key_mismatches: u64,
 }
 
 impl StatusDocument {

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use russh::client::{self, Handle};
-use russh::keys::PrivateKey;
 use russh::{Channel, Disconnect};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -28,6 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::backoff::Backoff;
 use crate::config::{HealthConfig, NodeConfig, ReconnectConfig, SshConfig};
 use crate::error::{channel_open_reason, TunnelError};
+use crate::identity::Identity;
 use crate::known_hosts::KnownHostsStore;
 use crate::session::{self, ClientHandler, Session};
 
@@ -125,12 +125,15 @@ pub struct SshContext {
     pub health: Option<HealthConfig>,
     /// How long a retiring session may keep serving its streams.
     pub drain_timeout: Duration,
-    /// The loaded client key. Never logged.
-    pub identity: Arc<PrivateKey>,
+    /// The loaded client identity. Its `Debug` shows the fingerprint only.
+    pub identity: Arc<Identity>,
     /// Host keys.
     pub known_hosts: Arc<KnownHostsStore>,
     /// russh client settings, built once.
     pub client_config: Arc<client::Config>,
+    /// The same, also advertising certificate host key algorithms: used for
+    /// nodes an `@cert-authority` line covers.
+    pub client_config_with_certificates: Arc<client::Config>,
 }
 
 impl SshContext {
@@ -140,31 +143,43 @@ impl SshContext {
         reconnect: ReconnectConfig,
         health: Option<HealthConfig>,
         drain_timeout: Duration,
-        identity: Arc<PrivateKey>,
+        identity: Arc<Identity>,
         known_hosts: Arc<KnownHostsStore>,
     ) -> SshContext {
-        let preferred = russh::Preferred {
-            // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
-            // it is what `ssh -L` negotiates against OpenSSH by default.
-            cipher: std::borrow::Cow::Borrowed(&[
-                russh::cipher::AES_128_GCM,
-                russh::cipher::AES_256_GCM,
-                russh::cipher::CHACHA20_POLY1305,
-                russh::cipher::AES_256_CTR,
-                russh::cipher::AES_128_CTR,
-            ]),
-            ..russh::Preferred::default()
+        let build = |certificates: bool| {
+            let preferred = russh::Preferred {
+                // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
+                // it is what `ssh -L` negotiates against OpenSSH by default.
+                cipher: std::borrow::Cow::Borrowed(&[
+                    russh::cipher::AES_128_GCM,
+                    russh::cipher::AES_256_GCM,
+                    russh::cipher::CHACHA20_POLY1305,
+                    russh::cipher::AES_256_CTR,
+                    russh::cipher::AES_128_CTR,
+                ]),
+                ..russh::Preferred::default()
+            };
+            let preferred = if certificates {
+                russh::Preferred {
+                    host_key_certificates: preferred.key.clone(),
+                    ..preferred
+                }
+            } else {
+                preferred
+            };
+            Arc::new(client::Config {
+                keepalive_interval: Some(ssh.keepalive_interval),
+                keepalive_max: ssh.keepalive_max,
+                nodelay: true,
+                window_size: 8 * 1024 * 1024,
+                maximum_packet_size: 65535,
+                channel_buffer_size: 256,
+                preferred,
+                ..client::Config::default()
+            })
         };
-        let client_config = client::Config {
-            keepalive_interval: Some(ssh.keepalive_interval),
-            keepalive_max: ssh.keepalive_max,
-            nodelay: true,
-            window_size: 8 * 1024 * 1024,
-            maximum_packet_size: 65535,
-            channel_buffer_size: 256,
-            preferred,
-            ..client::Config::default()
-        };
+        let client_config = build(false);
+        let client_config_with_certificates = build(true);
         SshContext {
             ssh,
             reconnect,
@@ -172,7 +187,8 @@ impl SshContext {
             drain_timeout,
             identity,
             known_hosts,
-            client_config: Arc::new(client_config),
+            client_config,
+            client_config_with_certificates,
         }
     }
 }
@@ -217,6 +233,9 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// Sessions that ended after being established.
     pub reconnects: AtomicU64,
+    /// Connects refused because the node presented a key other than the
+    /// one known_hosts lists for it (`tunneler_host_key_mismatch_total`).
+    pub host_key_mismatches: AtomicU64,
 }
 
 /// Commands to the actor.
@@ -631,6 +650,12 @@ async fn supervise(
                 delay
             }
             Err(e) if e.is_rejection() => {
+                if matches!(e, TunnelError::HostKeyChanged(_)) {
+                    tunnel
+                        .counters
+                        .host_key_mismatches
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 warn!(error = %e, retry_in = ?backoff.max(), "tunnel rejected");
                 tunnel.set_link(Link::Rejected, Some(e), Some(backoff.max()));
                 backoff.max()
