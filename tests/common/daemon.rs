@@ -352,3 +352,61 @@ pub fn all_output(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+impl Daemon {
+    /// Starts the daemon on `text` as its config (written to the cluster's
+    /// `config.toml`), for settings [`ConfigSpec`] does not cover, such as
+    /// extra `[ssh]` keys. Waits until the admin socket answers.
+    pub fn start_from_text(cluster: &Cluster, text: &str) -> Daemon {
+        let config = cluster.dir.join("config.toml");
+        fs::write(&config, text).unwrap();
+        let log = cluster.dir.join("daemon.log");
+        let child = Command::new(tunneler_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,tunneler=debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(cluster.dir.join("daemon.stdout")).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tunneler run");
+        if let Some(slot) = &cluster.slot {
+            let _ = fs::write(slot.dir.join("daemon.pid"), child.id().to_string());
+        }
+        let mut d = Daemon {
+            child: Some(child),
+            config,
+            admin: cluster.admin_socket(),
+            egress: cluster.egress_socket(),
+            log,
+        };
+        let mut last = String::new();
+        let ok = poll(Duration::from_secs(15), || {
+            if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
+                last = format!("daemon exited: {st}");
+                return true;
+            }
+            match d.try_status() {
+                Ok(_) => true,
+                Err(e) => {
+                    last = e;
+                    false
+                }
+            }
+        });
+        assert!(
+            ok && d.try_status().is_ok(),
+            "daemon admin socket never answered: {last}\n{}",
+            d.log_tail(20)
+        );
+        d
+    }
+}
+
+/// `text` with `lines` inserted at the top of its `[ssh]` table.
+pub fn with_ssh_keys(text: &str, lines: &str) -> String {
+    text.replacen("[ssh]\n", &format!("[ssh]\n{}\n", lines.trim_end()), 1)
+}
