@@ -1,0 +1,326 @@
+//! Property tests (proptest) that run in `cargo test`:
+//! - the route table answers exactly as a brute-force scan over the same
+//!   random node set does;
+//! - a validated config printed back to TOML parses to the same config.
+//!
+//! known_hosts pattern matching is checked against a reference matcher in
+//! `src/known_hosts.rs` (it needs private functions).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use tunneler::config::{check_node_set, Config, HostKeyPolicy, ListenAddr, NodeConfig};
+use tunneler::route::{Route, RouteTable};
+
+// ---------------------------------------------------------------------------
+// Route table vs brute force
+// ---------------------------------------------------------------------------
+
+/// Addresses from a small space so that random nodes, CIDRs and lookups
+/// collide often: 10.0.x.y and fd00::x:y.
+fn small_ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        (0u8..4, any::<u8>()).prop_map(|(x, y)| IpAddr::V4(Ipv4Addr::new(10, 0, x, y))),
+        (0u16..4, 0u16..256)
+            .prop_map(|(x, y)| IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, x, y))),
+    ]
+}
+
+fn small_net() -> impl Strategy<Value = IpNet> {
+    (small_ip(), 0u8..=32).prop_map(|(ip, len)| match ip {
+        IpAddr::V4(_) => IpNet::new(ip, 18 + len % 15).unwrap().trunc(),
+        IpAddr::V6(_) => IpNet::new(ip, 112 + len % 17).unwrap().trunc(),
+    })
+}
+
+fn raw_node(i: usize) -> impl Strategy<Value = NodeConfig> {
+    (
+        proptest::collection::vec(small_ip(), 1..3),
+        proptest::collection::vec(small_net(), 0..3),
+    )
+        .prop_map(move |(ips, pods)| NodeConfig {
+            name: format!("node-{i}"),
+            address: ips[0].to_string(),
+            port: 22,
+            internal_ips: ips,
+            pod_cidrs: pods,
+        })
+}
+
+/// A valid node set: nodes are added while the set stays valid, as the
+/// daemon's config validation and admin API guarantee.
+fn node_set() -> impl Strategy<Value = (Vec<NodeConfig>, Vec<IpNet>)> {
+    (
+        proptest::collection::vec(small_net(), 0..2),
+        (0usize..6).prop_flat_map(|n| (0..n).map(raw_node).collect::<Vec<_>>()),
+    )
+        .prop_map(|(services, candidates)| {
+            let mut nodes: Vec<NodeConfig> = Vec::new();
+            for c in candidates {
+                nodes.push(c);
+                if check_node_set(&nodes, &services).is_err() {
+                    nodes.pop();
+                }
+            }
+            (nodes, services)
+        })
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// The routing rules read straight off the module docs, by linear scan.
+fn brute_force(nodes: &[NodeConfig], services: &[IpNet], host: &str) -> Route<String> {
+    let Ok(ip) = host.parse::<IpAddr>() else {
+        return nodes
+            .iter()
+            .find(|n| n.name.eq_ignore_ascii_case(host))
+            .map(|n| Route::Node {
+                node: n.name.clone(),
+                host: n.internal_ips[0].to_string(),
+            })
+            .unwrap_or(Route::Forbidden);
+    };
+    let ip = canonical(ip);
+    if let Some(n) = nodes.iter().find(|n| n.internal_ips.contains(&ip)) {
+        return Route::Node {
+            node: n.name.clone(),
+            host: ip.to_string(),
+        };
+    }
+    let mut best: Option<(u8, &NodeConfig)> = None;
+    for n in nodes {
+        for c in &n.pod_cidrs {
+            if c.contains(&ip) && best.is_none_or(|(l, _)| c.prefix_len() > l) {
+                best = Some((c.prefix_len(), n));
+            }
+        }
+    }
+    if let Some((_, n)) = best {
+        return Route::Node {
+            node: n.name.clone(),
+            host: ip.to_string(),
+        };
+    }
+    if services.iter().any(|s| s.contains(&ip)) {
+        return Route::Pool {
+            host: ip.to_string(),
+        };
+    }
+    Route::Forbidden
+}
+
+fn lookup_host() -> impl Strategy<Value = String> {
+    prop_oneof![
+        small_ip().prop_map(|ip| ip.to_string()),
+        // IPv4-mapped spellings must route like the IPv4 address.
+        (0u8..4, any::<u8>()).prop_map(|(x, y)| format!("::ffff:10.0.{x}.{y}")),
+        (0usize..7).prop_map(|i| format!("node-{i}")),
+        (0usize..7).prop_map(|i| format!("NODE-{i}")),
+        "[a-z0-9.-]{0,12}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn route_lookup_equals_brute_force(
+        (nodes, services) in node_set(),
+        hosts in proptest::collection::vec(lookup_host(), 1..40),
+    ) {
+        let table = RouteTable::build(nodes.iter().map(|n| (n, n.name.clone())), &services);
+        for h in &hosts {
+            prop_assert_eq!(table.lookup(h), brute_force(&nodes, &services, h), "host {}", h);
+        }
+        // Every node's own addresses route to it.
+        for n in &nodes {
+            for ip in &n.internal_ips {
+                prop_assert_eq!(
+                    table.lookup(&ip.to_string()),
+                    Route::Node { node: n.name.clone(), host: ip.to_string() }
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Config round trip
+// ---------------------------------------------------------------------------
+
+fn q(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn ms(d: std::time::Duration) -> String {
+    q(&format!("{}ms", d.as_millis()))
+}
+
+fn list(items: impl IntoIterator<Item = String>) -> String {
+    format!(
+        "[{}]",
+        items
+            .into_iter()
+            .map(|s| q(&s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Prints a validated config as TOML that states every setting explicitly.
+fn to_toml(c: &Config) -> String {
+    let s = &c.ssh;
+    let mut t = format!(
+        "[ssh]\nuser = {}\nidentity_file = {}\nknown_hosts_file = {}\nport = {}\nconnect_timeout = {}\nkeepalive_interval = {}\nkeepalive_max = {}\nhost_key_policy = {}\n",
+        q(&s.user),
+        q(&s.identity_file.display().to_string()),
+        q(&s.known_hosts_file.display().to_string()),
+        s.port,
+        ms(s.connect_timeout),
+        ms(s.keepalive_interval),
+        s.keepalive_max,
+        q(match s.host_key_policy {
+            HostKeyPolicy::Strict => "strict",
+            HostKeyPolicy::AcceptNew => "accept-new",
+        }),
+    );
+    for (k, v) in [
+        ("passphrase_file", &s.passphrase_file),
+        ("identity_agent", &s.identity_agent),
+        ("certificate_file", &s.certificate_file),
+    ] {
+        if let Some(p) = v {
+            t.push_str(&format!("{k} = {}\n", q(&p.display().to_string())));
+        }
+    }
+    let r = &c.reconnect;
+    t.push_str(&format!(
+        "\n[reconnect]\ninitial_backoff = {}\nmax_backoff = {}\nstable_after = {}\n",
+        ms(r.initial_backoff),
+        ms(r.max_backoff),
+        ms(r.stable_after)
+    ));
+    let p = &c.proxy;
+    t.push_str(&format!(
+        "\n[proxy]\nlisten = {}\nservice_cidrs = {}\ndial_timeout = {}\ndrain_timeout = {}\n",
+        list(p.listen.iter().map(|l| match l {
+            ListenAddr::Unix(p) => format!("unix://{}", p.display()),
+            ListenAddr::Tcp(a) => format!("tcp://{a}"),
+        })),
+        list(p.service_cidrs.iter().map(|c| c.to_string())),
+        ms(p.dial_timeout),
+        ms(p.drain_timeout),
+    ));
+    t.push_str(&format!(
+        "\n[admin]\nsocket = {}\n",
+        q(&c.admin.socket.display().to_string())
+    ));
+    for n in &c.nodes {
+        t.push_str(&format!(
+            "\n[[node]]\nname = {}\naddress = {}\nport = {}\ninternal_ips = {}\npod_cidrs = {}\n",
+            q(&n.name),
+            q(&n.address),
+            n.port,
+            list(n.internal_ips.iter().map(|i| i.to_string())),
+            list(n.pod_cidrs.iter().map(|c| c.to_string())),
+        ));
+    }
+    t
+}
+
+fn duration_text() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of(prop_oneof![
+        (1u64..5000).prop_map(|n| format!("{n}ms")),
+        (1u64..120).prop_map(|n| format!("{n}s")),
+        (1u64..3).prop_map(|n| format!("{n}m")),
+    ])
+}
+
+fn config_text() -> impl Strategy<Value = String> {
+    (
+        "[a-z]{1,8}",
+        proptest::option::of(1u16..),
+        [
+            duration_text(),
+            duration_text(),
+            duration_text(),
+            duration_text(),
+        ],
+        proptest::option::of(prop_oneof![Just("strict"), Just("accept-new")]),
+        proptest::option::of("[a-z]{1,6}"),
+        node_set(),
+    )
+        .prop_map(|(user, port, d, policy, cert, (nodes, services))| {
+            let mut t = format!(
+                "[ssh]\nuser = {}\nidentity_file = \"keys/id\"\nknown_hosts_file = \"/kh\"\n",
+                q(&user)
+            );
+            if let Some(p) = port {
+                t.push_str(&format!("port = {p}\n"));
+            }
+            if let Some(v) = &d[0] {
+                t.push_str(&format!("connect_timeout = {}\n", q(v)));
+            }
+            if let Some(p) = policy {
+                t.push_str(&format!("host_key_policy = {}\n", q(p)));
+            }
+            if let Some(c) = cert {
+                t.push_str(&format!("certificate_file = {}\n", q(&c)));
+            }
+            t.push_str("\n[proxy]\n");
+            t.push_str(&format!(
+                "service_cidrs = {}\n",
+                list(services.iter().map(|c| c.to_string()))
+            ));
+            if let Some(v) = &d[1] {
+                t.push_str(&format!("dial_timeout = {}\n", q(v)));
+            }
+            t.push_str("\n[reconnect]\n");
+            if let Some(v) = &d[2] {
+                t.push_str(&format!("initial_backoff = {}\n", q(v)));
+            }
+            if let Some(v) = &d[3] {
+                t.push_str(&format!("stable_after = {}\n", q(v)));
+            }
+            for n in &nodes {
+                t.push_str(&format!(
+                    "\n[[node]]\nname = {}\naddress = {}\ninternal_ips = {}\npod_cidrs = {}\n",
+                    q(&n.name),
+                    q(&n.address),
+                    list(n.internal_ips.iter().map(|i| i.to_string())),
+                    list(n.pod_cidrs.iter().map(|c| c.to_string())),
+                ));
+            }
+            t
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn config_round_trips_through_toml(text in config_text()) {
+        let base = Path::new("/etc/tunneler");
+        // Random settings may be invalid (e.g. initial_backoff > max_backoff);
+        // those must be refused, not mangled.
+        let Ok(first) = Config::from_toml(&text, base) else {
+            return Ok(());
+        };
+        let printed = to_toml(&first);
+        let second = Config::from_toml(&printed, base)
+            .map_err(|e| TestCaseError::fail(format!("{e}\n{printed}")))?;
+        prop_assert_eq!(&first, &second, "{}", printed);
+        // And printing is stable.
+        prop_assert_eq!(to_toml(&second), printed);
+    }
+}
