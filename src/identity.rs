@@ -128,7 +128,7 @@ impl fmt::Debug for Identity {
     }
 }
 
-/// Our effective uid, from `/proc` (no libc call needed).
+/// Our effective uid: the owner an identity file must have.
 fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
