@@ -377,6 +377,23 @@ fn user_certificate_connects() {
         &cluster.config_toml(&spec),
         "certificate_file = \"id_cert-cert.pub\"",
     );
+    let mut daemon = Daemon::start_from_text(&cluster, &text);
+    daemon.wait_all_healthy(HEALTHY_WITHIN);
+    daemon.stop();
+    drop(daemon);
+
+    // The same certificate with the key in ssh-agent.
+    let Some(agent) = Agent::start(&cluster.dir, "agent.sock") else {
+        return;
+    };
+    agent.add(&key, "");
+    let text = with_ssh_keys(
+        &cluster.config_toml(&spec),
+        &format!(
+            "certificate_file = \"id_cert-cert.pub\"\nidentity_agent = \"{}\"",
+            agent.socket.display()
+        ),
+    );
     let daemon = Daemon::start_from_text(&cluster, &text);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
 }
@@ -385,6 +402,50 @@ fn user_certificate_connects() {
 struct Agent {
     child: Child,
     socket: PathBuf,
+}
+
+impl Agent {
+    /// Starts `ssh-agent -D -a <dir>/<name>`; `None` when there is none.
+    fn start(dir: &Path, name: &str) -> Option<Agent> {
+        if !Path::new("/usr/bin/ssh-agent").exists() {
+            return None;
+        }
+        let socket = dir.join(name);
+        let agent = Agent {
+            child: Command::new("/usr/bin/ssh-agent")
+                .args(["-D", "-a"])
+                .arg(&socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+            socket,
+        };
+        assert!(poll(Duration::from_secs(5), || agent.socket.exists()));
+        Some(agent)
+    }
+
+    /// `ssh-add key`, answering a passphrase prompt with `passphrase`.
+    fn add(&self, key: &Path, passphrase: &str) {
+        let askpass = PathBuf::from(format!("{}.askpass", self.socket.display()));
+        fs::write(&askpass, format!("#!/bin/sh\necho '{passphrase}'\n")).unwrap();
+        fs::set_permissions(&askpass, fs::Permissions::from_mode(0o700)).unwrap();
+        let out = Command::new("/usr/bin/ssh-add")
+            .arg(key)
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("SSH_ASKPASS", &askpass)
+            .env("DISPLAY", ":0")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ssh-add: {}",
+            common::all_output(&out)
+        );
+    }
 }
 
 impl Drop for Agent {
@@ -397,45 +458,16 @@ impl Drop for Agent {
 #[test]
 fn identity_in_ssh_agent_connects() {
     require_netns!("identity_in_ssh_agent_connects");
-    if !Path::new("/usr/bin/ssh-agent").exists() {
+    let cluster = Cluster::new(1);
+    let Some(agent) = Agent::start(&cluster.dir, "agent.sock") else {
         eprintln!("SKIP identity_in_ssh_agent_connects: no ssh-agent");
         return;
-    }
-    let cluster = Cluster::new(1);
-    let socket = cluster.dir.join("agent.sock");
-    let agent = Agent {
-        child: Command::new("/usr/bin/ssh-agent")
-            .args(["-D", "-a"])
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        socket,
     };
-    assert!(poll(Duration::from_secs(5), || agent.socket.exists()));
     // The private key is encrypted on disk; only the agent has it in clear.
     let key = cluster.dir.join("id_agent");
     keygen_encrypted(&key, "agent pass");
     authorize(&cluster, &key);
-    let askpass = cluster.dir.join("askpass.sh");
-    fs::write(&askpass, "#!/bin/sh\necho 'agent pass'\n").unwrap();
-    fs::set_permissions(&askpass, fs::Permissions::from_mode(0o700)).unwrap();
-    let out = Command::new("/usr/bin/ssh-add")
-        .arg(&key)
-        .env("SSH_AUTH_SOCK", &agent.socket)
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("SSH_ASKPASS", &askpass)
-        .env("DISPLAY", ":0")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ssh-add: {}",
-        common::all_output(&out)
-    );
+    agent.add(&key, "agent pass");
 
     let spec = ConfigSpec {
         identity_file: Some("id_agent".into()),
