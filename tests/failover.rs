@@ -100,6 +100,16 @@ fn changed_host_key_rejects_the_node() {
     std::thread::sleep(Duration::from_millis(1500));
     let status = daemon.status_json();
     assert_eq!(node_status(&status, "node-1").unwrap()["state"], "rejected");
+
+    // Once the operator records the new key in known_hosts, the daemon
+    // picks the file up and the node comes back.
+    cluster.write_known_hosts();
+    daemon.wait_node_state("node-1", "healthy", READY);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "accepted");
+    assert_eq!(
+        got,
+        format!("node=node-1 local={} echo=accepted", node.pod_ip)
+    );
 }
 
 /// A node whose host key never matched is rejected from the start and never
@@ -179,4 +189,42 @@ fn refused_authentication_keeps_the_node_out_of_service() {
     std::thread::sleep(Duration::from_millis(1500));
     let status = daemon.status_json();
     assert_ne!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+}
+
+/// A listed node that does not answer at all (an unused address on the test
+/// bridge: the SYNs find no one) stays out of service with an error, and
+/// does not hold up the nodes that do answer.
+#[test]
+fn an_unreachable_node_does_not_hold_up_the_others() {
+    require_netns!("an_unreachable_node_does_not_hold_up_the_others");
+    let cluster = Cluster::new(1);
+    let ghost = format!("10.200.{}.99", cluster.n);
+    let spec = common::ConfigSpec {
+        extra: format!(
+            "\n[[node]]\nname = \"ghost\"\naddress = \"{ghost}\"\npod_cidrs = [\"10.201.{}.224/28\"]\n",
+            cluster.n
+        ),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with(&cluster, &spec);
+    daemon.wait_node_state("node-1", "healthy", Duration::from_secs(5));
+    let node = cluster.node(1);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "alive");
+    assert_eq!(got, format!("node=node-1 local={} echo=alive", node.pod_ip));
+
+    // connect_timeout is 2 s.
+    let status = daemon.wait_for("ghost failing with an error", READY, |s| {
+        node_status(s, "ghost").is_some_and(|n| n["last_error"].is_string())
+    });
+    let g = node_status(&status, "ghost").unwrap();
+    assert_ne!(g["state"], "healthy", "{g}");
+    assert_eq!(g["address"], format!("{ghost}:22").as_str(), "{g}");
+    let (reply, _) = daemon.connect(&format!("ghost:{ECHO_PORT}"));
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    let out = common::tunneler(&[
+        "status",
+        "--socket",
+        cluster.admin_socket().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", common::all_output(&out));
 }
