@@ -128,9 +128,31 @@ pub async fn route(daemon: &Daemon, method: &Method, path: &str, body: Bytes) ->
     }
 }
 
-async fn handle(daemon: Arc<Daemon>, req: Request<Incoming>) -> Resp {
+/// The connecting process, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Effective uid of the peer.
+    pub uid: u32,
+    /// Its pid, when the kernel reports one.
+    pub pid: Option<i32>,
+}
+
+async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Only root, the daemon's own uid and the configured admin_uids may use
+    // the API; the socket mode is the first fence, this is the second.
+    let Some(peer) = peer else {
+        warn!(%method, %path, "admin request without peer credentials refused");
+        return error(StatusCode::FORBIDDEN, "peer credentials unavailable");
+    };
+    if !daemon.admin_allowed(peer.uid).await {
+        warn!(audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path, "admin request refused: uid not allowed");
+        return error(
+            StatusCode::FORBIDDEN,
+            &format!("uid {} may not use the admin API (allowed: root, the daemon's uid, admin.admin_uids)", peer.uid),
+        );
+    }
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -143,10 +165,14 @@ async fn handle(daemon: Arc<Daemon>, req: Request<Incoming>) -> Resp {
             )
         }
     };
+    let resp = route(&daemon, &method, &path, body).await;
     if method != Method::GET {
-        info!(audit = true, %method, %path, "admin request");
+        info!(
+            audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path,
+            status = resp.status().as_u16(), "admin change"
+        );
     }
-    route(&daemon, &method, &path, body).await
+    resp
 }
 
 impl AdminApi {
@@ -181,11 +207,15 @@ impl AdminApi {
             };
             let daemon = self.daemon.clone();
             let cancel = self.cancel.clone();
+            let peer = stream.peer_cred().ok().map(|c| Peer {
+                uid: c.uid(),
+                pid: c.pid(),
+            });
             self.tracker.spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let daemon = daemon.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(daemon, req).await) }
+                    async move { Ok::<_, std::convert::Infallible>(handle(daemon, peer, req).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .header_read_timeout(Duration::from_secs(10))

@@ -96,6 +96,21 @@ struct RawProxy {
     service_cidrs: Option<Vec<String>>,
     dial_timeout: Option<String>,
     drain_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    max_pending_handshakes: Option<usize>,
+    max_streams_per_node: Option<u64>,
+    node_local_via_loopback: Option<bool>,
+    socket_group: Option<String>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: String,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +126,8 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    admin_uids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +222,32 @@ pub struct ProxyConfig {
     /// How long a removed node or replaced session may keep serving the
     /// streams it already carries before it is closed.
     pub drain_timeout: Duration,
+    /// A client must send its whole CONNECT head within this time.
+    pub handshake_timeout: Duration,
+    /// Connections that have not yet sent a full request, at most.
+    pub max_pending_handshakes: usize,
+    /// Streams per node; past it new dials to the node get 503 at once.
+    pub max_streams_per_node: u64,
+    /// Carry dials addressed to a node's own IP or name to 127.0.0.1 on
+    /// that node, so kubelets may listen on loopback only.
+    pub node_local_via_loopback: bool,
+    /// Group that may use the egress Unix sockets (mode 0660 then).
+    pub socket_group: Option<String>,
+    /// The optional mTLS TCP listener.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The mTLS listener, as kube-apiserver's `transport.tcp.tlsConfig` expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Address to listen on (any address: clients must present a certificate).
+    pub listen: std::net::SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Server private key (PEM).
+    pub key_file: PathBuf,
+    /// CA that signs client certificates (PEM).
+    pub client_ca_file: PathBuf,
 }
 
 /// What the health probe checks, from the node's side of the tunnel.
@@ -246,6 +289,10 @@ pub struct HealthConfig {
 pub struct AdminConfig {
     /// The admin Unix socket.
     pub socket: PathBuf,
+    /// Group that may use the admin socket (mode 0660 then).
+    pub socket_group: Option<String>,
+    /// Extra uids allowed on the admin socket besides root and our own.
+    pub admin_uids: Vec<u32>,
 }
 
 /// One node, as the rest of the program sees it.
@@ -463,6 +510,39 @@ impl Config {
                 p.drain_timeout.as_ref(),
                 Duration::from_secs(60),
             )?,
+            handshake_timeout: parse_duration(
+                "proxy.handshake_timeout",
+                p.handshake_timeout.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            max_pending_handshakes: match p.max_pending_handshakes {
+                Some(0) => {
+                    return Err(invalid(
+                        "proxy.max_pending_handshakes",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => 1024,
+            },
+            max_streams_per_node: match p.max_streams_per_node {
+                Some(0) => return Err(invalid("proxy.max_streams_per_node", "must be at least 1")),
+                Some(n) => n,
+                None => 4096,
+            },
+            node_local_via_loopback: p.node_local_via_loopback.unwrap_or(false),
+            socket_group: validate_group("proxy.socket_group", p.socket_group)?,
+            tls: match p.tls {
+                None => None,
+                Some(t) => Some(TlsConfig {
+                    listen: t.listen.parse().map_err(|_| {
+                        invalid("proxy.tls.listen", format!("{:?} is not IP:PORT", t.listen))
+                    })?,
+                    cert_file: resolve(base, &t.cert_file),
+                    key_file: resolve(base, &t.key_file),
+                    client_ca_file: resolve(base, &t.client_ca_file),
+                }),
+            },
         };
         let health = raw.health.map(validate_health).transpose()?;
 
@@ -472,6 +552,8 @@ impl Config {
                 .socket
                 .map(|s| resolve(base, &s))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            socket_group: validate_group("admin.socket_group", raw.admin.socket_group)?,
+            admin_uids: raw.admin.admin_uids.unwrap_or_default(),
         };
         if proxy
             .listen
@@ -497,6 +579,16 @@ impl Config {
             health,
             nodes,
         })
+    }
+}
+
+fn validate_group(key: &str, g: Option<String>) -> Result<Option<String>, ConfigError> {
+    match g {
+        Some(g) if g.trim().is_empty() => Err(invalid(key, "must not be empty")),
+        Some(g) if g.contains(|c: char| c.is_whitespace() || c == ':' || c == '/') => {
+            Err(invalid(key, format!("{g:?} is not a group name")))
+        }
+        other => Ok(other),
     }
 }
 

@@ -26,7 +26,7 @@ use crate::config::{check_node_set, Config, ConfigError, ListenAddr, NodeConfig}
 use crate::known_hosts::KnownHostsStore;
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
-use crate::sockets::{bind_unix, BindError};
+use crate::sockets::{bind_unix_for, BindError};
 use crate::status::{rfc3339, NodeStatus, StatusDocument};
 use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
 
@@ -55,6 +55,9 @@ pub enum StartError {
     /// A Unix socket could not be bound.
     #[error("cannot bind socket: {0}")]
     BindUnix(#[from] BindError),
+    /// The TLS listener's certificates could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A TCP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     BindTcp {
@@ -197,6 +200,14 @@ impl Daemon {
         }
     }
 
+    /// Whether `uid` may use the admin API: root, our own uid, or listed in
+    /// `admin.admin_uids` (re-read on reload).
+    pub async fn admin_allowed(&self, uid: u32) -> bool {
+        uid == 0
+            || uid == nix::unistd::geteuid().as_raw()
+            || self.changes.lock().await.admin.admin_uids.contains(&uid)
+    }
+
     /// The SSH port for nodes that do not name one.
     pub async fn default_ssh_port(&self) -> u16 {
         self.changes.lock().await.ssh.port
@@ -222,7 +233,10 @@ impl Daemon {
         let mut listeners = Vec::new();
         for l in &config.proxy.listen {
             listeners.push(match l {
-                ListenAddr::Unix(p) => ProxyListener::Unix(bind_unix(p, 0o600)?, p.clone()),
+                ListenAddr::Unix(p) => ProxyListener::Unix(
+                    bind_unix_for(p, config.proxy.socket_group.as_deref())?,
+                    p.clone(),
+                ),
                 ListenAddr::Tcp(a) => {
                     ProxyListener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(
                         |source| StartError::BindTcp {
@@ -233,12 +247,23 @@ impl Daemon {
                 }
             });
         }
-        let admin_listener = bind_unix(&config.admin.socket, 0o600)?;
+        if let Some(tls) = &config.proxy.tls {
+            let acceptor = crate::tls::acceptor(tls)?;
+            let l = tokio::net::TcpListener::bind(tls.listen)
+                .await
+                .map_err(|source| StartError::BindTcp {
+                    addr: tls.listen.to_string(),
+                    source,
+                })?;
+            listeners.push(ProxyListener::Tls(l, acceptor));
+        }
+        let admin_listener =
+            bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?;
 
         let tracker = TaskTracker::new();
-        let settings = Arc::new(ArcSwap::from_pointee(ProxySettings {
-            dial_timeout: config.proxy.dial_timeout,
-        }));
+        let settings = Arc::new(ArcSwap::from_pointee(ProxySettings::from_config(
+            &config.proxy,
+        )));
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
             config_path,
@@ -269,6 +294,7 @@ impl Daemon {
         let proxy = EgressProxy::new(
             daemon.routes.clone(),
             settings,
+            config.proxy.max_pending_handshakes,
             tracker.clone(),
             shutdown.child_token(),
         );
@@ -443,7 +469,17 @@ impl Daemon {
                 .warnings
                 .push("proxy.listen changed: takes effect after a restart".into());
         }
-        if new.admin.socket != current.admin.socket {
+        if new.proxy.tls != current.proxy.tls
+            || new.proxy.socket_group != current.proxy.socket_group
+            || new.proxy.max_pending_handshakes != current.proxy.max_pending_handshakes
+        {
+            report.warnings.push(
+                "proxy.tls, proxy.socket_group and proxy.max_pending_handshakes take effect after a restart".into(),
+            );
+        }
+        if new.admin.socket != current.admin.socket
+            || new.admin.socket_group != current.admin.socket_group
+        {
             report
                 .warnings
                 .push("admin.socket changed: takes effect after a restart".into());
@@ -451,9 +487,8 @@ impl Daemon {
         if let Some(ctx) = new_ctx {
             self.ctx.store(Arc::new(ctx));
         }
-        self.settings.store(Arc::new(ProxySettings {
-            dial_timeout: new.proxy.dial_timeout,
-        }));
+        self.settings
+            .store(Arc::new(ProxySettings::from_config(&new.proxy)));
         let mut retired = Vec::new();
         {
             let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());

@@ -29,4 +29,5 @@ pub mod route;
 pub mod session;
 pub mod sockets;
 pub mod status;
+pub mod tls;
 pub mod tunnel;

@@ -92,7 +92,7 @@ async fn probe_once(tunnel: &Arc<NodeTunnel>, cfg: &HealthConfig) -> Result<(), 
     let deadline = tokio::time::Instant::now() + cfg.timeout;
     let origin = SocketAddr::from(([127, 0, 0, 1], 0));
     let open = tunnel
-        .open_channel(host, port, origin, deadline)
+        .open_channel(host, port, origin, deadline, u64::MAX)
         .await
         .map_err(|e| e.to_string())?;
     let path = match &cfg.probe {

@@ -26,6 +26,7 @@ use bytes::{Bytes, BytesMut};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -37,20 +38,19 @@ use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
-/// A client must finish its request head within this time.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The live route table, swapped atomically when the node set changes.
 pub type SharedRoutes = Arc<ArcSwap<RouteTable<Arc<NodeTunnel>>>>;
 
 /// A bound proxy listener. Building (binding) is kept apart from serving so
 /// that bind errors surface at start and tests can hand in their own.
-#[derive(Debug)]
 pub enum ProxyListener {
     /// A Unix socket.
     Unix(UnixListener, std::path::PathBuf),
     /// A TCP socket.
     Tcp(TcpListener),
+    /// A TCP socket that requires TLS with a client certificate (mTLS).
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
 impl ProxyListener {
@@ -62,6 +62,10 @@ impl ProxyListener {
                 Ok(a) => format!("tcp://{a}"),
                 Err(_) => "tcp://?".into(),
             },
+            ProxyListener::Tls(l, _) => match l.local_addr() {
+                Ok(a) => format!("tls://{a}"),
+                Err(_) => "tls://?".into(),
+            },
         }
     }
 }
@@ -71,6 +75,24 @@ impl ProxyListener {
 pub struct ProxySettings {
     /// Bound on waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
+    /// Bound on reading the CONNECT head (and on a TLS handshake).
+    pub handshake_timeout: Duration,
+    /// Streams per node; past it new dials to the node get 503 at once.
+    pub max_streams_per_node: u64,
+    /// Carry node-addressed dials to 127.0.0.1 on the node.
+    pub node_local_via_loopback: bool,
+}
+
+impl ProxySettings {
+    /// The proxy settings from validated config.
+    pub fn from_config(p: &crate::config::ProxyConfig) -> ProxySettings {
+        ProxySettings {
+            dial_timeout: p.dial_timeout,
+            handshake_timeout: p.handshake_timeout,
+            max_streams_per_node: p.max_streams_per_node,
+            node_local_via_loopback: p.node_local_via_loopback,
+        }
+    }
 }
 
 /// The egress proxy front end.
@@ -81,6 +103,8 @@ pub struct EgressProxy {
     tracker: TaskTracker,
     cancel: CancellationToken,
     next_stream: Arc<AtomicU64>,
+    /// Connections that have not yet sent a complete head hold a permit.
+    pending: Arc<Semaphore>,
 }
 
 /// A parsed CONNECT target.
@@ -223,6 +247,7 @@ impl EgressProxy {
     pub fn new(
         routes: SharedRoutes,
         settings: Arc<ArcSwap<ProxySettings>>,
+        max_pending_handshakes: usize,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> EgressProxy {
@@ -232,6 +257,7 @@ impl EgressProxy {
             tracker,
             cancel,
             next_stream: Arc::new(AtomicU64::new(1)),
+            pending: Arc::new(Semaphore::new(max_pending_handshakes)),
         }
     }
 
@@ -249,7 +275,7 @@ impl EgressProxy {
                         (Conn::Unix(s), peer)
                     }),
                 },
-                ProxyListener::Tcp(l) => tokio::select! {
+                ProxyListener::Tcp(l) | ProxyListener::Tls(l, _) => tokio::select! {
                     _ = self.cancel.cancelled() => break,
                     r = l.accept() => r.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
@@ -257,22 +283,53 @@ impl EgressProxy {
                     }),
                 },
             };
-            match accepted {
-                Ok((conn, peer)) => {
-                    let this = self.clone();
-                    let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-                    self.tracker.spawn(async move {
-                        match conn {
-                            Conn::Unix(s) => this.handle(s, peer, id).await,
-                            Conn::Tcp(s) => this.handle(s, peer, id).await,
-                        }
-                    });
-                }
+            let (conn, peer) = match accepted {
+                Ok(pair) => pair,
                 Err(e) => {
                     warn!(listener = %url, error = %e, "accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
+            };
+            // A client that has not finished its head holds a permit; past
+            // the cap, new connections are turned away at once instead of
+            // piling up (Konnectivity's pending-dial pile-up).
+            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                warn!(listener = %url, "too many pending handshakes; refusing a connection");
+                let mut conn = conn;
+                self.tracker.spawn(async move {
+                    let text =
+                        "Service Unavailable: too many connections waiting to send their request";
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        match &mut conn {
+                            Conn::Unix(s) => reply(s, 503, text).await,
+                            Conn::Tcp(s) => reply(s, 503, text).await,
+                        }
+                    })
+                    .await;
+                });
+                continue;
+            };
+            let this = self.clone();
+            let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+            let tls = match &listener {
+                ProxyListener::Tls(_, acceptor) => Some(acceptor.clone()),
+                _ => None,
+            };
+            self.tracker.spawn(async move {
+                match (conn, tls) {
+                    (Conn::Unix(s), _) => this.handle(s, peer, id, permit).await,
+                    (Conn::Tcp(s), None) => this.handle(s, peer, id, permit).await,
+                    (Conn::Tcp(s), Some(acceptor)) => {
+                        let limit = this.settings.load().handshake_timeout;
+                        match tokio::time::timeout(limit, acceptor.accept(s)).await {
+                            Ok(Ok(tls)) => this.handle(tls, peer, id, permit).await,
+                            Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake refused"),
+                            Err(_) => info!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                }
+            });
         }
         if let ProxyListener::Unix(_, path) = &listener {
             let _ = std::fs::remove_file(path);
@@ -280,12 +337,13 @@ impl EgressProxy {
     }
 
     /// Handles one client connection: read the head, route, dial, relay.
-    pub async fn handle<S>(&self, mut s: S, peer: SocketAddr, id: u64)
+    pub async fn handle<S>(&self, mut s: S, peer: SocketAddr, id: u64, permit: OwnedSemaphorePermit)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let mut buf = BytesMut::with_capacity(512);
-        let head = tokio::time::timeout(HEADER_TIMEOUT, async {
+        let limit = self.settings.load().handshake_timeout;
+        let head = tokio::time::timeout(limit, async {
             loop {
                 match parse_head(&buf) {
                     Ok(Parsed::Partial) => {}
@@ -337,6 +395,7 @@ impl EgressProxy {
             Ok(Ok(Parsed::Partial)) => return,
             Ok(Ok(Parsed::Connect { target, len })) => (target, len),
         };
+        drop(permit);
         let first = buf.split_off(len).freeze();
         let span = info_span!("stream", stream = id, dst = %target);
         self.dial_and_relay(s, peer, target, first)
@@ -348,7 +407,9 @@ impl EgressProxy {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let deadline = tokio::time::Instant::now() + self.settings.load().dial_timeout;
+        let settings = self.settings.load_full();
+        let deadline = tokio::time::Instant::now() + settings.dial_timeout;
+        let max = settings.max_streams_per_node;
         let routes = self.routes.load_full();
         let open = match routes.lookup(&target.host) {
             Route::Forbidden => {
@@ -361,8 +422,26 @@ impl EgressProxy {
                 .await;
                 return;
             }
-            Route::Node { node, host } => {
-                match node.open_channel(&host, target.port, peer, deadline).await {
+            Route::Node {
+                node,
+                host,
+                node_local,
+            } => {
+                // Kubelets may listen on loopback only: the old SSH tunnels
+                // gave that property, and so do we when asked.
+                let host = if node_local && settings.node_local_via_loopback {
+                    if host.contains(':') {
+                        "::1".to_string()
+                    } else {
+                        "127.0.0.1".to_string()
+                    }
+                } else {
+                    host
+                };
+                match node
+                    .open_channel(&host, target.port, peer, deadline, max)
+                    .await
+                {
                     Ok(open) => open,
                     Err(e) => {
                         let (code, text) = error_reply(&e);
@@ -373,7 +452,7 @@ impl EgressProxy {
                 }
             }
             Route::Pool { host } => {
-                match dial_pool(routes.nodes(), &host, target.port, peer, deadline).await {
+                match dial_pool(routes.nodes(), &host, target.port, peer, deadline, max).await {
                     Ok(open) => open,
                     Err(e) => {
                         let (code, text) = error_reply(&e);
@@ -420,6 +499,7 @@ async fn dial_pool(
     port: u16,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
+    max: u64,
 ) -> Result<OpenStream, TunnelError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
@@ -434,7 +514,7 @@ async fn dial_pool(
         };
         tried.push(pick);
         let node = &nodes[pick];
-        match node.open_channel(host, port, peer, deadline).await {
+        match node.open_channel(host, port, peer, deadline, max).await {
             Ok(open) => return Ok(open),
             Err(e @ TunnelError::ChannelOpenTimeout(_)) => return Err(e),
             Err(e) if e.is_tunnel_side() => {

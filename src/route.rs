@@ -30,6 +30,9 @@ pub enum Route<T> {
         node: T,
         /// The host to put in the direct-tcpip request.
         host: String,
+        /// True when the target is the node itself (its name or one of its
+        /// internal IPs), not a pod on it.
+        node_local: bool,
     },
     /// Through any healthy node (service CIDRs), to `host`.
     Pool {
@@ -139,6 +142,7 @@ impl<T: Clone> RouteTable<T> {
                 Some((idx, first)) => Route::Node {
                     node: self.nodes[*idx].clone(),
                     host: first.to_string(),
+                    node_local: true,
                 },
                 None => Route::Forbidden,
             };
@@ -149,6 +153,7 @@ impl<T: Clone> RouteTable<T> {
             return Route::Node {
                 node: self.nodes[*idx].clone(),
                 host,
+                node_local: true,
             };
         }
         let pod = match ip {
@@ -169,6 +174,7 @@ impl<T: Clone> RouteTable<T> {
             return Route::Node {
                 node: self.nodes[*idx].clone(),
                 host,
+                node_local: false,
             };
         }
         if self.services.iter().any(|s| s.contains(&ip)) {
@@ -224,9 +230,11 @@ mod tests {
     }
 
     fn to(node: &str, host: &str) -> Route<String> {
+        let node_local = !host.starts_with("10.244.") && !host.starts_with("fd10:");
         Route::Node {
             node: node.into(),
             host: host.into(),
+            node_local,
         }
     }
 
@@ -301,7 +309,11 @@ mod tests {
                 }
             }
             let expect = match best {
-                Some((_, name)) => to(name, &ip.to_string()),
+                Some((_, name)) => Route::Node {
+                    node: name.to_string(),
+                    host: ip.to_string(),
+                    node_local: false,
+                },
                 None => Route::Forbidden,
             };
             assert_eq!(t.lookup(&ip.to_string()), expect, "{ip}");

@@ -418,13 +418,18 @@ impl NodeTunnel {
         port: u16,
         originator: SocketAddr,
         deadline: tokio::time::Instant,
+        max_streams: u64,
     ) -> Result<OpenStream, TunnelError> {
         let started = tokio::time::Instant::now();
         let conn = self.wait_connected(deadline).await?;
-        // Count the stream before the open, so a retiring session never sees
-        // zero while an open is in flight on it.
+        // Reserve the stream before the open: the cap holds under concurrent
+        // dials, and a retiring session never sees zero while an open is in
+        // flight on it.
+        if self.counters.active_streams.fetch_add(1, Ordering::AcqRel) >= max_streams {
+            self.counters.active_streams.fetch_sub(1, Ordering::AcqRel);
+            return Err(TunnelError::TooManyStreams(max_streams));
+        }
         conn.streams.fetch_add(1, Ordering::AcqRel);
-        self.counters.active_streams.fetch_add(1, Ordering::Relaxed);
         let guard = StreamGuard {
             tunnel: self.clone(),
             conn: conn.clone(),
