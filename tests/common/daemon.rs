@@ -14,6 +14,8 @@ pub struct Daemon {
     pub egress: PathBuf,
     /// Where its stderr goes.
     pub log: PathBuf,
+    /// Records the pid so a later run can kill it if this process crashes.
+    pid_file: Option<PathBuf>,
 }
 
 /// Path of the binary under test.
@@ -44,8 +46,9 @@ impl Daemon {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn tunneler run");
-        if let Some(slot) = &cluster.slot {
-            let _ = fs::write(slot.dir.join("daemon.pid"), child.id().to_string());
+        let pid_file = cluster.slot.as_ref().map(|slot| slot.daemon_pid_file());
+        if let Some(f) = &pid_file {
+            let _ = fs::write(f, child.id().to_string());
         }
         let mut d = Daemon {
             child: Some(child),
@@ -53,6 +56,7 @@ impl Daemon {
             admin: cluster.admin_socket(),
             egress: cluster.egress_socket(),
             log,
+            pid_file,
         };
         let mut last = String::new();
         let ok = poll(Duration::from_secs(15), || {
@@ -237,6 +241,9 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(f) = self.pid_file.take() {
+            let _ = fs::remove_file(f);
+        }
     }
 }
 
@@ -262,6 +269,7 @@ pub fn echo_over<S: Read + Write>(mut s: S, line: &str) -> String {
                 }
                 answer.push(byte[0]);
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("reading echo answer: {e} (got {answer:?})"),
         }
     }
@@ -285,6 +293,7 @@ pub fn read_head<S: Read>(s: &mut S) -> String {
         match s.read(&mut byte) {
             Ok(0) => break,
             Ok(_) => head.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!(
                 "reading response head: {e} (got {:?})",
                 String::from_utf8_lossy(&head)
