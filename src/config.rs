@@ -128,6 +128,8 @@ struct RawAdmin {
     socket: Option<PathBuf>,
     socket_group: Option<String>,
     admin_uids: Option<Vec<u32>>,
+    metrics_listen: Option<String>,
+    ready_min_healthy: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +295,10 @@ pub struct AdminConfig {
     pub socket_group: Option<String>,
     /// Extra uids allowed on the admin socket besides root and our own.
     pub admin_uids: Vec<u32>,
+    /// Optional TCP address serving `GET /metrics` only.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `/readyz` answers 200 when at least this many nodes are healthy.
+    pub ready_min_healthy: usize,
 }
 
 /// One node, as the rest of the program sees it.
@@ -554,6 +560,16 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
             socket_group: validate_group("admin.socket_group", raw.admin.socket_group)?,
             admin_uids: raw.admin.admin_uids.unwrap_or_default(),
+            metrics_listen: match raw.admin.metrics_listen {
+                None => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    invalid(
+                        "admin.metrics_listen",
+                        format!("{a:?} is not IP:PORT, e.g. 127.0.0.1:9464"),
+                    )
+                })?),
+            },
+            ready_min_healthy: raw.admin.ready_min_healthy.unwrap_or(1),
         };
         if proxy
             .listen

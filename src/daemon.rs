@@ -126,7 +126,8 @@ pub struct ReloadReport {
 pub struct Daemon {
     started: Instant,
     config_path: Option<PathBuf>,
-    nodes: Mutex<BTreeMap<String, NodeEntry>>,
+    nodes: Arc<Mutex<BTreeMap<String, NodeEntry>>>,
+    metrics: Arc<crate::metrics::Metrics>,
     changes: tokio::sync::Mutex<Config>,
     routes: SharedRoutes,
     settings: Arc<ArcSwap<ProxySettings>>,
@@ -208,6 +209,37 @@ impl Daemon {
             || self.changes.lock().await.admin.admin_uids.contains(&uid)
     }
 
+    /// True when every node has finished at least one connection attempt.
+    pub fn first_attempts_done(&self) -> bool {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|e| e.tunnel.attempts() > 0)
+    }
+
+    /// The Prometheus metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// `/readyz`: ready when at least `admin.ready_min_healthy` nodes are
+    /// healthy. The error says how many are.
+    pub async fn ready(&self) -> Result<String, String> {
+        let min = self.changes.lock().await.admin.ready_min_healthy;
+        let doc = self.status();
+        let healthy = doc.nodes.iter().filter(|n| n.state == "healthy").count();
+        let msg = format!(
+            "{healthy} of {} node(s) healthy (need {min})",
+            doc.nodes.len()
+        );
+        if healthy >= min {
+            Ok(msg)
+        } else {
+            Err(msg)
+        }
+    }
+
     /// The SSH port for nodes that do not name one.
     pub async fn default_ssh_port(&self) -> u16 {
         self.changes.lock().await.ssh.port
@@ -264,10 +296,30 @@ impl Daemon {
         let settings = Arc::new(ArcSwap::from_pointee(ProxySettings::from_config(
             &config.proxy,
         )));
+        let nodes: Arc<Mutex<BTreeMap<String, NodeEntry>>> = Arc::new(Mutex::new(BTreeMap::new()));
+        let for_metrics = nodes.clone();
+        let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(move || {
+            for_metrics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|e| e.tunnel.clone())
+                .collect()
+        })));
+        let metrics_listener = match config.admin.metrics_listen {
+            None => None,
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
+                StartError::BindTcp {
+                    addr: a.to_string(),
+                    source,
+                }
+            })?),
+        };
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
             config_path,
-            nodes: Mutex::new(BTreeMap::new()),
+            nodes,
+            metrics: metrics.clone(),
             changes: tokio::sync::Mutex::new(config.clone()),
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
             settings: settings.clone(),
@@ -294,6 +346,7 @@ impl Daemon {
         let proxy = EgressProxy::new(
             daemon.routes.clone(),
             settings,
+            metrics.dial.clone(),
             config.proxy.max_pending_handshakes,
             tracker.clone(),
             shutdown.child_token(),
@@ -303,6 +356,14 @@ impl Daemon {
         }
         let admin = AdminApi::new(daemon.clone(), tracker.clone(), shutdown.child_token());
         tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));
+        if let Some(l) = metrics_listener {
+            tracker.spawn(crate::admin::serve_metrics(
+                l,
+                metrics,
+                tracker.clone(),
+                shutdown.child_token(),
+            ));
+        }
         info!(
             nodes = config.nodes.len(),
             admin = %config.admin.socket.display(),
@@ -556,7 +617,39 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
     let (daemon, tracker) = Daemon::start(config, config_path, shutdown.clone()).await?;
+    // systemd: READY=1 once the listeners are bound (done) and the first
+    // connection attempt to every node has finished, success or not.
+    let ready_daemon = daemon.clone();
+    let ready_cancel = shutdown.clone();
+    tracker.spawn(async move {
+        let deadline = tokio::time::Instant::now() + first_attempt_bound;
+        while !ready_daemon.first_attempts_done() && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = ready_cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        info!("ready: listeners bound, first connection attempts finished");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    });
+    // WATCHDOG=1 from a loop on the same runtime as the tunnels: if the
+    // runtime wedges, systemd notices and restarts us.
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        let wd_cancel = shutdown.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wd_cancel.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
     let hup_daemon = daemon.clone();
     let hup_cancel = shutdown.clone();
     tracker.spawn(async move {
@@ -575,6 +668,7 @@ pub async fn run(
         }
     });
     shutdown.cancelled().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("shutting down");
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod error;
 pub mod keygen;
 pub mod known_hosts;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod relay;

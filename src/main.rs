@@ -26,6 +26,9 @@ enum Command {
         /// Config file.
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Show the state of every tunnel (exit 0 all healthy, 1 not, 2 unreachable).
     Status {
@@ -38,6 +41,15 @@ enum Command {
         /// Print the admin API's JSON status document.
         #[arg(long)]
         json: bool,
+        /// Redraw the table every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Validate a config file.
     CheckConfig {
@@ -68,6 +80,14 @@ enum Command {
         #[arg(long, default_value = "tunneler")]
         comment: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with span fields (node, stream).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -111,13 +131,21 @@ enum NodesAction {
     },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -129,12 +157,23 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, log_format } => run(&config, log_format),
         Command::Status {
             socket,
             config,
             json,
-        } => status(socket, config, json),
+            watch,
+        } => status(socket, config, json, watch),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tunneler",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -211,8 +250,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config_path: &Path) -> ExitCode {
-    init_logging();
+fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
+    init_logging(log_format);
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -308,7 +347,7 @@ fn admin_call(
     }
 }
 
-fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {
+fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, watch: bool) -> ExitCode {
     let socket = match (socket, config) {
         (Some(s), _) => s,
         (None, Some(c)) => match Config::load(&c) {
@@ -327,6 +366,23 @@ fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitC
             return ExitCode::from(2);
         }
     };
+    if watch {
+        return rt.block_on(async {
+            loop {
+                let frame = match tunneler::client::status(&socket).await {
+                    Ok((doc, _)) => doc.table(),
+                    Err(e) => format!("tunneler status: {e}\n"),
+                };
+                // Clear the screen and home the cursor, then draw.
+                print!("\x1b[2J\x1b[H{frame}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
     match rt.block_on(tunneler::client::status(&socket)) {
         Ok((doc, raw)) => {
             if json {

@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::TunnelError;
+use crate::metrics::{DialMetrics, DialResult};
 use crate::relay::{relay, RelayEnd};
 use crate::route::{Route, RouteTable};
 use crate::tunnel::{NodeTunnel, OpenStream};
@@ -105,6 +106,7 @@ pub struct EgressProxy {
     next_stream: Arc<AtomicU64>,
     /// Connections that have not yet sent a complete head hold a permit.
     pending: Arc<Semaphore>,
+    metrics: Arc<DialMetrics>,
 }
 
 /// A parsed CONNECT target.
@@ -247,6 +249,7 @@ impl EgressProxy {
     pub fn new(
         routes: SharedRoutes,
         settings: Arc<ArcSwap<ProxySettings>>,
+        metrics: Arc<DialMetrics>,
         max_pending_handshakes: usize,
         tracker: TaskTracker,
         cancel: CancellationToken,
@@ -258,6 +261,7 @@ impl EgressProxy {
             cancel,
             next_stream: Arc::new(AtomicU64::new(1)),
             pending: Arc::new(Semaphore::new(max_pending_handshakes)),
+            metrics,
         }
     }
 
@@ -368,6 +372,7 @@ impl EgressProxy {
             _ = self.cancel.cancelled() => return,
             r = head => r,
         };
+        let started = tokio::time::Instant::now();
         let (target, len) = match parsed {
             Err(_) => {
                 debug!("client did not send a request head in time");
@@ -375,12 +380,14 @@ impl EgressProxy {
             }
             Ok(Err(HeadError::BadRequest(why))) => {
                 if why != "connection closed" {
-                    reply(&mut s, 400, &format!("Bad Request: {why}")).await;
+                    self.refuse(started, &mut s, 400, &format!("Bad Request: {why}"))
+                        .await;
                 }
                 return;
             }
             Ok(Err(HeadError::NotConnect(m))) => {
-                reply(
+                self.refuse(
+                    started,
                     &mut s,
                     405,
                     &format!("Method Not Allowed: {m}; only CONNECT is served"),
@@ -389,22 +396,49 @@ impl EgressProxy {
                 return;
             }
             Ok(Err(HeadError::TooLarge)) => {
-                reply(&mut s, 431, "Request Header Fields Too Large").await;
+                self.refuse(started, &mut s, 431, "Request Header Fields Too Large")
+                    .await;
                 return;
             }
             Ok(Ok(Parsed::Partial)) => return,
             Ok(Ok(Parsed::Connect { target, len })) => (target, len),
         };
         drop(permit);
+        let started = tokio::time::Instant::now();
         let first = buf.split_off(len).freeze();
         let span = info_span!("stream", stream = id, dst = %target);
-        self.dial_and_relay(s, peer, target, first)
+        self.dial_and_relay(s, peer, target, first, started)
             .instrument(span)
             .await
     }
 
-    async fn dial_and_relay<S>(&self, mut s: S, peer: SocketAddr, target: Target, first: Bytes)
-    where
+    /// Records a refused dial in the metrics, then sends the error reply.
+    async fn refuse<W: AsyncWrite + Unpin>(
+        &self,
+        started: tokio::time::Instant,
+        w: &mut W,
+        code: u16,
+        text: &str,
+    ) {
+        let result = match code {
+            403 => DialResult::Forbidden,
+            502 => DialResult::Refused,
+            503 => DialResult::NoTunnel,
+            504 => DialResult::Timeout,
+            _ => DialResult::BadRequest,
+        };
+        self.metrics.record(result, started.elapsed().as_secs_f64());
+        reply(w, code, text).await;
+    }
+
+    async fn dial_and_relay<S>(
+        &self,
+        mut s: S,
+        peer: SocketAddr,
+        target: Target,
+        first: Bytes,
+        started: tokio::time::Instant,
+    ) where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let settings = self.settings.load_full();
@@ -414,7 +448,8 @@ impl EgressProxy {
         let open = match routes.lookup(&target.host) {
             Route::Forbidden => {
                 debug!("destination not allowed");
-                reply(
+                self.refuse(
+                    started,
                     &mut s,
                     403,
                     &format!("Forbidden: {target} is not a node, pod or service address"),
@@ -446,7 +481,7 @@ impl EgressProxy {
                     Err(e) => {
                         let (code, text) = error_reply(&e);
                         info!(node = %node.node.name, error = %e, code, "dial failed");
-                        reply(&mut s, code, &text).await;
+                        self.refuse(started, &mut s, code, &text).await;
                         return;
                     }
                 }
@@ -457,12 +492,14 @@ impl EgressProxy {
                     Err(e) => {
                         let (code, text) = error_reply(&e);
                         info!(error = %e, code, "pool dial failed");
-                        reply(&mut s, code, &text).await;
+                        self.refuse(started, &mut s, code, &text).await;
                         return;
                     }
                 }
             }
         };
+        self.metrics
+            .record(DialResult::Ok, started.elapsed().as_secs_f64());
         let OpenStream { channel, guard } = open;
         let tunnel = guard.tunnel().clone();
         if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")

@@ -217,6 +217,27 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     /// Sessions that ended after being established.
     pub reconnects: AtomicU64,
+    /// Sessions established (including make-before-break replacements).
+    pub opens: AtomicU64,
+    /// Failed session attempts, indexed like `metrics::OPEN_FAIL_REASONS`.
+    pub open_failures: [AtomicU64; 5],
+}
+
+impl Counters {
+    fn count_attempt(&self, r: &Result<Session, TunnelError>) {
+        match r {
+            Ok(_) => {
+                self.opens.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let i = crate::metrics::OPEN_FAIL_REASONS
+                    .iter()
+                    .position(|c| *c == e.class())
+                    .unwrap_or(crate::metrics::OPEN_FAIL_REASONS.len() - 1);
+                self.open_failures[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Commands to the actor.
@@ -338,6 +359,16 @@ impl NodeTunnel {
     /// Takes the node out of (or back into) the service pool.
     pub fn set_draining(&self, on: bool) {
         self.update(|s| s.draining = on);
+    }
+
+    /// Finished connection attempts, successful or not.
+    pub fn attempts(&self) -> u64 {
+        let c = &self.counters;
+        c.opens.load(Ordering::Relaxed)
+            + c.open_failures
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum::<u64>()
     }
 
     /// True when an operator drained the node.
@@ -562,6 +593,7 @@ async fn supervise(
             _ = cancel.cancelled() => break,
             r = session::connect(&tunnel.node, &ctx) => r,
         };
+        tunnel.counters.count_attempt(&attempt);
         if let Some(reply) = pending.take() {
             let _ = reply.send(attempt.as_ref().map(|_| ()).map_err(Clone::clone));
         }
@@ -600,6 +632,7 @@ async fn supervise(
                         }
                         r = session::connect(&tunnel.node, &fresh) => r,
                     };
+                    tunnel.counters.count_attempt(&next);
                     match next {
                         Ok(new) => {
                             let old = conn;
