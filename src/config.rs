@@ -65,6 +65,7 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     health: Option<RawHealth>,
+    discovery: Option<RawDiscovery>,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -115,6 +116,22 @@ struct RawTls {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    nodes_file: Option<PathBuf>,
+    address_types: Option<Vec<String>>,
+    kubernetes: Option<RawKube>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKube {
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    in_cluster: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawHealth {
     probe: String,
     interval: Option<String>,
@@ -141,6 +158,8 @@ struct RawNode {
     internal_ips: Option<Vec<String>>,
     #[serde(default)]
     pod_cidrs: Vec<String>,
+    #[serde(default)]
+    hostnames: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -160,6 +179,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The optional active health probe.
     pub health: Option<HealthConfig>,
+    /// Node sources besides the static list.
+    pub discovery: DiscoveryConfig,
     /// Statically configured nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -273,6 +294,26 @@ pub enum ProbeTarget {
     },
 }
 
+/// Node sources besides `[[node]]` and the admin API.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DiscoveryConfig {
+    /// A watched `kubectl get nodes -o json` file.
+    pub nodes_file: Option<PathBuf>,
+    /// Which `status.addresses` type is the SSH address, in preference order.
+    pub address_types: Vec<String>,
+    /// Watch Node objects in the Kubernetes API.
+    pub kubernetes: Option<KubeSource>,
+}
+
+/// How to reach the Kubernetes API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KubeSource {
+    /// A kubeconfig file.
+    Kubeconfig(PathBuf),
+    /// The pod's service account.
+    InCluster,
+}
+
 /// The active health probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
@@ -314,6 +355,9 @@ pub struct NodeConfig {
     pub internal_ips: Vec<IpAddr>,
     /// Pod CIDRs that route to this node.
     pub pod_cidrs: Vec<IpNet>,
+    /// Further names that route to this node (a Kubernetes `Hostname`
+    /// address that differs from the node name).
+    pub hostnames: Vec<String>,
 }
 
 impl NodeConfig {
@@ -551,6 +595,63 @@ impl Config {
             },
         };
         let health = raw.health.map(validate_health).transpose()?;
+        let discovery = match raw.discovery {
+            None => DiscoveryConfig::default(),
+            Some(d) => {
+                const KNOWN: [&str; 5] = [
+                    "InternalIP",
+                    "ExternalIP",
+                    "Hostname",
+                    "InternalDNS",
+                    "ExternalDNS",
+                ];
+                let address_types = d
+                    .address_types
+                    .unwrap_or_else(|| vec!["InternalIP".into(), "ExternalIP".into()]);
+                if address_types.is_empty() {
+                    return Err(invalid("discovery.address_types", "must not be empty"));
+                }
+                for (i, t) in address_types.iter().enumerate() {
+                    if !KNOWN.contains(&t.as_str()) {
+                        return Err(invalid(
+                            format!("discovery.address_types[{i}]"),
+                            format!("{t:?} is not one of {}", KNOWN.join(", ")),
+                        ));
+                    }
+                }
+                let kubernetes = match d.kubernetes {
+                    None => None,
+                    Some(RawKube {
+                        kubeconfig: Some(_),
+                        in_cluster: true,
+                    }) => {
+                        return Err(invalid(
+                            "discovery.kubernetes",
+                            "set either kubeconfig or in_cluster = true, not both",
+                        ))
+                    }
+                    Some(RawKube {
+                        kubeconfig: Some(p),
+                        ..
+                    }) => Some(KubeSource::Kubeconfig(resolve(base, &p))),
+                    Some(RawKube {
+                        kubeconfig: None,
+                        in_cluster: true,
+                    }) => Some(KubeSource::InCluster),
+                    Some(_) => {
+                        return Err(invalid(
+                            "discovery.kubernetes",
+                            "needs kubeconfig = \"PATH\" or in_cluster = true",
+                        ))
+                    }
+                };
+                DiscoveryConfig {
+                    nodes_file: d.nodes_file.map(|p| resolve(base, &p)),
+                    address_types,
+                    kubernetes,
+                }
+            }
+        };
 
         let admin = AdminConfig {
             socket: raw
@@ -593,6 +694,7 @@ impl Config {
             proxy,
             admin,
             health,
+            discovery,
             nodes,
         })
     }
@@ -736,12 +838,26 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
     for (j, c) in n.pod_cidrs.iter().enumerate() {
         pod_cidrs.push(parse_cidr(&format!("{key}.pod_cidrs[{j}]"), c)?);
     }
+    let mut hostnames = Vec::new();
+    for (j, h) in n.hostnames.iter().enumerate() {
+        let h = h.trim().to_ascii_lowercase();
+        if !valid_node_name(&h) {
+            return Err(invalid(
+                format!("{key}.hostnames[{j}]"),
+                format!("{h:?} is not a valid host name"),
+            ));
+        }
+        if h != n.name && !hostnames.contains(&h) {
+            hostnames.push(h);
+        }
+    }
     Ok(NodeConfig {
         name: n.name,
         address,
         port: n.port.unwrap_or(default_port),
         internal_ips,
         pod_cidrs,
+        hostnames,
     })
 }
 
@@ -759,6 +875,18 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
                 format!("duplicate node name {:?}", n.name),
             ));
         }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for h in &n.hostnames {
+            if !names.insert(h.as_str()) {
+                return Err(invalid(
+                    format!("node[{i}].hostnames"),
+                    format!("{h:?} is already the name or a host name of another node"),
+                ));
+            }
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
         for ip in &n.internal_ips {
             if let Some(other) = ips.insert(*ip, &n.name) {
                 return Err(invalid(

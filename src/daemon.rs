@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -83,6 +83,16 @@ pub enum ChangeError {
     /// The new config's keys could not be loaded.
     #[error("{0}")]
     Start(#[from] StartError),
+    /// A name is already provided by another source.
+    #[error(
+        "node {name:?} comes from the {other} source already; a name may come from one source only"
+    )]
+    Conflict {
+        /// The node.
+        name: String,
+        /// The source that has it.
+        other: &'static str,
+    },
     /// There is no config file to reload (started from a Config value).
     #[error("this daemon was not started from a config file")]
     NoConfigFile,
@@ -100,6 +110,48 @@ pub enum Source {
     Config,
     /// `POST /v1/nodes`.
     Api,
+    /// `[discovery] nodes_file`.
+    File,
+    /// `[discovery.kubernetes]`.
+    Kubernetes,
+}
+
+impl Source {
+    /// The name shown in status.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+            Source::File => "file",
+            Source::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// How a discovery source is doing, for the status page.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct SourceStatus {
+    /// file or kubernetes.
+    pub source: String,
+    /// Last successful sync (RFC 3339).
+    pub last_success: Option<String>,
+    /// The current error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Nodes this source provides now.
+    pub nodes: usize,
+}
+
+/// What a source sync did.
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    /// Nodes started.
+    pub added: Vec<String>,
+    /// Nodes drained and closed.
+    pub removed: Vec<String>,
+    /// Nodes replaced.
+    pub changed: Vec<String>,
+    /// Nodes untouched.
+    pub unchanged: usize,
 }
 
 struct NodeEntry {
@@ -135,6 +187,7 @@ pub struct Daemon {
     listeners: Vec<String>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    sources: Mutex<BTreeMap<&'static str, SourceStatus>>,
 }
 
 fn load_context(config: &Config) -> Result<SshContext, StartError> {
@@ -163,13 +216,13 @@ fn load_context(config: &Config) -> Result<SshContext, StartError> {
 impl Daemon {
     /// The status document for `GET /v1/status`.
     pub fn status(&self) -> StatusDocument {
-        let tunnels: Vec<Arc<NodeTunnel>> = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|e| e.tunnel.clone())
-            .collect();
+        let (tunnels, sources): (Vec<Arc<NodeTunnel>>, BTreeMap<String, Source>) = {
+            let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                nodes.values().map(|e| e.tunnel.clone()).collect(),
+                nodes.iter().map(|(n, e)| (n.clone(), e.source)).collect(),
+            )
+        };
         let nodes = tunnels
             .iter()
             .map(|t| {
@@ -178,6 +231,7 @@ impl Daemon {
                 let ld =
                     |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 NodeStatus {
+                    source: sources.get(&t.node.name).map(|s| s.as_str().to_string()),
                     name: t.node.name.clone(),
                     address: t.node.endpoint(),
                     state: s.state.as_str().to_string(),
@@ -198,6 +252,13 @@ impl Daemon {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             listeners: self.listeners.clone(),
             nodes,
+            sources: self
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
         }
     }
 
@@ -327,6 +388,7 @@ impl Daemon {
             listeners: listeners.iter().map(ProxyListener::url).collect(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            sources: Mutex::new(BTreeMap::new()),
         });
         {
             let mut nodes = daemon.nodes.lock().unwrap_or_else(|e| e.into_inner());
@@ -356,6 +418,22 @@ impl Daemon {
         }
         let admin = AdminApi::new(daemon.clone(), tracker.clone(), shutdown.child_token());
         tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));
+        if let Some(path) = config.discovery.nodes_file.clone() {
+            tracker.spawn(crate::discovery::watch_file(
+                daemon.clone(),
+                path,
+                config.discovery.address_types.clone(),
+                shutdown.child_token(),
+            ));
+        }
+        if let Some(kube) = config.discovery.kubernetes.clone() {
+            tracker.spawn(crate::kube_watch::run(
+                daemon.clone(),
+                kube,
+                config.discovery.address_types.clone(),
+                shutdown.child_token(),
+            ));
+        }
         if let Some(l) = metrics_listener {
             tracker.spawn(crate::admin::serve_metrics(
                 l,
@@ -484,6 +562,128 @@ impl Daemon {
         Ok(())
     }
 
+    /// Reconciles the nodes of one discovery source to `desired`: nodes it no
+    /// longer lists are drained and closed, changed nodes are replaced,
+    /// unchanged nodes keep their connection. The whole set is validated
+    /// first (including against every other source); on error nothing
+    /// changes.
+    pub async fn sync_source(
+        &self,
+        source: Source,
+        desired: Vec<NodeConfig>,
+    ) -> Result<SyncReport, ChangeError> {
+        let config = self.changes.lock().await;
+        let existing = self.node_configs();
+        for n in &desired {
+            if let Some((_, other)) = existing.iter().find(|(e, _)| e.name == n.name) {
+                if *other != source {
+                    return Err(ChangeError::Conflict {
+                        name: n.name.clone(),
+                        other: other.as_str(),
+                    });
+                }
+            }
+        }
+        let mut combined: Vec<NodeConfig> = existing
+            .iter()
+            .filter(|(_, src)| *src != source)
+            .map(|(n, _)| n.clone())
+            .collect();
+        combined.extend(desired.iter().cloned());
+        check_node_set(&combined, &config.proxy.service_cidrs)?;
+
+        let mut report = SyncReport::default();
+        let mut retired = Vec::new();
+        {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<String> = nodes
+                .iter()
+                .filter(|(name, e)| e.source == source && !desired.iter().any(|n| &n.name == *name))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in gone {
+                if let Some(e) = nodes.remove(&name) {
+                    retired.push(e.tunnel);
+                    report.removed.push(name);
+                }
+            }
+            for n in &desired {
+                match nodes.get(&n.name) {
+                    Some(e) if e.tunnel.node == *n => report.unchanged += 1,
+                    existing => {
+                        if existing.is_some() {
+                            if let Some(old) = nodes.remove(&n.name) {
+                                retired.push(old.tunnel);
+                            }
+                            report.changed.push(n.name.clone());
+                        } else {
+                            report.added.push(n.name.clone());
+                        }
+                        let tunnel = self.spawn_tunnel(n.clone());
+                        nodes.insert(n.name.clone(), NodeEntry { tunnel, source });
+                    }
+                }
+            }
+        }
+        self.rebuild_routes(&config.proxy.service_cidrs);
+        for t in retired {
+            self.retire(t, config.proxy.drain_timeout);
+        }
+        let count = desired.len();
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(source.as_str())
+            .or_insert_with(|| SourceStatus {
+                source: source.as_str().into(),
+                ..Default::default()
+            })
+            .nodes = count;
+        Ok(report)
+    }
+
+    /// Records a successful sync of `source`.
+    pub fn source_ok(&self, source: Source) {
+        let now = SystemTime::now();
+        let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let e = s.entry(source.as_str()).or_insert_with(|| SourceStatus {
+            source: source.as_str().into(),
+            ..Default::default()
+        });
+        e.last_success = Some(rfc3339(now));
+        e.last_error = None;
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.metrics
+            .discovery_last_success
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a failed sync of `source`; its nodes stay as they were.
+    pub fn source_failed(&self, source: Source, error: String) {
+        let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        s.entry(source.as_str())
+            .or_insert_with(|| SourceStatus {
+                source: source.as_str().into(),
+                ..Default::default()
+            })
+            .last_error = Some(error);
+        self.metrics
+            .discovery_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True when `source`'s last attempt failed.
+    pub fn source_has_error(&self, source: Source) -> bool {
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source.as_str())
+            .is_some_and(|s| s.last_error.is_some())
+    }
+
     /// `POST /v1/reload` and SIGHUP: re-reads the config file and applies
     /// the difference. An invalid config is rejected as a whole.
     pub async fn reload(&self) -> Result<ReloadReport, ChangeError> {
@@ -509,8 +709,18 @@ impl Daemon {
         let existing = self.node_configs();
         let mut combined = new.nodes.clone();
         for (n, src) in &existing {
-            if *src == Source::Api && !new.nodes.iter().any(|c| c.name == n.name) {
-                combined.push(n.clone());
+            let named = new.nodes.iter().any(|c| c.name == n.name);
+            match src {
+                Source::Config => {}
+                // The config takes over an API-added node of the same name.
+                Source::Api if named => {}
+                Source::File | Source::Kubernetes if named => {
+                    return Err(ChangeError::Conflict {
+                        name: n.name.clone(),
+                        other: src.as_str(),
+                    })
+                }
+                _ => combined.push(n.clone()),
             }
         }
         check_node_set(&combined, &new.proxy.service_cidrs)?;

@@ -78,6 +78,8 @@ pub struct Metrics {
     pub dial: Arc<DialMetrics>,
     /// Unix time of the last successful discovery sync (0 = never).
     pub discovery_last_success: Arc<AtomicI64>,
+    /// Failed discovery syncs.
+    pub discovery_errors: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -92,6 +94,7 @@ pub type TunnelSource = Arc<dyn Fn() -> Vec<Arc<NodeTunnel>> + Send + Sync>;
 struct NodeCollector {
     tunnels: TunnelSource,
     discovery_last_success: Arc<AtomicI64>,
+    discovery_errors: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -221,6 +224,13 @@ impl Collector for NodeCollector {
             "Unix time of the last successful node discovery sync (0: never)",
             &[(Vec::new(), last as f64)],
         )?;
+        let m = enc.encode_descriptor(
+            "tunneler_discovery_errors",
+            "Failed node discovery syncs (the last good node set stays)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.discovery_errors.load(Ordering::Relaxed)).encode(m)?;
         Ok(())
     }
 }
@@ -248,14 +258,17 @@ impl Metrics {
             durations.clone(),
         );
         let discovery_last_success = Arc::new(AtomicI64::new(0));
+        let discovery_errors = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(NodeCollector {
             tunnels,
             discovery_last_success: discovery_last_success.clone(),
+            discovery_errors: discovery_errors.clone(),
         }));
         Metrics {
             registry,
             dial: Arc::new(DialMetrics { dials, durations }),
             discovery_last_success,
+            discovery_errors,
         }
     }
 

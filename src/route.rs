@@ -92,9 +92,11 @@ impl<T: Clone> RouteTable<T> {
             let idx = t.nodes.len();
             t.nodes.push(payload);
             if let Some(first) = cfg.internal_ips.first() {
-                t.by_name
-                    .entry(cfg.name.to_ascii_lowercase())
-                    .or_insert((idx, *first));
+                for name in std::iter::once(&cfg.name).chain(&cfg.hostnames) {
+                    t.by_name
+                        .entry(name.to_ascii_lowercase())
+                        .or_insert((idx, *first));
+                }
             }
             for ip in &cfg.internal_ips {
                 t.by_ip.entry(canonical(*ip)).or_insert(idx);
@@ -207,6 +209,7 @@ mod tests {
             port: 22,
             internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
+            hostnames: Vec::new(),
         }
     }
 

@@ -90,7 +90,7 @@ pub struct StateInfo {
     pub state: TunnelState,
     /// When this state was entered.
     pub since: SystemTime,
-    /// The most recent failure, kept across a later success for diagnosis.
+    /// The most recent failure; cleared when a session is established.
     pub last_error: Option<TunnelError>,
     /// When the next connect attempt is due (backoff and rejected only).
     pub next_retry: Option<SystemTime>,
@@ -404,7 +404,10 @@ impl NodeTunnel {
                 s.rtt = None;
                 s.probe_failing = false;
             }
-            if err.is_some() {
+            if link == Link::Up {
+                // A working session answers the question "what is wrong".
+                s.last_error = None;
+            } else if err.is_some() {
                 s.last_error = err;
             }
             s.next_retry = next_retry.map(|d| SystemTime::now() + d);
