@@ -80,6 +80,8 @@ struct RawSsh {
     connect_timeout: Option<String>,
     keepalive_interval: Option<String>,
     keepalive_max: Option<usize>,
+    connections_per_node: Option<usize>,
+    max_concurrent_handshakes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +204,11 @@ pub struct SshConfig {
     pub keepalive_interval: Duration,
     /// Unanswered keepalives before the session is declared dead.
     pub keepalive_max: usize,
+    /// SSH connections per node; streams are spread across them.
+    pub connections_per_node: usize,
+    /// Handshakes in flight at once, over all nodes: a thousand nodes
+    /// starting together must not swamp us or a shared sshd's MaxStartups.
+    pub max_concurrent_handshakes: usize,
 }
 
 /// Reconnect backoff settings.
@@ -501,6 +508,26 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             keepalive_max,
+            connections_per_node: match s.connections_per_node {
+                None => 1,
+                Some(n @ 1..=16) => n,
+                Some(_) => {
+                    return Err(invalid(
+                        "ssh.connections_per_node",
+                        "must be between 1 and 16",
+                    ))
+                }
+            },
+            max_concurrent_handshakes: match s.max_concurrent_handshakes {
+                None => 64,
+                Some(0) => {
+                    return Err(invalid(
+                        "ssh.max_concurrent_handshakes",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+            },
         };
 
         let r = raw.reconnect;

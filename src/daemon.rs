@@ -190,7 +190,10 @@ pub struct Daemon {
     sources: Mutex<BTreeMap<&'static str, SourceStatus>>,
 }
 
-fn load_context(config: &Config) -> Result<SshContext, StartError> {
+fn load_context(
+    config: &Config,
+    handshakes: Arc<tokio::sync::Semaphore>,
+) -> Result<SshContext, StartError> {
     let identity = russh::keys::load_secret_key(&config.ssh.identity_file, None).map_err(|e| {
         StartError::Identity {
             path: config.ssh.identity_file.clone(),
@@ -210,6 +213,7 @@ fn load_context(config: &Config) -> Result<SshContext, StartError> {
         config.proxy.drain_timeout,
         Arc::new(identity),
         Arc::new(known_hosts),
+        handshakes,
     ))
 }
 
@@ -319,7 +323,11 @@ impl Daemon {
         config_path: Option<PathBuf>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Daemon>, TaskTracker), StartError> {
-        let ctx: SharedContext = Arc::new(ArcSwap::from_pointee(load_context(&config)?));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(
+            config.ssh.max_concurrent_handshakes,
+        ));
+        let ctx: SharedContext =
+            Arc::new(ArcSwap::from_pointee(load_context(&config, handshakes)?));
 
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
@@ -729,7 +737,7 @@ impl Daemon {
             || new.health != current.health
             || new.proxy.drain_timeout != current.proxy.drain_timeout;
         let new_ctx = if ctx_changed {
-            Some(load_context(&new)?)
+            Some(load_context(&new, self.ctx.load().handshakes.clone())?)
         } else {
             None
         };
@@ -746,6 +754,16 @@ impl Daemon {
         {
             report.warnings.push(
                 "proxy.tls, proxy.socket_group and proxy.max_pending_handshakes take effect after a restart".into(),
+            );
+        }
+        if new.ssh.max_concurrent_handshakes != current.ssh.max_concurrent_handshakes {
+            report
+                .warnings
+                .push("ssh.max_concurrent_handshakes takes effect after a restart".into());
+        }
+        if new.ssh.connections_per_node != current.ssh.connections_per_node {
+            report.warnings.push(
+                "ssh.connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
             );
         }
         if new.admin.socket != current.admin.socket

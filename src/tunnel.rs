@@ -96,9 +96,23 @@ pub struct StateInfo {
     pub next_retry: Option<SystemTime>,
     /// Round trip of the last keepalive ping.
     pub rtt: Option<Duration>,
+    /// The node's link: the best of its connections' links.
     link: Link,
+    /// One link per SSH connection (`ssh.connections_per_node`).
+    slots: Vec<Link>,
     draining: bool,
     probe_failing: bool,
+}
+
+/// The node's link from its connections': up if any is up, else
+/// connecting if any is, else rejected if any is, else backoff.
+fn best_link(slots: &[Link]) -> Link {
+    for l in [Link::Up, Link::Connecting, Link::Rejected] {
+        if slots.contains(&l) {
+            return l;
+        }
+    }
+    Link::Backoff
 }
 
 impl StateInfo {
@@ -131,6 +145,8 @@ pub struct SshContext {
     pub known_hosts: Arc<KnownHostsStore>,
     /// russh client settings, built once.
     pub client_config: Arc<client::Config>,
+    /// Caps handshakes in flight over all nodes; kept across reloads.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl SshContext {
@@ -142,6 +158,7 @@ impl SshContext {
         drain_timeout: Duration,
         identity: Arc<PrivateKey>,
         known_hosts: Arc<KnownHostsStore>,
+        handshakes: Arc<tokio::sync::Semaphore>,
     ) -> SshContext {
         let preferred = russh::Preferred {
             // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
@@ -173,6 +190,7 @@ impl SshContext {
             identity,
             known_hosts,
             client_config: Arc::new(client_config),
+            handshakes,
         }
     }
 }
@@ -284,11 +302,14 @@ pub struct NodeTunnel {
     /// The node's settings.
     pub node: NodeConfig,
     state: watch::Sender<StateInfo>,
-    conn: ArcSwapOption<Conn>,
+    /// One live session per connection slot. Streams are spread over them
+    /// (least loaded first), so concurrent streams use several cores and a
+    /// heavy stream shares its session's loop with fewer neighbours.
+    conns: Vec<ArcSwapOption<Conn>>,
     /// Stream and byte counters.
     pub counters: Counters,
     cancel: CancellationToken,
-    commands: mpsc::Sender<Command>,
+    commands: Vec<mpsc::Sender<Command>>,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -309,6 +330,7 @@ impl NodeTunnel {
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Arc<NodeTunnel> {
+        let n = ctx.load().ssh.connections_per_node.max(1);
         let (state, _) = watch::channel(StateInfo {
             state: TunnelState::Connecting,
             since: SystemTime::now(),
@@ -316,22 +338,37 @@ impl NodeTunnel {
             next_retry: None,
             rtt: None,
             link: Link::Connecting,
+            slots: vec![Link::Connecting; n],
             draining: false,
             probe_failing: false,
         });
-        let (commands, rx) = mpsc::channel(4);
+        let mut commands = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel(4);
+            commands.push(tx);
+            receivers.push(rx);
+        }
         let tunnel = Arc::new(NodeTunnel {
             node,
             state,
-            conn: ArcSwapOption::empty(),
+            conns: (0..n).map(|_| ArcSwapOption::empty()).collect(),
             counters: Counters::default(),
             cancel,
             commands,
         });
         let span = info_span!("node", node = %tunnel.node.name);
-        tracker.spawn(
-            supervise(tunnel.clone(), ctx.clone(), rx, tracker.clone()).instrument(span.clone()),
-        );
+        for (slot, rx) in receivers.into_iter().enumerate() {
+            let slot_span = if n > 1 {
+                tracing::info_span!(parent: &span, "conn", slot)
+            } else {
+                span.clone()
+            };
+            tracker.spawn(
+                supervise(tunnel.clone(), slot, ctx.clone(), rx, tracker.clone())
+                    .instrument(slot_span),
+            );
+        }
         tracker.spawn(crate::probe::run(tunnel.clone(), ctx).instrument(span));
         tunnel
     }
@@ -397,33 +434,60 @@ impl NodeTunnel {
         });
     }
 
-    fn set_link(&self, link: Link, err: Option<TunnelError>, next_retry: Option<Duration>) {
+    fn set_link(
+        &self,
+        slot: usize,
+        link: Link,
+        err: Option<TunnelError>,
+        next_retry: Option<Duration>,
+    ) {
         self.update(|s| {
-            s.link = link;
-            if link != Link::Up {
+            if let Some(l) = s.slots.get_mut(slot) {
+                *l = link;
+            }
+            s.link = best_link(&s.slots);
+            if s.link != Link::Up {
                 s.rtt = None;
                 s.probe_failing = false;
             }
-            if link == Link::Up {
+            if s.link == Link::Up {
                 // A working session answers the question "what is wrong".
                 s.last_error = None;
             } else if err.is_some() {
                 s.last_error = err;
             }
-            s.next_retry = next_retry.map(|d| SystemTime::now() + d);
+            let retry = next_retry.map(|d| SystemTime::now() + d);
+            s.next_retry = match (s.link, s.next_retry, retry) {
+                (Link::Up | Link::Connecting, _, _) => None,
+                (_, Some(old), Some(new)) if old > SystemTime::now() => Some(old.min(new)),
+                (_, _, new) => new,
+            };
         });
     }
 
     /// Asks the actor for a make-before-break reconnect and waits for the
     /// new session (or the reason it could not be made).
     pub async fn reconnect(&self) -> Result<(), TunnelError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Reconnect(tx))
-            .await
-            .map_err(|_| TunnelError::NotConnected("node is shutting down".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(TunnelError::NotConnected("node is shutting down".into())))
+        let mut replies = Vec::new();
+        for c in &self.commands {
+            let (tx, rx) = oneshot::channel();
+            c.send(Command::Reconnect(tx))
+                .await
+                .map_err(|_| TunnelError::NotConnected("node is shutting down".into()))?;
+            replies.push(rx);
+        }
+        // Every connection reconnects (each make-before-break); the first
+        // failure is reported, the others still complete on their own.
+        let mut result = Ok(());
+        for rx in replies {
+            let r = rx
+                .await
+                .unwrap_or_else(|_| Err(TunnelError::NotConnected("node is shutting down".into())));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
     }
 
     /// Waits until no stream is open on this node, or `limit` passes.
@@ -487,6 +551,22 @@ impl NodeTunnel {
         }
     }
 
+    fn least_loaded_conn(&self) -> Option<Arc<Conn>> {
+        let mut best: Option<Arc<Conn>> = None;
+        for slot in &self.conns {
+            if let Some(c) = slot.load_full() {
+                let load = c.streams.load(Ordering::Relaxed);
+                if best
+                    .as_ref()
+                    .is_none_or(|b| load < b.streams.load(Ordering::Relaxed))
+                {
+                    best = Some(c);
+                }
+            }
+        }
+        best
+    }
+
     async fn wait_connected(
         &self,
         deadline: tokio::time::Instant,
@@ -496,7 +576,7 @@ impl NodeTunnel {
             let state = rx.borrow_and_update().clone();
             match state.link {
                 Link::Up => {
-                    if let Some(c) = self.conn.load_full() {
+                    if let Some(c) = self.least_loaded_conn() {
                         return Ok(c);
                     }
                 }
@@ -578,6 +658,7 @@ async fn ping_loop(
 /// The actor loop. Runs until the node's token is cancelled.
 async fn supervise(
     tunnel: Arc<NodeTunnel>,
+    slot: usize,
     shared: SharedContext,
     mut commands: mpsc::Receiver<Command>,
     tracker: TaskTracker,
@@ -590,7 +671,7 @@ async fn supervise(
     let mut pending: Option<oneshot::Sender<Result<(), TunnelError>>> = None;
     'outer: loop {
         let ctx = shared.load_full();
-        tunnel.set_link(Link::Connecting, None, None);
+        tunnel.set_link(slot, Link::Connecting, None, None);
         debug!(endpoint = %tunnel.node.endpoint(), "connecting");
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -608,15 +689,15 @@ async fn supervise(
                     mut ended,
                     mut end_reason,
                 } = first;
-                let mut conn = install(&tunnel, handle, &ctx, &tracker, ended.clone());
-                tunnel.set_link(Link::Up, None, None);
+                let mut conn = install(&tunnel, slot, handle, &ctx, &tracker, ended.clone());
+                tunnel.set_link(slot, Link::Up, None, None);
                 info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
                 // Serve until the session ends, a reconnect is asked for, or
                 // the node is stopped.
                 let why = loop {
                     let cmd = tokio::select! {
                         _ = cancel.cancelled() => {
-                            tunnel.conn.store(None);
+                            tunnel.conns[slot].store(None);
                             let _ = conn.handle.disconnect(Disconnect::ByApplication, "tunneler shutting down", "").await;
                             break 'outer;
                         }
@@ -641,7 +722,8 @@ async fn supervise(
                             let old = conn;
                             let old_ended = std::mem::replace(&mut ended, new.ended);
                             end_reason = new.end_reason;
-                            conn = install(&tunnel, new.handle, &ctx, &tracker, ended.clone());
+                            conn =
+                                install(&tunnel, slot, new.handle, &ctx, &tracker, ended.clone());
                             up_at = Instant::now();
                             tracker.spawn(
                                 retire(
@@ -661,25 +743,30 @@ async fn supervise(
                         }
                     }
                 };
-                tunnel.conn.store(None);
+                tunnel.conns[slot].store(None);
                 warn!(reason = %why, "tunnel lost");
                 tunnel.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 if up_at.elapsed() >= ctx.reconnect.stable_after {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                tunnel.set_link(Link::Backoff, Some(TunnelError::Session(why)), Some(delay));
+                tunnel.set_link(
+                    slot,
+                    Link::Backoff,
+                    Some(TunnelError::Session(why)),
+                    Some(delay),
+                );
                 delay
             }
             Err(e) if e.is_rejection() => {
                 warn!(error = %e, retry_in = ?backoff.max(), "tunnel rejected");
-                tunnel.set_link(Link::Rejected, Some(e), Some(backoff.max()));
+                tunnel.set_link(slot, Link::Rejected, Some(e), Some(backoff.max()));
                 backoff.max()
             }
             Err(e) => {
                 let delay = backoff.next_delay();
                 info!(error = %e, retry_in = ?delay, "connect failed");
-                tunnel.set_link(Link::Backoff, Some(e), Some(delay));
+                tunnel.set_link(slot, Link::Backoff, Some(e), Some(delay));
                 delay
             }
         };
@@ -698,7 +785,7 @@ async fn supervise(
             }
         }
     }
-    tunnel.conn.store(None);
+    tunnel.conns[slot].store(None);
     debug!("supervisor stopped");
 }
 
@@ -706,6 +793,7 @@ async fn supervise(
 /// its keepalive round trip is measured until the session ends.
 fn install(
     tunnel: &Arc<NodeTunnel>,
+    slot: usize,
     handle: Handle<ClientHandler>,
     ctx: &SshContext,
     tracker: &TaskTracker,
@@ -716,7 +804,7 @@ fn install(
         streams: AtomicU64::new(0),
         idle: Notify::new(),
     });
-    tunnel.conn.store(Some(conn.clone()));
+    tunnel.conns[slot].store(Some(conn.clone()));
     let stop = ended.clone();
     let cancel = tunnel.cancel.clone();
     let t = tunnel.clone();
