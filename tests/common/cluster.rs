@@ -414,6 +414,7 @@ impl Cluster {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let ssh_extra = &spec.ssh_extra;
         let mut s = format!(
             r#"[ssh]
 user = "root"
@@ -423,6 +424,7 @@ port = 22
 connect_timeout = "2s"
 keepalive_interval = "1s"
 keepalive_max = 3
+{ssh_extra}
 
 [reconnect]
 initial_backoff = "100ms"
@@ -511,4 +513,145 @@ pub struct ConfigSpec {
     pub service_cidrs: Option<Vec<String>>,
     /// Appended verbatim at the end (after the `[[node]]` tables).
     pub extra: String,
+    /// Extra lines inside the `[ssh]` table.
+    pub ssh_extra: String,
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the control, operability and local-security tests
+// ---------------------------------------------------------------------------
+
+impl Cluster {
+    /// Replaces node `i`'s Python servers with ones whose HTTP server listens
+    /// on `http_port` instead (echo and flood stay on their ports). Used to
+    /// make an HTTP health probe on `HTTP_PORT` fail on one node while its
+    /// echo server keeps answering.
+    pub fn restart_servers_with_http_port(&mut self, i: usize, http_port: u16) {
+        if let Some(mut c) = self.nodes[i - 1].servers.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let node = &self.nodes[i - 1];
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "/usr/bin/python3", "-u"])
+            .arg(self.dir.join("servers.py"))
+            .args([
+                node.name.as_str(),
+                &ECHO_PORT.to_string(),
+                &http_port.to_string(),
+                &FLOOD_PORT.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(node.dir.join("servers2.log")).unwrap())
+            .spawn()
+            .expect("spawn python servers");
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let _ = out.read_line(&mut line);
+        self.nodes[i - 1].servers = Some(child);
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "python servers in {} did not restart: {:?}",
+            self.nodes[i - 1].ns,
+            fs::read_to_string(self.nodes[i - 1].dir.join("servers2.log"))
+        );
+    }
+
+    /// Starts `program args` inside node `i`'s namespace (stdout and stderr
+    /// to `<node dir>/<log>`). The cluster's teardown kills it with every
+    /// other process of the namespace.
+    pub fn spawn_in_node(&self, i: usize, log: &str, program: &str, args: &[&str]) -> Child {
+        let node = self.node(i);
+        let out = fs::File::create(node.dir.join(log)).unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &node.ns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program} in {}: {e}", node.ns))
+    }
+
+    /// Waits (bounded) until something listens on `ip:port` inside node
+    /// `i`'s namespace; returns whether it does.
+    pub fn wait_listening_in_node(&self, i: usize, ip: &str, port: u16, timeout: Duration) -> bool {
+        let ns = self.node(i).ns.clone();
+        let script = format!(
+            "import socket,sys\ns=socket.socket()\ns.settimeout(0.5)\n\
+             sys.exit(0 if s.connect_ex(('{ip}',{port}))==0 else 1)"
+        );
+        poll(timeout, || {
+            run_quiet(
+                "ip",
+                &["netns", "exec", &ns, "/usr/bin/python3", "-c", &script],
+            )
+        })
+    }
+
+    /// Established TCP connections from the host namespace to node `i`'s
+    /// sshd (the daemon's SSH sessions to it).
+    pub fn ssh_sessions_to(&self, i: usize) -> usize {
+        let ip = self.node(i).ip;
+        let out = Command::new("ss")
+            .args(["-Htn", "state", "established"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let want = format!("{ip}:22");
+        out.lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(want.as_str()))
+            .count()
+    }
+
+    /// A `kubectl get nodes -o json` style `Node` object for node `i`, with
+    /// its SSH address as InternalIP and a Hostname address; `pod_cidrs`
+    /// become `spec.podCIDRs` (and the first one `spec.podCIDR`).
+    pub fn k8s_node_json(&self, i: usize, pod_cidrs: &[&str]) -> Value {
+        let node = self.node(i);
+        let mut spec = serde_json::json!({ "providerID": format!("test://{}", node.name) });
+        if let Some(first) = pod_cidrs.first() {
+            spec["podCIDR"] = Value::from(*first);
+            spec["podCIDRs"] = Value::from(pod_cidrs.to_vec());
+        }
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "uid": format!("00000000-0000-0000-0000-{:012}", i),
+                "resourceVersion": "1",
+                "labels": { "kubernetes.io/hostname": node.name },
+            },
+            "spec": spec,
+            "status": {
+                "addresses": [
+                    { "type": "InternalIP", "address": node.ip.to_string() },
+                    { "type": "Hostname", "address": node.name },
+                ],
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            },
+        })
+    }
+
+    /// Atomically replaces `path` with `contents` (temp file + rename), as
+    /// a node-list writer should.
+    pub fn replace_file(&self, path: &Path, contents: &str) {
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, contents).unwrap();
+        fs::rename(&tmp, path).unwrap();
+    }
+
+    /// A `kubectl get nodes -o json` document (`kind: List`) holding `items`.
+    pub fn k8s_node_list(items: Vec<Value>) -> String {
+        serde_json::to_string_pretty(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": items,
+            "metadata": { "resourceVersion": "" },
+        }))
+        .unwrap()
+    }
 }
