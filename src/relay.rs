@@ -16,11 +16,14 @@
 //! flow control: a consumer slower than its producer for longer than the
 //! buffer lasts loses its stream instead of stalling its neighbours.
 //!
+//! All streams together are further bounded by [`GLOBAL_BUFFER_LIMIT`], so
+//! memory stays bounded however many streams stall at once.
+//!
 //! The client→node side needs no such care: a channel whose remote window is
 //! exhausted only blocks its own writer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
@@ -34,6 +37,44 @@ use crate::tunnel::Counters;
 /// Bytes a stream may hold for a client that is not reading before the
 /// stream is reset. Large enough for bursts of kubectl logs/exec output.
 pub const STREAM_BUFFER_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Bytes all streams together may hold for slow clients. Past it, a
+/// stream holding more than [`GLOBAL_SHARE_FLOOR`] that wants to grow is
+/// reset, so thousands of stalled streams cannot exhaust memory while
+/// streams that keep up (with little queued) are never touched.
+pub const GLOBAL_BUFFER_LIMIT: usize = 512 * 1024 * 1024;
+
+/// A stream holding less than this is never reset for the global limit.
+pub const GLOBAL_SHARE_FLOOR: usize = 1024 * 1024;
+
+/// Bytes queued for clients right now, over all streams.
+static BUFFERED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes queued for slow clients over all streams (for status and tests).
+pub fn buffered_bytes() -> usize {
+    BUFFERED.load(Ordering::Relaxed)
+}
+
+/// Keeps [`BUFFERED`] in step with one stream's queue, also when the relay
+/// future is dropped mid-way.
+struct QueueAccount(usize);
+
+impl QueueAccount {
+    fn add(&mut self, n: usize) -> usize {
+        self.0 += n;
+        BUFFERED.fetch_add(n, Ordering::Relaxed) + n
+    }
+    fn sub(&mut self, n: usize) {
+        self.0 -= n;
+        BUFFERED.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for QueueAccount {
+    fn drop(&mut self) {
+        BUFFERED.fetch_sub(self.0, Ordering::Relaxed);
+    }
+}
 
 /// Read size from the client; one SSH packet's worth or so.
 const CLIENT_READ_SIZE: usize = 64 * 1024;
@@ -111,7 +152,7 @@ where
     let down = async {
         // node → client, with the channel always drained promptly.
         let mut queue: VecDeque<Bytes> = VecDeque::new();
-        let mut queued = 0usize;
+        let mut queued = QueueAccount(0);
         let mut eof = false;
         let mut closed = false;
         let mut client_shut = false;
@@ -134,10 +175,15 @@ where
                 _ = stop.cancelled() => return RelayEnd::Cancelled,
                 msg = read_half.wait(), if !closed => match msg {
                     Some(ChannelMsg::Data { data }) => {
-                        queued += data.len();
+                        let total = queued.add(data.len());
                         queue.push_back(data);
-                        if queued > STREAM_BUFFER_LIMIT {
-                            warn!(buffered = queued, "client is not reading; resetting this stream only");
+                        if queued.0 > STREAM_BUFFER_LIMIT {
+                            warn!(buffered = queued.0, "client is not reading; resetting this stream only");
+                            stop.cancel();
+                            return RelayEnd::ClientTooSlow;
+                        }
+                        if total > GLOBAL_BUFFER_LIMIT && queued.0 > GLOBAL_SHARE_FLOOR {
+                            warn!(buffered = queued.0, all_streams = total, "buffer budget of all streams exhausted; resetting this slow stream");
                             stop.cancel();
                             return RelayEnd::ClientTooSlow;
                         }
@@ -153,7 +199,7 @@ where
                     }
                     Ok(n) => {
                         counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        queued -= n;
+                        queued.sub(n);
                         if let Some(f) = queue.front_mut() {
                             if n >= f.len() {
                                 queue.pop_front();
