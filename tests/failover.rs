@@ -27,7 +27,9 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     );
 
     cluster.kill_sshd(1);
+    let t = std::time::Instant::now();
     let status = daemon.wait_node_unhealthy("node-1", READY);
+    let detect = t.elapsed();
     let before = node_status(&status, "node-1").unwrap()["reconnects"]
         .as_u64()
         .unwrap();
@@ -49,7 +51,12 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
 
     cluster.start_sshd(1);
+    let back = std::time::Instant::now();
     let status = daemon.wait_node_state("node-1", "healthy", READY);
+    common::report(&format!(
+        "sshd killed: node-1 left healthy after {detect:?}; healthy again {:?} after sshd restarted (max_backoff 1s)",
+        back.elapsed()
+    ));
     let n = node_status(&status, "node-1").unwrap();
     assert!(
         n["reconnects"].as_u64().unwrap() > before || before > 0,
@@ -95,6 +102,12 @@ fn changed_host_key_rejects_the_node() {
     let node2 = cluster.node(2);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node2.pod_ip), "ok");
     assert_eq!(got, format!("node=node-2 local={} echo=ok", node2.pod_ip));
+    // Never routed, not even through the service pool.
+    let anycast = cluster.anycast_service_ip();
+    for k in 0..6 {
+        let got = daemon.echo(&format!("{anycast}:{ECHO_PORT}"), &format!("pool{k}"));
+        assert_eq!(got, format!("node=node-2 local={anycast} echo=pool{k}"));
+    }
 
     // Rejected is sticky: it is not retried into healthy (or a hot loop).
     std::thread::sleep(Duration::from_millis(1500));
@@ -146,7 +159,15 @@ fn silent_link_loss_is_detected_and_recovered() {
     let t = std::time::Instant::now();
     // keepalive 1 s × 3: about 4 s; allow generous slack on a busy box.
     daemon.wait_node_unhealthy("node-1", Duration::from_secs(15));
-    eprintln!("silent link loss noticed after {:?}", t.elapsed());
+    let detected = t.elapsed();
+    common::report(&format!(
+        "silent link loss (keepalive 1s x 3): node-1 left healthy after {detected:?}"
+    ));
+    // The issue asks for "about 4 s"; 8 s leaves room for a loaded box.
+    assert!(
+        detected < Duration::from_secs(8),
+        "silent link loss noticed only after {detected:?}"
+    );
     let n2 = cluster.node(2);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.pod_ip), "meanwhile");
     assert_eq!(
@@ -155,7 +176,12 @@ fn silent_link_loss_is_detected_and_recovered() {
     );
 
     cluster.link_up(1);
+    let t = std::time::Instant::now();
     daemon.wait_node_state("node-1", "healthy", READY);
+    common::report(&format!(
+        "silent link loss: node-1 healthy again {:?} after the link came back",
+        t.elapsed()
+    ));
     let n1 = cluster.node(1);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "back");
     assert_eq!(got, format!("node=node-1 local={} echo=back", n1.pod_ip));
