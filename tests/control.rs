@@ -639,3 +639,153 @@ fn a_stream_on_an_untouched_node_survives_every_change_to_the_others() {
     assert_eq!(answered_by(&got), "node-2");
     let _ = n3;
 }
+
+/// A reload that changes one node's settings replaces only that node: its
+/// `since` moves and its new pod CIDR routes, a stream it carried drains
+/// instead of being cut, and the other node is untouched.
+#[test]
+fn reload_replaces_a_changed_node_and_its_old_streams_drain() {
+    require_netns!("reload_replaces_a_changed_node_and_its_old_streams_drain");
+    let cluster = Cluster::new(2);
+    let n1 = cluster.node(1);
+    // Node 1 starts without its IPv4 pod CIDR.
+    let base = cluster.config_toml(&ConfigSpec::default());
+    let without = base.replacen(&format!("\"{}\", ", n1.pod_cidr), "", 1);
+    assert_ne!(without, base, "pod CIDR line not found");
+    let daemon = Daemon::start_toml(&cluster, &without, &[]);
+    let start = daemon.wait_all_healthy(READY);
+    let (reply, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+    let mut old = open_echo(&daemon, &format!("{}:{ECHO_PORT}", n1.ip), "node-1");
+    std::thread::sleep(Duration::from_millis(1100)); // `since` has 1 s resolution
+
+    std::fs::write(&daemon.config, &base).unwrap();
+    let out = cli_ok(&daemon, &["reload"]);
+    let r: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["changed"], serde_json::json!(["node-1"]), "{r}");
+    assert_eq!(r["unchanged"], 1, "{r}");
+    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    assert_ne!(
+        since(&status, "node-1"),
+        since(&start, "node-1"),
+        "{status}"
+    );
+    assert_eq!(
+        since(&status, "node-2"),
+        since(&start, "node-2"),
+        "{status}"
+    );
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "new-cidr");
+    assert_eq!(answered_by(&got), "node-1", "{got}");
+    still_works(&mut old, "node-1", "replaced-session-drains");
+}
+
+/// Drain is the operator's intent: it holds across a reconnect, an sshd
+/// restart and a reload that leaves the node unchanged.
+#[test]
+fn drain_survives_reconnects_and_reloads() {
+    require_netns!("drain_survives_reconnects_and_reloads");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+    cli_ok(&daemon, &["nodes", "drain", "node-1"]);
+    daemon.wait_node_state("node-1", "draining", READY);
+
+    cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
+    let s = daemon.status_json();
+    assert_eq!(
+        node_status(&s, "node-1").unwrap()["state"],
+        "draining",
+        "after a planned reconnect: {s}"
+    );
+    cluster.kill_sshd(1);
+    daemon.wait_for("node-1 down", READY, |s| {
+        node_status(s, "node-1")
+            .is_some_and(|n| n["state"] == "backoff" || n["state"] == "connecting")
+    });
+    cluster.start_sshd(1);
+    let s = daemon.wait_for("node-1 connected again", READY, |s| {
+        node_status(s, "node-1")
+            .is_some_and(|n| n["state"] == "draining" || n["state"] == "healthy")
+    });
+    assert_eq!(
+        node_status(&s, "node-1").unwrap()["state"],
+        "draining",
+        "after sshd came back: {s}"
+    );
+    cli_ok(&daemon, &["reload"]);
+    let s = daemon.status_json();
+    assert_eq!(
+        node_status(&s, "node-1").unwrap()["state"],
+        "draining",
+        "after reload: {s}"
+    );
+    let anycast = format!("{}:{ECHO_PORT}", cluster.anycast_service_ip());
+    for k in 0..4 {
+        let got = daemon.echo(&anycast, &format!("p{k}"));
+        assert_eq!(answered_by(&got), "node-2", "{got}");
+    }
+}
+
+/// A removed node's metric series go with it and come back when it is
+/// added again; `nodes add` takes `--port` and `--internal-ip`.
+#[test]
+fn removed_node_leaves_the_metrics_and_add_takes_port_and_internal_ips() {
+    require_netns!("removed_node_leaves_the_metrics_and_add_takes_port_and_internal_ips");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+    let n1 = cluster.node(1);
+    assert!(daemon.metrics().contains("node=\"node-1\""));
+    cli_ok(&daemon, &["nodes", "remove", "node-1"]);
+    let m = daemon.metrics();
+    assert!(
+        !m.contains("node=\"node-1\""),
+        "removed node still in /metrics:\n{m}"
+    );
+    assert!(m.contains("node=\"node-2\""));
+
+    // Re-added under another name, with the port and an extra internal IP
+    // (its pod address, as a node with two addresses would have).
+    let ip = n1.ip.to_string();
+    let pod = n1.pod_ip.to_string();
+    cli_ok(
+        &daemon,
+        &[
+            "nodes",
+            "add",
+            "worker-a",
+            "--address",
+            &ip,
+            "--port",
+            "22",
+            "--internal-ip",
+            &ip,
+            "--internal-ip",
+            &pod,
+        ],
+    );
+    let s = daemon.wait_node_state("worker-a", "healthy", READY);
+    assert_eq!(
+        node_status(&s, "worker-a").unwrap()["address"],
+        format!("{ip}:22").as_str()
+    );
+    let got = daemon.echo(&format!("{pod}:{ECHO_PORT}"), "by-internal-ip");
+    assert_eq!(got, format!("node=node-1 local={pod} echo=by-internal-ip"));
+    // A dial by name goes to the first internal IP.
+    let got = daemon.echo(&format!("worker-a:{ECHO_PORT}"), "by-name");
+    assert_eq!(got, format!("node=node-1 local={ip} echo=by-name"));
+    assert!(daemon.metrics().contains("node=\"worker-a\""));
+    // A bad port is refused.
+    let out = daemon.cli(&[
+        "nodes",
+        "add",
+        "worker-b",
+        "--address",
+        "10.9.9.9",
+        "--port",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", all_output(&out));
+    assert!(node_status(&daemon.status_json(), "worker-b").is_none());
+}

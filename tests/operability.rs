@@ -536,3 +536,45 @@ fn status_watch_redraws_and_completions_print() {
         "{last:?}"
     );
 }
+
+/// `--log-format json` also holds when the daemon cannot start: log
+/// shippers parse stderr line by line, so a plain-text line there is lost
+/// or breaks the parser exactly when the message matters most.
+#[test]
+#[ignore = "daemon bug: with --log-format json, startup errors are also printed as plain text on stderr (.agent-notes/test-findings.md #1)"]
+fn json_logs_stay_json_when_the_daemon_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id");
+    let out = tunneler(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", all_output(&out));
+    std::fs::write(dir.path().join("known_hosts"), "").unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = dir.path().join("busy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ssh]\nuser = \"t\"\nidentity_file = \"id\"\nknown_hosts_file = \"known_hosts\"\n\
+             [proxy]\nlisten = [\"tcp://{}\"]\n[admin]\nsocket = \"{}\"\n",
+            busy.local_addr().unwrap(),
+            dir.path().join("admin.sock").display()
+        ),
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.toml");
+    for (what, path) in [("missing config", &missing), ("port in use", &config)] {
+        let out = Command::new(tunneler_bin())
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{what}: {}", all_output(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.trim().is_empty(), "{what}: nothing on stderr");
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line:?}"));
+            assert!(v["fields"]["message"].is_string(), "{what}: {line}");
+        }
+    }
+    drop(busy);
+}

@@ -237,3 +237,48 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     let status = daemon.wait_node_state("node-1", "healthy", READY);
     assert!(node_status(&status, "node-1").unwrap()["next_retry"].is_null());
 }
+
+/// When keepalives declare a silently lost session dead, the client side of
+/// every stream it carried is closed too: kube-apiserver must see the
+/// stream end (and can retry), not hang on it forever.
+#[test]
+fn streams_of_a_silently_lost_session_are_closed() {
+    require_netns!("streams_of_a_silently_lost_session_are_closed");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+    let n1 = cluster.node(1);
+    let (status, mut s) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(common::echo_over(&mut s, "before").starts_with("node=node-1 "));
+
+    cluster.link_down(1);
+    let t = Instant::now();
+    daemon.wait_node_unhealthy("node-1", READY);
+    // Once the session is known dead, the client stream must end promptly.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 64];
+    let end = loop {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break "eof",
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(_) => break "still open",
+        }
+    };
+    report(&format!(
+        "silent link loss: the client stream on node-1 ended ({end}) {:?} after the link went down",
+        t.elapsed()
+    ));
+    assert_ne!(
+        end, "still open",
+        "client stream left hanging after its session died"
+    );
+    assert_eq!(
+        node_status(&daemon.status_json(), "node-1").unwrap()["active_streams"],
+        0
+    );
+    cluster.link_up(1);
+    daemon.wait_node_state("node-1", "healthy", READY);
+}
