@@ -732,15 +732,10 @@ impl Daemon {
             }
         }
         check_node_set(&combined, &new.proxy.service_cidrs)?;
-        let ctx_changed = new.ssh != current.ssh
-            || new.reconnect != current.reconnect
-            || new.health != current.health
-            || new.proxy.drain_timeout != current.proxy.drain_timeout;
-        let new_ctx = if ctx_changed {
-            Some(load_context(&new, self.ctx.load().handshakes.clone())?)
-        } else {
-            None
-        };
+        // Keys and known_hosts are re-read on every reload, also when
+        // their paths did not change: a key replaced under the same name is
+        // picked up by the next connection of each node.
+        let new_ctx = Some(load_context(&new, self.ctx.load().handshakes.clone())?);
 
         // Apply.
         if new.proxy.listen != current.proxy.listen {
@@ -766,12 +761,25 @@ impl Daemon {
                 "ssh.connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
             );
         }
-        if new.admin.socket != current.admin.socket
-            || new.admin.socket_group != current.admin.socket_group
-        {
+        if new.admin.socket != current.admin.socket {
             report
                 .warnings
                 .push("admin.socket changed: takes effect after a restart".into());
+        }
+        if new.admin.socket_group != current.admin.socket_group {
+            report
+                .warnings
+                .push("admin.socket_group changed: takes effect after a restart".into());
+        }
+        if new.admin.metrics_listen != current.admin.metrics_listen {
+            report
+                .warnings
+                .push("admin.metrics_listen changed: takes effect after a restart".into());
+        }
+        if new.discovery != current.discovery {
+            report
+                .warnings
+                .push("[discovery] changed: takes effect after a restart".into());
         }
         if let Some(ctx) = new_ctx {
             self.ctx.store(Arc::new(ctx));

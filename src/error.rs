@@ -48,6 +48,9 @@ pub enum TunnelError {
     /// The node carries `max_streams_per_node` streams already.
     #[error("node is at its limit of {0} streams")]
     TooManyStreams(u64),
+    /// The active health probe fails on this node.
+    #[error("health probe failing: {0}")]
+    Probe(String),
     /// There is no usable tunnel (backoff, rejected, shutting down).
     #[error("no healthy tunnel: {0}")]
     NotConnected(String),

@@ -62,6 +62,9 @@ enum Command {
         /// Admin socket (default /run/tunneler/admin.sock).
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
+        /// Config file whose [admin] socket to use.
+        #[arg(long, global = true, conflicts_with = "socket")]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         action: NodesAction,
     },
@@ -70,6 +73,9 @@ enum Command {
         /// Admin socket (default /run/tunneler/admin.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Config file whose [admin] socket to use.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
     },
     /// Write a new ed25519 key pair and print the authorized_keys line.
     Keygen {
@@ -108,6 +114,9 @@ enum NodesAction {
         /// Pod CIDR of this node (repeatable).
         #[arg(long = "pod-cidr")]
         pod_cidrs: Vec<String>,
+        /// Further name that routes to this node (repeatable).
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
     },
     /// Remove a node: out of routing at once, closed after its streams drain.
     Remove {
@@ -189,7 +198,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Nodes { socket, action } => {
+        Command::Nodes {
+            socket,
+            config,
+            action,
+        } => {
+            let socket = match admin_socket(socket, config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             let (method, path, body) = match action {
                 NodesAction::Add {
                     name,
@@ -197,8 +214,14 @@ fn main() -> ExitCode {
                     port,
                     internal_ips,
                     pod_cidrs,
+                    hostnames,
                 } => {
-                    let mut body = serde_json::json!({ "name": name, "address": address, "pod_cidrs": pod_cidrs });
+                    let mut body = serde_json::json!({
+                        "name": name,
+                        "address": address,
+                        "pod_cidrs": pod_cidrs,
+                        "hostnames": hostnames,
+                    });
                     if let Some(p) = port {
                         body["port"] = p.into();
                     }
@@ -230,7 +253,10 @@ fn main() -> ExitCode {
             };
             admin_call(socket, method, &path, body)
         }
-        Command::Reload { socket } => admin_call(socket, hyper::Method::POST, "/v1/reload", None),
+        Command::Reload { socket, config } => match admin_socket(socket, config) {
+            Ok(socket) => admin_call(socket, hyper::Method::POST, "/v1/reload", None),
+            Err(code) => code,
+        },
         Command::Keygen { out, comment } => match tunneler::keygen::generate(&out, &comment) {
             Ok(g) => {
                 eprintln!(
@@ -312,12 +338,11 @@ fn path_segment(name: &str) -> String {
 /// Sends one admin request and prints the answer: exit 0 on 2xx, 1 on an
 /// error answer (printed to stderr), 2 when the daemon cannot be reached.
 fn admin_call(
-    socket: Option<PathBuf>,
+    socket: PathBuf,
     method: hyper::Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> ExitCode {
-    let socket = socket.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -347,17 +372,26 @@ fn admin_call(
     }
 }
 
-fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, watch: bool) -> ExitCode {
-    let socket = match (socket, config) {
-        (Some(s), _) => s,
+/// The admin socket from `--socket`, else from `--config`'s [admin]
+/// socket, else the default. A config that does not load exits 2.
+fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match (socket, config) {
+        (Some(s), _) => Ok(s),
         (None, Some(c)) => match Config::load(&c) {
-            Ok(cfg) => cfg.admin.socket,
+            Ok(cfg) => Ok(cfg.admin.socket),
             Err(e) => {
                 eprintln!("{}: {e}", c.display());
-                return ExitCode::from(2);
+                Err(ExitCode::from(2))
             }
         },
-        (None, None) => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        (None, None) => Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+    }
+}
+
+fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, watch: bool) -> ExitCode {
+    let socket = match admin_socket(socket, config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let rt = match runtime() {
         Ok(rt) => rt,

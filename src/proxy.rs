@@ -568,7 +568,7 @@ async fn dial_pool(
             .collect();
         states.truncate(10);
         return Err(TunnelError::NotConnected(format!(
-            "no healthy tunnel for service address {host} ({} node(s){}{})",
+            "none of {} node(s) can take service address {host}{}{}",
             nodes.len(),
             if states.is_empty() { "" } else { ": " },
             states.join(", ")

@@ -418,8 +418,20 @@ impl NodeTunnel {
         self.state.borrow().shown() == TunnelState::Healthy
     }
 
-    pub(crate) fn set_probe_failing(&self, failing: bool) {
-        self.update(|s| s.probe_failing = failing);
+    /// Marks the node's probe as failing (with the reason, shown as
+    /// `last_error`) or passing (clearing a probe error).
+    pub(crate) fn set_probe_failing(&self, failing: Option<String>) {
+        self.update(|s| {
+            s.probe_failing = failing.is_some();
+            match failing {
+                Some(why) => s.last_error = Some(TunnelError::Probe(why)),
+                None => {
+                    if matches!(s.last_error, Some(TunnelError::Probe(_))) {
+                        s.last_error = None;
+                    }
+                }
+            }
+        });
     }
 
     fn update(&self, f: impl FnOnce(&mut StateInfo)) {
@@ -671,6 +683,12 @@ async fn supervise(
     let mut pending: Option<oneshot::Sender<Result<(), TunnelError>>> = None;
     'outer: loop {
         let ctx = shared.load_full();
+        if (ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff)
+            != (backoff.initial(), backoff.max())
+        {
+            // A reload changed the backoff settings.
+            backoff = Backoff::new(ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff);
+        }
         tunnel.set_link(slot, Link::Connecting, None, None);
         debug!(endpoint = %tunnel.node.endpoint(), "connecting");
         let attempt = tokio::select! {
