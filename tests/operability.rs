@@ -53,6 +53,11 @@ fn metrics_after_real_traffic_on_the_admin_socket_and_a_tcp_listener() {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     let (st, _) = daemon.connect(&format!("{}:1", n1.ip));
     assert!(st.starts_with("HTTP/1.1 502"), "{st}");
+    // A dial that hangs: 504 after dial_timeout (2 s).
+    let hole = std::net::Ipv4Addr::from(u32::from(n1.pod_ip) + 1);
+    cluster.blackhole(1, hole);
+    let (st, _) = daemon.connect(&format!("{hole}:{ECHO_PORT}"));
+    assert!(st.starts_with("HTTP/1.1 504"), "{st}");
     cluster.kill_sshd(2);
     daemon.wait_for("node-2 failing to reconnect", READY, |s| {
         node_status(s, "node-2").is_some_and(|n| n["state"] == "backoff")
@@ -112,7 +117,13 @@ fn metrics_after_real_traffic_on_the_admin_socket_and_a_tcp_listener() {
         "sshd of node-2 is down: connects are refused\n{m}"
     );
     assert!(want(&m, "tunneler_dials_total", &[("result", "ok")]) >= 6.0);
-    for result in ["forbidden", "bad_request", "refused", "no_tunnel"] {
+    for result in [
+        "forbidden",
+        "bad_request",
+        "refused",
+        "no_tunnel",
+        "timeout",
+    ] {
         assert!(
             want(&m, "tunneler_dials_total", &[("result", result)]) >= 1.0,
             "{result}"
@@ -139,6 +150,12 @@ fn metrics_after_real_traffic_on_the_admin_socket_and_a_tcp_listener() {
             &[("result", "ok"), ("le", "+Inf")]
         ) >= 6.0
     );
+    let slow = want(
+        &m,
+        "tunneler_dial_duration_seconds_sum",
+        &[("result", "timeout")],
+    );
+    assert!(slow >= 1.5, "a 2 s dial timeout recorded as {slow} s");
     assert_eq!(want(&m, "tunneler_active_streams", &n("node-1")), 1.0);
     assert!(
         want(

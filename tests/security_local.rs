@@ -176,14 +176,21 @@ fn admin_api_refuses_another_uid_unless_it_is_listed() {
         "the refusal is logged with the uid\n{}",
         daemon.log_tail(10)
     );
-    daemon.stop();
-
+    // admin_uids is re-read on reload.
     let toml = with_keys(
         &cluster,
         &ConfigSpec::default(),
         "admin",
         "admin_uids = [65534]",
     );
+    fs::write(&daemon.config, &toml).unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.status.success(), "{}", all_output(&out));
+    let (code, body) = curl_as_nobody(&sock, "GET", "/v1/status");
+    assert_eq!(code, 200, "after a reload listing uid 65534: {body}");
+    daemon.stop();
+
+    // And from the start.
     let daemon = Daemon::start_toml(&cluster, &toml, &[]);
     daemon.wait_all_healthy(READY);
     open_socket_to_everyone(&cluster);
@@ -445,7 +452,40 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     assert_eq!(node_status(&status, "node-1").unwrap()["active_streams"], 3);
     assert_eq!(node_status(&status, "node-1").unwrap()["state"], "healthy");
 
-    // One ends: room for one more.
+    // The cap is live config: a reload that raises it lets a 4th through.
+    let raised = with_keys(
+        &cluster,
+        &ConfigSpec::default(),
+        "proxy",
+        "max_streams_per_node = 4",
+    );
+    fs::write(&daemon.config, raised).unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.status.success(), "{}", all_output(&out));
+    let (st, fourth) = daemon.connect(&target);
+    assert!(
+        st.starts_with("HTTP/1.1 200"),
+        "4th stream after raising the cap: {st}"
+    );
+    let (st, _) = daemon.connect(&target);
+    assert!(st.starts_with("HTTP/1.1 503"), "5th stream: {st}");
+    drop(fourth);
+
+    // Lowered again; then one of the three ends: room for one more.
+    daemon.wait_for("back to 3 streams", READY, |s| {
+        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 3)
+    });
+    let lowered = with_keys(
+        &cluster,
+        &ConfigSpec::default(),
+        "proxy",
+        "max_streams_per_node = 3",
+    );
+    fs::write(&daemon.config, lowered).unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.status.success(), "{}", all_output(&out));
+    let (st, _) = daemon.connect(&target);
+    assert!(st.starts_with("HTTP/1.1 503"), "cap lowered again: {st}");
     drop(open.pop());
     let served = common::poll(READY, || {
         daemon.connect(&target).0.starts_with("HTTP/1.1 200")
@@ -657,6 +697,42 @@ fn the_mtls_listener_wants_a_client_certificate_from_its_ca() {
         p("client.key"),
     ]);
     assert!(out.status.success(), "{}", all_output(&out));
+
+    // TLS 1.2 and newer only.
+    let s_client = |version: &str| {
+        Command::new("openssl")
+            .args([
+                "s_client",
+                "-brief",
+                version,
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args([
+                "-cert",
+                &p("client.pem"),
+                "-key",
+                &p("client.key"),
+                "-CAfile",
+                &p("ca.pem"),
+            ])
+            .args(["-cipher", "DEFAULT@SECLEVEL=0"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = s_client("-tls1_2");
+    assert!(
+        all_output(&out).contains("TLSv1.2"),
+        "TLS 1.2 handshake: {}",
+        all_output(&out)
+    );
+    let out = s_client("-tls1_1");
+    assert!(
+        !out.status.success() && !all_output(&out).contains("Protocol version: TLSv1.1"),
+        "TLS 1.1 accepted: {}",
+        all_output(&out)
+    );
 
     // check-config: the TLS config is valid; a plain TCP listener on a
     // non-loopback address is refused.
