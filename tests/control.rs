@@ -789,3 +789,157 @@ fn removed_node_leaves_the_metrics_and_add_takes_port_and_internal_ips() {
     assert_eq!(out.status.code(), Some(1), "{}", all_output(&out));
     assert!(node_status(&daemon.status_json(), "worker-b").is_none());
 }
+
+/// Dials keep succeeding while the node is reconnected (make-before-break)
+/// again and again, and while a second node is drained and undrained: no
+/// dial falls into the gap between two sessions or two pool states.
+#[test]
+fn dials_under_load_never_fail_across_planned_reconnects_and_drains() {
+    require_netns!("dials_under_load_never_fail_across_planned_reconnects_and_drains");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+    let n1 = cluster.node(1);
+    let anycast = cluster.anycast_service_ip();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (done, failures) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let (daemon, stop) = (&daemon, &stop);
+                scope.spawn(move || {
+                    let mut done = 0u32;
+                    let mut failures = Vec::new();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        let target = if w % 2 == 0 {
+                            format!("{}:{ECHO_PORT}", n1.pod_ip)
+                        } else {
+                            format!("{anycast}:{ECHO_PORT}")
+                        };
+                        let (status, s) = daemon.connect(&target);
+                        if !status.starts_with("HTTP/1.1 200") {
+                            failures.push(format!("{target}: {status}"));
+                            continue;
+                        }
+                        let got = common::echo_over(s, &format!("w{w}-{done}"));
+                        if !got.ends_with(&format!("echo=w{w}-{done}")) {
+                            failures.push(format!("{target}: answer {got:?}"));
+                        }
+                        done += 1;
+                    }
+                    (done, failures)
+                })
+            })
+            .collect();
+        for round in 0..3 {
+            cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
+            cli_ok(&daemon, &["nodes", "drain", "node-2"]);
+            std::thread::sleep(Duration::from_millis(200)); // traffic meanwhile is the subject
+            cli_ok(&daemon, &["nodes", "undrain", "node-2"]);
+            cli_ok(&daemon, &["nodes", "drain", "node-1"]);
+            std::thread::sleep(Duration::from_millis(200));
+            cli_ok(&daemon, &["nodes", "undrain", "node-1"]);
+            let s = daemon.status_json();
+            assert!(
+                s["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|n| n["state"] == "healthy"),
+                "round {round}: {s}"
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut done = 0;
+        let mut failures = Vec::new();
+        for w in workers {
+            let (d, f) = w.join().unwrap();
+            done += d;
+            failures.extend(f);
+        }
+        (done, failures)
+    });
+    report(&format!(
+        "dials during 3 planned reconnects and 6 drain/undrain: {done} ok, {} failed",
+        failures.len()
+    ));
+    assert!(done >= 20, "only {done} dials completed");
+    assert!(failures.is_empty(), "failed dials: {failures:#?}");
+}
+
+/// Key rotation as the README describes it: authorize the new key, point
+/// the config at it and reload (sessions stay), reconnect make-before-break
+/// (the new session logs in with the new key), then drop the old key.
+#[test]
+fn key_rotation_by_reload_and_reconnect() {
+    require_netns!("key_rotation_by_reload_and_reconnect");
+    let cluster = Cluster::new(1);
+    let daemon = Daemon::start(&cluster);
+    let start = daemon.wait_all_healthy(READY);
+    let old_pub = std::fs::read_to_string(cluster.dir.join("id_ed25519.pub")).unwrap();
+    let new_key = cluster.dir.join("id_new");
+    common::ssh_keygen(&new_key, "rotated");
+    let new_pub = std::fs::read_to_string(cluster.dir.join("id_new.pub")).unwrap();
+    cluster.set_authorized_keys(&format!("{}\n{}", old_pub.trim(), new_pub.trim()));
+    let mut long = open_echo(
+        &daemon,
+        &format!("{}:{ECHO_PORT}", cluster.node(1).pod_ip),
+        "node-1",
+    );
+    std::thread::sleep(Duration::from_millis(1100)); // `since` has 1 s resolution
+
+    // A missing key file is refused and changes nothing.
+    cluster.write_config(&ConfigSpec {
+        identity_file: Some("id_missing".into()),
+        ..ConfigSpec::default()
+    });
+    let out = daemon.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", all_output(&out));
+    assert!(
+        all_output(&out).contains("id_missing"),
+        "{}",
+        all_output(&out)
+    );
+
+    cluster.write_config(&ConfigSpec {
+        identity_file: Some("id_new".into()),
+        ..ConfigSpec::default()
+    });
+    cli_ok(&daemon, &["reload"]);
+    let s = daemon.status_json();
+    assert_eq!(
+        since(&s, "node-1"),
+        since(&start, "node-1"),
+        "reload reconnected: {s}"
+    );
+    still_works(&mut long, "node-1", "after-reload");
+
+    // Only the new key is authorized now; a reconnect must use it.
+    cluster.set_authorized_keys(&new_pub);
+    cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
+    let s = daemon.wait_node_state("node-1", "healthy", READY);
+    assert!(
+        node_status(&s, "node-1").unwrap()["last_error"].is_null(),
+        "{s}"
+    );
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", cluster.node(1).ip), "new-key");
+    assert_eq!(answered_by(&got), "node-1");
+    still_works(&mut long, "node-1", "after-reconnect");
+    let fp = common::run(
+        "/usr/bin/ssh-keygen",
+        &["-l", "-f", new_key.to_str().unwrap()],
+    );
+    let fp = String::from_utf8_lossy(&fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let log = std::fs::read_to_string(cluster.node(1).sshd_log()).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Accepted publickey") && l.contains(&fp)),
+        "no login with the new key {fp} in the sshd log:\n{log}"
+    );
+}

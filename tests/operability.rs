@@ -506,6 +506,21 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
         metric_value(&m, "tunneler_discovery_errors_total", &[]).is_some_and(|v| v >= 3.0),
         "{m}"
     );
+    // A reload whose config names a node the file provides is refused.
+    let good_config = std::fs::read_to_string(&daemon.config).unwrap();
+    cluster.write_config(&ConfigSpec {
+        nodes: Some(vec![1, 3]),
+        extra: "\n[discovery]\nnodes_file = \"nodes.json\"\n".into(),
+        ..ConfigSpec::default()
+    });
+    let out = daemon.cli(&["reload"]);
+    let msg = all_output(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("node-3") && msg.contains("file"), "{msg}");
+    let s = daemon.status_json();
+    assert_eq!(node_status(&s, "node-3").unwrap()["source"], "file", "{s}");
+    std::fs::write(&daemon.config, good_config).unwrap();
+
     // A missing file is a failing source too, not an empty node list.
     std::fs::remove_file(&file).unwrap();
     let s = daemon.wait_for("missing file error", READY, |s| {
