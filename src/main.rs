@@ -278,19 +278,19 @@ fn main() -> ExitCode {
 
 fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
     init_logging(log_format);
+    // Fatal errors go through tracing only: in json mode every stderr line
+    // must be one JSON object, and in text mode the log line reads well.
+    let fatal = |msg: String| {
+        tracing::error!("{msg}");
+        ExitCode::from(1)
+    };
     let config = match Config::load(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}: {e}", config_path.display());
-            return ExitCode::from(1);
-        }
+        Err(e) => return fatal(format!("{}: {e}", config_path.display())),
     };
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fatal(format!("cannot start the async runtime: {e}")),
     };
     rt.block_on(async {
         let shutdown = CancellationToken::new();
@@ -313,11 +313,7 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
         let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
         match tunneler::daemon::run(config, Some(path), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("tunneler: {e}");
-                ExitCode::from(1)
-            }
+            Err(e) => fatal(format!("tunneler: {e}")),
         }
     })
 }

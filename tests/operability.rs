@@ -573,7 +573,7 @@ fn status_watch_redraws_and_completions_print() {
 /// shippers parse stderr line by line, so a plain-text line there is lost
 /// or breaks the parser exactly when the message matters most.
 #[test]
-#[ignore = "daemon bug: with --log-format json, startup errors are also printed as plain text on stderr (.agent-notes/test-findings.md #1)"]
+
 fn json_logs_stay_json_when_the_daemon_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("id");
