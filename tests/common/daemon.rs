@@ -30,7 +30,14 @@ impl Daemon {
     /// Starts the daemon with a config built from `spec`, and waits until
     /// the admin socket answers.
     pub fn start_with(cluster: &Cluster, spec: &ConfigSpec) -> Daemon {
-        let config = cluster.write_config(spec);
+        Daemon::start_toml(cluster, &cluster.config_toml(spec))
+    }
+
+    /// Starts the daemon with `toml` as its config (written to the cluster
+    /// dir as `config.toml`), and waits until the admin socket answers.
+    pub fn start_toml(cluster: &Cluster, toml: &str) -> Daemon {
+        let config = cluster.dir.join("config.toml");
+        fs::write(&config, toml).unwrap();
         let log = cluster.dir.join("daemon.log");
         let child = Command::new(tunneler_bin())
             .args(["run", "--config"])
