@@ -50,6 +50,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much each measurement does; `smoke` makes everything tiny.
 struct Sizes {
+    /// Sections to run (`TUNNELER_BENCH_ONLY`); all when empty.
+    only: Vec<String>,
     bulk_bytes: u64,
     bulk_runs: usize,
     rtt_count: usize,
@@ -64,8 +66,31 @@ struct Sizes {
 
 impl Sizes {
     fn new(smoke: bool) -> Sizes {
+        let mut sz = Sizes::preset(smoke);
+        sz.only = std::env::var("TUNNELER_BENCH_ONLY")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(b) = std::env::var("TUNNELER_BENCH_BYTES")
+            .ok()
+            .and_then(|b| b.parse().ok())
+        {
+            sz.bulk_bytes = b;
+        }
+        sz
+    }
+
+    /// Whether section `name` runs.
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
+
+    fn preset(smoke: bool) -> Sizes {
         if smoke {
             Sizes {
+                only: Vec::new(),
                 bulk_bytes: 8 << 20,
                 bulk_runs: 1,
                 rtt_count: 20,
@@ -79,6 +104,7 @@ impl Sizes {
             }
         } else {
             Sizes {
+                only: Vec::new(),
                 bulk_bytes: 1 << 30,
                 bulk_runs: 3,
                 rtt_count: 10_000,
@@ -1146,6 +1172,74 @@ fn sim_nodes(sz: &Sizes) -> (NodesResult, u64) {
 // main
 // ---------------------------------------------------------------------------
 
+fn nodes_table(real: &NodesResult, sim: &NodesResult, base_rss: u64) -> Table {
+    let mut nodes = Table::new(
+        "Nodes: time from daemon start until all are healthy (production timing defaults)",
+        &[
+            "nodes",
+            "all healthy after",
+            "healthy",
+            "daemon RSS",
+            "RSS/tunnel",
+        ],
+    );
+    for r in [real, sim] {
+        nodes.row(vec![
+            r.label.clone(),
+            r.healthy_after
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "not reached".into()),
+            format!("{}/{}", r.healthy, r.n),
+            format!("{} KiB", r.rss_kib),
+            format!(
+                "{:.1} KiB",
+                (r.rss_kib as f64 - base_rss as f64) / r.n as f64
+            ),
+        ]);
+    }
+    nodes.notes.push(format!(
+        "RSS/tunnel: (daemon VmRSS with the nodes healthy and idle - {base_rss} KiB of the same daemon with no nodes) / nodes"
+    ));
+    nodes
+}
+
+/// Per idle tunnel and per idle stream, daemon against ssh -L.
+/// `idle_tunnel_rss` is (daemon, ssh) VmRSS with one idle tunnel each.
+fn memory_table(
+    sz: &Sizes,
+    per_tunnel: f64,
+    idle_tunnel_rss: (u64, u64),
+    per_stream: &HashMap<PathKind, f64>,
+) -> Table {
+    let mut mem = Table::new("Memory summary", &["what", "daemon", "ssh -L", "vs ssh -L"]);
+    mem.row(vec![
+        "per idle tunnel (KiB)".into(),
+        format!("{per_tunnel:.1}"),
+        format!("{}", idle_tunnel_rss.1),
+        ratio(per_tunnel, Some(idle_tunnel_rss.1 as f64)),
+    ]);
+    let ds = per_stream
+        .get(&PathKind::DaemonUnix)
+        .or(per_stream.get(&PathKind::DaemonTcp))
+        .copied();
+    let ss = per_stream.get(&PathKind::SshL).copied();
+    mem.row(vec![
+        "per idle stream (KiB)".into(),
+        ds.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
+        ss.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
+        ds.map(|k| ratio(k, ss)).unwrap_or_else(|| "-".into()),
+    ]);
+    mem.notes.push(format!(
+        "per idle tunnel: daemon from the simulated-node run; ssh -L is one whole `ssh -N -L` process per node (its VmRSS when idle; the daemon with 1 tunnel had {} KiB)",
+        idle_tunnel_rss.0
+    ));
+    mem.notes.push(format!(
+        "per idle stream: from the largest concurrent-stream run ({}), daemon over the Unix listener",
+        sz.streams.last().copied().unwrap_or(0)
+    ));
+    mem
+}
+
 fn ssh_version() -> String {
     Command::new("/usr/bin/ssh")
         .arg("-V")
@@ -1177,7 +1271,7 @@ fn main() {
 
     let mut out = String::new();
     out.push_str(&format!(
-        "tunneler e2e benchmark ({}) — {} cores, {}, open-files limit {nofile}\n",
+        "tunneler e2e benchmark ({}) — {} cores, {}, open-files limit {nofile}\ndaemon binary: {}\n",
         if smoke {
             "SMOKE: tiny sizes, figures meaningless"
         } else {
@@ -1187,6 +1281,7 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(0),
         ssh_version(),
+        common::tunneler_bin(),
     ));
     out.push_str("Ratios are value / ssh -L: above 1 is better for throughput, below 1 is better for times, CPU and memory.\n");
 
@@ -1212,77 +1307,36 @@ fn main() {
         .build()
         .expect("runtime");
 
+    progress(&format!("daemon pid {dpid}, ssh -L pid {spid}"));
+
     let mut tables = Vec::new();
-    tables.push(throughput(&ep, &sz, dpid, spid));
-    tables.push(rtt(&ep, &sz));
-    tables.extend(dials(&ep, &sz, &rt));
-    let (ct, per_stream) = concurrency(&ep, &sz, &rt, dpid, spid);
-    tables.extend(ct);
+    if sz.runs("throughput") {
+        tables.push(throughput(&ep, &sz, dpid, spid));
+    }
+    if sz.runs("rtt") {
+        tables.push(rtt(&ep, &sz));
+    }
+    if sz.runs("dial") {
+        tables.extend(dials(&ep, &sz, &rt));
+    }
+    let mut per_stream = HashMap::new();
+    if sz.runs("streams") {
+        let (ct, ps) = concurrency(&ep, &sz, &rt, dpid, spid);
+        tables.extend(ct);
+        per_stream = ps;
+    }
     drop(ssh);
     drop(daemon);
     drop(_servers);
     drop(cluster);
 
-    let real = real_nodes(&sz);
-    let (sim, base_rss) = sim_nodes(&sz);
-
-    let mut nodes = Table::new(
-        "Nodes: time from daemon start until all are healthy (production timing defaults)",
-        &[
-            "nodes",
-            "all healthy after",
-            "healthy",
-            "daemon RSS",
-            "RSS/tunnel",
-        ],
-    );
-    for r in [&real, &sim] {
-        nodes.row(vec![
-            r.label.clone(),
-            r.healthy_after
-                .map(|d| format!("{:.2} s", d.as_secs_f64()))
-                .unwrap_or_else(|| "not reached".into()),
-            format!("{}/{}", r.healthy, r.n),
-            format!("{} KiB", r.rss_kib),
-            format!(
-                "{:.1} KiB",
-                (r.rss_kib as f64 - base_rss as f64) / r.n as f64
-            ),
-        ]);
+    if sz.runs("nodes") {
+        let real = real_nodes(&sz);
+        let (sim, base_rss) = sim_nodes(&sz);
+        tables.push(nodes_table(&real, &sim, base_rss));
+        let per_tunnel = (sim.rss_kib as f64 - base_rss as f64) / sim.n as f64;
+        tables.push(memory_table(&sz, per_tunnel, idle_tunnel_rss, &per_stream));
     }
-    nodes.notes.push(format!(
-        "RSS/tunnel: (daemon VmRSS with the nodes healthy and idle − {base_rss} KiB of the same daemon with no nodes) / nodes"
-    ));
-    tables.push(nodes);
-
-    let mut mem = Table::new("Memory summary", &["what", "daemon", "ssh -L", "vs ssh -L"]);
-    let per_tunnel = (sim.rss_kib as f64 - base_rss as f64) / sim.n as f64;
-    mem.row(vec![
-        "per idle tunnel (KiB)".into(),
-        format!("{per_tunnel:.1}"),
-        format!("{}", idle_tunnel_rss.1),
-        ratio(per_tunnel, Some(idle_tunnel_rss.1 as f64)),
-    ]);
-    let ds = per_stream
-        .get(&PathKind::DaemonUnix)
-        .or(per_stream.get(&PathKind::DaemonTcp))
-        .copied();
-    let ss = per_stream.get(&PathKind::SshL).copied();
-    mem.row(vec![
-        "per idle stream (KiB)".into(),
-        ds.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
-        ss.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
-        ds.map(|k| ratio(k, ss)).unwrap_or_else(|| "-".into()),
-    ]);
-    mem.notes.push(format!(
-        "per idle tunnel: daemon from the simulated-node run; ssh -L is one whole `ssh -N -L` process per node (its VmRSS when idle; the daemon with 1 tunnel had {} KiB)",
-        idle_tunnel_rss.0
-    ));
-    mem.notes.push(format!(
-        "per idle stream: from the largest concurrent-stream run ({}), daemon over the Unix listener",
-        sz.streams.last().copied().unwrap_or(0)
-    ));
-    tables.push(mem);
 
     for t in &tables {
         out.push_str(&t.render());

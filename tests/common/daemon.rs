@@ -16,9 +16,17 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
-/// Path of the binary under test.
+/// Path of the binary under test: this crate's `tunneler`, or
+/// `TUNNELER_TEST_BIN` when set (another build, or a profiling wrapper that
+/// `exec`s one, for the benchmark).
 pub fn tunneler_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tunneler")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("TUNNELER_TEST_BIN")
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_tunneler").to_string())
+    })
 }
 
 impl Daemon {
