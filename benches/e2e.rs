@@ -725,6 +725,7 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
         ),
         &[
             "path",
+            "runs ok",
             "MiB/s",
             "[min-max]",
             "Gbit/s",
@@ -735,7 +736,11 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
     );
     for path in PATHS {
         let Some(v) = rates.get(&path) else {
-            t.row(vec![path.label().into(), "failed".into()]);
+            t.row(vec![
+                path.label().into(),
+                format!("0/{}", sz.bulk_runs),
+                "failed".into(),
+            ]);
             continue;
         };
         let m = med[&path];
@@ -744,6 +749,7 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
         let c = cmed.get(&path).copied();
         t.row(vec![
             path.label().into(),
+            format!("{}/{}", v.len(), sz.bulk_runs),
             format!("{:.0}", mib(m)),
             format!("[{:.0}-{:.0}]", mib(lo), mib(hi)),
             format!("{:.2}", m * 8.0 / 1e9),
@@ -1290,6 +1296,23 @@ fn main() {
     let cluster = Cluster::with_options(1, ClusterOptions::default());
     let node_ip = cluster.node(1).ip;
     let _servers = start_servers(&cluster.node(1).ns);
+    // sshd's connections to the echo server come from the node's own
+    // ephemeral ports, and it closes first: tens of thousands of dials in
+    // a minute would run the namespace out of ports. These sysctls belong
+    // to the node namespace only.
+    common::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &cluster.node(1).ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_tw_reuse=1",
+        ],
+    );
     let daemon = Daemon::start_toml(&cluster, &bench_toml(&cluster, &ConfigSpec::default()));
     daemon.wait_all_healthy(Duration::from_secs(30));
     let (ssh, forwards) = start_ssh_forward(&cluster, node_ip, &[SOURCE_PORT, ECHO_PORT]);
@@ -1326,6 +1349,10 @@ fn main() {
         per_stream = ps;
     }
     drop(ssh);
+    // SIGTERM, not SIGKILL: a profiling wrapper (TUNNELER_TEST_BIN) then
+    // gets to write its output.
+    let mut daemon = daemon;
+    daemon.stop();
     drop(daemon);
     drop(_servers);
     drop(cluster);
