@@ -52,13 +52,56 @@ pub struct Cluster {
     pub client_key: PathBuf,
     tmp: Option<tempfile::TempDir>,
     pub(super) slot: Option<Slot>,
+    /// Further slots whose address blocks [`Cluster::add_local_addresses`]
+    /// borrowed; released after everything else.
+    extra_slots: Vec<Slot>,
     bridge: String,
+    opts: ClusterOptions,
 }
+
+/// How [`Cluster::with_options`] builds its nodes. The default is the test
+/// layout that [`Cluster::new`] builds.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Pod and service addresses on each node's `lo` plus the Python
+    /// servers. Without them a node runs only sshd, and a cluster may have
+    /// up to [`MAX_BARE_NODES`] nodes instead of 14.
+    pub servers: bool,
+    /// sshd listens on the wildcard address instead of the node IP, so it
+    /// also answers on addresses added by [`Cluster::add_local_addresses`].
+    pub sshd_listen_any: bool,
+    /// sshd's `MaxStartups`.
+    pub max_startups: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            servers: true,
+            sshd_listen_any: false,
+            max_startups: "100".into(),
+        }
+    }
+}
+
+/// Node limit of a cluster built without servers (addresses 10.200.n.11
+/// up to 10.200.n.210).
+pub const MAX_BARE_NODES: usize = 200;
 
 impl Cluster {
     /// Builds a cluster with `n_nodes` nodes. Call [`can_run`] first.
     pub fn new(n_nodes: usize) -> Cluster {
-        assert!((1..=14).contains(&n_nodes), "1..=14 nodes per cluster");
+        Cluster::with_options(n_nodes, ClusterOptions::default())
+    }
+
+    /// Builds a cluster with `n_nodes` nodes laid out as `opts` says. Call
+    /// [`can_run`] first.
+    pub fn with_options(n_nodes: usize, opts: ClusterOptions) -> Cluster {
+        let max = if opts.servers { 14 } else { MAX_BARE_NODES };
+        assert!(
+            (1..=max).contains(&n_nodes),
+            "1..={max} nodes per cluster with these options"
+        );
         environment()
             .as_ref()
             .expect("environment checked by can_run");
@@ -76,7 +119,9 @@ impl Cluster {
             dir,
             tmp: Some(tmp),
             slot: Some(slot),
+            extra_slots: Vec::new(),
             bridge: format!("tnlbr{n}"),
+            opts,
         };
         // From here on Drop cleans up whatever was created.
         cluster.build(n_nodes);
@@ -108,16 +153,27 @@ impl Cluster {
             let node_dir = self.dir.join(format!("node-{i}"));
             fs::create_dir_all(&node_dir).unwrap();
             let ip = Ipv4Addr::new(10, 200, n as u8, 10 + i as u8);
-            let pod_base = 16 * i as u8;
+            let servers = self.opts.servers;
+            // Bare nodes have no pod or service addresses (and may number
+            // more than the 16 /28s that fit into 10.201.n.0/24).
+            let pod_base = if servers { 16 * i as u8 } else { 0 };
             let node = Node {
                 index: i,
                 name: format!("node-{i}"),
                 ns: ns.clone(),
                 ip,
-                pod_cidr: format!("10.201.{n}.{pod_base}/28"),
+                pod_cidr: if servers {
+                    format!("10.201.{n}.{pod_base}/28")
+                } else {
+                    String::new()
+                },
                 pod_ip: Ipv4Addr::new(10, 201, n as u8, pod_base + 1),
                 service_ip: Ipv4Addr::new(10, 202, n as u8, 10 + i as u8),
-                pod_cidr6: format!("fd00:201:{n}:{i}::/64"),
+                pod_cidr6: if servers {
+                    format!("fd00:201:{n}:{i}::/64")
+                } else {
+                    String::new()
+                },
                 pod_ip6: None,
                 dir: node_dir,
                 servers: None,
@@ -142,6 +198,12 @@ impl Cluster {
             ipn(&["link", "set", "lo", "up"]);
             ipn(&["addr", "add", &format!("{ip}/24"), "dev", &vn]);
             ipn(&["link", "set", &vn, "up"]);
+            if !servers {
+                ssh_keygen(&node.host_key(), &format!("host-{}", node.name));
+                self.write_sshd_config(i);
+                self.start_sshd(i);
+                continue;
+            }
             ipn(&["addr", "add", &format!("{}/32", node.pod_ip), "dev", "lo"]);
             ipn(&[
                 "addr",
@@ -207,8 +269,13 @@ impl Cluster {
 
     fn write_sshd_config(&self, i: usize) {
         let node = self.node(i);
+        let listen = if self.opts.sshd_listen_any {
+            "0.0.0.0".to_string()
+        } else {
+            node.ip.to_string()
+        };
         let mut cfg = format!(
-            "ListenAddress {ip}\n\
+            "ListenAddress {listen}\n\
              Port 22\n\
              HostKey {key}\n\
              AuthorizedKeysFile {ak}\n\
@@ -219,9 +286,9 @@ impl Cluster {
              StrictModes no\n\
              AllowTcpForwarding yes\n\
              PermitRootLogin prohibit-password\n\
-             MaxStartups 100\n\
+             MaxStartups {startups}\n\
              LogLevel VERBOSE\n",
-            ip = node.ip,
+            startups = self.opts.max_startups,
             key = node.host_key().display(),
             ak = self.dir.join("authorized_keys").display(),
             dir = node.dir.display(),
@@ -398,6 +465,82 @@ impl Cluster {
         run("ip", &["link", "set", &format!("tv{}h{}", self.n, i), "up"]);
     }
 
+    /// Gives node `i` `count` more IPv4 addresses, for simulating many
+    /// nodes behind one sshd (build the cluster with `servers: false` and
+    /// `sshd_listen_any: true`). The addresses come in /24 blocks
+    /// 10.201.s.0/24, 10.202.s.0/24 and 10.203.s.0/24 (.1 to .254) of this
+    /// cluster's slot `s`, then of further slots acquired for the purpose.
+    /// Each block is one address with its prefix on the node's `lo` (which
+    /// makes the whole block local) and one host route via the node's SSH
+    /// address, so the host keeps a single neighbour entry.
+    pub fn add_local_addresses(&mut self, i: usize, count: usize) -> Vec<Ipv4Addr> {
+        assert!(
+            !self.opts.servers,
+            "pod and service addresses use these blocks in the test layout"
+        );
+        let (ns, gw) = (self.node(i).ns.clone(), self.node(i).ip);
+        let mut out = Vec::with_capacity(count);
+        let mut slots = vec![self.n];
+        let mut k = 0;
+        while out.len() < count {
+            if k == slots.len() {
+                let extra = Slot::acquire();
+                slots.push(extra.n);
+                self.extra_slots.push(extra);
+            }
+            let s = slots[k];
+            k += 1;
+            for b in [201u8, 202, 203] {
+                if out.len() >= count {
+                    break;
+                }
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &ns,
+                        "addr",
+                        "add",
+                        &format!("10.{b}.{s}.1/24"),
+                        "dev",
+                        "lo",
+                    ],
+                );
+                run(
+                    "ip",
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.{b}.{s}.0/24"),
+                        "via",
+                        &gw.to_string(),
+                        "dev",
+                        &self.bridge,
+                    ],
+                );
+                for host in 1..=254u8 {
+                    if out.len() >= count {
+                        break;
+                    }
+                    out.push(Ipv4Addr::new(10, b, s as u8, host));
+                }
+            }
+        }
+        out
+    }
+
+    /// Appends known_hosts lines giving `ips` node `i`'s host key.
+    pub fn add_known_hosts(&self, i: usize, ips: &[Ipv4Addr]) {
+        let pubkey = fs::read_to_string(pub_path(&self.node(i).host_key())).unwrap();
+        let mut parts = pubkey.split_whitespace();
+        let (kt, kb) = (parts.next().unwrap(), parts.next().unwrap());
+        let mut s = fs::read_to_string(self.dir.join("known_hosts")).unwrap_or_default();
+        for ip in ips {
+            s.push_str(&format!("{ip} {kt} {kb}\n"));
+        }
+        fs::write(self.dir.join("known_hosts"), s).unwrap();
+    }
+
     /// TOML config for this cluster. `spec` selects nodes and extras.
     pub fn config_toml(&self, spec: &ConfigSpec) -> String {
         let identity = spec
@@ -448,10 +591,17 @@ socket = "{admin}"
             .unwrap_or_else(|| (1..=self.nodes.len()).collect());
         for i in selected {
             let node = self.node(i);
-            s.push_str(&format!(
-                "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\", \"{}\"]\n",
-                node.name, node.ip, node.pod_cidr, node.pod_cidr6
-            ));
+            if node.pod_cidr.is_empty() {
+                s.push_str(&format!(
+                    "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\n",
+                    node.name, node.ip
+                ));
+            } else {
+                s.push_str(&format!(
+                    "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\", \"{}\"]\n",
+                    node.name, node.ip, node.pod_cidr, node.pod_cidr6
+                ));
+            }
         }
         s.push_str(&spec.extra);
         s
@@ -490,6 +640,8 @@ impl Drop for Cluster {
                 &["link", "del", &format!("tv{}h{}", self.n, node.index)],
             );
         }
+        // Deleting the bridge also removes the host routes that
+        // add_local_addresses pointed through it.
         run_quiet("ip", &["link", "del", &self.bridge]);
         if std::env::var_os("TUNNELER_TEST_KEEP").is_some() {
             if let Some(t) = self.tmp.take() {
@@ -499,6 +651,7 @@ impl Drop for Cluster {
         drop(self.tmp.take());
         // The slot goes last, once nothing of ours is left in the kernel.
         drop(self.slot.take());
+        self.extra_slots.clear();
     }
 }
 

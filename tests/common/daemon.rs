@@ -18,9 +18,17 @@ pub struct Daemon {
     pid_file: Option<PathBuf>,
 }
 
-/// Path of the binary under test.
+/// Path of the binary under test: this crate's `tunneler`, or
+/// `TUNNELER_TEST_BIN` when set (another build, or a profiling wrapper that
+/// `exec`s one, for the benchmark).
 pub fn tunneler_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tunneler")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("TUNNELER_TEST_BIN")
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_tunneler").to_string())
+    })
 }
 
 impl Daemon {
@@ -32,51 +40,7 @@ impl Daemon {
     /// Starts the daemon with a config built from `spec`, and waits until
     /// the admin socket answers.
     pub fn start_with(cluster: &Cluster, spec: &ConfigSpec) -> Daemon {
-        let config = cluster.write_config(spec);
-        let log = cluster.dir.join("daemon.log");
-        let child = Command::new(tunneler_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,tunneler=debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(cluster.dir.join("daemon.stdout")).unwrap())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn tunneler run");
-        let pid_file = cluster.slot.as_ref().map(|slot| slot.daemon_pid_file());
-        if let Some(f) = &pid_file {
-            let _ = fs::write(f, child.id().to_string());
-        }
-        let mut d = Daemon {
-            child: Some(child),
-            config,
-            admin: cluster.admin_socket(),
-            egress: cluster.egress_socket(),
-            log,
-            pid_file,
-        };
-        let mut last = String::new();
-        let ok = poll(Duration::from_secs(15), || {
-            if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
-                last = format!("daemon exited: {st}");
-                return true;
-            }
-            match d.try_status() {
-                Ok(_) => true,
-                Err(e) => {
-                    last = e;
-                    false
-                }
-            }
-        });
-        assert!(
-            ok && d.try_status().is_ok(),
-            "daemon admin socket never answered: {last}"
-        );
-        d
+        Daemon::start_toml(cluster, &cluster.config_toml(spec), &[])
     }
 
     /// Process id of the daemon.

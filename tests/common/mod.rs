@@ -40,7 +40,7 @@ mod cluster;
 mod daemon;
 
 #[allow(unused_imports)]
-pub use cluster::{Cluster, ConfigSpec, Node};
+pub use cluster::{Cluster, ClusterOptions, ConfigSpec, Node, MAX_BARE_NODES};
 #[allow(unused_imports)]
 pub use daemon::*;
 
