@@ -282,3 +282,28 @@ fn streams_of_a_silently_lost_session_are_closed() {
     cluster.link_up(1);
     daemon.wait_node_state("node-1", "healthy", READY);
 }
+
+/// kube-apiserver may dial the moment tunneler is up: a dial addressed to a
+/// node whose tunnel is still connecting waits for it (within dial_timeout)
+/// instead of failing.
+#[test]
+fn a_dial_right_after_start_waits_for_the_connecting_tunnel() {
+    require_netns!("a_dial_right_after_start_waits_for_the_connecting_tunnel");
+    let cluster = Cluster::new(2);
+    let daemon = Daemon::start(&cluster);
+    let t = Instant::now();
+    // A service (pool) dial at the same moment: only reported; the pool
+    // takes healthy tunnels only, so a 503 while all are connecting is by
+    // design.
+    let (reply, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.anycast_service_ip()));
+    let pool = (t.elapsed(), reply.trim_end().to_string());
+    let n1 = cluster.node(2);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "early");
+    assert_eq!(got, format!("node=node-2 local={} echo=early", n1.pod_ip));
+    report(&format!(
+        "right after start: a pool dial got {:?} after {:?}; a node dial answered after {:?}",
+        pool.1,
+        pool.0,
+        t.elapsed()
+    ));
+}
