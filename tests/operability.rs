@@ -573,7 +573,6 @@ fn status_watch_redraws_and_completions_print() {
 /// shippers parse stderr line by line, so a plain-text line there is lost
 /// or breaks the parser exactly when the message matters most.
 #[test]
-
 fn json_logs_stay_json_when_the_daemon_cannot_start() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("id");
