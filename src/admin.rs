@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::daemon::{ChangeError, Daemon};
+use crate::metrics::Metrics;
 
 /// Admin connections served at once; more wait in the accept queue.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
@@ -59,6 +60,96 @@ fn error(code: StatusCode, msg: &str) -> Resp {
     json(code, serde_json::json!({ "error": msg }).to_string() + "\n")
 }
 
+fn text(code: StatusCode, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn metrics_response(m: &Metrics) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(m.encode())));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
+}
+
+/// Serves `GET /metrics` (and nothing else) on a TCP listener, for
+/// Prometheus to scrape without access to the admin socket.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    info!(listen = ?listener.local_addr().ok(), "metrics listening");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                    metrics_response(&metrics)
+                } else {
+                    error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
+                };
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            serve_conn(stream, svc, cancel).await;
+        });
+    }
+}
+
+/// Serves one HTTP/1 connection until it ends or shutdown (then gracefully,
+/// for at most a second). Slow clients get 10 s to send their headers.
+async fn serve_conn<IO, Svc>(stream: IO, svc: Svc, cancel: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::Service<
+        Request<Incoming>,
+        Response = Resp,
+        Error = std::convert::Infallible,
+    >,
+    Svc::Future: Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(Duration::from_secs(10))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
+}
+
 fn ok(value: serde_json::Value) -> Resp {
     json(StatusCode::OK, value.to_string() + "\n")
 }
@@ -66,7 +157,7 @@ fn ok(value: serde_json::Value) -> Resp {
 fn change_error(e: &ChangeError) -> Resp {
     let code = match e {
         ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
-        ChangeError::Exists(_) => StatusCode::CONFLICT,
+        ChangeError::Exists(_) | ChangeError::Conflict { .. } => StatusCode::CONFLICT,
         ChangeError::Invalid(_) | ChangeError::Start(_) => StatusCode::BAD_REQUEST,
         ChangeError::NoConfigFile => StatusCode::CONFLICT,
         ChangeError::Tunnel(_) => StatusCode::BAD_GATEWAY,
@@ -82,11 +173,15 @@ pub async fn route(daemon: &Daemon, method: &Method, path: &str, body: Bytes) ->
             Ok(s) => json(StatusCode::OK, s + "\n"),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         },
-        (&Method::GET, ["healthz"]) => {
-            let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
-            *r.status_mut() = StatusCode::OK;
-            r
-        }
+        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, ["readyz"]) => match daemon.ready().await {
+            Ok(msg) => text(StatusCode::OK, format!("ready: {msg}\n")),
+            Err(msg) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {msg}\n"),
+            ),
+        },
+        (&Method::GET, ["metrics"]) => metrics_response(daemon.metrics()),
         (&Method::POST, ["v1", "nodes"]) => {
             let value: serde_json::Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -128,9 +223,31 @@ pub async fn route(daemon: &Daemon, method: &Method, path: &str, body: Bytes) ->
     }
 }
 
-async fn handle(daemon: Arc<Daemon>, req: Request<Incoming>) -> Resp {
+/// The connecting process, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Effective uid of the peer.
+    pub uid: u32,
+    /// Its pid, when the kernel reports one.
+    pub pid: Option<i32>,
+}
+
+async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Only root, the daemon's own uid and the configured admin_uids may use
+    // the API; the socket mode is the first fence, this is the second.
+    let Some(peer) = peer else {
+        warn!(%method, %path, "admin request without peer credentials refused");
+        return error(StatusCode::FORBIDDEN, "peer credentials unavailable");
+    };
+    if !daemon.admin_allowed(peer.uid).await {
+        warn!(audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path, "admin request refused: uid not allowed");
+        return error(
+            StatusCode::FORBIDDEN,
+            &format!("uid {} may not use the admin API (allowed: root, the daemon's uid, admin.admin_uids)", peer.uid),
+        );
+    }
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
@@ -143,10 +260,14 @@ async fn handle(daemon: Arc<Daemon>, req: Request<Incoming>) -> Resp {
             )
         }
     };
+    let resp = route(&daemon, &method, &path, body).await;
     if method != Method::GET {
-        info!(audit = true, %method, %path, "admin request");
+        info!(
+            audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path,
+            status = resp.status().as_u16(), "admin change"
+        );
     }
-    route(&daemon, &method, &path, body).await
+    resp
 }
 
 impl AdminApi {
@@ -181,24 +302,17 @@ impl AdminApi {
             };
             let daemon = self.daemon.clone();
             let cancel = self.cancel.clone();
+            let peer = stream.peer_cred().ok().map(|c| Peer {
+                uid: c.uid(),
+                pid: c.pid(),
+            });
             self.tracker.spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let daemon = daemon.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(daemon, req).await) }
+                    async move { Ok::<_, std::convert::Infallible>(handle(daemon, peer, req).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .header_read_timeout(Duration::from_secs(10))
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = cancel.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                    }
-                }
+                serve_conn(stream, svc, cancel).await;
             });
         }
         let _ = std::fs::remove_file(&path);

@@ -48,6 +48,11 @@ impl Backoff {
         self.max
     }
 
+    /// The first delay's ceiling.
+    pub fn initial(&self) -> Duration {
+        self.initial
+    }
+
     /// Forget past failures (after a stable connection).
     pub fn reset(&mut self) {
         self.attempt = 0;

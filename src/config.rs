@@ -65,6 +65,7 @@ struct RawConfig {
     #[serde(default)]
     admin: RawAdmin,
     health: Option<RawHealth>,
+    discovery: Option<RawDiscovery>,
     #[serde(default, rename = "node")]
     nodes: Vec<RawNode>,
 }
@@ -79,6 +80,8 @@ struct RawSsh {
     connect_timeout: Option<String>,
     keepalive_interval: Option<String>,
     keepalive_max: Option<usize>,
+    connections_per_node: Option<usize>,
+    max_concurrent_handshakes: Option<usize>,
     host_key_policy: Option<String>,
     passphrase_file: Option<PathBuf>,
     identity_agent: Option<PathBuf>,
@@ -100,6 +103,37 @@ struct RawProxy {
     service_cidrs: Option<Vec<String>>,
     dial_timeout: Option<String>,
     drain_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    max_pending_handshakes: Option<usize>,
+    max_streams_per_node: Option<u64>,
+    node_local_via_loopback: Option<bool>,
+    socket_group: Option<String>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: String,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    nodes_file: Option<PathBuf>,
+    address_types: Option<Vec<String>>,
+    kubernetes: Option<RawKube>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKube {
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    in_cluster: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +149,10 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    admin_uids: Option<Vec<u32>>,
+    metrics_listen: Option<String>,
+    ready_min_healthy: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +164,8 @@ struct RawNode {
     internal_ips: Option<Vec<String>>,
     #[serde(default)]
     pod_cidrs: Vec<String>,
+    #[serde(default)]
+    hostnames: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -145,6 +185,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The optional active health probe.
     pub health: Option<HealthConfig>,
+    /// Node sources besides the static list.
+    pub discovery: DiscoveryConfig,
     /// Statically configured nodes.
     pub nodes: Vec<NodeConfig>,
 }
@@ -166,6 +208,11 @@ pub struct SshConfig {
     pub keepalive_interval: Duration,
     /// Unanswered keepalives before the session is declared dead.
     pub keepalive_max: usize,
+    /// SSH connections per node; streams are spread across them.
+    pub connections_per_node: usize,
+    /// Handshakes in flight at once, over all nodes: a thousand nodes
+    /// starting together must not swamp us or a shared sshd's MaxStartups.
+    pub max_concurrent_handshakes: usize,
     /// What to do with a host that known_hosts does not know.
     pub host_key_policy: HostKeyPolicy,
     /// File holding the passphrase of an encrypted identity file.
@@ -230,6 +277,32 @@ pub struct ProxyConfig {
     /// How long a removed node or replaced session may keep serving the
     /// streams it already carries before it is closed.
     pub drain_timeout: Duration,
+    /// A client must send its whole CONNECT head within this time.
+    pub handshake_timeout: Duration,
+    /// Connections that have not yet sent a full request, at most.
+    pub max_pending_handshakes: usize,
+    /// Streams per node; past it new dials to the node get 503 at once.
+    pub max_streams_per_node: u64,
+    /// Carry dials addressed to a node's own IP or name to 127.0.0.1 on
+    /// that node, so kubelets may listen on loopback only.
+    pub node_local_via_loopback: bool,
+    /// Group that may use the egress Unix sockets (mode 0660 then).
+    pub socket_group: Option<String>,
+    /// The optional mTLS TCP listener.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The mTLS listener, as kube-apiserver's `transport.tcp.tlsConfig` expects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Address to listen on (any address: clients must present a certificate).
+    pub listen: std::net::SocketAddr,
+    /// Server certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Server private key (PEM).
+    pub key_file: PathBuf,
+    /// CA that signs client certificates (PEM).
+    pub client_ca_file: PathBuf,
 }
 
 /// What the health probe checks, from the node's side of the tunnel.
@@ -253,6 +326,26 @@ pub enum ProbeTarget {
     },
 }
 
+/// Node sources besides `[[node]]` and the admin API.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DiscoveryConfig {
+    /// A watched `kubectl get nodes -o json` file.
+    pub nodes_file: Option<PathBuf>,
+    /// Which `status.addresses` type is the SSH address, in preference order.
+    pub address_types: Vec<String>,
+    /// Watch Node objects in the Kubernetes API.
+    pub kubernetes: Option<KubeSource>,
+}
+
+/// How to reach the Kubernetes API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KubeSource {
+    /// A kubeconfig file.
+    Kubeconfig(PathBuf),
+    /// The pod's service account.
+    InCluster,
+}
+
 /// The active health probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
@@ -271,6 +364,14 @@ pub struct HealthConfig {
 pub struct AdminConfig {
     /// The admin Unix socket.
     pub socket: PathBuf,
+    /// Group that may use the admin socket (mode 0660 then).
+    pub socket_group: Option<String>,
+    /// Extra uids allowed on the admin socket besides root and our own.
+    pub admin_uids: Vec<u32>,
+    /// Optional TCP address serving `GET /metrics` only.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `/readyz` answers 200 when at least this many nodes are healthy.
+    pub ready_min_healthy: usize,
 }
 
 /// One node, as the rest of the program sees it.
@@ -286,6 +387,9 @@ pub struct NodeConfig {
     pub internal_ips: Vec<IpAddr>,
     /// Pod CIDRs that route to this node.
     pub pod_cidrs: Vec<IpNet>,
+    /// Further names that route to this node (a Kubernetes `Hostname`
+    /// address that differs from the node name).
+    pub hostnames: Vec<String>,
 }
 
 impl NodeConfig {
@@ -445,6 +549,26 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             keepalive_max,
+            connections_per_node: match s.connections_per_node {
+                None => 1,
+                Some(n @ 1..=16) => n,
+                Some(_) => {
+                    return Err(invalid(
+                        "ssh.connections_per_node",
+                        "must be between 1 and 16",
+                    ))
+                }
+            },
+            max_concurrent_handshakes: match s.max_concurrent_handshakes {
+                None => 64,
+                Some(0) => {
+                    return Err(invalid(
+                        "ssh.max_concurrent_handshakes",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+            },
             host_key_policy,
             passphrase_file: s.passphrase_file.map(|p| resolve(base, &p)),
             identity_agent: s.identity_agent.map(|p| resolve(base, &p)),
@@ -508,8 +632,98 @@ impl Config {
                 p.drain_timeout.as_ref(),
                 Duration::from_secs(60),
             )?,
+            handshake_timeout: parse_duration(
+                "proxy.handshake_timeout",
+                p.handshake_timeout.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            max_pending_handshakes: match p.max_pending_handshakes {
+                Some(0) => {
+                    return Err(invalid(
+                        "proxy.max_pending_handshakes",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => 1024,
+            },
+            max_streams_per_node: match p.max_streams_per_node {
+                Some(0) => return Err(invalid("proxy.max_streams_per_node", "must be at least 1")),
+                Some(n) => n,
+                None => 4096,
+            },
+            node_local_via_loopback: p.node_local_via_loopback.unwrap_or(false),
+            socket_group: validate_group("proxy.socket_group", p.socket_group)?,
+            tls: match p.tls {
+                None => None,
+                Some(t) => Some(TlsConfig {
+                    listen: t.listen.parse().map_err(|_| {
+                        invalid("proxy.tls.listen", format!("{:?} is not IP:PORT", t.listen))
+                    })?,
+                    cert_file: resolve(base, &t.cert_file),
+                    key_file: resolve(base, &t.key_file),
+                    client_ca_file: resolve(base, &t.client_ca_file),
+                }),
+            },
         };
         let health = raw.health.map(validate_health).transpose()?;
+        let discovery = match raw.discovery {
+            None => DiscoveryConfig::default(),
+            Some(d) => {
+                const KNOWN: [&str; 5] = [
+                    "InternalIP",
+                    "ExternalIP",
+                    "Hostname",
+                    "InternalDNS",
+                    "ExternalDNS",
+                ];
+                let address_types = d
+                    .address_types
+                    .unwrap_or_else(|| vec!["InternalIP".into(), "ExternalIP".into()]);
+                if address_types.is_empty() {
+                    return Err(invalid("discovery.address_types", "must not be empty"));
+                }
+                for (i, t) in address_types.iter().enumerate() {
+                    if !KNOWN.contains(&t.as_str()) {
+                        return Err(invalid(
+                            format!("discovery.address_types[{i}]"),
+                            format!("{t:?} is not one of {}", KNOWN.join(", ")),
+                        ));
+                    }
+                }
+                let kubernetes = match d.kubernetes {
+                    None => None,
+                    Some(RawKube {
+                        kubeconfig: Some(_),
+                        in_cluster: true,
+                    }) => {
+                        return Err(invalid(
+                            "discovery.kubernetes",
+                            "set either kubeconfig or in_cluster = true, not both",
+                        ))
+                    }
+                    Some(RawKube {
+                        kubeconfig: Some(p),
+                        ..
+                    }) => Some(KubeSource::Kubeconfig(resolve(base, &p))),
+                    Some(RawKube {
+                        kubeconfig: None,
+                        in_cluster: true,
+                    }) => Some(KubeSource::InCluster),
+                    Some(_) => {
+                        return Err(invalid(
+                            "discovery.kubernetes",
+                            "needs kubeconfig = \"PATH\" or in_cluster = true",
+                        ))
+                    }
+                };
+                DiscoveryConfig {
+                    nodes_file: d.nodes_file.map(|p| resolve(base, &p)),
+                    address_types,
+                    kubernetes,
+                }
+            }
+        };
 
         let admin = AdminConfig {
             socket: raw
@@ -517,6 +731,18 @@ impl Config {
                 .socket
                 .map(|s| resolve(base, &s))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+            socket_group: validate_group("admin.socket_group", raw.admin.socket_group)?,
+            admin_uids: raw.admin.admin_uids.unwrap_or_default(),
+            metrics_listen: match raw.admin.metrics_listen {
+                None => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    invalid(
+                        "admin.metrics_listen",
+                        format!("{a:?} is not IP:PORT, e.g. 127.0.0.1:9464"),
+                    )
+                })?),
+            },
+            ready_min_healthy: raw.admin.ready_min_healthy.unwrap_or(1),
         };
         if proxy
             .listen
@@ -540,8 +766,19 @@ impl Config {
             proxy,
             admin,
             health,
+            discovery,
             nodes,
         })
+    }
+}
+
+fn validate_group(key: &str, g: Option<String>) -> Result<Option<String>, ConfigError> {
+    match g {
+        Some(g) if g.trim().is_empty() => Err(invalid(key, "must not be empty")),
+        Some(g) if g.contains(|c: char| c.is_whitespace() || c == ':' || c == '/') => {
+            Err(invalid(key, format!("{g:?} is not a group name")))
+        }
+        other => Ok(other),
     }
 }
 
@@ -673,12 +910,26 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
     for (j, c) in n.pod_cidrs.iter().enumerate() {
         pod_cidrs.push(parse_cidr(&format!("{key}.pod_cidrs[{j}]"), c)?);
     }
+    let mut hostnames = Vec::new();
+    for (j, h) in n.hostnames.iter().enumerate() {
+        let h = h.trim().to_ascii_lowercase();
+        if !valid_node_name(&h) {
+            return Err(invalid(
+                format!("{key}.hostnames[{j}]"),
+                format!("{h:?} is not a valid host name"),
+            ));
+        }
+        if h != n.name && !hostnames.contains(&h) {
+            hostnames.push(h);
+        }
+    }
     Ok(NodeConfig {
         name: n.name,
         address,
         port: n.port.unwrap_or(default_port),
         internal_ips,
         pod_cidrs,
+        hostnames,
     })
 }
 
@@ -696,6 +947,18 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
                 format!("duplicate node name {:?}", n.name),
             ));
         }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for h in &n.hostnames {
+            if !names.insert(h.as_str()) {
+                return Err(invalid(
+                    format!("node[{i}].hostnames"),
+                    format!("{h:?} is already the name or a host name of another node"),
+                ));
+            }
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
         for ip in &n.internal_ips {
             if let Some(other) = ips.insert(*ip, &n.name) {
                 return Err(invalid(

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -27,7 +27,7 @@ use crate::identity::Identity;
 use crate::known_hosts::KnownHostsStore;
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
-use crate::sockets::{bind_unix, BindError};
+use crate::sockets::{bind_unix_for, BindError};
 use crate::status::{rfc3339, NodeStatus, StatusDocument};
 use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
 
@@ -56,6 +56,9 @@ pub enum StartError {
     /// A Unix socket could not be bound.
     #[error("cannot bind socket: {0}")]
     BindUnix(#[from] BindError),
+    /// The TLS listener's certificates could not be loaded.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A TCP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     BindTcp {
@@ -81,6 +84,16 @@ pub enum ChangeError {
     /// The new config's keys could not be loaded.
     #[error("{0}")]
     Start(#[from] StartError),
+    /// A name is already provided by another source.
+    #[error(
+        "node {name:?} comes from the {other} source already; a name may come from one source only"
+    )]
+    Conflict {
+        /// The node.
+        name: String,
+        /// The source that has it.
+        other: &'static str,
+    },
     /// There is no config file to reload (started from a Config value).
     #[error("this daemon was not started from a config file")]
     NoConfigFile,
@@ -98,6 +111,48 @@ pub enum Source {
     Config,
     /// `POST /v1/nodes`.
     Api,
+    /// `[discovery] nodes_file`.
+    File,
+    /// `[discovery.kubernetes]`.
+    Kubernetes,
+}
+
+impl Source {
+    /// The name shown in status.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+            Source::File => "file",
+            Source::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// How a discovery source is doing, for the status page.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct SourceStatus {
+    /// file or kubernetes.
+    pub source: String,
+    /// Last successful sync (RFC 3339).
+    pub last_success: Option<String>,
+    /// The current error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Nodes this source provides now.
+    pub nodes: usize,
+}
+
+/// What a source sync did.
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    /// Nodes started.
+    pub added: Vec<String>,
+    /// Nodes drained and closed.
+    pub removed: Vec<String>,
+    /// Nodes replaced.
+    pub changed: Vec<String>,
+    /// Nodes untouched.
+    pub unchanged: usize,
 }
 
 struct NodeEntry {
@@ -124,7 +179,8 @@ pub struct ReloadReport {
 pub struct Daemon {
     started: Instant,
     config_path: Option<PathBuf>,
-    nodes: Mutex<BTreeMap<String, NodeEntry>>,
+    nodes: Arc<Mutex<BTreeMap<String, NodeEntry>>>,
+    metrics: Arc<crate::metrics::Metrics>,
     changes: tokio::sync::Mutex<Config>,
     routes: SharedRoutes,
     settings: Arc<ArcSwap<ProxySettings>>,
@@ -132,9 +188,13 @@ pub struct Daemon {
     listeners: Vec<String>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    sources: Mutex<BTreeMap<&'static str, SourceStatus>>,
 }
 
-fn load_context(config: &Config) -> Result<SshContext, StartError> {
+fn load_context(
+    config: &Config,
+    handshakes: Arc<tokio::sync::Semaphore>,
+) -> Result<SshContext, StartError> {
     let identity = Identity::load(&config.ssh).map_err(|e| StartError::Identity {
         path: config.ssh.identity_file.clone(),
         reason: e.to_string(),
@@ -152,19 +212,20 @@ fn load_context(config: &Config) -> Result<SshContext, StartError> {
         config.proxy.drain_timeout,
         Arc::new(identity),
         Arc::new(known_hosts),
+        handshakes,
     ))
 }
 
 impl Daemon {
     /// The status document for `GET /v1/status`.
     pub fn status(&self) -> StatusDocument {
-        let tunnels: Vec<Arc<NodeTunnel>> = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|e| e.tunnel.clone())
-            .collect();
+        let (tunnels, sources): (Vec<Arc<NodeTunnel>>, BTreeMap<String, Source>) = {
+            let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                nodes.values().map(|e| e.tunnel.clone()).collect(),
+                nodes.iter().map(|(n, e)| (n.clone(), e.source)).collect(),
+            )
+        };
         let nodes = tunnels
             .iter()
             .map(|t| {
@@ -173,6 +234,7 @@ impl Daemon {
                 let ld =
                     |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 NodeStatus {
+                    source: sources.get(&t.node.name).map(|s| s.as_str().to_string()),
                     name: t.node.name.clone(),
                     address: t.node.endpoint(),
                     state: s.state.as_str().to_string(),
@@ -194,6 +256,52 @@ impl Daemon {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             listeners: self.listeners.clone(),
             nodes,
+            sources: self
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Whether `uid` may use the admin API: root, our own uid, or listed in
+    /// `admin.admin_uids` (re-read on reload).
+    pub async fn admin_allowed(&self, uid: u32) -> bool {
+        uid == 0
+            || uid == nix::unistd::geteuid().as_raw()
+            || self.changes.lock().await.admin.admin_uids.contains(&uid)
+    }
+
+    /// True when every node has finished at least one connection attempt.
+    pub fn first_attempts_done(&self) -> bool {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|e| e.tunnel.attempts() > 0)
+    }
+
+    /// The Prometheus metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// `/readyz`: ready when at least `admin.ready_min_healthy` nodes are
+    /// healthy. The error says how many are.
+    pub async fn ready(&self) -> Result<String, String> {
+        let min = self.changes.lock().await.admin.ready_min_healthy;
+        let doc = self.status();
+        let healthy = doc.nodes.iter().filter(|n| n.state == "healthy").count();
+        let msg = format!(
+            "{healthy} of {} node(s) healthy (need {min})",
+            doc.nodes.len()
+        );
+        if healthy >= min {
+            Ok(msg)
+        } else {
+            Err(msg)
         }
     }
 
@@ -215,14 +323,21 @@ impl Daemon {
         config_path: Option<PathBuf>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Daemon>, TaskTracker), StartError> {
-        let ctx: SharedContext = Arc::new(ArcSwap::from_pointee(load_context(&config)?));
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(
+            config.ssh.max_concurrent_handshakes,
+        ));
+        let ctx: SharedContext =
+            Arc::new(ArcSwap::from_pointee(load_context(&config, handshakes)?));
 
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
         let mut listeners = Vec::new();
         for l in &config.proxy.listen {
             listeners.push(match l {
-                ListenAddr::Unix(p) => ProxyListener::Unix(bind_unix(p, 0o600)?, p.clone()),
+                ListenAddr::Unix(p) => ProxyListener::Unix(
+                    bind_unix_for(p, config.proxy.socket_group.as_deref())?,
+                    p.clone(),
+                ),
                 ListenAddr::Tcp(a) => {
                     ProxyListener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(
                         |source| StartError::BindTcp {
@@ -233,16 +348,47 @@ impl Daemon {
                 }
             });
         }
-        let admin_listener = bind_unix(&config.admin.socket, 0o600)?;
+        if let Some(tls) = &config.proxy.tls {
+            let acceptor = crate::tls::acceptor(tls)?;
+            let l = tokio::net::TcpListener::bind(tls.listen)
+                .await
+                .map_err(|source| StartError::BindTcp {
+                    addr: tls.listen.to_string(),
+                    source,
+                })?;
+            listeners.push(ProxyListener::Tls(l, acceptor));
+        }
+        let admin_listener =
+            bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?;
 
         let tracker = TaskTracker::new();
-        let settings = Arc::new(ArcSwap::from_pointee(ProxySettings {
-            dial_timeout: config.proxy.dial_timeout,
-        }));
+        let settings = Arc::new(ArcSwap::from_pointee(ProxySettings::from_config(
+            &config.proxy,
+        )));
+        let nodes: Arc<Mutex<BTreeMap<String, NodeEntry>>> = Arc::new(Mutex::new(BTreeMap::new()));
+        let for_metrics = nodes.clone();
+        let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(move || {
+            for_metrics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|e| e.tunnel.clone())
+                .collect()
+        })));
+        let metrics_listener = match config.admin.metrics_listen {
+            None => None,
+            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
+                StartError::BindTcp {
+                    addr: a.to_string(),
+                    source,
+                }
+            })?),
+        };
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
             config_path,
-            nodes: Mutex::new(BTreeMap::new()),
+            nodes,
+            metrics: metrics.clone(),
             changes: tokio::sync::Mutex::new(config.clone()),
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
             settings: settings.clone(),
@@ -250,6 +396,7 @@ impl Daemon {
             listeners: listeners.iter().map(ProxyListener::url).collect(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            sources: Mutex::new(BTreeMap::new()),
         });
         {
             let mut nodes = daemon.nodes.lock().unwrap_or_else(|e| e.into_inner());
@@ -269,6 +416,8 @@ impl Daemon {
         let proxy = EgressProxy::new(
             daemon.routes.clone(),
             settings,
+            metrics.dial.clone(),
+            config.proxy.max_pending_handshakes,
             tracker.clone(),
             shutdown.child_token(),
         );
@@ -277,6 +426,30 @@ impl Daemon {
         }
         let admin = AdminApi::new(daemon.clone(), tracker.clone(), shutdown.child_token());
         tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));
+        if let Some(path) = config.discovery.nodes_file.clone() {
+            tracker.spawn(crate::discovery::watch_file(
+                daemon.clone(),
+                path,
+                config.discovery.address_types.clone(),
+                shutdown.child_token(),
+            ));
+        }
+        if let Some(kube) = config.discovery.kubernetes.clone() {
+            tracker.spawn(crate::kube_watch::run(
+                daemon.clone(),
+                kube,
+                config.discovery.address_types.clone(),
+                shutdown.child_token(),
+            ));
+        }
+        if let Some(l) = metrics_listener {
+            tracker.spawn(crate::admin::serve_metrics(
+                l,
+                metrics,
+                tracker.clone(),
+                shutdown.child_token(),
+            ));
+        }
         info!(
             nodes = config.nodes.len(),
             admin = %config.admin.socket.display(),
@@ -397,6 +570,128 @@ impl Daemon {
         Ok(())
     }
 
+    /// Reconciles the nodes of one discovery source to `desired`: nodes it no
+    /// longer lists are drained and closed, changed nodes are replaced,
+    /// unchanged nodes keep their connection. The whole set is validated
+    /// first (including against every other source); on error nothing
+    /// changes.
+    pub async fn sync_source(
+        &self,
+        source: Source,
+        desired: Vec<NodeConfig>,
+    ) -> Result<SyncReport, ChangeError> {
+        let config = self.changes.lock().await;
+        let existing = self.node_configs();
+        for n in &desired {
+            if let Some((_, other)) = existing.iter().find(|(e, _)| e.name == n.name) {
+                if *other != source {
+                    return Err(ChangeError::Conflict {
+                        name: n.name.clone(),
+                        other: other.as_str(),
+                    });
+                }
+            }
+        }
+        let mut combined: Vec<NodeConfig> = existing
+            .iter()
+            .filter(|(_, src)| *src != source)
+            .map(|(n, _)| n.clone())
+            .collect();
+        combined.extend(desired.iter().cloned());
+        check_node_set(&combined, &config.proxy.service_cidrs)?;
+
+        let mut report = SyncReport::default();
+        let mut retired = Vec::new();
+        {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<String> = nodes
+                .iter()
+                .filter(|(name, e)| e.source == source && !desired.iter().any(|n| &n.name == *name))
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in gone {
+                if let Some(e) = nodes.remove(&name) {
+                    retired.push(e.tunnel);
+                    report.removed.push(name);
+                }
+            }
+            for n in &desired {
+                match nodes.get(&n.name) {
+                    Some(e) if e.tunnel.node == *n => report.unchanged += 1,
+                    existing => {
+                        if existing.is_some() {
+                            if let Some(old) = nodes.remove(&n.name) {
+                                retired.push(old.tunnel);
+                            }
+                            report.changed.push(n.name.clone());
+                        } else {
+                            report.added.push(n.name.clone());
+                        }
+                        let tunnel = self.spawn_tunnel(n.clone());
+                        nodes.insert(n.name.clone(), NodeEntry { tunnel, source });
+                    }
+                }
+            }
+        }
+        self.rebuild_routes(&config.proxy.service_cidrs);
+        for t in retired {
+            self.retire(t, config.proxy.drain_timeout);
+        }
+        let count = desired.len();
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(source.as_str())
+            .or_insert_with(|| SourceStatus {
+                source: source.as_str().into(),
+                ..Default::default()
+            })
+            .nodes = count;
+        Ok(report)
+    }
+
+    /// Records a successful sync of `source`.
+    pub fn source_ok(&self, source: Source) {
+        let now = SystemTime::now();
+        let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let e = s.entry(source.as_str()).or_insert_with(|| SourceStatus {
+            source: source.as_str().into(),
+            ..Default::default()
+        });
+        e.last_success = Some(rfc3339(now));
+        e.last_error = None;
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.metrics
+            .discovery_last_success
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a failed sync of `source`; its nodes stay as they were.
+    pub fn source_failed(&self, source: Source, error: String) {
+        let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        s.entry(source.as_str())
+            .or_insert_with(|| SourceStatus {
+                source: source.as_str().into(),
+                ..Default::default()
+            })
+            .last_error = Some(error);
+        self.metrics
+            .discovery_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True when `source`'s last attempt failed.
+    pub fn source_has_error(&self, source: Source) -> bool {
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source.as_str())
+            .is_some_and(|s| s.last_error.is_some())
+    }
+
     /// `POST /v1/reload` and SIGHUP: re-reads the config file and applies
     /// the difference. An invalid config is rejected as a whole.
     pub async fn reload(&self) -> Result<ReloadReport, ChangeError> {
@@ -422,16 +717,25 @@ impl Daemon {
         let existing = self.node_configs();
         let mut combined = new.nodes.clone();
         for (n, src) in &existing {
-            if *src == Source::Api && !new.nodes.iter().any(|c| c.name == n.name) {
-                combined.push(n.clone());
+            let named = new.nodes.iter().any(|c| c.name == n.name);
+            match src {
+                Source::Config => {}
+                // The config takes over an API-added node of the same name.
+                Source::Api if named => {}
+                Source::File | Source::Kubernetes if named => {
+                    return Err(ChangeError::Conflict {
+                        name: n.name.clone(),
+                        other: src.as_str(),
+                    })
+                }
+                _ => combined.push(n.clone()),
             }
         }
         check_node_set(&combined, &new.proxy.service_cidrs)?;
-        // The identity and known_hosts are re-read on every reload, changed
-        // settings or not: a reload is how an operator says "pick up the
-        // rotated key / the edited known_hosts now". A key that fails the
-        // checks (e.g. mode 0644) rejects the reload as a whole.
-        let new_ctx = Some(load_context(&new)?);
+        // Keys and known_hosts are re-read on every reload, also when
+        // their paths did not change: a key replaced under the same name is
+        // picked up by the next connection of each node.
+        let new_ctx = Some(load_context(&new, self.ctx.load().handshakes.clone())?);
 
         // Apply.
         if new.proxy.listen != current.proxy.listen {
@@ -439,17 +743,49 @@ impl Daemon {
                 .warnings
                 .push("proxy.listen changed: takes effect after a restart".into());
         }
+        if new.proxy.tls != current.proxy.tls
+            || new.proxy.socket_group != current.proxy.socket_group
+            || new.proxy.max_pending_handshakes != current.proxy.max_pending_handshakes
+        {
+            report.warnings.push(
+                "proxy.tls, proxy.socket_group and proxy.max_pending_handshakes take effect after a restart".into(),
+            );
+        }
+        if new.ssh.max_concurrent_handshakes != current.ssh.max_concurrent_handshakes {
+            report
+                .warnings
+                .push("ssh.max_concurrent_handshakes takes effect after a restart".into());
+        }
+        if new.ssh.connections_per_node != current.ssh.connections_per_node {
+            report.warnings.push(
+                "ssh.connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
+            );
+        }
         if new.admin.socket != current.admin.socket {
             report
                 .warnings
                 .push("admin.socket changed: takes effect after a restart".into());
         }
+        if new.admin.socket_group != current.admin.socket_group {
+            report
+                .warnings
+                .push("admin.socket_group changed: takes effect after a restart".into());
+        }
+        if new.admin.metrics_listen != current.admin.metrics_listen {
+            report
+                .warnings
+                .push("admin.metrics_listen changed: takes effect after a restart".into());
+        }
+        if new.discovery != current.discovery {
+            report
+                .warnings
+                .push("[discovery] changed: takes effect after a restart".into());
+        }
         if let Some(ctx) = new_ctx {
             self.ctx.store(Arc::new(ctx));
         }
-        self.settings.store(Arc::new(ProxySettings {
-            dial_timeout: new.proxy.dial_timeout,
-        }));
+        self.settings
+            .store(Arc::new(ProxySettings::from_config(&new.proxy)));
         let mut retired = Vec::new();
         {
             let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
@@ -517,7 +853,39 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
     let (daemon, tracker) = Daemon::start(config, config_path, shutdown.clone()).await?;
+    // systemd: READY=1 once the listeners are bound (done) and the first
+    // connection attempt to every node has finished, success or not.
+    let ready_daemon = daemon.clone();
+    let ready_cancel = shutdown.clone();
+    tracker.spawn(async move {
+        let deadline = tokio::time::Instant::now() + first_attempt_bound;
+        while !ready_daemon.first_attempts_done() && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = ready_cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        info!("ready: listeners bound, first connection attempts finished");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    });
+    // WATCHDOG=1 from a loop on the same runtime as the tunnels: if the
+    // runtime wedges, systemd notices and restarts us.
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = Duration::from_micros(usec / 2);
+        let wd_cancel = shutdown.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wd_cancel.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
     let hup_daemon = daemon.clone();
     let hup_cancel = shutdown.clone();
     tracker.spawn(async move {
@@ -536,6 +904,7 @@ pub async fn run(
         }
     });
     shutdown.cancelled().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     info!("shutting down");
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())

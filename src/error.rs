@@ -49,6 +49,12 @@ pub enum TunnelError {
     /// The node did not answer a channel open in time.
     #[error("channel open timed out after {0:?}")]
     ChannelOpenTimeout(Duration),
+    /// The node carries `max_streams_per_node` streams already.
+    #[error("node is at its limit of {0} streams")]
+    TooManyStreams(u64),
+    /// The active health probe fails on this node.
+    #[error("health probe failing: {0}")]
+    Probe(String),
     /// There is no usable tunnel (backoff, rejected, shutting down).
     #[error("no healthy tunnel: {0}")]
     NotConnected(String),
@@ -71,7 +77,10 @@ impl TunnelError {
     /// True when the failure is on the tunnel side (not the destination):
     /// a pool dial may retry such a failure on another node.
     pub fn is_tunnel_side(&self) -> bool {
-        !matches!(self, TunnelError::ChannelRefused(_))
+        !matches!(
+            self,
+            TunnelError::ChannelRefused(_) | TunnelError::TooManyStreams(_)
+        )
     }
 
     /// A short machine-friendly class, for logs and (later) metrics labels.

@@ -397,6 +397,8 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             keepalive_interval: std::time::Duration::from_secs(1),
             keepalive_max: 3,
+            connections_per_node: 1,
+            max_concurrent_handshakes: 64,
             host_key_policy: Default::default(),
             passphrase_file: None,
             identity_agent: None,

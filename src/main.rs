@@ -26,6 +26,9 @@ enum Command {
         /// Config file.
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Show the state of every tunnel (exit 0 all healthy, 1 not, 2 unreachable).
     Status {
@@ -38,6 +41,15 @@ enum Command {
         /// Print the admin API's JSON status document.
         #[arg(long)]
         json: bool,
+        /// Redraw the table every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Validate a config file.
     CheckConfig {
@@ -50,6 +62,9 @@ enum Command {
         /// Admin socket (default /run/tunneler/admin.sock).
         #[arg(long, global = true)]
         socket: Option<PathBuf>,
+        /// Config file whose [admin] socket to use.
+        #[arg(long, global = true, conflicts_with = "socket")]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         action: NodesAction,
     },
@@ -58,6 +73,9 @@ enum Command {
         /// Admin socket (default /run/tunneler/admin.sock).
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Config file whose [admin] socket to use.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
     },
     /// Write a new ed25519 key pair and print the authorized_keys line.
     Keygen {
@@ -68,6 +86,14 @@ enum Command {
         #[arg(long, default_value = "tunneler")]
         comment: String,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with span fields (node, stream).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +114,9 @@ enum NodesAction {
         /// Pod CIDR of this node (repeatable).
         #[arg(long = "pod-cidr")]
         pod_cidrs: Vec<String>,
+        /// Further name that routes to this node (repeatable).
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
     },
     /// Remove a node: out of routing at once, closed after its streams drain.
     Remove {
@@ -111,13 +140,21 @@ enum NodesAction {
     },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -129,12 +166,23 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, log_format } => run(&config, log_format),
         Command::Status {
             socket,
             config,
             json,
-        } => status(socket, config, json),
+            watch,
+        } => status(socket, config, json, watch),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tunneler",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
                 println!(
@@ -150,7 +198,15 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Nodes { socket, action } => {
+        Command::Nodes {
+            socket,
+            config,
+            action,
+        } => {
+            let socket = match admin_socket(socket, config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             let (method, path, body) = match action {
                 NodesAction::Add {
                     name,
@@ -158,8 +214,14 @@ fn main() -> ExitCode {
                     port,
                     internal_ips,
                     pod_cidrs,
+                    hostnames,
                 } => {
-                    let mut body = serde_json::json!({ "name": name, "address": address, "pod_cidrs": pod_cidrs });
+                    let mut body = serde_json::json!({
+                        "name": name,
+                        "address": address,
+                        "pod_cidrs": pod_cidrs,
+                        "hostnames": hostnames,
+                    });
                     if let Some(p) = port {
                         body["port"] = p.into();
                     }
@@ -191,7 +253,10 @@ fn main() -> ExitCode {
             };
             admin_call(socket, method, &path, body)
         }
-        Command::Reload { socket } => admin_call(socket, hyper::Method::POST, "/v1/reload", None),
+        Command::Reload { socket, config } => match admin_socket(socket, config) {
+            Ok(socket) => admin_call(socket, hyper::Method::POST, "/v1/reload", None),
+            Err(code) => code,
+        },
         Command::Keygen { out, comment } => match tunneler::keygen::generate(&out, &comment) {
             Ok(g) => {
                 eprintln!(
@@ -211,21 +276,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config_path: &Path) -> ExitCode {
-    init_logging();
+fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
+    init_logging(log_format);
+    // Fatal errors go through tracing only: in json mode every stderr line
+    // must be one JSON object, and in text mode the log line reads well.
+    let fatal = |msg: String| {
+        tracing::error!("{msg}");
+        ExitCode::from(1)
+    };
     let config = match Config::load(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("{}: {e}", config_path.display());
-            return ExitCode::from(1);
-        }
+        Err(e) => return fatal(format!("{}: {e}", config_path.display())),
     };
     let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fatal(format!("cannot start the async runtime: {e}")),
     };
     rt.block_on(async {
         let shutdown = CancellationToken::new();
@@ -248,11 +313,7 @@ fn run(config_path: &Path) -> ExitCode {
         let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
         match tunneler::daemon::run(config, Some(path), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("tunneler: {e}");
-                ExitCode::from(1)
-            }
+            Err(e) => fatal(format!("tunneler: {e}")),
         }
     })
 }
@@ -273,12 +334,11 @@ fn path_segment(name: &str) -> String {
 /// Sends one admin request and prints the answer: exit 0 on 2xx, 1 on an
 /// error answer (printed to stderr), 2 when the daemon cannot be reached.
 fn admin_call(
-    socket: Option<PathBuf>,
+    socket: PathBuf,
     method: hyper::Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> ExitCode {
-    let socket = socket.unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -308,17 +368,26 @@ fn admin_call(
     }
 }
 
-fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {
-    let socket = match (socket, config) {
-        (Some(s), _) => s,
+/// The admin socket from `--socket`, else from `--config`'s [admin]
+/// socket, else the default. A config that does not load exits 2.
+fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match (socket, config) {
+        (Some(s), _) => Ok(s),
         (None, Some(c)) => match Config::load(&c) {
-            Ok(cfg) => cfg.admin.socket,
+            Ok(cfg) => Ok(cfg.admin.socket),
             Err(e) => {
                 eprintln!("{}: {e}", c.display());
-                return ExitCode::from(2);
+                Err(ExitCode::from(2))
             }
         },
-        (None, None) => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        (None, None) => Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+    }
+}
+
+fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool, watch: bool) -> ExitCode {
+    let socket = match admin_socket(socket, config) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     let rt = match runtime() {
         Ok(rt) => rt,
@@ -327,6 +396,23 @@ fn status(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitC
             return ExitCode::from(2);
         }
     };
+    if watch {
+        return rt.block_on(async {
+            loop {
+                let frame = match tunneler::client::status(&socket).await {
+                    Ok((doc, _)) => doc.table(),
+                    Err(e) => format!("tunneler status: {e}\n"),
+                };
+                // Clear the screen and home the cursor, then draw.
+                print!("\x1b[2J\x1b[H{frame}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
     match rt.block_on(tunneler::client::status(&socket)) {
         Ok((doc, raw)) => {
             if json {

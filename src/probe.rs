@@ -32,7 +32,7 @@ pub async fn run(tunnel: Arc<NodeTunnel>, ctx: SharedContext) {
         let Some(cfg) = ctx.load().health.clone() else {
             // No probe configured: the node is never marked unhealthy.
             failures = 0;
-            tunnel.set_probe_failing(false);
+            tunnel.set_probe_failing(None);
             next = None;
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -65,7 +65,7 @@ pub async fn run(tunnel: Arc<NodeTunnel>, ctx: SharedContext) {
                     info!("health probe passes again");
                 }
                 failures = 0;
-                tunnel.set_probe_failing(false);
+                tunnel.set_probe_failing(None);
             }
             outcome => {
                 let why = match outcome {
@@ -78,7 +78,7 @@ pub async fn run(tunnel: Arc<NodeTunnel>, ctx: SharedContext) {
                     warn!(failures, error = %why, "health probe failing: node leaves the service pool");
                 }
                 if failures >= cfg.unhealthy_after {
-                    tunnel.set_probe_failing(true);
+                    tunnel.set_probe_failing(Some(format!("{why} ({failures} failures in a row)")));
                 }
             }
         }
@@ -92,7 +92,7 @@ async fn probe_once(tunnel: &Arc<NodeTunnel>, cfg: &HealthConfig) -> Result<(), 
     let deadline = tokio::time::Instant::now() + cfg.timeout;
     let origin = SocketAddr::from(([127, 0, 0, 1], 0));
     let open = tunnel
-        .open_channel(host, port, origin, deadline)
+        .open_channel(host, port, origin, deadline, u64::MAX)
         .await
         .map_err(|e| e.to_string())?;
     let path = match &cfg.probe {

@@ -26,31 +26,32 @@ use bytes::{Bytes, BytesMut};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::TunnelError;
+use crate::metrics::{DialMetrics, DialResult};
 use crate::relay::{relay, RelayEnd};
 use crate::route::{Route, RouteTable};
 use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
-/// A client must finish its request head within this time.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The live route table, swapped atomically when the node set changes.
 pub type SharedRoutes = Arc<ArcSwap<RouteTable<Arc<NodeTunnel>>>>;
 
 /// A bound proxy listener. Building (binding) is kept apart from serving so
 /// that bind errors surface at start and tests can hand in their own.
-#[derive(Debug)]
 pub enum ProxyListener {
     /// A Unix socket.
     Unix(UnixListener, std::path::PathBuf),
     /// A TCP socket.
     Tcp(TcpListener),
+    /// A TCP socket that requires TLS with a client certificate (mTLS).
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
 impl ProxyListener {
@@ -62,6 +63,10 @@ impl ProxyListener {
                 Ok(a) => format!("tcp://{a}"),
                 Err(_) => "tcp://?".into(),
             },
+            ProxyListener::Tls(l, _) => match l.local_addr() {
+                Ok(a) => format!("tls://{a}"),
+                Err(_) => "tls://?".into(),
+            },
         }
     }
 }
@@ -71,6 +76,24 @@ impl ProxyListener {
 pub struct ProxySettings {
     /// Bound on waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
+    /// Bound on reading the CONNECT head (and on a TLS handshake).
+    pub handshake_timeout: Duration,
+    /// Streams per node; past it new dials to the node get 503 at once.
+    pub max_streams_per_node: u64,
+    /// Carry node-addressed dials to 127.0.0.1 on the node.
+    pub node_local_via_loopback: bool,
+}
+
+impl ProxySettings {
+    /// The proxy settings from validated config.
+    pub fn from_config(p: &crate::config::ProxyConfig) -> ProxySettings {
+        ProxySettings {
+            dial_timeout: p.dial_timeout,
+            handshake_timeout: p.handshake_timeout,
+            max_streams_per_node: p.max_streams_per_node,
+            node_local_via_loopback: p.node_local_via_loopback,
+        }
+    }
 }
 
 /// The egress proxy front end.
@@ -81,6 +104,9 @@ pub struct EgressProxy {
     tracker: TaskTracker,
     cancel: CancellationToken,
     next_stream: Arc<AtomicU64>,
+    /// Connections that have not yet sent a complete head hold a permit.
+    pending: Arc<Semaphore>,
+    metrics: Arc<DialMetrics>,
 }
 
 /// A parsed CONNECT target.
@@ -223,6 +249,8 @@ impl EgressProxy {
     pub fn new(
         routes: SharedRoutes,
         settings: Arc<ArcSwap<ProxySettings>>,
+        metrics: Arc<DialMetrics>,
+        max_pending_handshakes: usize,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> EgressProxy {
@@ -232,6 +260,8 @@ impl EgressProxy {
             tracker,
             cancel,
             next_stream: Arc::new(AtomicU64::new(1)),
+            pending: Arc::new(Semaphore::new(max_pending_handshakes)),
+            metrics,
         }
     }
 
@@ -249,7 +279,7 @@ impl EgressProxy {
                         (Conn::Unix(s), peer)
                     }),
                 },
-                ProxyListener::Tcp(l) => tokio::select! {
+                ProxyListener::Tcp(l) | ProxyListener::Tls(l, _) => tokio::select! {
                     _ = self.cancel.cancelled() => break,
                     r = l.accept() => r.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
@@ -257,22 +287,53 @@ impl EgressProxy {
                     }),
                 },
             };
-            match accepted {
-                Ok((conn, peer)) => {
-                    let this = self.clone();
-                    let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-                    self.tracker.spawn(async move {
-                        match conn {
-                            Conn::Unix(s) => this.handle(s, peer, id).await,
-                            Conn::Tcp(s) => this.handle(s, peer, id).await,
-                        }
-                    });
-                }
+            let (conn, peer) = match accepted {
+                Ok(pair) => pair,
                 Err(e) => {
                     warn!(listener = %url, error = %e, "accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
+            };
+            // A client that has not finished its head holds a permit; past
+            // the cap, new connections are turned away at once instead of
+            // piling up (Konnectivity's pending-dial pile-up).
+            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                warn!(listener = %url, "too many pending handshakes; refusing a connection");
+                let mut conn = conn;
+                self.tracker.spawn(async move {
+                    let text =
+                        "Service Unavailable: too many connections waiting to send their request";
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        match &mut conn {
+                            Conn::Unix(s) => reply(s, 503, text).await,
+                            Conn::Tcp(s) => reply(s, 503, text).await,
+                        }
+                    })
+                    .await;
+                });
+                continue;
+            };
+            let this = self.clone();
+            let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+            let tls = match &listener {
+                ProxyListener::Tls(_, acceptor) => Some(acceptor.clone()),
+                _ => None,
+            };
+            self.tracker.spawn(async move {
+                match (conn, tls) {
+                    (Conn::Unix(s), _) => this.handle(s, peer, id, permit).await,
+                    (Conn::Tcp(s), None) => this.handle(s, peer, id, permit).await,
+                    (Conn::Tcp(s), Some(acceptor)) => {
+                        let limit = this.settings.load().handshake_timeout;
+                        match tokio::time::timeout(limit, acceptor.accept(s)).await {
+                            Ok(Ok(tls)) => this.handle(tls, peer, id, permit).await,
+                            Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake refused"),
+                            Err(_) => info!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                }
+            });
         }
         if let ProxyListener::Unix(_, path) = &listener {
             let _ = std::fs::remove_file(path);
@@ -280,12 +341,13 @@ impl EgressProxy {
     }
 
     /// Handles one client connection: read the head, route, dial, relay.
-    pub async fn handle<S>(&self, mut s: S, peer: SocketAddr, id: u64)
+    pub async fn handle<S>(&self, mut s: S, peer: SocketAddr, id: u64, permit: OwnedSemaphorePermit)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let mut buf = BytesMut::with_capacity(512);
-        let head = tokio::time::timeout(HEADER_TIMEOUT, async {
+        let limit = self.settings.load().handshake_timeout;
+        let head = tokio::time::timeout(limit, async {
             loop {
                 match parse_head(&buf) {
                     Ok(Parsed::Partial) => {}
@@ -310,6 +372,7 @@ impl EgressProxy {
             _ = self.cancel.cancelled() => return,
             r = head => r,
         };
+        let started = tokio::time::Instant::now();
         let (target, len) = match parsed {
             Err(_) => {
                 debug!("client did not send a request head in time");
@@ -317,12 +380,14 @@ impl EgressProxy {
             }
             Ok(Err(HeadError::BadRequest(why))) => {
                 if why != "connection closed" {
-                    reply(&mut s, 400, &format!("Bad Request: {why}")).await;
+                    self.refuse(started, &mut s, 400, &format!("Bad Request: {why}"))
+                        .await;
                 }
                 return;
             }
             Ok(Err(HeadError::NotConnect(m))) => {
-                reply(
+                self.refuse(
+                    started,
                     &mut s,
                     405,
                     &format!("Method Not Allowed: {m}; only CONNECT is served"),
@@ -331,29 +396,60 @@ impl EgressProxy {
                 return;
             }
             Ok(Err(HeadError::TooLarge)) => {
-                reply(&mut s, 431, "Request Header Fields Too Large").await;
+                self.refuse(started, &mut s, 431, "Request Header Fields Too Large")
+                    .await;
                 return;
             }
             Ok(Ok(Parsed::Partial)) => return,
             Ok(Ok(Parsed::Connect { target, len })) => (target, len),
         };
+        drop(permit);
+        let started = tokio::time::Instant::now();
         let first = buf.split_off(len).freeze();
         let span = info_span!("stream", stream = id, dst = %target);
-        self.dial_and_relay(s, peer, target, first)
+        self.dial_and_relay(s, peer, target, first, started)
             .instrument(span)
             .await
     }
 
-    async fn dial_and_relay<S>(&self, mut s: S, peer: SocketAddr, target: Target, first: Bytes)
-    where
+    /// Records a refused dial in the metrics, then sends the error reply.
+    async fn refuse<W: AsyncWrite + Unpin>(
+        &self,
+        started: tokio::time::Instant,
+        w: &mut W,
+        code: u16,
+        text: &str,
+    ) {
+        let result = match code {
+            403 => DialResult::Forbidden,
+            502 => DialResult::Refused,
+            503 => DialResult::NoTunnel,
+            504 => DialResult::Timeout,
+            _ => DialResult::BadRequest,
+        };
+        self.metrics.record(result, started.elapsed().as_secs_f64());
+        reply(w, code, text).await;
+    }
+
+    async fn dial_and_relay<S>(
+        &self,
+        mut s: S,
+        peer: SocketAddr,
+        target: Target,
+        first: Bytes,
+        started: tokio::time::Instant,
+    ) where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let deadline = tokio::time::Instant::now() + self.settings.load().dial_timeout;
+        let settings = self.settings.load_full();
+        let deadline = tokio::time::Instant::now() + settings.dial_timeout;
+        let max = settings.max_streams_per_node;
         let routes = self.routes.load_full();
         let open = match routes.lookup(&target.host) {
             Route::Forbidden => {
                 debug!("destination not allowed");
-                reply(
+                self.refuse(
+                    started,
                     &mut s,
                     403,
                     &format!("Forbidden: {target} is not a node, pod or service address"),
@@ -361,29 +457,49 @@ impl EgressProxy {
                 .await;
                 return;
             }
-            Route::Node { node, host } => {
-                match node.open_channel(&host, target.port, peer, deadline).await {
+            Route::Node {
+                node,
+                host,
+                node_local,
+            } => {
+                // Kubelets may listen on loopback only: the old SSH tunnels
+                // gave that property, and so do we when asked.
+                let host = if node_local && settings.node_local_via_loopback {
+                    if host.contains(':') {
+                        "::1".to_string()
+                    } else {
+                        "127.0.0.1".to_string()
+                    }
+                } else {
+                    host
+                };
+                match node
+                    .open_channel(&host, target.port, peer, deadline, max)
+                    .await
+                {
                     Ok(open) => open,
                     Err(e) => {
                         let (code, text) = error_reply(&e);
                         info!(node = %node.node.name, error = %e, code, "dial failed");
-                        reply(&mut s, code, &text).await;
+                        self.refuse(started, &mut s, code, &text).await;
                         return;
                     }
                 }
             }
             Route::Pool { host } => {
-                match dial_pool(routes.nodes(), &host, target.port, peer, deadline).await {
+                match dial_pool(routes.nodes(), &host, target.port, peer, deadline, max).await {
                     Ok(open) => open,
                     Err(e) => {
                         let (code, text) = error_reply(&e);
                         info!(error = %e, code, "pool dial failed");
-                        reply(&mut s, code, &text).await;
+                        self.refuse(started, &mut s, code, &text).await;
                         return;
                     }
                 }
             }
         };
+        self.metrics
+            .record(DialResult::Ok, started.elapsed().as_secs_f64());
         let OpenStream { channel, guard } = open;
         let tunnel = guard.tunnel().clone();
         if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -420,6 +536,7 @@ async fn dial_pool(
     port: u16,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
+    max: u64,
 ) -> Result<OpenStream, TunnelError> {
     let mut tried: Vec<usize> = Vec::new();
     let mut reasons: Vec<String> = Vec::new();
@@ -434,7 +551,7 @@ async fn dial_pool(
         };
         tried.push(pick);
         let node = &nodes[pick];
-        match node.open_channel(host, port, peer, deadline).await {
+        match node.open_channel(host, port, peer, deadline, max).await {
             Ok(open) => return Ok(open),
             Err(e @ TunnelError::ChannelOpenTimeout(_)) => return Err(e),
             Err(e) if e.is_tunnel_side() => {
@@ -451,7 +568,7 @@ async fn dial_pool(
             .collect();
         states.truncate(10);
         return Err(TunnelError::NotConnected(format!(
-            "no healthy tunnel for service address {host} ({} node(s){}{})",
+            "none of {} node(s) can take service address {host}{}{}",
             nodes.len(),
             if states.is_empty() { "" } else { ": " },
             states.join(", ")

@@ -16,11 +16,13 @@
 //! flow control: a consumer slower than its producer for longer than the
 //! buffer lasts loses its stream instead of stalling its neighbours.
 //!
+//! All streams together are further bounded by [`GLOBAL_BUFFER_LIMIT`], so
+//! memory stays bounded however many streams stall at once.
+//!
 //! The client→node side needs no such care: a channel whose remote window is
 //! exhausted only blocks its own writer.
 
-use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
@@ -34,6 +36,51 @@ use crate::tunnel::Counters;
 /// Bytes a stream may hold for a client that is not reading before the
 /// stream is reset. Large enough for bursts of kubectl logs/exec output.
 pub const STREAM_BUFFER_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Bytes all streams together may hold for slow clients. Past it, a
+/// stream holding more than [`GLOBAL_SHARE_FLOOR`] that wants to grow is
+/// reset, so thousands of stalled streams cannot exhaust memory while
+/// streams that keep up (with little queued) are never touched.
+pub const GLOBAL_BUFFER_LIMIT: usize = 512 * 1024 * 1024;
+
+/// A stream holding less than this is never reset for the global limit.
+pub const GLOBAL_SHARE_FLOOR: usize = 1024 * 1024;
+
+/// Bytes queued for clients right now, over all streams.
+static BUFFERED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes queued for slow clients over all streams (for status and tests).
+pub fn buffered_bytes() -> usize {
+    BUFFERED.load(Ordering::Relaxed)
+}
+
+/// Keeps [`BUFFERED`] in step with one stream's queue, also when the relay
+/// future is dropped mid-way. Shared by the two halves of one relay.
+struct QueueAccount(AtomicUsize);
+
+impl QueueAccount {
+    fn new() -> QueueAccount {
+        QueueAccount(AtomicUsize::new(0))
+    }
+    /// Adds `n`; returns this stream's and all streams' queued bytes.
+    fn add(&self, n: usize) -> (usize, usize) {
+        let mine = self.0.fetch_add(n, Ordering::Relaxed) + n;
+        (mine, BUFFERED.fetch_add(n, Ordering::Relaxed) + n)
+    }
+    fn sub(&self, n: usize) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+        BUFFERED.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for QueueAccount {
+    fn drop(&mut self) {
+        BUFFERED.fetch_sub(*self.0.get_mut(), Ordering::Relaxed);
+    }
+}
+
+/// Chunks written to the client per syscall, at most.
+const MAX_BATCH: usize = 64;
 
 /// Read size from the client; one SSH packet's worth or so.
 const CLIENT_READ_SIZE: usize = 64 * 1024;
@@ -108,62 +155,130 @@ where
         }
     };
 
-    let down = async {
-        // node → client, with the channel always drained promptly.
-        let mut queue: VecDeque<Bytes> = VecDeque::new();
-        let mut queued = 0usize;
-        let mut eof = false;
-        let mut closed = false;
-        let mut client_shut = false;
+    // node → client, in two halves: `drain` always takes what russh hands
+    // over at once (so the session loop never blocks on this stream), and
+    // `deliver` writes it to the client as fast as the client takes it,
+    // several chunks per syscall. They run concurrently, so a busy channel
+    // can never starve the client writes (the queue stays near empty for
+    // any client that keeps up).
+    let queued = QueueAccount::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let drain = async {
+        // Owned here: dropping it when draining ends tells `deliver` to
+        // finish the queue and stop.
+        let tx = tx;
         loop {
-            if queue.is_empty() {
-                if (eof || closed) && !client_shut {
-                    let _ = cw.shutdown().await;
-                    client_shut = true;
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return None,
+                m = read_half.wait() => m,
+            };
+            match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    let (mine, total) = queued.add(data.len());
+                    if mine > STREAM_BUFFER_LIMIT {
+                        warn!(
+                            buffered = mine,
+                            "client is not reading; resetting this stream only"
+                        );
+                        stop.cancel();
+                        return Some(RelayEnd::ClientTooSlow);
+                    }
+                    if total > GLOBAL_BUFFER_LIMIT && mine > GLOBAL_SHARE_FLOOR {
+                        warn!(
+                            buffered = mine,
+                            all_streams = total,
+                            "buffer budget of all streams exhausted; resetting this slow stream"
+                        );
+                        stop.cancel();
+                        return Some(RelayEnd::ClientTooSlow);
+                    }
+                    if tx.send(data).is_err() {
+                        return None;
+                    }
                 }
-                if closed {
-                    // The node closed the channel: nothing more can flow
-                    // either way, so stop the client→node side too.
-                    stop.cancel();
-                    return RelayEnd::Closed;
+                // EOF: the client gets a half-close once the queue is out;
+                // keep reading for the Close that follows.
+                Some(ChannelMsg::Eof) => {
+                    let _ = tx.send(Bytes::new());
+                }
+                Some(ChannelMsg::Close) | None => return None,
+                Some(_) => {}
+            }
+        }
+    };
+    let deliver = async {
+        let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return false,
+                m = rx.recv() => m,
+            };
+            let Some(first) = first else {
+                // Channel closed and everything delivered.
+                let _ = cw.shutdown().await;
+                return true;
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(b) => batch.push(b),
+                    Err(_) => break,
                 }
             }
-            let front = queue.front().cloned();
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return RelayEnd::Cancelled,
-                msg = read_half.wait(), if !closed => match msg {
-                    Some(ChannelMsg::Data { data }) => {
-                        queued += data.len();
-                        queue.push_back(data);
-                        if queued > STREAM_BUFFER_LIMIT {
-                            warn!(buffered = queued, "client is not reading; resetting this stream only");
-                            stop.cancel();
-                            return RelayEnd::ClientTooSlow;
-                        }
-                    }
-                    Some(ChannelMsg::Eof) => eof = true,
-                    Some(ChannelMsg::Close) | None => closed = true,
-                    Some(_) => {}
-                },
-                w = async { cw.write(front.as_deref().unwrap_or_default()).await }, if front.is_some() => match w {
+            let mut eof = false;
+            batch.retain(|b| {
+                if b.is_empty() {
+                    eof = true;
+                }
+                !b.is_empty()
+            });
+            let mut i = 0;
+            while i < batch.len() {
+                let slices: Vec<std::io::IoSlice<'_>> = batch[i..]
+                    .iter()
+                    .map(|b| std::io::IoSlice::new(b))
+                    .collect();
+                let w = tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    w = cw.write_vectored(&slices) => w,
+                };
+                let mut n = match w {
                     Ok(0) | Err(_) => {
                         stop.cancel();
-                        return RelayEnd::Cancelled;
+                        return false;
                     }
-                    Ok(n) => {
-                        counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        queued -= n;
-                        if let Some(f) = queue.front_mut() {
-                            if n >= f.len() {
-                                queue.pop_front();
-                            } else {
-                                f.advance(n);
-                            }
-                        }
+                    Ok(n) => n,
+                };
+                counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                queued.sub(n);
+                while n > 0 {
+                    let f = &mut batch[i];
+                    if n >= f.len() {
+                        n -= f.len();
+                        i += 1;
+                    } else {
+                        f.advance(n);
+                        n = 0;
                     }
-                },
+                }
             }
+            batch.clear();
+            if eof {
+                let _ = cw.shutdown().await;
+            }
+        }
+    };
+    let down = async {
+        let (drained, delivered) = tokio::join!(drain, deliver);
+        match drained {
+            Some(end) => end,
+            None if delivered => {
+                // The node closed the channel and the client has it all:
+                // nothing more can flow either way.
+                stop.cancel();
+                RelayEnd::Closed
+            }
+            None => RelayEnd::Cancelled,
         }
     };
 

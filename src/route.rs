@@ -30,6 +30,9 @@ pub enum Route<T> {
         node: T,
         /// The host to put in the direct-tcpip request.
         host: String,
+        /// True when the target is the node itself (its name or one of its
+        /// internal IPs), not a pod on it.
+        node_local: bool,
     },
     /// Through any healthy node (service CIDRs), to `host`.
     Pool {
@@ -89,9 +92,11 @@ impl<T: Clone> RouteTable<T> {
             let idx = t.nodes.len();
             t.nodes.push(payload);
             if let Some(first) = cfg.internal_ips.first() {
-                t.by_name
-                    .entry(cfg.name.to_ascii_lowercase())
-                    .or_insert((idx, *first));
+                for name in std::iter::once(&cfg.name).chain(&cfg.hostnames) {
+                    t.by_name
+                        .entry(name.to_ascii_lowercase())
+                        .or_insert((idx, *first));
+                }
             }
             for ip in &cfg.internal_ips {
                 t.by_ip.entry(canonical(*ip)).or_insert(idx);
@@ -139,6 +144,7 @@ impl<T: Clone> RouteTable<T> {
                 Some((idx, first)) => Route::Node {
                     node: self.nodes[*idx].clone(),
                     host: first.to_string(),
+                    node_local: true,
                 },
                 None => Route::Forbidden,
             };
@@ -149,6 +155,7 @@ impl<T: Clone> RouteTable<T> {
             return Route::Node {
                 node: self.nodes[*idx].clone(),
                 host,
+                node_local: true,
             };
         }
         let pod = match ip {
@@ -169,6 +176,7 @@ impl<T: Clone> RouteTable<T> {
             return Route::Node {
                 node: self.nodes[*idx].clone(),
                 host,
+                node_local: false,
             };
         }
         if self.services.iter().any(|s| s.contains(&ip)) {
@@ -201,6 +209,7 @@ mod tests {
             port: 22,
             internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
+            hostnames: Vec::new(),
         }
     }
 
@@ -224,9 +233,11 @@ mod tests {
     }
 
     fn to(node: &str, host: &str) -> Route<String> {
+        let node_local = !host.starts_with("10.244.") && !host.starts_with("fd10:");
         Route::Node {
             node: node.into(),
             host: host.into(),
+            node_local,
         }
     }
 
@@ -301,7 +312,11 @@ mod tests {
                 }
             }
             let expect = match best {
-                Some((_, name)) => to(name, &ip.to_string()),
+                Some((_, name)) => Route::Node {
+                    node: name.to_string(),
+                    host: ip.to_string(),
+                    node_local: false,
+                },
                 None => Route::Forbidden,
             };
             assert_eq!(t.lookup(&ip.to_string()), expect, "{ip}");

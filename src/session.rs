@@ -203,6 +203,14 @@ impl client::Handler for ClientHandler {
 
 /// Connects, verifies and authenticates once.
 pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, TunnelError> {
+    // Wait for a handshake slot first; the timeouts below start once we
+    // hold one, so a queue of a thousand nodes does not time itself out.
+    let _slot = ctx
+        .handshakes
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| TunnelError::NotConnected("shutting down".into()))?;
     let timeout = ctx.ssh.connect_timeout;
     let endpoint = (node.address.as_str(), node.port);
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {

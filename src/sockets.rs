@@ -24,6 +24,16 @@ pub enum BindError {
         /// The path.
         path: String,
     },
+    /// The socket group could not be applied.
+    #[error("{path}: socket_group {group:?}: {reason}")]
+    Group {
+        /// The path.
+        path: String,
+        /// The group.
+        group: String,
+        /// Why.
+        reason: String,
+    },
     /// Any I/O error.
     #[error("{path}: {source}")]
     Io {
@@ -32,6 +42,41 @@ pub enum BindError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// Binds a Unix socket at `path`: mode 0600, or 0660 and owned by `group`
+/// when one is given (so e.g. kube-apiserver's group may connect).
+pub fn bind_unix_for(path: &Path, group: Option<&str>) -> Result<UnixListener, BindError> {
+    let Some(group) = group else {
+        return bind_unix(path, 0o600);
+    };
+    let p = path.display().to_string();
+    let gid = match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => g.gid,
+        Ok(None) => {
+            return Err(BindError::Group {
+                path: p,
+                group: group.to_string(),
+                reason: "no such group".into(),
+            })
+        }
+        Err(e) => {
+            return Err(BindError::Group {
+                path: p,
+                group: group.to_string(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    let listener = bind_unix(path, 0o600)?;
+    nix::unistd::chown(path, None, Some(gid)).map_err(|e| BindError::Group {
+        path: p.clone(),
+        group: group.to_string(),
+        reason: e.to_string(),
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|source| BindError::Io { path: p, source })?;
+    Ok(listener)
 }
 
 /// Binds a Unix socket at `path` with mode `mode` (0600 for our sockets).
@@ -89,5 +134,31 @@ mod tests {
             Err(BindError::NotASocket { .. })
         ));
         assert_eq!(std::fs::read(&f).unwrap(), b"keep me");
+    }
+
+    #[tokio::test]
+    async fn socket_group_gives_0660_and_the_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        // Our own primary group always exists and we may chown to it.
+        let gid = nix::unistd::getegid();
+        let Ok(Some(group)) = nix::unistd::Group::from_gid(gid) else {
+            eprintln!("SKIP socket_group test: our gid {gid} has no name");
+            return;
+        };
+        let _l = bind_unix_for(&path, Some(&group.name)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), gid.as_raw());
+        let missing = dir.path().join("m.sock");
+        assert!(matches!(
+            bind_unix_for(&missing, Some("no-such-group-tunneler")),
+            Err(BindError::Group { .. })
+        ));
+        assert!(
+            !missing.exists(),
+            "nothing is bound when the group is wrong"
+        );
     }
 }

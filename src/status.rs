@@ -15,11 +15,17 @@ pub struct StatusDocument {
     pub listeners: Vec<String>,
     /// One entry per node, sorted by name.
     pub nodes: Vec<NodeStatus>,
+    /// Discovery sources and their health (empty without discovery).
+    #[serde(default)]
+    pub sources: Vec<crate::daemon::SourceStatus>,
 }
 
 /// One node's tunnel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
+    /// Where the node came from: config, api, file or kubernetes.
+    #[serde(default)]
+    pub source: Option<String>,
     /// Node name.
     pub name: String,
     /// SSH endpoint, `host:port`.
@@ -103,6 +109,14 @@ impl StatusDocument {
         }
         if self.nodes.is_empty() {
             out.push_str("(no nodes configured)\n");
+        }
+        for src in &self.sources {
+            if let Some(e) = &src.last_error {
+                out.push_str(&format!(
+                    "discovery {}: FAILING ({e}); keeping the last good set of {} node(s)\n",
+                    src.source, src.nodes
+                ));
+            }
         }
         out
     }

@@ -90,15 +90,29 @@ pub struct StateInfo {
     pub state: TunnelState,
     /// When this state was entered.
     pub since: SystemTime,
-    /// The most recent failure, kept across a later success for diagnosis.
+    /// The most recent failure; cleared when a session is established.
     pub last_error: Option<TunnelError>,
     /// When the next connect attempt is due (backoff and rejected only).
     pub next_retry: Option<SystemTime>,
     /// Round trip of the last keepalive ping.
     pub rtt: Option<Duration>,
+    /// The node's link: the best of its connections' links.
     link: Link,
+    /// One link per SSH connection (`ssh.connections_per_node`).
+    slots: Vec<Link>,
     draining: bool,
     probe_failing: bool,
+}
+
+/// The node's link from its connections': up if any is up, else
+/// connecting if any is, else rejected if any is, else backoff.
+fn best_link(slots: &[Link]) -> Link {
+    for l in [Link::Up, Link::Connecting, Link::Rejected] {
+        if slots.contains(&l) {
+            return l;
+        }
+    }
+    Link::Backoff
 }
 
 impl StateInfo {
@@ -134,6 +148,8 @@ pub struct SshContext {
     /// The same, also advertising certificate host key algorithms: used for
     /// nodes an `@cert-authority` line covers.
     pub client_config_with_certificates: Arc<client::Config>,
+    /// Caps handshakes in flight over all nodes; kept across reloads.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl SshContext {
@@ -145,6 +161,7 @@ impl SshContext {
         drain_timeout: Duration,
         identity: Arc<Identity>,
         known_hosts: Arc<KnownHostsStore>,
+        handshakes: Arc<tokio::sync::Semaphore>,
     ) -> SshContext {
         let build = |certificates: bool| {
             let preferred = russh::Preferred {
@@ -189,6 +206,7 @@ impl SshContext {
             known_hosts,
             client_config,
             client_config_with_certificates,
+            handshakes,
         }
     }
 }
@@ -236,6 +254,27 @@ pub struct Counters {
     /// Connects refused because the node presented a key other than the
     /// one known_hosts lists for it (`tunneler_host_key_mismatch_total`).
     pub host_key_mismatches: AtomicU64,
+    /// Sessions established (including make-before-break replacements).
+    pub opens: AtomicU64,
+    /// Failed session attempts, indexed like `metrics::OPEN_FAIL_REASONS`.
+    pub open_failures: [AtomicU64; 5],
+}
+
+impl Counters {
+    fn count_attempt(&self, r: &Result<Session, TunnelError>) {
+        match r {
+            Ok(_) => {
+                self.opens.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let i = crate::metrics::OPEN_FAIL_REASONS
+                    .iter()
+                    .position(|c| *c == e.class())
+                    .unwrap_or(crate::metrics::OPEN_FAIL_REASONS.len() - 1);
+                self.open_failures[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Commands to the actor.
@@ -282,11 +321,14 @@ pub struct NodeTunnel {
     /// The node's settings.
     pub node: NodeConfig,
     state: watch::Sender<StateInfo>,
-    conn: ArcSwapOption<Conn>,
+    /// One live session per connection slot. Streams are spread over them
+    /// (least loaded first), so concurrent streams use several cores and a
+    /// heavy stream shares its session's loop with fewer neighbours.
+    conns: Vec<ArcSwapOption<Conn>>,
     /// Stream and byte counters.
     pub counters: Counters,
     cancel: CancellationToken,
-    commands: mpsc::Sender<Command>,
+    commands: Vec<mpsc::Sender<Command>>,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -307,6 +349,7 @@ impl NodeTunnel {
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Arc<NodeTunnel> {
+        let n = ctx.load().ssh.connections_per_node.max(1);
         let (state, _) = watch::channel(StateInfo {
             state: TunnelState::Connecting,
             since: SystemTime::now(),
@@ -314,22 +357,37 @@ impl NodeTunnel {
             next_retry: None,
             rtt: None,
             link: Link::Connecting,
+            slots: vec![Link::Connecting; n],
             draining: false,
             probe_failing: false,
         });
-        let (commands, rx) = mpsc::channel(4);
+        let mut commands = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel(4);
+            commands.push(tx);
+            receivers.push(rx);
+        }
         let tunnel = Arc::new(NodeTunnel {
             node,
             state,
-            conn: ArcSwapOption::empty(),
+            conns: (0..n).map(|_| ArcSwapOption::empty()).collect(),
             counters: Counters::default(),
             cancel,
             commands,
         });
         let span = info_span!("node", node = %tunnel.node.name);
-        tracker.spawn(
-            supervise(tunnel.clone(), ctx.clone(), rx, tracker.clone()).instrument(span.clone()),
-        );
+        for (slot, rx) in receivers.into_iter().enumerate() {
+            let slot_span = if n > 1 {
+                tracing::info_span!(parent: &span, "conn", slot)
+            } else {
+                span.clone()
+            };
+            tracker.spawn(
+                supervise(tunnel.clone(), slot, ctx.clone(), rx, tracker.clone())
+                    .instrument(slot_span),
+            );
+        }
         tracker.spawn(crate::probe::run(tunnel.clone(), ctx).instrument(span));
         tunnel
     }
@@ -359,6 +417,16 @@ impl NodeTunnel {
         self.update(|s| s.draining = on);
     }
 
+    /// Finished connection attempts, successful or not.
+    pub fn attempts(&self) -> u64 {
+        let c = &self.counters;
+        c.opens.load(Ordering::Relaxed)
+            + c.open_failures
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum::<u64>()
+    }
+
     /// True when an operator drained the node.
     pub fn is_draining(&self) -> bool {
         self.state.borrow().draining
@@ -369,8 +437,20 @@ impl NodeTunnel {
         self.state.borrow().shown() == TunnelState::Healthy
     }
 
-    pub(crate) fn set_probe_failing(&self, failing: bool) {
-        self.update(|s| s.probe_failing = failing);
+    /// Marks the node's probe as failing (with the reason, shown as
+    /// `last_error`) or passing (clearing a probe error).
+    pub(crate) fn set_probe_failing(&self, failing: Option<String>) {
+        self.update(|s| {
+            s.probe_failing = failing.is_some();
+            match failing {
+                Some(why) => s.last_error = Some(TunnelError::Probe(why)),
+                None => {
+                    if matches!(s.last_error, Some(TunnelError::Probe(_))) {
+                        s.last_error = None;
+                    }
+                }
+            }
+        });
     }
 
     fn update(&self, f: impl FnOnce(&mut StateInfo)) {
@@ -385,30 +465,60 @@ impl NodeTunnel {
         });
     }
 
-    fn set_link(&self, link: Link, err: Option<TunnelError>, next_retry: Option<Duration>) {
+    fn set_link(
+        &self,
+        slot: usize,
+        link: Link,
+        err: Option<TunnelError>,
+        next_retry: Option<Duration>,
+    ) {
         self.update(|s| {
-            s.link = link;
-            if link != Link::Up {
+            if let Some(l) = s.slots.get_mut(slot) {
+                *l = link;
+            }
+            s.link = best_link(&s.slots);
+            if s.link != Link::Up {
                 s.rtt = None;
                 s.probe_failing = false;
             }
-            if err.is_some() {
+            if s.link == Link::Up {
+                // A working session answers the question "what is wrong".
+                s.last_error = None;
+            } else if err.is_some() {
                 s.last_error = err;
             }
-            s.next_retry = next_retry.map(|d| SystemTime::now() + d);
+            let retry = next_retry.map(|d| SystemTime::now() + d);
+            s.next_retry = match (s.link, s.next_retry, retry) {
+                (Link::Up | Link::Connecting, _, _) => None,
+                (_, Some(old), Some(new)) if old > SystemTime::now() => Some(old.min(new)),
+                (_, _, new) => new,
+            };
         });
     }
 
     /// Asks the actor for a make-before-break reconnect and waits for the
     /// new session (or the reason it could not be made).
     pub async fn reconnect(&self) -> Result<(), TunnelError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Reconnect(tx))
-            .await
-            .map_err(|_| TunnelError::NotConnected("node is shutting down".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(TunnelError::NotConnected("node is shutting down".into())))
+        let mut replies = Vec::new();
+        for c in &self.commands {
+            let (tx, rx) = oneshot::channel();
+            c.send(Command::Reconnect(tx))
+                .await
+                .map_err(|_| TunnelError::NotConnected("node is shutting down".into()))?;
+            replies.push(rx);
+        }
+        // Every connection reconnects (each make-before-break); the first
+        // failure is reported, the others still complete on their own.
+        let mut result = Ok(());
+        for rx in replies {
+            let r = rx
+                .await
+                .unwrap_or_else(|_| Err(TunnelError::NotConnected("node is shutting down".into())));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
     }
 
     /// Waits until no stream is open on this node, or `limit` passes.
@@ -437,13 +547,18 @@ impl NodeTunnel {
         port: u16,
         originator: SocketAddr,
         deadline: tokio::time::Instant,
+        max_streams: u64,
     ) -> Result<OpenStream, TunnelError> {
         let started = tokio::time::Instant::now();
         let conn = self.wait_connected(deadline).await?;
-        // Count the stream before the open, so a retiring session never sees
-        // zero while an open is in flight on it.
+        // Reserve the stream before the open: the cap holds under concurrent
+        // dials, and a retiring session never sees zero while an open is in
+        // flight on it.
+        if self.counters.active_streams.fetch_add(1, Ordering::AcqRel) >= max_streams {
+            self.counters.active_streams.fetch_sub(1, Ordering::AcqRel);
+            return Err(TunnelError::TooManyStreams(max_streams));
+        }
         conn.streams.fetch_add(1, Ordering::AcqRel);
-        self.counters.active_streams.fetch_add(1, Ordering::Relaxed);
         let guard = StreamGuard {
             tunnel: self.clone(),
             conn: conn.clone(),
@@ -467,6 +582,22 @@ impl NodeTunnel {
         }
     }
 
+    fn least_loaded_conn(&self) -> Option<Arc<Conn>> {
+        let mut best: Option<Arc<Conn>> = None;
+        for slot in &self.conns {
+            if let Some(c) = slot.load_full() {
+                let load = c.streams.load(Ordering::Relaxed);
+                if best
+                    .as_ref()
+                    .is_none_or(|b| load < b.streams.load(Ordering::Relaxed))
+                {
+                    best = Some(c);
+                }
+            }
+        }
+        best
+    }
+
     async fn wait_connected(
         &self,
         deadline: tokio::time::Instant,
@@ -476,7 +607,7 @@ impl NodeTunnel {
             let state = rx.borrow_and_update().clone();
             match state.link {
                 Link::Up => {
-                    if let Some(c) = self.conn.load_full() {
+                    if let Some(c) = self.least_loaded_conn() {
                         return Ok(c);
                     }
                 }
@@ -558,6 +689,7 @@ async fn ping_loop(
 /// The actor loop. Runs until the node's token is cancelled.
 async fn supervise(
     tunnel: Arc<NodeTunnel>,
+    slot: usize,
     shared: SharedContext,
     mut commands: mpsc::Receiver<Command>,
     tracker: TaskTracker,
@@ -570,12 +702,19 @@ async fn supervise(
     let mut pending: Option<oneshot::Sender<Result<(), TunnelError>>> = None;
     'outer: loop {
         let ctx = shared.load_full();
-        tunnel.set_link(Link::Connecting, None, None);
+        if (ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff)
+            != (backoff.initial(), backoff.max())
+        {
+            // A reload changed the backoff settings.
+            backoff = Backoff::new(ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff);
+        }
+        tunnel.set_link(slot, Link::Connecting, None, None);
         debug!(endpoint = %tunnel.node.endpoint(), "connecting");
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
             r = session::connect(&tunnel.node, &ctx) => r,
         };
+        tunnel.counters.count_attempt(&attempt);
         if let Some(reply) = pending.take() {
             let _ = reply.send(attempt.as_ref().map(|_| ()).map_err(Clone::clone));
         }
@@ -587,15 +726,15 @@ async fn supervise(
                     mut ended,
                     mut end_reason,
                 } = first;
-                let mut conn = install(&tunnel, handle, &ctx, &tracker, ended.clone());
-                tunnel.set_link(Link::Up, None, None);
+                let mut conn = install(&tunnel, slot, handle, &ctx, &tracker, ended.clone());
+                tunnel.set_link(slot, Link::Up, None, None);
                 info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
                 // Serve until the session ends, a reconnect is asked for, or
                 // the node is stopped.
                 let why = loop {
                     let cmd = tokio::select! {
                         _ = cancel.cancelled() => {
-                            tunnel.conn.store(None);
+                            tunnel.conns[slot].store(None);
                             let _ = conn.handle.disconnect(Disconnect::ByApplication, "tunneler shutting down", "").await;
                             break 'outer;
                         }
@@ -614,12 +753,14 @@ async fn supervise(
                         }
                         r = session::connect(&tunnel.node, &fresh) => r,
                     };
+                    tunnel.counters.count_attempt(&next);
                     match next {
                         Ok(new) => {
                             let old = conn;
                             let old_ended = std::mem::replace(&mut ended, new.ended);
                             end_reason = new.end_reason;
-                            conn = install(&tunnel, new.handle, &ctx, &tracker, ended.clone());
+                            conn =
+                                install(&tunnel, slot, new.handle, &ctx, &tracker, ended.clone());
                             up_at = Instant::now();
                             tracker.spawn(
                                 retire(
@@ -639,14 +780,19 @@ async fn supervise(
                         }
                     }
                 };
-                tunnel.conn.store(None);
+                tunnel.conns[slot].store(None);
                 warn!(reason = %why, "tunnel lost");
                 tunnel.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 if up_at.elapsed() >= ctx.reconnect.stable_after {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                tunnel.set_link(Link::Backoff, Some(TunnelError::Session(why)), Some(delay));
+                tunnel.set_link(
+                    slot,
+                    Link::Backoff,
+                    Some(TunnelError::Session(why)),
+                    Some(delay),
+                );
                 delay
             }
             Err(e) if e.is_rejection() => {
@@ -657,13 +803,13 @@ async fn supervise(
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 warn!(error = %e, retry_in = ?backoff.max(), "tunnel rejected");
-                tunnel.set_link(Link::Rejected, Some(e), Some(backoff.max()));
+                tunnel.set_link(slot, Link::Rejected, Some(e), Some(backoff.max()));
                 backoff.max()
             }
             Err(e) => {
                 let delay = backoff.next_delay();
                 info!(error = %e, retry_in = ?delay, "connect failed");
-                tunnel.set_link(Link::Backoff, Some(e), Some(delay));
+                tunnel.set_link(slot, Link::Backoff, Some(e), Some(delay));
                 delay
             }
         };
@@ -682,7 +828,7 @@ async fn supervise(
             }
         }
     }
-    tunnel.conn.store(None);
+    tunnel.conns[slot].store(None);
     debug!("supervisor stopped");
 }
 
@@ -690,6 +836,7 @@ async fn supervise(
 /// its keepalive round trip is measured until the session ends.
 fn install(
     tunnel: &Arc<NodeTunnel>,
+    slot: usize,
     handle: Handle<ClientHandler>,
     ctx: &SshContext,
     tracker: &TaskTracker,
@@ -700,7 +847,7 @@ fn install(
         streams: AtomicU64::new(0),
         idle: Notify::new(),
     });
-    tunnel.conn.store(Some(conn.clone()));
+    tunnel.conns[slot].store(Some(conn.clone()));
     let stop = ended.clone();
     let cancel = tunnel.cancel.clone();
     let t = tunnel.clone();

@@ -27,7 +27,9 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     );
 
     cluster.kill_sshd(1);
+    let t = std::time::Instant::now();
     let status = daemon.wait_node_unhealthy("node-1", READY);
+    let detect = t.elapsed();
     let before = node_status(&status, "node-1").unwrap()["reconnects"]
         .as_u64()
         .unwrap();
@@ -49,7 +51,12 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
 
     cluster.start_sshd(1);
+    let back = std::time::Instant::now();
     let status = daemon.wait_node_state("node-1", "healthy", READY);
+    common::report(&format!(
+        "sshd killed: node-1 left healthy after {detect:?}; healthy again {:?} after sshd restarted (max_backoff 1s)",
+        back.elapsed()
+    ));
     let n = node_status(&status, "node-1").unwrap();
     assert!(
         n["reconnects"].as_u64().unwrap() > before || before > 0,
@@ -95,11 +102,27 @@ fn changed_host_key_rejects_the_node() {
     let node2 = cluster.node(2);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node2.pod_ip), "ok");
     assert_eq!(got, format!("node=node-2 local={} echo=ok", node2.pod_ip));
+    // Never routed, not even through the service pool.
+    let anycast = cluster.anycast_service_ip();
+    for k in 0..6 {
+        let got = daemon.echo(&format!("{anycast}:{ECHO_PORT}"), &format!("pool{k}"));
+        assert_eq!(got, format!("node=node-2 local={anycast} echo=pool{k}"));
+    }
 
     // Rejected is sticky: it is not retried into healthy (or a hot loop).
     std::thread::sleep(Duration::from_millis(1500));
     let status = daemon.status_json();
     assert_eq!(node_status(&status, "node-1").unwrap()["state"], "rejected");
+
+    // Once the operator records the new key in known_hosts, the daemon
+    // picks the file up and the node comes back.
+    cluster.write_known_hosts();
+    daemon.wait_node_state("node-1", "healthy", READY);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "accepted");
+    assert_eq!(
+        got,
+        format!("node=node-1 local={} echo=accepted", node.pod_ip)
+    );
 }
 
 /// A node whose host key never matched is rejected from the start and never
@@ -136,7 +159,15 @@ fn silent_link_loss_is_detected_and_recovered() {
     let t = std::time::Instant::now();
     // keepalive 1 s × 3: about 4 s; allow generous slack on a busy box.
     daemon.wait_node_unhealthy("node-1", Duration::from_secs(15));
-    eprintln!("silent link loss noticed after {:?}", t.elapsed());
+    let detected = t.elapsed();
+    common::report(&format!(
+        "silent link loss (keepalive 1s x 3): node-1 left healthy after {detected:?}"
+    ));
+    // The issue asks for "about 4 s"; 8 s leaves room for a loaded box.
+    assert!(
+        detected < Duration::from_secs(8),
+        "silent link loss noticed only after {detected:?}"
+    );
     let n2 = cluster.node(2);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.pod_ip), "meanwhile");
     assert_eq!(
@@ -145,7 +176,12 @@ fn silent_link_loss_is_detected_and_recovered() {
     );
 
     cluster.link_up(1);
+    let t = std::time::Instant::now();
     daemon.wait_node_state("node-1", "healthy", READY);
+    common::report(&format!(
+        "silent link loss: node-1 healthy again {:?} after the link came back",
+        t.elapsed()
+    ));
     let n1 = cluster.node(1);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "back");
     assert_eq!(got, format!("node=node-1 local={} echo=back", n1.pod_ip));
@@ -179,4 +215,42 @@ fn refused_authentication_keeps_the_node_out_of_service() {
     std::thread::sleep(Duration::from_millis(1500));
     let status = daemon.status_json();
     assert_ne!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+}
+
+/// A listed node that does not answer at all (an unused address on the test
+/// bridge: the SYNs find no one) stays out of service with an error, and
+/// does not hold up the nodes that do answer.
+#[test]
+fn an_unreachable_node_does_not_hold_up_the_others() {
+    require_netns!("an_unreachable_node_does_not_hold_up_the_others");
+    let cluster = Cluster::new(1);
+    let ghost = format!("10.200.{}.99", cluster.n);
+    let spec = common::ConfigSpec {
+        extra: format!(
+            "\n[[node]]\nname = \"ghost\"\naddress = \"{ghost}\"\npod_cidrs = [\"10.201.{}.224/28\"]\n",
+            cluster.n
+        ),
+        ..Default::default()
+    };
+    let daemon = Daemon::start_with(&cluster, &spec);
+    daemon.wait_node_state("node-1", "healthy", Duration::from_secs(5));
+    let node = cluster.node(1);
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "alive");
+    assert_eq!(got, format!("node=node-1 local={} echo=alive", node.pod_ip));
+
+    // connect_timeout is 2 s.
+    let status = daemon.wait_for("ghost failing with an error", READY, |s| {
+        node_status(s, "ghost").is_some_and(|n| n["last_error"].is_string())
+    });
+    let g = node_status(&status, "ghost").unwrap();
+    assert_ne!(g["state"], "healthy", "{g}");
+    assert_eq!(g["address"], format!("{ghost}:22").as_str(), "{g}");
+    let (reply, _) = daemon.connect(&format!("ghost:{ECHO_PORT}"));
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    let out = common::tunneler(&[
+        "status",
+        "--socket",
+        cluster.admin_socket().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", common::all_output(&out));
 }

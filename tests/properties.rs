@@ -46,6 +46,7 @@ fn raw_node(i: usize) -> impl Strategy<Value = NodeConfig> {
             port: 22,
             internal_ips: ips,
             pod_cidrs: pods,
+            hostnames: Vec::new(),
         })
 }
 
@@ -87,6 +88,7 @@ fn brute_force(nodes: &[NodeConfig], services: &[IpNet], host: &str) -> Route<St
             .map(|n| Route::Node {
                 node: n.name.clone(),
                 host: n.internal_ips[0].to_string(),
+                node_local: true,
             })
             .unwrap_or(Route::Forbidden);
     };
@@ -95,6 +97,7 @@ fn brute_force(nodes: &[NodeConfig], services: &[IpNet], host: &str) -> Route<St
         return Route::Node {
             node: n.name.clone(),
             host: ip.to_string(),
+            node_local: true,
         };
     }
     let mut best: Option<(u8, &NodeConfig)> = None;
@@ -109,6 +112,7 @@ fn brute_force(nodes: &[NodeConfig], services: &[IpNet], host: &str) -> Route<St
         return Route::Node {
             node: n.name.clone(),
             host: ip.to_string(),
+            node_local: false,
         };
     }
     if services.iter().any(|s| s.contains(&ip)) {
@@ -147,7 +151,7 @@ proptest! {
             for ip in &n.internal_ips {
                 prop_assert_eq!(
                     table.lookup(&ip.to_string()),
-                    Route::Node { node: n.name.clone(), host: ip.to_string() }
+                    Route::Node { node: n.name.clone(), host: ip.to_string(), node_local: true }
                 );
             }
         }

@@ -191,7 +191,7 @@ fn accept_new_learns_a_key_then_rejects_a_changed_one() {
         &cluster.config_toml(&ConfigSpec::default()),
         "host_key_policy = \"accept-new\"",
     );
-    let daemon = Daemon::start_from_text(&cluster, &text);
+    let daemon = Daemon::start_toml(&cluster, &text, &[]);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
     let learned = fs::read_to_string(cluster.dir.join("known_hosts")).unwrap();
     assert_eq!(
@@ -206,6 +206,13 @@ fn accept_new_learns_a_key_then_rejects_a_changed_one() {
     assert!(last_error(&s, "node-1").contains("mismatch"), "{s}");
     let n = node_status(&s, "node-1").unwrap();
     assert!(n["host_key_mismatches"].as_u64().unwrap() >= 1, "{n}");
+    let m = daemon.metrics();
+    let total = common::metric_value(
+        &m,
+        "tunneler_host_key_mismatch_total",
+        &[("node", "node-1")],
+    );
+    assert!(total.unwrap_or(0.0) >= 1.0, "{m}");
     assert_eq!(
         fs::read_to_string(cluster.dir.join("known_hosts")).unwrap(),
         learned
@@ -328,7 +335,7 @@ fn encrypted_key_with_passphrase_file_connects() {
         &cluster.config_toml(&spec),
         "passphrase_file = \"passphrase\"",
     );
-    let daemon = Daemon::start_from_text(&cluster, &text);
+    let daemon = Daemon::start_toml(&cluster, &text, &[]);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
     let log = fs::read_to_string(&daemon.log).unwrap();
     assert!(!log.contains("s3cret"), "the passphrase reached the log");
@@ -377,7 +384,7 @@ fn user_certificate_connects() {
         &cluster.config_toml(&spec),
         "certificate_file = \"id_cert-cert.pub\"",
     );
-    let mut daemon = Daemon::start_from_text(&cluster, &text);
+    let mut daemon = Daemon::start_toml(&cluster, &text, &[]);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
     daemon.stop();
     drop(daemon);
@@ -394,7 +401,7 @@ fn user_certificate_connects() {
             agent.socket.display()
         ),
     );
-    let daemon = Daemon::start_from_text(&cluster, &text);
+    let daemon = Daemon::start_toml(&cluster, &text, &[]);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
 }
 
@@ -477,6 +484,6 @@ fn identity_in_ssh_agent_connects() {
         &cluster.config_toml(&spec),
         &format!("identity_agent = \"{}\"", agent.socket.display()),
     );
-    let daemon = Daemon::start_from_text(&cluster, &text);
+    let daemon = Daemon::start_toml(&cluster, &text, &[]);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
 }

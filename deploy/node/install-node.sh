@@ -7,10 +7,15 @@
 #
 #   --pubkey FILE       tunneler's public key (`tunneler keygen` writes FILE.pub).
 #                       Replaces the account's authorized_keys with every key in
-#                       FILE. A plain key gets restrict,port-forwarding,command="/bin/false"
-#                       in front; a line that already starts with options is kept.
-#   --permit-open LIST  replaces the PermitOpen line of the drop-in, e.g.
-#                       "10.0.0.11:10250 127.0.0.1:10248" or "any"; see the drop-in.
+#                       FILE (two during a key rotation). A plain key gets
+#                       restrict,port-forwarding,permitopen="..."(one per
+#                       destination),command="/bin/false" in front; a line that
+#                       already starts with options is kept as it is.
+#   --permit-open LIST  the destinations, e.g. "127.0.0.1:10250 127.0.0.1:10248"
+#                       (with node_local_via_loopback), "10.0.0.11:10250" or
+#                       "any". Goes into the drop-in's PermitOpen line and into
+#                       the keys' permitopen options (none for "any"). Default:
+#                       the drop-in's PermitOpen line, "*:10250 127.0.0.1:10248".
 #   --user NAME         account name (default tunneler; must match [ssh] user).
 set -eu
 
@@ -27,7 +32,7 @@ while [ $# -gt 0 ]; do
         --pubkey) [ $# -ge 2 ] || die "--pubkey needs a file"; pubkey=$2; shift 2 ;;
         --permit-open) [ $# -ge 2 ] || die "--permit-open needs a list"; permit_open=$2; shift 2 ;;
         --user) [ $# -ge 2 ] || die "--user needs a name"; user=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -40,12 +45,34 @@ sshd=$(command -v sshd || echo /usr/sbin/sshd)
 grep -qE '^[[:space:]]*Include[[:space:]]+/etc/ssh/sshd_config\.d/\*\.conf' /etc/ssh/sshd_config ||
     die "/etc/ssh/sshd_config does not Include /etc/ssh/sshd_config.d/*.conf; add that line at its top"
 
+# The destinations: --permit-open, else the drop-in's own PermitOpen line.
+if [ -z "$permit_open" ]; then
+    permit_open=$(sed -n 's/^    PermitOpen //p' "$here/sshd_config.d/tunneler.conf" | head -n 1)
+    [ -n "$permit_open" ] || die "no PermitOpen line in $here/sshd_config.d/tunneler.conf"
+fi
+# The same list as authorized_keys options. sshd allows a channel only when
+# both the key's permitopen options and the drop-in's PermitOpen allow it, so
+# the key stays limited even if the drop-in is lost or overridden.
+# "any" (full cluster: pod and service CIDRs) cannot be written as options.
+key_opts='restrict,port-forwarding'
+set -f  # `*:10250` is a destination, not a file name pattern
+for dest in $permit_open; do
+    case "$dest" in
+        any) key_opts='restrict,port-forwarding'; break ;;
+        none) die "--permit-open none would refuse every channel" ;;
+        *:*) key_opts="$key_opts,permitopen=\"$dest\"" ;;
+        *) die "--permit-open: $dest is not HOST:PORT or any" ;;
+    esac
+done
+set +f
+key_opts="$key_opts,command=\"/bin/false\""
+
 # Every key line in FILE is installed (two during a key rotation, see
 # keys/README.md). A plain key gets the restrictions put in front of it.
 keys=$(grep -vE '^[[:space:]]*(#|$)' "$pubkey" | while IFS= read -r line; do
     case "$line" in
         *PRIVATE*) echo "install-node.sh: $pubkey looks like a private key; pass the .pub file" >&2; exit 1 ;;
-        ssh-*|ecdsa-*|sk-*) printf 'restrict,port-forwarding,command="/bin/false" %s\n' "$line" ;;
+        ssh-*|ecdsa-*|sk-*) printf '%s %s\n' "$key_opts" "$line" ;;
         *) printf '%s\n' "$line" ;;
     esac
 done) || exit 1
@@ -76,9 +103,7 @@ mv -f "$tmp" "$home/.ssh/authorized_keys"
 install -d -m 0755 "$dropin_dir"
 tmp=$(mktemp "$dropin_dir/.tunneler.conf.XXXXXX")
 sed -e "s/^Match User tunneler\$/Match User $user/" "$here/sshd_config.d/tunneler.conf" >"$tmp"
-if [ -n "$permit_open" ]; then
-    sed -i -e "s/^    PermitOpen .*/    PermitOpen $permit_open/" "$tmp"
-fi
+sed -i -e "s/^    PermitOpen .*/    PermitOpen $permit_open/" "$tmp"
 chmod 0644 "$tmp"
 mv -f "$tmp" "$dropin_dir/tunneler.conf"
 

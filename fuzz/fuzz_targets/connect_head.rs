@@ -18,6 +18,7 @@ fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
         port: 22,
         internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
         pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
+        hostnames: Vec::new(),
     }
 }
 
@@ -62,7 +63,9 @@ fuzz_target!(|data: &[u8]| {
 
     match table.lookup(&target.host) {
         Route::Forbidden => {}
-        Route::Node { node: name, host } => {
+        Route::Node {
+            node: name, host, ..
+        } => {
             let n = nodes.iter().find(|n| n.name == name).unwrap();
             let hip: IpAddr = host
                 .parse()

@@ -52,13 +52,56 @@ pub struct Cluster {
     pub client_key: PathBuf,
     tmp: Option<tempfile::TempDir>,
     pub(super) slot: Option<Slot>,
+    /// Further slots whose address blocks [`Cluster::add_local_addresses`]
+    /// borrowed; released after everything else.
+    extra_slots: Vec<Slot>,
     bridge: String,
+    opts: ClusterOptions,
 }
+
+/// How [`Cluster::with_options`] builds its nodes. The default is the test
+/// layout that [`Cluster::new`] builds.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Pod and service addresses on each node's `lo` plus the Python
+    /// servers. Without them a node runs only sshd, and a cluster may have
+    /// up to [`MAX_BARE_NODES`] nodes instead of 14.
+    pub servers: bool,
+    /// sshd listens on the wildcard address instead of the node IP, so it
+    /// also answers on addresses added by [`Cluster::add_local_addresses`].
+    pub sshd_listen_any: bool,
+    /// sshd's `MaxStartups`.
+    pub max_startups: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            servers: true,
+            sshd_listen_any: false,
+            max_startups: "100".into(),
+        }
+    }
+}
+
+/// Node limit of a cluster built without servers (addresses 10.200.n.11
+/// up to 10.200.n.210).
+pub const MAX_BARE_NODES: usize = 200;
 
 impl Cluster {
     /// Builds a cluster with `n_nodes` nodes. Call [`can_run`] first.
     pub fn new(n_nodes: usize) -> Cluster {
-        assert!((1..=14).contains(&n_nodes), "1..=14 nodes per cluster");
+        Cluster::with_options(n_nodes, ClusterOptions::default())
+    }
+
+    /// Builds a cluster with `n_nodes` nodes laid out as `opts` says. Call
+    /// [`can_run`] first.
+    pub fn with_options(n_nodes: usize, opts: ClusterOptions) -> Cluster {
+        let max = if opts.servers { 14 } else { MAX_BARE_NODES };
+        assert!(
+            (1..=max).contains(&n_nodes),
+            "1..={max} nodes per cluster with these options"
+        );
         environment()
             .as_ref()
             .expect("environment checked by can_run");
@@ -76,7 +119,9 @@ impl Cluster {
             dir,
             tmp: Some(tmp),
             slot: Some(slot),
+            extra_slots: Vec::new(),
             bridge: format!("tnlbr{n}"),
+            opts,
         };
         // From here on Drop cleans up whatever was created.
         cluster.build(n_nodes);
@@ -108,16 +153,27 @@ impl Cluster {
             let node_dir = self.dir.join(format!("node-{i}"));
             fs::create_dir_all(&node_dir).unwrap();
             let ip = Ipv4Addr::new(10, 200, n as u8, 10 + i as u8);
-            let pod_base = 16 * i as u8;
+            let servers = self.opts.servers;
+            // Bare nodes have no pod or service addresses (and may number
+            // more than the 16 /28s that fit into 10.201.n.0/24).
+            let pod_base = if servers { 16 * i as u8 } else { 0 };
             let node = Node {
                 index: i,
                 name: format!("node-{i}"),
                 ns: ns.clone(),
                 ip,
-                pod_cidr: format!("10.201.{n}.{pod_base}/28"),
+                pod_cidr: if servers {
+                    format!("10.201.{n}.{pod_base}/28")
+                } else {
+                    String::new()
+                },
                 pod_ip: Ipv4Addr::new(10, 201, n as u8, pod_base + 1),
                 service_ip: Ipv4Addr::new(10, 202, n as u8, 10 + i as u8),
-                pod_cidr6: format!("fd00:201:{n}:{i}::/64"),
+                pod_cidr6: if servers {
+                    format!("fd00:201:{n}:{i}::/64")
+                } else {
+                    String::new()
+                },
                 pod_ip6: None,
                 dir: node_dir,
                 servers: None,
@@ -142,6 +198,12 @@ impl Cluster {
             ipn(&["link", "set", "lo", "up"]);
             ipn(&["addr", "add", &format!("{ip}/24"), "dev", &vn]);
             ipn(&["link", "set", &vn, "up"]);
+            if !servers {
+                ssh_keygen(&node.host_key(), &format!("host-{}", node.name));
+                self.write_sshd_config(i);
+                self.start_sshd(i);
+                continue;
+            }
             ipn(&["addr", "add", &format!("{}/32", node.pod_ip), "dev", "lo"]);
             ipn(&[
                 "addr",
@@ -207,8 +269,13 @@ impl Cluster {
 
     fn write_sshd_config(&self, i: usize) {
         let node = self.node(i);
+        let listen = if self.opts.sshd_listen_any {
+            "0.0.0.0".to_string()
+        } else {
+            node.ip.to_string()
+        };
         let mut cfg = format!(
-            "ListenAddress {ip}\n\
+            "ListenAddress {listen}\n\
              Port 22\n\
              HostKey {key}\n\
              AuthorizedKeysFile {ak}\n\
@@ -219,9 +286,9 @@ impl Cluster {
              StrictModes no\n\
              AllowTcpForwarding yes\n\
              PermitRootLogin prohibit-password\n\
-             MaxStartups 100\n\
+             MaxStartups {startups}\n\
              LogLevel VERBOSE\n",
-            ip = node.ip,
+            startups = self.opts.max_startups,
             key = node.host_key().display(),
             ak = self.dir.join("authorized_keys").display(),
             dir = node.dir.display(),
@@ -398,6 +465,82 @@ impl Cluster {
         run("ip", &["link", "set", &format!("tv{}h{}", self.n, i), "up"]);
     }
 
+    /// Gives node `i` `count` more IPv4 addresses, for simulating many
+    /// nodes behind one sshd (build the cluster with `servers: false` and
+    /// `sshd_listen_any: true`). The addresses come in /24 blocks
+    /// 10.201.s.0/24, 10.202.s.0/24 and 10.203.s.0/24 (.1 to .254) of this
+    /// cluster's slot `s`, then of further slots acquired for the purpose.
+    /// Each block is one address with its prefix on the node's `lo` (which
+    /// makes the whole block local) and one host route via the node's SSH
+    /// address, so the host keeps a single neighbour entry.
+    pub fn add_local_addresses(&mut self, i: usize, count: usize) -> Vec<Ipv4Addr> {
+        assert!(
+            !self.opts.servers,
+            "pod and service addresses use these blocks in the test layout"
+        );
+        let (ns, gw) = (self.node(i).ns.clone(), self.node(i).ip);
+        let mut out = Vec::with_capacity(count);
+        let mut slots = vec![self.n];
+        let mut k = 0;
+        while out.len() < count {
+            if k == slots.len() {
+                let extra = Slot::acquire();
+                slots.push(extra.n);
+                self.extra_slots.push(extra);
+            }
+            let s = slots[k];
+            k += 1;
+            for b in [201u8, 202, 203] {
+                if out.len() >= count {
+                    break;
+                }
+                run(
+                    "ip",
+                    &[
+                        "-n",
+                        &ns,
+                        "addr",
+                        "add",
+                        &format!("10.{b}.{s}.1/24"),
+                        "dev",
+                        "lo",
+                    ],
+                );
+                run(
+                    "ip",
+                    &[
+                        "route",
+                        "add",
+                        &format!("10.{b}.{s}.0/24"),
+                        "via",
+                        &gw.to_string(),
+                        "dev",
+                        &self.bridge,
+                    ],
+                );
+                for host in 1..=254u8 {
+                    if out.len() >= count {
+                        break;
+                    }
+                    out.push(Ipv4Addr::new(10, b, s as u8, host));
+                }
+            }
+        }
+        out
+    }
+
+    /// Appends known_hosts lines giving `ips` node `i`'s host key.
+    pub fn add_known_hosts(&self, i: usize, ips: &[Ipv4Addr]) {
+        let pubkey = fs::read_to_string(pub_path(&self.node(i).host_key())).unwrap();
+        let mut parts = pubkey.split_whitespace();
+        let (kt, kb) = (parts.next().unwrap(), parts.next().unwrap());
+        let mut s = fs::read_to_string(self.dir.join("known_hosts")).unwrap_or_default();
+        for ip in ips {
+            s.push_str(&format!("{ip} {kt} {kb}\n"));
+        }
+        fs::write(self.dir.join("known_hosts"), s).unwrap();
+    }
+
     /// TOML config for this cluster. `spec` selects nodes and extras.
     pub fn config_toml(&self, spec: &ConfigSpec) -> String {
         let identity = spec
@@ -414,6 +557,7 @@ impl Cluster {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let ssh_extra = &spec.ssh_extra;
         let mut s = format!(
             r#"[ssh]
 user = "root"
@@ -423,6 +567,7 @@ port = 22
 connect_timeout = "2s"
 keepalive_interval = "1s"
 keepalive_max = 3
+{ssh_extra}
 
 [reconnect]
 initial_backoff = "100ms"
@@ -446,10 +591,17 @@ socket = "{admin}"
             .unwrap_or_else(|| (1..=self.nodes.len()).collect());
         for i in selected {
             let node = self.node(i);
-            s.push_str(&format!(
-                "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\", \"{}\"]\n",
-                node.name, node.ip, node.pod_cidr, node.pod_cidr6
-            ));
+            if node.pod_cidr.is_empty() {
+                s.push_str(&format!(
+                    "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\n",
+                    node.name, node.ip
+                ));
+            } else {
+                s.push_str(&format!(
+                    "\n[[node]]\nname = \"{}\"\naddress = \"{}\"\npod_cidrs = [\"{}\", \"{}\"]\n",
+                    node.name, node.ip, node.pod_cidr, node.pod_cidr6
+                ));
+            }
         }
         s.push_str(&spec.extra);
         s
@@ -488,6 +640,8 @@ impl Drop for Cluster {
                 &["link", "del", &format!("tv{}h{}", self.n, node.index)],
             );
         }
+        // Deleting the bridge also removes the host routes that
+        // add_local_addresses pointed through it.
         run_quiet("ip", &["link", "del", &self.bridge]);
         if std::env::var_os("TUNNELER_TEST_KEEP").is_some() {
             if let Some(t) = self.tmp.take() {
@@ -497,6 +651,7 @@ impl Drop for Cluster {
         drop(self.tmp.take());
         // The slot goes last, once nothing of ours is left in the kernel.
         drop(self.slot.take());
+        self.extra_slots.clear();
     }
 }
 
@@ -511,4 +666,145 @@ pub struct ConfigSpec {
     pub service_cidrs: Option<Vec<String>>,
     /// Appended verbatim at the end (after the `[[node]]` tables).
     pub extra: String,
+    /// Extra lines inside the `[ssh]` table.
+    pub ssh_extra: String,
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the control, operability and local-security tests
+// ---------------------------------------------------------------------------
+
+impl Cluster {
+    /// Replaces node `i`'s Python servers with ones whose HTTP server listens
+    /// on `http_port` instead (echo and flood stay on their ports). Used to
+    /// make an HTTP health probe on `HTTP_PORT` fail on one node while its
+    /// echo server keeps answering.
+    pub fn restart_servers_with_http_port(&mut self, i: usize, http_port: u16) {
+        if let Some(mut c) = self.nodes[i - 1].servers.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let node = &self.nodes[i - 1];
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "/usr/bin/python3", "-u"])
+            .arg(self.dir.join("servers.py"))
+            .args([
+                node.name.as_str(),
+                &ECHO_PORT.to_string(),
+                &http_port.to_string(),
+                &FLOOD_PORT.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(node.dir.join("servers2.log")).unwrap())
+            .spawn()
+            .expect("spawn python servers");
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let _ = out.read_line(&mut line);
+        self.nodes[i - 1].servers = Some(child);
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "python servers in {} did not restart: {:?}",
+            self.nodes[i - 1].ns,
+            fs::read_to_string(self.nodes[i - 1].dir.join("servers2.log"))
+        );
+    }
+
+    /// Starts `program args` inside node `i`'s namespace (stdout and stderr
+    /// to `<node dir>/<log>`). The cluster's teardown kills it with every
+    /// other process of the namespace.
+    pub fn spawn_in_node(&self, i: usize, log: &str, program: &str, args: &[&str]) -> Child {
+        let node = self.node(i);
+        let out = fs::File::create(node.dir.join(log)).unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &node.ns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program} in {}: {e}", node.ns))
+    }
+
+    /// Waits (bounded) until something listens on `ip:port` inside node
+    /// `i`'s namespace; returns whether it does.
+    pub fn wait_listening_in_node(&self, i: usize, ip: &str, port: u16, timeout: Duration) -> bool {
+        let ns = self.node(i).ns.clone();
+        let script = format!(
+            "import socket,sys\ns=socket.socket()\ns.settimeout(0.5)\n\
+             sys.exit(0 if s.connect_ex(('{ip}',{port}))==0 else 1)"
+        );
+        poll(timeout, || {
+            run_quiet(
+                "ip",
+                &["netns", "exec", &ns, "/usr/bin/python3", "-c", &script],
+            )
+        })
+    }
+
+    /// Established TCP connections from the host namespace to node `i`'s
+    /// sshd (the daemon's SSH sessions to it).
+    pub fn ssh_sessions_to(&self, i: usize) -> usize {
+        let ip = self.node(i).ip;
+        let out = Command::new("ss")
+            .args(["-Htn", "state", "established"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let want = format!("{ip}:22");
+        out.lines()
+            .filter(|l| l.split_whitespace().nth(3) == Some(want.as_str()))
+            .count()
+    }
+
+    /// A `kubectl get nodes -o json` style `Node` object for node `i`, with
+    /// its SSH address as InternalIP and a Hostname address; `pod_cidrs`
+    /// become `spec.podCIDRs` (and the first one `spec.podCIDR`).
+    pub fn k8s_node_json(&self, i: usize, pod_cidrs: &[&str]) -> Value {
+        let node = self.node(i);
+        let mut spec = serde_json::json!({ "providerID": format!("test://{}", node.name) });
+        if let Some(first) = pod_cidrs.first() {
+            spec["podCIDR"] = Value::from(*first);
+            spec["podCIDRs"] = Value::from(pod_cidrs.to_vec());
+        }
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "uid": format!("00000000-0000-0000-0000-{:012}", i),
+                "resourceVersion": "1",
+                "labels": { "kubernetes.io/hostname": node.name },
+            },
+            "spec": spec,
+            "status": {
+                "addresses": [
+                    { "type": "InternalIP", "address": node.ip.to_string() },
+                    { "type": "Hostname", "address": node.name },
+                ],
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            },
+        })
+    }
+
+    /// Atomically replaces `path` with `contents` (temp file + rename), as
+    /// a node-list writer should.
+    pub fn replace_file(&self, path: &Path, contents: &str) {
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, contents).unwrap();
+        fs::rename(&tmp, path).unwrap();
+    }
+
+    /// A `kubectl get nodes -o json` document (`kind: List`) holding `items`.
+    pub fn k8s_node_list(items: Vec<Value>) -> String {
+        serde_json::to_string_pretty(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": items,
+            "metadata": { "resourceVersion": "" },
+        }))
+        .unwrap()
+    }
 }

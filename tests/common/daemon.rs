@@ -14,11 +14,21 @@ pub struct Daemon {
     pub egress: PathBuf,
     /// Where its stderr goes.
     pub log: PathBuf,
+    /// Records the pid so a later run can kill it if this process crashes.
+    pid_file: Option<PathBuf>,
 }
 
-/// Path of the binary under test.
+/// Path of the binary under test: this crate's `tunneler`, or
+/// `TUNNELER_TEST_BIN` when set (another build, or a profiling wrapper that
+/// `exec`s one, for the benchmark).
 pub fn tunneler_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tunneler")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("TUNNELER_TEST_BIN")
+            .ok()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_tunneler").to_string())
+    })
 }
 
 impl Daemon {
@@ -30,49 +40,7 @@ impl Daemon {
     /// Starts the daemon with a config built from `spec`, and waits until
     /// the admin socket answers.
     pub fn start_with(cluster: &Cluster, spec: &ConfigSpec) -> Daemon {
-        let config = cluster.write_config(spec);
-        let log = cluster.dir.join("daemon.log");
-        let child = Command::new(tunneler_bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,tunneler=debug".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(cluster.dir.join("daemon.stdout")).unwrap())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn tunneler run");
-        if let Some(slot) = &cluster.slot {
-            let _ = fs::write(slot.dir.join("daemon.pid"), child.id().to_string());
-        }
-        let mut d = Daemon {
-            child: Some(child),
-            config,
-            admin: cluster.admin_socket(),
-            egress: cluster.egress_socket(),
-            log,
-        };
-        let mut last = String::new();
-        let ok = poll(Duration::from_secs(15), || {
-            if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
-                last = format!("daemon exited: {st}");
-                return true;
-            }
-            match d.try_status() {
-                Ok(_) => true,
-                Err(e) => {
-                    last = e;
-                    false
-                }
-            }
-        });
-        assert!(
-            ok && d.try_status().is_ok(),
-            "daemon admin socket never answered: {last}"
-        );
-        d
+        Daemon::start_toml(cluster, &cluster.config_toml(spec), &[])
     }
 
     /// Process id of the daemon.
@@ -237,6 +205,9 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(f) = self.pid_file.take() {
+            let _ = fs::remove_file(f);
+        }
     }
 }
 
@@ -262,6 +233,7 @@ pub fn echo_over<S: Read + Write>(mut s: S, line: &str) -> String {
                 }
                 answer.push(byte[0]);
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!("reading echo answer: {e} (got {answer:?})"),
         }
     }
@@ -285,6 +257,7 @@ pub fn read_head<S: Read>(s: &mut S) -> String {
         match s.read(&mut byte) {
             Ok(0) => break,
             Ok(_) => head.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => panic!(
                 "reading response head: {e} (got {:?})",
                 String::from_utf8_lossy(&head)
@@ -353,17 +326,24 @@ pub fn all_output(out: &Output) -> String {
     )
 }
 
+// ---------------------------------------------------------------------------
+// Helpers for the control, operability and local-security tests
+// ---------------------------------------------------------------------------
+
 impl Daemon {
-    /// Starts the daemon on `text` as its config (written to the cluster's
-    /// `config.toml`), for settings [`ConfigSpec`] does not cover, such as
-    /// extra `[ssh]` keys. Waits until the admin socket answers.
-    pub fn start_from_text(cluster: &Cluster, text: &str) -> Daemon {
+    /// Writes `toml` as the cluster's `config.toml` and starts `tunneler run
+    /// --config config.toml` plus `args` (e.g. `--log-format json`); waits
+    /// until the admin socket answers. For configs that [`ConfigSpec`]
+    /// cannot express (keys inside `[proxy]`, `[admin]` or `[ssh]`).
+    pub fn start_toml(cluster: &Cluster, toml: &str, args: &[&str]) -> Daemon {
         let config = cluster.dir.join("config.toml");
-        fs::write(&config, text).unwrap();
+        fs::write(&config, toml).unwrap();
+        let admin = cluster.admin_socket();
         let log = cluster.dir.join("daemon.log");
         let child = Command::new(tunneler_bin())
             .args(["run", "--config"])
             .arg(&config)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,tunneler=debug".into()),
@@ -373,15 +353,17 @@ impl Daemon {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn tunneler run");
-        if let Some(slot) = &cluster.slot {
-            let _ = fs::write(slot.dir.join("daemon.pid"), child.id().to_string());
+        let pid_file = cluster.slot.as_ref().map(|slot| slot.daemon_pid_file());
+        if let Some(f) = &pid_file {
+            let _ = fs::write(f, child.id().to_string());
         }
         let mut d = Daemon {
             child: Some(child),
             config,
-            admin: cluster.admin_socket(),
+            admin,
             egress: cluster.egress_socket(),
             log,
+            pid_file,
         };
         let mut last = String::new();
         let ok = poll(Duration::from_secs(15), || {
@@ -404,6 +386,124 @@ impl Daemon {
         );
         d
     }
+
+    /// Sends `sig` (a `kill` signal name such as "HUP") without waiting.
+    pub fn send_signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            signal(c.id(), sig);
+        }
+    }
+
+    /// One admin API request; panics when the socket does not answer.
+    pub fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        admin_request(&self.admin, method, path, body)
+            .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"))
+    }
+
+    /// `GET /metrics` on the admin socket.
+    pub fn metrics(&self) -> String {
+        let (code, body) = self.admin("GET", "/metrics", None);
+        assert_eq!(code, 200, "GET /metrics: {body}");
+        body
+    }
+
+    /// `tunneler <args> --socket ADMIN`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut v: Vec<&str> = args.to_vec();
+        let sock = self.admin.to_str().unwrap().to_string();
+        v.push("--socket");
+        v.push(&sock);
+        tunneler(&v)
+    }
+}
+
+/// One HTTP/1.1 request with an optional JSON body over a Unix socket:
+/// returns (status code, body).
+pub fn admin_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {text:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding") && l.contains("chunked"));
+    Ok((
+        code,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+/// The value of the first sample of `name` (exact metric name, e.g.
+/// `tunneler_dials_total`) that carries every `labels` pair, from a
+/// Prometheus/OpenMetrics text exposition.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.trim().parse::<f64>().ok())
+            .flatten()
+        })
+        .next()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes a line straight to fd 2, so that measured figures show up in a
+/// normal `cargo test` run (libtest captures `eprintln!` of passing tests).
+pub fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// `p`-th percentile (0..=100) of `samples` (nearest rank).
+pub fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut v = samples.to_vec();
+    v.sort();
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 /// `text` with `lines` inserted at the top of its `[ssh]` table.

@@ -1,0 +1,1376 @@
+//! End-to-end benchmark (issue 4): the daemon's CONNECT path against
+//! OpenSSH `ssh -L` and against direct TCP, side by side in one run.
+//!
+//! Run as root: `cargo bench --bench e2e` (about 5 minutes), or
+//! `TUNNELER_BENCH_SMOKE=1 cargo bench --bench e2e` (or `-- --smoke`) for a
+//! tiny run of every measurement that only shows the tool works. Without
+//! root and network namespaces it prints SKIP and exits 0.
+//!
+//! Paths, all to the same node namespace built by the integration-test
+//! harness (real OpenSSH sshd, no default route):
+//! - `direct`: TCP from the host to the node IP (the physical limit);
+//! - `ssh -L`: OpenSSH's client, `-c aes128-gcm@openssh.com`, same key and
+//!   known_hosts, forwarding a loopback port to the node;
+//! - `daemon tcp` / `daemon unix`: `CONNECT` through the daemon's TCP and
+//!   Unix listeners (the release build of this crate's `tunneler`).
+//!
+//! The servers in the node namespace are this binary re-executed there
+//! (`e2e __serve`): a source that writes as many bytes as asked, and a raw
+//! echo. Results are printed, never asserted. Every loop and wait is
+//! bounded; the harness tears everything down in `Drop`, also on panic.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, ClusterOptions, ConfigSpec, Daemon};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Port of the byte source in the node namespace.
+const SOURCE_PORT: u16 = 7100;
+/// Port of the raw echo server in the node namespace.
+const ECHO_PORT: u16 = 7101;
+/// Size of one latency message.
+const MSG: usize = 64;
+/// Bound on any single socket operation of the bench client.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// Sizes
+// ---------------------------------------------------------------------------
+
+/// How much each measurement does; `smoke` makes everything tiny.
+struct Sizes {
+    /// Sections to run (`TUNNELER_BENCH_ONLY`); all when empty.
+    only: Vec<String>,
+    bulk_bytes: u64,
+    bulk_runs: usize,
+    rtt_count: usize,
+    dial_seq: usize,
+    dial_total: usize,
+    dial_in_flight: usize,
+    streams: Vec<usize>,
+    open_concurrency: usize,
+    real_nodes: usize,
+    sim_nodes: usize,
+}
+
+impl Sizes {
+    fn new(smoke: bool) -> Sizes {
+        let mut sz = Sizes::preset(smoke);
+        sz.only = std::env::var("TUNNELER_BENCH_ONLY")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(b) = std::env::var("TUNNELER_BENCH_BYTES")
+            .ok()
+            .and_then(|b| b.parse().ok())
+        {
+            sz.bulk_bytes = b;
+        }
+        sz
+    }
+
+    /// Whether section `name` runs.
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
+
+    fn preset(smoke: bool) -> Sizes {
+        if smoke {
+            Sizes {
+                only: Vec::new(),
+                bulk_bytes: 8 << 20,
+                bulk_runs: 1,
+                rtt_count: 20,
+                dial_seq: 20,
+                dial_total: 50,
+                dial_in_flight: 10,
+                streams: vec![50],
+                open_concurrency: 10,
+                real_nodes: 3,
+                sim_nodes: 5,
+            }
+        } else {
+            Sizes {
+                only: Vec::new(),
+                bulk_bytes: 1 << 30,
+                bulk_runs: 3,
+                rtt_count: 10_000,
+                dial_seq: 1000,
+                dial_total: 2000,
+                dial_in_flight: 100,
+                streams: vec![1000, 10_000],
+                open_concurrency: 100,
+                real_nodes: 40,
+                sim_nodes: 1000,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers inside the node namespace (`e2e __serve SOURCE_PORT ECHO_PORT`)
+// ---------------------------------------------------------------------------
+
+mod serve {
+    use super::*;
+
+    /// Entry point of the re-executed binary inside a namespace.
+    pub fn main(args: &[String]) {
+        let port = |i: usize| -> u16 { args.get(i).and_then(|p| p.parse().ok()).expect("port") };
+        let source = TcpListener::bind(("0.0.0.0", port(0))).expect("bind source");
+        let echo = std::net::TcpListener::bind(("0.0.0.0", port(1))).expect("bind echo");
+        echo.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || echo_server(echo));
+        println!("ready");
+        let _ = io::stdout().flush();
+        for conn in source.incoming() {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let _ = source_one(conn);
+            });
+        }
+    }
+
+    /// Reads a little-endian u64 count, writes that many bytes, half-closes
+    /// and waits for the client to close.
+    fn source_one(mut s: TcpStream) -> io::Result<()> {
+        let mut n = [0u8; 8];
+        s.read_exact(&mut n)?;
+        let mut left = u64::from_le_bytes(n);
+        let buf = vec![0x5au8; 1 << 20];
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..k])?;
+            left -= k as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        let mut sink = [0u8; 64];
+        while s.read(&mut sink)? > 0 {}
+        Ok(())
+    }
+
+    /// Raw echo on a current-thread runtime: thousands of connections are
+    /// cheap, and one round trip wakes one thread.
+    fn echo_server(l: std::net::TcpListener) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).expect("listener");
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the bench servers in `ns` and waits for their "ready".
+fn start_servers(ns: &str) -> ChildGuard {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(exe)
+        .args(["__serve", &SOURCE_PORT.to_string(), &ECHO_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn bench servers");
+    let mut out = child.stdout.take().unwrap();
+    let mut line = [0u8; 6];
+    let ok = out.read_exact(&mut line).is_ok() && &line == b"ready\n";
+    let guard = ChildGuard(child);
+    assert!(ok, "bench servers in {ns} did not start");
+    guard
+}
+
+// ---------------------------------------------------------------------------
+// Paths and client streams
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum PathKind {
+    Direct,
+    SshL,
+    DaemonTcp,
+    DaemonUnix,
+}
+
+const PATHS: [PathKind; 4] = [
+    PathKind::Direct,
+    PathKind::SshL,
+    PathKind::DaemonTcp,
+    PathKind::DaemonUnix,
+];
+
+impl PathKind {
+    fn label(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::SshL => "ssh -L",
+            PathKind::DaemonTcp => "daemon tcp",
+            PathKind::DaemonUnix => "daemon unix",
+        }
+    }
+}
+
+/// Where each path connects.
+#[derive(Clone)]
+struct Endpoints {
+    node_ip: Ipv4Addr,
+    /// Remote port → local `ssh -L` port.
+    forwards: HashMap<u16, u16>,
+    daemon_tcp: SocketAddr,
+    daemon_unix: PathBuf,
+}
+
+/// A blocking client stream.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(b),
+            Stream::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(b),
+            Stream::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn connect_request(ip: Ipv4Addr, port: u16) -> String {
+    format!("CONNECT {ip}:{port} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+}
+
+/// Checks a CONNECT response head; it is complete when this is called.
+fn check_head(head: &[u8]) -> io::Result<()> {
+    if head.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "CONNECT refused: {}",
+            String::from_utf8_lossy(head).lines().next().unwrap_or("")
+        )))
+    }
+}
+
+/// Reads a CONNECT response head. The servers speak only after the client
+/// does, so nothing follows the head yet and reading in chunks is safe.
+fn read_head_blocking<S: Read>(s: &mut S) -> io::Result<()> {
+    let mut head = Vec::with_capacity(128);
+    let mut buf = [0u8; 512];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut buf)?;
+        if n == 0 || head.len() > 8192 {
+            return Err(io::Error::other("no complete CONNECT response"));
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    check_head(&head)
+}
+
+impl Endpoints {
+    /// Opens a stream to `port` on the node through `path`.
+    fn dial(&self, path: PathKind, port: u16) -> io::Result<Stream> {
+        let tcp = |a: SocketAddr| -> io::Result<Stream> {
+            let s = TcpStream::connect_timeout(&a, IO_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            Ok(Stream::Tcp(s))
+        };
+        let mut s = match path {
+            PathKind::Direct => return tcp(SocketAddr::from((self.node_ip, port))),
+            PathKind::SshL => return tcp(SocketAddr::from(([127, 0, 0, 1], self.forwards[&port]))),
+            PathKind::DaemonTcp => tcp(self.daemon_tcp)?,
+            PathKind::DaemonUnix => {
+                let s = UnixStream::connect(&self.daemon_unix)?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                s.set_write_timeout(Some(IO_TIMEOUT))?;
+                Stream::Unix(s)
+            }
+        };
+        s.write_all(connect_request(self.node_ip, port).as_bytes())?;
+        read_head_blocking(&mut s)?;
+        Ok(s)
+    }
+
+    /// The async twin of [`Endpoints::dial`].
+    async fn dial_async(&self, path: PathKind, port: u16) -> io::Result<Box<dyn AsyncStream>> {
+        let mut s: Box<dyn AsyncStream> = match path {
+            PathKind::Direct | PathKind::SshL | PathKind::DaemonTcp => {
+                let a = match path {
+                    PathKind::Direct => SocketAddr::from((self.node_ip, port)),
+                    PathKind::SshL => SocketAddr::from(([127, 0, 0, 1], self.forwards[&port])),
+                    _ => self.daemon_tcp,
+                };
+                let s = tokio::net::TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                if path != PathKind::DaemonTcp {
+                    return Ok(Box::new(s));
+                }
+                Box::new(s)
+            }
+            PathKind::DaemonUnix => {
+                Box::new(tokio::net::UnixStream::connect(&self.daemon_unix).await?)
+            }
+        };
+        s.write_all(connect_request(self.node_ip, port).as_bytes())
+            .await?;
+        let mut head = Vec::with_capacity(128);
+        let mut buf = [0u8; 512];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = s.read(&mut buf).await?;
+            if n == 0 || head.len() > 8192 {
+                return Err(io::Error::other("no complete CONNECT response"));
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        check_head(&head)?;
+        Ok(s)
+    }
+}
+
+/// An async client stream of any path.
+trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// One 64-byte round trip.
+fn round_trip<S: Read + Write>(s: &mut S) -> io::Result<()> {
+    let msg = [0x42u8; MSG];
+    let mut back = [0u8; MSG];
+    s.write_all(&msg)?;
+    s.read_exact(&mut back)
+}
+
+async fn round_trip_async(s: &mut Box<dyn AsyncStream>) -> io::Result<()> {
+    let msg = [0x42u8; MSG];
+    let mut back = [0u8; MSG];
+    s.write_all(&msg).await?;
+    s.read_exact(&mut back).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// /proc readings
+// ---------------------------------------------------------------------------
+
+/// Resident set size of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU seconds of `pid` (all threads).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // Fields 14 and 15 of stat; `after` starts at field 3.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// Raises the open-files soft limit to the hard limit; children inherit it.
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and the report
+// ---------------------------------------------------------------------------
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn ratio(v: f64, ssh: Option<f64>) -> String {
+    match ssh {
+        Some(s) if s > 0.0 && v.is_finite() => format!("{:.2}×", v / s),
+        _ => "-".into(),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// A titled table; printed at the end so that progress lines do not
+/// interleave with results.
+struct Table {
+    title: String,
+    head: Vec<String>,
+    rows: Vec<Vec<String>>,
+    notes: Vec<String>,
+}
+
+impl Table {
+    fn new(title: impl Into<String>, head: &[&str]) -> Table {
+        Table {
+            title: title.into(),
+            head: head.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let cols = self.head.len();
+        let mut w = vec![0usize; cols];
+        for r in std::iter::once(&self.head).chain(&self.rows) {
+            for (i, c) in r.iter().enumerate().take(cols) {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+        let line = |r: &Vec<String>| {
+            let mut s = String::from("  ");
+            for (i, c) in r.iter().enumerate().take(cols) {
+                let pad = w[i] - c.chars().count();
+                if i == 0 {
+                    s.push_str(c);
+                    s.push_str(&" ".repeat(pad));
+                } else {
+                    s.push_str(&" ".repeat(pad + 2));
+                    s.push_str(c);
+                }
+            }
+            s.push('\n');
+            s
+        };
+        let mut out = format!("\n{}\n", self.title);
+        out.push_str(&line(&self.head));
+        for r in &self.rows {
+            out.push_str(&line(r));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("  note: {n}\n"));
+        }
+        out
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[e2e {:>7.1}s] {msg}", started().elapsed().as_secs_f64());
+}
+
+fn started() -> &'static Instant {
+    static T: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    T.get_or_init(Instant::now)
+}
+
+// ---------------------------------------------------------------------------
+// Setup: configs, ssh -L
+// ---------------------------------------------------------------------------
+
+/// The harness's test config with the production defaults for timing
+/// (connect timeout, keepalives, backoff, dial timeout), so that the
+/// figures are the ones an operator would see.
+fn bench_toml(cluster: &Cluster, spec: &ConfigSpec) -> String {
+    let mut t = cluster.config_toml(spec);
+    for (from, to) in [
+        ("connect_timeout = \"2s\"", "connect_timeout = \"10s\""),
+        (
+            "keepalive_interval = \"1s\"",
+            "keepalive_interval = \"10s\"",
+        ),
+        ("initial_backoff = \"100ms\"", "initial_backoff = \"1s\""),
+        ("max_backoff = \"1s\"", "max_backoff = \"30s\""),
+        ("dial_timeout = \"2s\"", "dial_timeout = \"5s\""),
+    ] {
+        assert!(t.contains(from), "harness config changed: no {from}");
+        t = t.replace(from, to);
+    }
+    t
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free loopback port")
+}
+
+/// `ssh -N -L` for each remote port; returns the process and the local
+/// ports once every forward accepts.
+fn start_ssh_forward(
+    cluster: &Cluster,
+    ip: Ipv4Addr,
+    ports: &[u16],
+) -> (ChildGuard, HashMap<u16, u16>) {
+    let forwards: HashMap<u16, u16> = ports.iter().map(|p| (*p, free_port())).collect();
+    let mut cmd = Command::new("/usr/bin/ssh");
+    cmd.args(["-N", "-F", "/dev/null", "-i"])
+        .arg(&cluster.client_key)
+        .args([
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-c",
+            "aes128-gcm@openssh.com",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            cluster.dir.join("known_hosts").display()
+        ));
+    for (remote, local) in &forwards {
+        cmd.arg("-L")
+            .arg(format!("127.0.0.1:{local}:{ip}:{remote}"));
+    }
+    cmd.arg(format!("root@{ip}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(cluster.dir.join("ssh-L.log")).unwrap());
+    let mut guard = ChildGuard(cmd.spawn().expect("spawn ssh -L"));
+    let up = common::poll(Duration::from_secs(15), || {
+        if let Ok(Some(_)) = guard.0.try_wait() {
+            return true;
+        }
+        forwards.values().all(|l| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], *l)),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })
+    });
+    let exited = matches!(guard.0.try_wait(), Ok(Some(_)));
+    assert!(
+        up && !exited,
+        "ssh -L did not come up: {}",
+        fs::read_to_string(cluster.dir.join("ssh-L.log")).unwrap_or_default()
+    );
+    (guard, forwards)
+}
+
+// ---------------------------------------------------------------------------
+// Stream measurements (one node)
+// ---------------------------------------------------------------------------
+
+/// The process whose CPU and memory a path costs, if any.
+fn path_pid(path: PathKind, daemon: u32, ssh: u32) -> Option<u32> {
+    match path {
+        PathKind::Direct => None,
+        PathKind::SshL => Some(ssh),
+        PathKind::DaemonTcp | PathKind::DaemonUnix => Some(daemon),
+    }
+}
+
+fn bulk_once(ep: &Endpoints, path: PathKind, bytes: u64) -> io::Result<Duration> {
+    let t0 = Instant::now();
+    let mut s = ep.dial(path, SOURCE_PORT)?;
+    s.write_all(&bytes.to_le_bytes())?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while got < bytes {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::other(format!(
+                "EOF after {got} of {bytes} bytes"
+            )));
+        }
+        got += n as u64;
+    }
+    Ok(t0.elapsed())
+}
+
+fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
+    progress("single-stream throughput");
+    let mut rates: HashMap<PathKind, Vec<f64>> = HashMap::new();
+    let mut cpu: HashMap<PathKind, Vec<f64>> = HashMap::new();
+    let mut errors = Vec::new();
+    // Paths interleaved per run so that noise from other load spreads out.
+    for _ in 0..sz.bulk_runs {
+        for path in PATHS {
+            let pid = path_pid(path, daemon, ssh);
+            let c0 = pid.map(cpu_seconds);
+            match bulk_once(ep, path, sz.bulk_bytes) {
+                Ok(d) => {
+                    rates
+                        .entry(path)
+                        .or_default()
+                        .push(sz.bulk_bytes as f64 / d.as_secs_f64());
+                    if let (Some(pid), Some(c0)) = (pid, c0) {
+                        let gb = sz.bulk_bytes as f64 / 1e9;
+                        cpu.entry(path)
+                            .or_default()
+                            .push((cpu_seconds(pid) - c0) / gb);
+                    }
+                }
+                Err(e) => errors.push(format!("{}: {e}", path.label())),
+            }
+        }
+    }
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let mut med: HashMap<PathKind, f64> = HashMap::new();
+    let mut cmed: HashMap<PathKind, f64> = HashMap::new();
+    for (p, v) in &mut rates {
+        med.insert(*p, median(v));
+    }
+    for (p, v) in &mut cpu {
+        cmed.insert(*p, median(v));
+    }
+    let mut t = Table::new(
+        format!(
+            "Single-stream throughput: {} MiB per run, {} run(s), median [min-max]",
+            sz.bulk_bytes >> 20,
+            sz.bulk_runs
+        ),
+        &[
+            "path",
+            "runs ok",
+            "MiB/s",
+            "[min-max]",
+            "Gbit/s",
+            "vs ssh -L",
+            "CPU s/GB",
+            "vs ssh -L",
+        ],
+    );
+    for path in PATHS {
+        let Some(v) = rates.get(&path) else {
+            t.row(vec![
+                path.label().into(),
+                format!("0/{}", sz.bulk_runs),
+                "failed".into(),
+            ]);
+            continue;
+        };
+        let m = med[&path];
+        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().cloned().fold(0.0, f64::max);
+        let c = cmed.get(&path).copied();
+        t.row(vec![
+            path.label().into(),
+            format!("{}/{}", v.len(), sz.bulk_runs),
+            format!("{:.0}", mib(m)),
+            format!("[{:.0}-{:.0}]", mib(lo), mib(hi)),
+            format!("{:.2}", m * 8.0 / 1e9),
+            ratio(m, med.get(&PathKind::SshL).copied()),
+            c.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
+            c.map(|c| ratio(c, cmed.get(&PathKind::SshL).copied()))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.notes.push(
+        "CPU s/GB: utime+stime of the daemon process or of ssh -L's ssh process per 10^9 bytes relayed (client side only; sshd not counted)".into(),
+    );
+    for e in errors {
+        t.notes.push(format!("error: {e}"));
+    }
+    t
+}
+
+fn rtt(ep: &Endpoints, sz: &Sizes) -> Table {
+    progress("round-trip latency");
+    let mut t = Table::new(
+        format!(
+            "Round trip of {MSG}-byte messages on an open stream ({} round trips)",
+            sz.rtt_count
+        ),
+        &["path", "p50", "p99", "p50 vs ssh -L", "p99 vs ssh -L"],
+    );
+    let mut res: Vec<(PathKind, Duration, Duration)> = Vec::new();
+    for path in PATHS {
+        let run = || -> io::Result<Vec<Duration>> {
+            let mut s = ep.dial(path, ECHO_PORT)?;
+            for _ in 0..(sz.rtt_count / 10).max(5) {
+                round_trip(&mut s)?;
+            }
+            let mut v = Vec::with_capacity(sz.rtt_count);
+            for _ in 0..sz.rtt_count {
+                let t0 = Instant::now();
+                round_trip(&mut s)?;
+                v.push(t0.elapsed());
+            }
+            Ok(v)
+        };
+        match run() {
+            Ok(mut v) => {
+                v.sort();
+                res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
+            }
+            Err(e) => t.notes.push(format!("error: {}: {e}", path.label())),
+        }
+    }
+    latency_rows(&mut t, &res);
+    t
+}
+
+fn latency_rows(t: &mut Table, res: &[(PathKind, Duration, Duration)]) {
+    let ssh = res.iter().find(|r| r.0 == PathKind::SshL);
+    for (p, p50, p99) in res {
+        t.row(vec![
+            p.label().into(),
+            us(*p50),
+            us(*p99),
+            ratio(p50.as_secs_f64(), ssh.map(|s| s.1.as_secs_f64())),
+            ratio(p99.as_secs_f64(), ssh.map(|s| s.2.as_secs_f64())),
+        ]);
+    }
+}
+
+fn dial_once(ep: &Endpoints, path: PathKind) -> io::Result<Duration> {
+    let t0 = Instant::now();
+    let mut s = ep.dial(path, ECHO_PORT)?;
+    round_trip(&mut s)?;
+    Ok(t0.elapsed())
+}
+
+async fn dial_once_async(ep: &Endpoints, path: PathKind) -> io::Result<Duration> {
+    let t0 = Instant::now();
+    let mut s = tokio::time::timeout(IO_TIMEOUT, ep.dial_async(path, ECHO_PORT))
+        .await
+        .map_err(|_| io::Error::other("dial timed out"))??;
+    tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s))
+        .await
+        .map_err(|_| io::Error::other("round trip timed out"))??;
+    Ok(t0.elapsed())
+}
+
+fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table> {
+    progress("dial latency, sequential");
+    let mut seq = Table::new(
+        format!(
+            "Dial: connect (+CONNECT → 200) + one {MSG}-byte round trip, sequential ({} dials)",
+            sz.dial_seq
+        ),
+        &["path", "p50", "p99", "p50 vs ssh -L", "p99 vs ssh -L"],
+    );
+    let mut res = Vec::new();
+    for path in PATHS {
+        let mut v = Vec::with_capacity(sz.dial_seq);
+        let mut err = None;
+        for _ in 0..sz.dial_seq {
+            match dial_once(ep, path) {
+                Ok(d) => v.push(d),
+                Err(e) => err = Some(e),
+            }
+        }
+        if let Some(e) = err {
+            seq.notes.push(format!(
+                "{}: {} of {} dials failed, last: {e}",
+                path.label(),
+                sz.dial_seq - v.len(),
+                sz.dial_seq
+            ));
+        }
+        v.sort();
+        res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
+    }
+    latency_rows(&mut seq, &res);
+
+    progress("dial latency, in flight");
+    let mut par = Table::new(
+        format!(
+            "Dial as above with {} dials in flight ({} dials)",
+            sz.dial_in_flight, sz.dial_total
+        ),
+        &["path", "p50", "p99", "p50 vs ssh -L", "p99 vs ssh -L"],
+    );
+    let mut res = Vec::new();
+    for path in PATHS {
+        let per_task = sz.dial_total / sz.dial_in_flight;
+        let (v, failed, last) = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..sz.dial_in_flight {
+                let ep = ep.clone();
+                set.spawn(async move {
+                    let mut v = Vec::with_capacity(per_task);
+                    let mut errs = Vec::new();
+                    for _ in 0..per_task {
+                        match dial_once_async(&ep, path).await {
+                            Ok(d) => v.push(d),
+                            Err(e) => errs.push(e.to_string()),
+                        }
+                    }
+                    (v, errs)
+                });
+            }
+            let (mut all, mut failed, mut last) = (Vec::new(), 0, String::new());
+            while let Some(r) = set.join_next().await {
+                if let Ok((v, errs)) = r {
+                    all.extend(v);
+                    failed += errs.len();
+                    if let Some(e) = errs.last() {
+                        last = e.clone();
+                    }
+                }
+            }
+            (all, failed, last)
+        });
+        if failed > 0 {
+            par.notes.push(format!(
+                "{}: {failed} dials failed, last: {last}",
+                path.label()
+            ));
+        }
+        let mut v = v;
+        v.sort();
+        res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
+    }
+    latency_rows(&mut par, &res);
+    vec![seq, par]
+}
+
+/// Result of holding `n` streams open at once on one path.
+struct ManyResult {
+    ok: usize,
+    open_time: Duration,
+    echo_time: Duration,
+    rss_per_stream_kib: Option<f64>,
+    error: Option<String>,
+}
+
+async fn many_streams(
+    ep: &Endpoints,
+    path: PathKind,
+    n: usize,
+    open_conc: usize,
+    pid: Option<u32>,
+) -> ManyResult {
+    let rss0 = pid.map(rss_kib);
+    let sem = Arc::new(tokio::sync::Semaphore::new(open_conc));
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let ep = ep.clone();
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.ok();
+            let mut s = tokio::time::timeout(IO_TIMEOUT, ep.dial_async(path, ECHO_PORT))
+                .await
+                .map_err(|_| io::Error::other("dial timed out"))??;
+            tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s))
+                .await
+                .map_err(|_| io::Error::other("round trip timed out"))??;
+            Ok::<_, io::Error>(s)
+        });
+    }
+    let mut open = Vec::with_capacity(n);
+    let mut error = None;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(s)) => open.push(s),
+            Ok(Err(e)) => error = Some(e.to_string()),
+            Err(e) => error = Some(e.to_string()),
+        }
+    }
+    let open_time = t0.elapsed();
+    // Let the relay settle before reading memory with every stream idle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss1 = pid.map(rss_kib);
+    // One more round trip on every stream at once.
+    let t1 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for mut s in open.drain(..) {
+        set.spawn(async move {
+            let r = tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s)).await;
+            (matches!(r, Ok(Ok(()))), s)
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        if let Ok((good, s)) = r {
+            ok += good as usize;
+            open.push(s);
+        }
+    }
+    let echo_time = t1.elapsed();
+    drop(open);
+    let rss_per_stream_kib = match (rss0, rss1) {
+        (Some(a), Some(b)) if n > 0 => Some((b as f64 - a as f64) / n as f64),
+        _ => None,
+    };
+    // Give the far side time to close everything before the next path.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ManyResult {
+        ok,
+        open_time,
+        echo_time,
+        rss_per_stream_kib,
+        error,
+    }
+}
+
+fn concurrency(
+    ep: &Endpoints,
+    sz: &Sizes,
+    rt: &tokio::runtime::Runtime,
+    daemon: u32,
+    ssh: u32,
+) -> (Vec<Table>, HashMap<PathKind, f64>) {
+    let mut tables = Vec::new();
+    let mut per_stream = HashMap::new();
+    for &n in &sz.streams {
+        progress(&format!("{n} concurrent streams"));
+        let mut t = Table::new(
+            format!(
+                "{n} concurrent streams over one tunnel (opened {} at a time, each echoes once, then all echo at once)",
+                sz.open_concurrency
+            ),
+            &[
+                "path",
+                "succeeded",
+                "open all",
+                "vs ssh -L",
+                "echo on all",
+                "vs ssh -L",
+                "RSS/stream",
+            ],
+        );
+        let mut res = Vec::new();
+        for path in PATHS {
+            let pid = path_pid(path, daemon, ssh);
+            let r = rt.block_on(many_streams(ep, path, n, sz.open_concurrency, pid));
+            if let Some(e) = &r.error {
+                t.notes.push(format!("{}: last error: {e}", path.label()));
+            }
+            if let Some(k) = r.rss_per_stream_kib {
+                per_stream.insert(path, k);
+            }
+            res.push((path, r));
+        }
+        let ssh_r = res.iter().find(|r| r.0 == PathKind::SshL).map(|r| &r.1);
+        for (p, r) in &res {
+            t.row(vec![
+                p.label().into(),
+                format!("{}/{n}", r.ok),
+                format!("{:.2} s", r.open_time.as_secs_f64()),
+                ratio(
+                    r.open_time.as_secs_f64(),
+                    ssh_r.map(|s| s.open_time.as_secs_f64()),
+                ),
+                format!("{:.1} ms", r.echo_time.as_secs_f64() * 1e3),
+                ratio(
+                    r.echo_time.as_secs_f64(),
+                    ssh_r.map(|s| s.echo_time.as_secs_f64()),
+                ),
+                r.rss_per_stream_kib
+                    .map(|k| format!("{k:.1} KiB"))
+                    .unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        t.notes.push("RSS/stream: VmRSS of the daemon or of ssh -L's ssh with all streams open and idle, minus before, divided by the count".into());
+        tables.push(t);
+    }
+    (tables, per_stream)
+}
+
+// ---------------------------------------------------------------------------
+// Many nodes
+// ---------------------------------------------------------------------------
+
+/// Polls the daemon until every node is healthy; returns the time since
+/// `t0` and the count of healthy nodes at the end.
+fn time_to_healthy(
+    d: &Daemon,
+    t0: Instant,
+    n: usize,
+    limit: Duration,
+) -> (Option<Duration>, usize) {
+    let deadline = t0 + limit;
+    let mut healthy = 0;
+    while Instant::now() < deadline {
+        if let Ok(s) = d.try_status() {
+            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+            healthy = nodes.iter().filter(|x| x["state"] == "healthy").count();
+            if nodes.len() == n && healthy == n {
+                return (Some(t0.elapsed()), healthy);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    (None, healthy)
+}
+
+struct NodesResult {
+    label: String,
+    n: usize,
+    healthy_after: Option<Duration>,
+    healthy: usize,
+    rss_kib: u64,
+}
+
+fn real_nodes(sz: &Sizes) -> NodesResult {
+    let n = sz.real_nodes;
+    progress(&format!("building {n} node namespaces"));
+    let cluster = Cluster::with_options(
+        n,
+        ClusterOptions {
+            servers: false,
+            ..ClusterOptions::default()
+        },
+    );
+    progress(&format!("{n} real nodes: starting the daemon"));
+    let toml = bench_toml(&cluster, &ConfigSpec::default());
+    let t0 = Instant::now();
+    let d = Daemon::start_toml(&cluster, &toml, &[]);
+    let (after, healthy) = time_to_healthy(&d, t0, n, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    NodesResult {
+        label: format!("{n} node namespaces, one sshd each"),
+        n,
+        healthy_after: after,
+        healthy,
+        rss_kib: rss_kib(d.pid()),
+    }
+}
+
+/// The simulated nodes: `n` addresses in one namespace behind one sshd.
+/// Returns the result and the RSS of the same daemon with no nodes.
+fn sim_nodes(sz: &Sizes) -> (NodesResult, u64) {
+    let n = sz.sim_nodes;
+    progress(&format!("building one namespace with {n} addresses"));
+    let mut cluster = Cluster::with_options(
+        1,
+        ClusterOptions {
+            servers: false,
+            sshd_listen_any: true,
+            max_startups: format!("{}", n + 100),
+        },
+    );
+    let ips = cluster.add_local_addresses(1, n);
+    cluster.add_known_hosts(1, &ips);
+    let none = ConfigSpec {
+        nodes: Some(vec![]),
+        ..ConfigSpec::default()
+    };
+    progress("baseline daemon with no nodes");
+    let base = {
+        let d = Daemon::start_toml(&cluster, &bench_toml(&cluster, &none), &[]);
+        std::thread::sleep(Duration::from_secs(1));
+        rss_kib(d.pid())
+    };
+    let mut extra = String::new();
+    for (k, ip) in ips.iter().enumerate() {
+        extra.push_str(&format!(
+            "\n[[node]]\nname = \"sim-{}\"\naddress = \"{ip}\"\n",
+            k + 1
+        ));
+    }
+    let spec = ConfigSpec { extra, ..none };
+    progress(&format!("{n} simulated nodes: starting the daemon"));
+    let toml = bench_toml(&cluster, &spec);
+    let t0 = Instant::now();
+    let d = Daemon::start_toml(&cluster, &toml, &[]);
+    let (after, healthy) = time_to_healthy(&d, t0, n, Duration::from_secs(180));
+    std::thread::sleep(Duration::from_secs(2));
+    let r = NodesResult {
+        label: format!("{n} simulated nodes: addresses in one namespace, one sshd"),
+        n,
+        healthy_after: after,
+        healthy,
+        rss_kib: rss_kib(d.pid()),
+    };
+    progress("tearing down the simulated nodes");
+    (r, base)
+}
+
+// ---------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------
+
+fn nodes_table(real: &NodesResult, sim: &NodesResult, base_rss: u64) -> Table {
+    let mut nodes = Table::new(
+        "Nodes: time from daemon start until all are healthy (production timing defaults)",
+        &[
+            "nodes",
+            "all healthy after",
+            "healthy",
+            "daemon RSS",
+            "RSS/tunnel",
+        ],
+    );
+    for r in [real, sim] {
+        nodes.row(vec![
+            r.label.clone(),
+            r.healthy_after
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "not reached".into()),
+            format!("{}/{}", r.healthy, r.n),
+            format!("{} KiB", r.rss_kib),
+            format!(
+                "{:.1} KiB",
+                (r.rss_kib as f64 - base_rss as f64) / r.n as f64
+            ),
+        ]);
+    }
+    nodes.notes.push(format!(
+        "RSS/tunnel: (daemon VmRSS with the nodes healthy and idle - {base_rss} KiB of the same daemon with no nodes) / nodes"
+    ));
+    nodes
+}
+
+/// Per idle tunnel and per idle stream, daemon against ssh -L.
+/// `idle_tunnel_rss` is (daemon, ssh) VmRSS with one idle tunnel each.
+fn memory_table(
+    sz: &Sizes,
+    per_tunnel: f64,
+    idle_tunnel_rss: (u64, u64),
+    per_stream: &HashMap<PathKind, f64>,
+) -> Table {
+    let mut mem = Table::new("Memory summary", &["what", "daemon", "ssh -L", "vs ssh -L"]);
+    mem.row(vec![
+        "per idle tunnel (KiB)".into(),
+        format!("{per_tunnel:.1}"),
+        format!("{}", idle_tunnel_rss.1),
+        ratio(per_tunnel, Some(idle_tunnel_rss.1 as f64)),
+    ]);
+    let ds = per_stream
+        .get(&PathKind::DaemonUnix)
+        .or(per_stream.get(&PathKind::DaemonTcp))
+        .copied();
+    let ss = per_stream.get(&PathKind::SshL).copied();
+    mem.row(vec![
+        "per idle stream (KiB)".into(),
+        ds.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
+        ss.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
+        ds.map(|k| ratio(k, ss)).unwrap_or_else(|| "-".into()),
+    ]);
+    mem.notes.push(format!(
+        "per idle tunnel: daemon from the simulated-node run; ssh -L is one whole `ssh -N -L` process per node (its VmRSS when idle; the daemon with 1 tunnel had {} KiB)",
+        idle_tunnel_rss.0
+    ));
+    mem.notes.push(format!(
+        "per idle stream: from the largest concurrent-stream run ({}), daemon over the Unix listener",
+        sz.streams.last().copied().unwrap_or(0)
+    ));
+    mem
+}
+
+fn ssh_version() -> String {
+    Command::new("/usr/bin/ssh")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__serve") {
+        serve::main(&args[2..]);
+        return;
+    }
+    started();
+    let smoke = args.iter().any(|a| a == "--smoke")
+        || std::env::var("TUNNELER_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !common::can_run("e2e bench") {
+        println!("SKIP e2e bench: needs root, network namespaces, OpenSSH sshd and ssh-keygen");
+        return;
+    }
+    let nofile = raise_nofile();
+    // The daemons inherit this: per-stream debug logging would be measured.
+    std::env::set_var("RUST_LOG", "warn");
+    let sz = Sizes::new(smoke);
+    if !smoke && nofile < 2 * 10_000 + 100 {
+        eprintln!("warning: open-files limit is {nofile}; 10 000 streams may fail");
+    }
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "tunneler e2e benchmark ({}) — {} cores, {}, open-files limit {nofile}\ndaemon binary: {}\n",
+        if smoke {
+            "SMOKE: tiny sizes, figures meaningless"
+        } else {
+            "full"
+        },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        ssh_version(),
+        common::tunneler_bin(),
+    ));
+    out.push_str("Ratios are value / ssh -L: above 1 is better for throughput, below 1 is better for times, CPU and memory.\n");
+
+    // One node with the bench servers: every stream measurement.
+    progress("building the stream node");
+    let cluster = Cluster::with_options(1, ClusterOptions::default());
+    let node_ip = cluster.node(1).ip;
+    let _servers = start_servers(&cluster.node(1).ns);
+    // sshd's connections to the echo server come from the node's own
+    // ephemeral ports, and it closes first: tens of thousands of dials in
+    // a minute would run the namespace out of ports. These sysctls belong
+    // to the node namespace only.
+    common::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &cluster.node(1).ns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_local_port_range=1024 65535",
+            "net.ipv4.tcp_tw_reuse=1",
+        ],
+    );
+    let daemon = Daemon::start_toml(&cluster, &bench_toml(&cluster, &ConfigSpec::default()), &[]);
+    daemon.wait_all_healthy(Duration::from_secs(30));
+    let (ssh, forwards) = start_ssh_forward(&cluster, node_ip, &[SOURCE_PORT, ECHO_PORT]);
+    let ep = Endpoints {
+        node_ip,
+        forwards,
+        daemon_tcp: daemon.tcp_listener(),
+        daemon_unix: daemon.egress.clone(),
+    };
+    let (dpid, spid) = (daemon.pid(), ssh.0.id());
+    let idle_tunnel_rss = (rss_kib(dpid), rss_kib(spid));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    progress(&format!("daemon pid {dpid}, ssh -L pid {spid}"));
+
+    let mut tables = Vec::new();
+    if sz.runs("throughput") {
+        tables.push(throughput(&ep, &sz, dpid, spid));
+    }
+    if sz.runs("rtt") {
+        tables.push(rtt(&ep, &sz));
+    }
+    if sz.runs("dial") {
+        tables.extend(dials(&ep, &sz, &rt));
+    }
+    let mut per_stream = HashMap::new();
+    if sz.runs("streams") {
+        let (ct, ps) = concurrency(&ep, &sz, &rt, dpid, spid);
+        tables.extend(ct);
+        per_stream = ps;
+    }
+    drop(ssh);
+    // SIGTERM, not SIGKILL: a profiling wrapper (TUNNELER_TEST_BIN) then
+    // gets to write its output.
+    let mut daemon = daemon;
+    daemon.stop();
+    drop(daemon);
+    drop(_servers);
+    drop(cluster);
+
+    if sz.runs("nodes") {
+        let real = real_nodes(&sz);
+        let (sim, base_rss) = sim_nodes(&sz);
+        tables.push(nodes_table(&real, &sim, base_rss));
+        let per_tunnel = (sim.rss_kib as f64 - base_rss as f64) / sim.n as f64;
+        tables.push(memory_table(&sz, per_tunnel, idle_tunnel_rss, &per_stream));
+    }
+
+    for t in &tables {
+        out.push_str(&t.render());
+    }
+    out.push_str(&format!(
+        "\ntotal bench time {:.0} s\n",
+        started().elapsed().as_secs_f64()
+    ));
+    println!("{out}");
+}

@@ -1,0 +1,158 @@
+//! Node discovery from the Kubernetes API, with kube-rs's runtime watcher.
+//!
+//! The watcher lists Node objects, then watches them; it re-lists on its
+//! own after a broken watch. We keep our own store of the latest objects,
+//! and hand the daemon the whole desired set once the initial list is
+//! complete and after every change, so reconciliation is by difference
+//! exactly as for the nodes file.
+//!
+//! A failing API (down, forbidden, garbage) never tears tunnels down: the
+//! error is recorded for the status and metrics, the last good node set
+//! stays, and the watcher retries with backoff.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{KubeSource, NodeConfig};
+use crate::daemon::{Daemon, Source};
+use crate::discovery::{node_from_k8s, K8sNode};
+
+async fn client(source: &KubeSource) -> Result<Client, String> {
+    let config = match source {
+        KubeSource::Kubeconfig(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        KubeSource::InCluster => {
+            kube::Config::incluster().map_err(|e| format!("in-cluster config: {e}"))?
+        }
+    };
+    Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+fn convert(
+    store: &BTreeMap<String, Node>,
+    address_types: &[String],
+    port: u16,
+) -> Result<Vec<NodeConfig>, String> {
+    store
+        .values()
+        .map(|n| {
+            let value = serde_json::to_value(n).map_err(|e| e.to_string())?;
+            let k: K8sNode = serde_json::from_value(value).map_err(|e| e.to_string())?;
+            node_from_k8s(&k, address_types, port)
+        })
+        .collect()
+}
+
+/// Watches Node objects and reconciles the daemon's `kubernetes` nodes
+/// until cancelled. Never returns early: a client that cannot be built is
+/// retried too, since a kubeconfig may appear later.
+pub async fn run(
+    daemon: Arc<Daemon>,
+    source: KubeSource,
+    address_types: Vec<String>,
+    cancel: CancellationToken,
+) {
+    let src = Source::Kubernetes;
+    let client = loop {
+        match client(&source).await {
+            Ok(c) => break c,
+            Err(e) => {
+                warn!(error = %e, "Kubernetes discovery cannot start; retrying in 10s");
+                daemon.source_failed(src, e);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+            }
+        }
+    };
+    let api: Api<Node> = Api::all(client);
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut store: BTreeMap<String, Node> = BTreeMap::new();
+    let mut building: Option<BTreeMap<String, Node>> = None;
+    let mut synced_once = false;
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = events.next() => ev,
+        };
+        let changed = match ev {
+            None => {
+                // The watcher stream does not end by itself; if it does,
+                // report it and stop rather than spin.
+                daemon.source_failed(src, "Kubernetes watch stream ended".into());
+                return;
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "Kubernetes watch failed; keeping the last good node set");
+                daemon.source_failed(src, format!("Kubernetes API: {e}"));
+                false
+            }
+            Some(Ok(Event::Init)) => {
+                building = Some(BTreeMap::new());
+                false
+            }
+            Some(Ok(Event::InitApply(n))) => {
+                if let (Some(b), Some(name)) = (building.as_mut(), n.metadata.name.clone()) {
+                    b.insert(name, n);
+                }
+                false
+            }
+            Some(Ok(Event::InitDone)) => {
+                if let Some(b) = building.take() {
+                    store = b;
+                }
+                true
+            }
+            Some(Ok(Event::Apply(n))) => match n.metadata.name.clone() {
+                Some(name) => {
+                    store.insert(name, n);
+                    synced_once
+                }
+                None => false,
+            },
+            Some(Ok(Event::Delete(n))) => match n.metadata.name.clone() {
+                Some(name) => store.remove(&name).is_some() && synced_once,
+                None => false,
+            },
+        };
+        if !changed {
+            continue;
+        }
+        let port = daemon.default_ssh_port().await;
+        let result = match convert(&store, &address_types, port) {
+            Ok(nodes) => daemon
+                .sync_source(src, nodes)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(report) => {
+                synced_once = true;
+                info!(?report, nodes = store.len(), "Kubernetes nodes applied");
+                daemon.source_ok(src);
+            }
+            Err(e) => {
+                warn!(error = %e, "Kubernetes node set rejected; keeping the last good set");
+                daemon.source_failed(src, e);
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Prometheus metrics, served at `GET /metrics` on the admin socket and on
+//! the optional `[admin] metrics_listen` TCP address.
+//!
+//! Per-node figures are read from the tunnels' own counters at scrape time
+//! by a [`Collector`], so a removed node's series disappear with it and the
+//! hot path pays nothing beyond the atomic counters it keeps anyway. Dial
+//! outcomes are recorded by the proxy as they happen.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::tunnel::{NodeTunnel, TunnelState};
+
+/// Reasons a tunnel open can fail, as the `reason` label.
+pub const OPEN_FAIL_REASONS: [&str; 5] = ["timeout", "refused", "host_key", "auth", "other"];
+
+/// Dial results, as the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialResult {
+    /// 200.
+    Ok,
+    /// 403.
+    Forbidden,
+    /// 503.
+    NoTunnel,
+    /// 502.
+    Refused,
+    /// 504.
+    Timeout,
+    /// 400, 405, 431.
+    BadRequest,
+}
+
+impl DialResult {
+    fn label(self) -> &'static str {
+        match self {
+            DialResult::Ok => "ok",
+            DialResult::Forbidden => "forbidden",
+            DialResult::NoTunnel => "no_tunnel",
+            DialResult::Refused => "refused",
+            DialResult::Timeout => "timeout",
+            DialResult::BadRequest => "bad_request",
+        }
+    }
+}
+
+type ResultLabels = Vec<(&'static str, &'static str)>;
+
+/// Metrics the proxy records directly.
+#[derive(Debug)]
+pub struct DialMetrics {
+    dials: Family<ResultLabels, Counter>,
+    durations: Family<ResultLabels, Histogram>,
+}
+
+impl DialMetrics {
+    /// Records one dial outcome and how long it took.
+    pub fn record(&self, result: DialResult, seconds: f64) {
+        let labels = vec![("result", result.label())];
+        self.dials.get_or_create(&labels).inc();
+        self.durations.get_or_create(&labels).observe(seconds);
+    }
+}
+
+/// The daemon's whole metric set.
+pub struct Metrics {
+    registry: Registry,
+    /// Dial outcomes.
+    pub dial: Arc<DialMetrics>,
+    /// Unix time of the last successful discovery sync (0 = never).
+    pub discovery_last_success: Arc<AtomicI64>,
+    /// Failed discovery syncs.
+    pub discovery_errors: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Where the collector finds the current tunnels.
+pub type TunnelSource = Arc<dyn Fn() -> Vec<Arc<NodeTunnel>> + Send + Sync>;
+
+struct NodeCollector {
+    tunnels: TunnelSource,
+    discovery_last_success: Arc<AtomicI64>,
+    discovery_errors: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeCollector")
+    }
+}
+
+fn gauge_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(&str, String)>, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        if labels.is_empty() {
+            ConstGauge::new(*v).encode(m)?;
+            return Ok(());
+        }
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(&str, String)>, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let tunnels = (self.tunnels)();
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let node = |t: &NodeTunnel| vec![("node", t.node.name.clone())];
+        let mut up = Vec::new();
+        let mut opens = Vec::new();
+        let mut fails = Vec::new();
+        let mut mismatches = Vec::new();
+        let mut active = Vec::new();
+        let mut bytes = Vec::new();
+        let mut rtt = Vec::new();
+        let mut states = [
+            TunnelState::Connecting,
+            TunnelState::Healthy,
+            TunnelState::Unhealthy,
+            TunnelState::Draining,
+            TunnelState::Backoff,
+            TunnelState::Rejected,
+        ]
+        .map(|s| (s, 0u64));
+        for t in &tunnels {
+            let s = t.state();
+            let c = &t.counters;
+            up.push((node(t), if s.state.is_connected() { 1.0 } else { 0.0 }));
+            opens.push((node(t), ld(&c.opens)));
+            for (i, reason) in OPEN_FAIL_REASONS.iter().enumerate() {
+                let mut l = node(t);
+                l.push(("reason", reason.to_string()));
+                fails.push((l, ld(&c.open_failures[i])));
+            }
+            mismatches.push((node(t), ld(&c.host_key_mismatches)));
+            active.push((node(t), ld(&c.active_streams) as f64));
+            for (dir, v) in [("in", ld(&c.bytes_in)), ("out", ld(&c.bytes_out))] {
+                let mut l = node(t);
+                l.push(("direction", dir.to_string()));
+                bytes.push((l, v));
+            }
+            if let Some(r) = s.rtt {
+                rtt.push((node(t), r.as_secs_f64()));
+            }
+            if let Some(e) = states.iter_mut().find(|(st, _)| *st == s.state) {
+                e.1 += 1;
+            }
+        }
+        gauge_family(
+            &mut enc,
+            "tunneler_tunnel_up",
+            "1 when the node's SSH session is established",
+            &up,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_ssh_tunnel_open",
+            "SSH sessions established (Kubernetes' ssh_tunnel_open_count)",
+            &opens,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_ssh_tunnel_open_fail",
+            "SSH session attempts that failed, by reason",
+            &fails,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_host_key_mismatch",
+            "Connects refused because the node presented a host key other than the one known_hosts lists for it",
+            &mismatches,
+        )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_active_streams",
+            "Streams open now",
+            &active,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_stream_bytes",
+            "Bytes relayed; in = node to client, out = client to node",
+            &bytes,
+        )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_keepalive_rtt_seconds",
+            "Round trip of the last keepalive ping",
+            &rtt,
+        )?;
+        let by_state: Vec<(Vec<(&str, String)>, f64)> = states
+            .iter()
+            .map(|(s, n)| (vec![("state", s.as_str().to_string())], *n as f64))
+            .collect();
+        gauge_family(&mut enc, "tunneler_nodes", "Nodes by state", &by_state)?;
+        let last = self.discovery_last_success.load(Ordering::Relaxed);
+        gauge_family(
+            &mut enc,
+            "tunneler_discovery_last_success_timestamp_seconds",
+            "Unix time of the last successful node discovery sync (0: never)",
+            &[(Vec::new(), last as f64)],
+        )?;
+        let m = enc.encode_descriptor(
+            "tunneler_discovery_errors",
+            "Failed node discovery syncs (the last good node set stays)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.discovery_errors.load(Ordering::Relaxed)).encode(m)?;
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Builds the registry. `tunnels` lists the current tunnels at scrape.
+    pub fn new(tunnels: TunnelSource) -> Metrics {
+        let mut registry = Registry::default();
+        let dials = Family::<ResultLabels, Counter>::default();
+        let durations = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs .. ~26 s: a dial is a channel open on a live session
+            // (sub-millisecond on a LAN) up to the dial timeout.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 2.0, 19,
+            ))
+        });
+        registry.register(
+            "tunneler_dials",
+            "CONNECT requests by result",
+            dials.clone(),
+        );
+        registry.register(
+            "tunneler_dial_duration_seconds",
+            "CONNECT request to reply, by result",
+            durations.clone(),
+        );
+        let discovery_last_success = Arc::new(AtomicI64::new(0));
+        let discovery_errors = Arc::new(AtomicU64::new(0));
+        registry.register_collector(Box::new(NodeCollector {
+            tunnels,
+            discovery_last_success: discovery_last_success.clone(),
+            discovery_errors: discovery_errors.clone(),
+        }));
+        Metrics {
+            registry,
+            dial: Arc::new(DialMetrics { dials, durations }),
+            discovery_last_success,
+            discovery_errors,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
