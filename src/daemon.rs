@@ -543,12 +543,23 @@ impl Daemon {
     /// closes its tunnel after its streams drain (bounded by the drain timeout).
     pub async fn remove_node(&self, name: &str) -> Result<(), ChangeError> {
         let config = self.changes.lock().await;
-        let entry = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-            .ok_or_else(|| ChangeError::NotFound(name.to_string()))?;
+        let entry = {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            match nodes.get(name).map(|e| e.source) {
+                None => return Err(ChangeError::NotFound(name.to_string())),
+                // The source would bring it back at its next sync.
+                Some(src @ (Source::File | Source::Kubernetes)) => {
+                    return Err(ChangeError::Conflict {
+                        name: name.to_string(),
+                        other: src.as_str(),
+                    })
+                }
+                Some(_) => {}
+            }
+            nodes
+                .remove(name)
+                .ok_or_else(|| ChangeError::NotFound(name.to_string()))?
+        };
         self.rebuild_routes(&config.proxy.service_cidrs);
         self.retire(entry.tunnel, config.proxy.drain_timeout);
         info!(node = %name, "node removed; draining its streams");
