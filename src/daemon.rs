@@ -93,6 +93,14 @@ pub enum ChangeError {
         /// The source that has it.
         other: &'static str,
     },
+    /// The node belongs to a discovery source, which would bring it back.
+    #[error("node {name:?} comes from the {source} discovery source; remove it there")]
+    Discovered {
+        /// The node.
+        name: String,
+        /// Its source.
+        source: &'static str,
+    },
     /// There is no config file to reload (started from a Config value).
     #[error("this daemon was not started from a config file")]
     NoConfigFile,
@@ -549,9 +557,9 @@ impl Daemon {
                 None => return Err(ChangeError::NotFound(name.to_string())),
                 // The source would bring it back at its next sync.
                 Some(src @ (Source::File | Source::Kubernetes)) => {
-                    return Err(ChangeError::Conflict {
+                    return Err(ChangeError::Discovered {
                         name: name.to_string(),
-                        other: src.as_str(),
+                        source: src.as_str(),
                     })
                 }
                 Some(_) => {}
