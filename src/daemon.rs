@@ -94,12 +94,12 @@ pub enum ChangeError {
         other: &'static str,
     },
     /// The node belongs to a discovery source, which would bring it back.
-    #[error("node {name:?} comes from the {source} discovery source; remove it there")]
+    #[error("node {name:?} comes from the {from} discovery source; remove it there")]
     Discovered {
         /// The node.
         name: String,
         /// Its source.
-        source: &'static str,
+        from: &'static str,
     },
     /// There is no config file to reload (started from a Config value).
     #[error("this daemon was not started from a config file")]
@@ -559,7 +559,7 @@ impl Daemon {
                 Some(src @ (Source::File | Source::Kubernetes)) => {
                     return Err(ChangeError::Discovered {
                         name: name.to_string(),
-                        source: src.as_str(),
+                        from: src.as_str(),
                     })
                 }
                 Some(_) => {}
