@@ -94,6 +94,14 @@ pub enum ChangeError {
         /// The source that has it.
         other: &'static str,
     },
+    /// The node belongs to a discovery source, which would bring it back.
+    #[error("node {name:?} comes from the {from} discovery source; remove it there")]
+    Discovered {
+        /// The node.
+        name: String,
+        /// Its source.
+        from: &'static str,
+    },
     /// There is no config file to reload (started from a Config value).
     #[error("this daemon was not started from a config file")]
     NoConfigFile,
@@ -543,12 +551,23 @@ impl Daemon {
     /// closes its tunnel after its streams drain (bounded by the drain timeout).
     pub async fn remove_node(&self, name: &str) -> Result<(), ChangeError> {
         let config = self.changes.lock().await;
-        let entry = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-            .ok_or_else(|| ChangeError::NotFound(name.to_string()))?;
+        let entry = {
+            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+            match nodes.get(name).map(|e| e.source) {
+                None => return Err(ChangeError::NotFound(name.to_string())),
+                // The source would bring it back at its next sync.
+                Some(src @ (Source::File | Source::Kubernetes)) => {
+                    return Err(ChangeError::Discovered {
+                        name: name.to_string(),
+                        from: src.as_str(),
+                    })
+                }
+                Some(_) => {}
+            }
+            nodes
+                .remove(name)
+                .ok_or_else(|| ChangeError::NotFound(name.to_string()))?
+        };
         self.rebuild_routes(&config.proxy.service_cidrs);
         self.retire(entry.tunnel, config.proxy.drain_timeout);
         info!(node = %name, "node removed; draining its streams");

@@ -943,3 +943,52 @@ fn key_rotation_by_reload_and_reconnect() {
         "no login with the new key {fp} in the sshd log:\n{log}"
     );
 }
+
+/// Removing a node drains its streams for at most `proxy.drain_timeout`;
+/// then the tunnel closes and so do the streams still on it.
+#[test]
+fn remove_closes_the_tunnel_after_the_drain_timeout() {
+    require_netns!("remove_closes_the_tunnel_after_the_drain_timeout");
+    let cluster = Cluster::new(2);
+    let toml = cluster.config_toml(&ConfigSpec::default()).replacen(
+        "[proxy]\n",
+        "[proxy]\ndrain_timeout = \"2s\"\n",
+        1,
+    );
+    let daemon = Daemon::start_toml(&cluster, &toml, &[]);
+    daemon.wait_all_healthy(READY);
+    let mut s = open_echo(
+        &daemon,
+        &format!("{}:{ECHO_PORT}", cluster.node(1).pod_ip),
+        "node-1",
+    );
+    cli_ok(&daemon, &["nodes", "remove", "node-1"]);
+    let t = Instant::now();
+    still_works(&mut s, "node-1", "within-drain-timeout");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut buf = [0u8; 64];
+    let end = loop {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break "eof",
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(_) => break "still open",
+        }
+    };
+    let took = t.elapsed();
+    report(&format!(
+        "drain_timeout 2s: the removed node's last stream ended ({end}) after {took:?}"
+    ));
+    assert_ne!(end, "still open", "stream outlived the drain timeout");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "ended after {took:?} with drain_timeout 2s"
+    );
+    assert!(
+        common::poll(READY, || cluster.ssh_sessions_to(1) == 0),
+        "session of the removed node still open"
+    );
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", cluster.node(2).pod_ip), "ok");
+    assert_eq!(answered_by(&got), "node-2");
+}
