@@ -157,9 +157,9 @@ fn ok(value: serde_json::Value) -> Resp {
 fn change_error(e: &ChangeError) -> Resp {
     let code = match e {
         ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
-        ChangeError::Exists(_)
-        | ChangeError::Conflict { .. }
-        | ChangeError::Discovered { .. } => StatusCode::CONFLICT,
+        ChangeError::Exists(_) | ChangeError::Conflict { .. } | ChangeError::Discovered { .. } => {
+            StatusCode::CONFLICT
+        }
         ChangeError::Invalid(_) | ChangeError::Start(_) => StatusCode::BAD_REQUEST,
         ChangeError::NoConfigFile => StatusCode::CONFLICT,
         ChangeError::Tunnel(_) => StatusCode::BAD_GATEWAY,
