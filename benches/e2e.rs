@@ -574,6 +574,10 @@ fn bench_toml(cluster: &Cluster, spec: &ConfigSpec) -> String {
         ("initial_backoff = \"100ms\"", "initial_backoff = \"1s\""),
         ("max_backoff = \"1s\"", "max_backoff = \"30s\""),
         ("dial_timeout = \"2s\"", "dial_timeout = \"5s\""),
+        (
+            "[proxy]\n",
+            "[proxy]\n# The 10 000-stream run needs more than the default 4096.\nmax_streams_per_node = 16384\n",
+        ),
     ] {
         assert!(t.contains(from), "harness config changed: no {from}");
         t = t.replace(from, to);

@@ -9,12 +9,18 @@
 //! every other stream on the connection, keepalives included.
 //!
 //! So the relay always drains its channel at once into a per-stream queue and
-//! writes the queue to the client as fast as the client takes it. The queue is
-//! bounded by [`STREAM_BUFFER_LIMIT`]: a client that falls that far behind has
-//! its stream reset (channel closed, client socket closed), and only that
-//! stream is affected. The limit is the price of russh's missing per-channel
-//! flow control: a consumer slower than its producer for longer than the
-//! buffer lasts loses its stream instead of stalling its neighbours.
+//! writes the queue to the client as fast as the client takes it. A stream is
+//! reset (channel closed, client socket closed), and only that stream, when
+//! - its client has taken nothing for [`STALL_TIMEOUT`] while more than
+//!   [`STALL_FLOOR`] waits for it: a consumer that stopped reading; or
+//! - more than [`STREAM_BUFFER_LIMIT`] waits, even though the client is
+//!   reading: a consumer persistently slower than its producer.
+//!
+//! A client that reads a little slower than the node sends (a busy
+//! apiserver, a 2-core box) thus keeps its stream up to 64 MiB behind. This
+//! is the price of russh's missing per-channel flow control: it re-opens
+//! the window on arrival, so the only alternatives are blocking the whole
+//! session (head-of-line for every neighbour) or unbounded memory.
 //!
 //! All streams together are further bounded by [`GLOBAL_BUFFER_LIMIT`], so
 //! memory stays bounded however many streams stall at once.
@@ -33,9 +39,16 @@ use tracing::{debug, warn};
 
 use crate::tunnel::Counters;
 
-/// Bytes a stream may hold for a client that is not reading before the
-/// stream is reset. Large enough for bursts of kubectl logs/exec output.
-pub const STREAM_BUFFER_LIMIT: usize = 8 * 1024 * 1024;
+/// Bytes a stream may hold for its client, however it reads. Past it the
+/// stream is reset.
+pub const STREAM_BUFFER_LIMIT: usize = 64 * 1024 * 1024;
+
+/// A stream whose client took no byte for this long, with more than
+/// [`STALL_FLOOR`] waiting, is reset: its reader has stopped.
+pub const STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Queued bytes below which a quiet client is never considered stalled.
+pub const STALL_FLOOR: usize = 4 * 1024 * 1024;
 
 /// Bytes all streams together may hold for slow clients. Past it, a
 /// stream holding more than [`GLOBAL_SHARE_FLOOR`] that wants to grow is
@@ -76,6 +89,19 @@ impl QueueAccount {
 impl Drop for QueueAccount {
     fn drop(&mut self) {
         BUFFERED.fetch_sub(*self.0.get_mut(), Ordering::Relaxed);
+    }
+}
+
+/// When the client last made progress; shared by both halves of a relay.
+#[derive(Clone, Copy)]
+struct StallClock<'a>(&'a std::sync::Mutex<tokio::time::Instant>);
+
+impl StallClock<'_> {
+    fn mark(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+    fn elapsed(&self) -> std::time::Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
     }
 }
 
@@ -162,6 +188,9 @@ where
     // can never starve the client writes (the queue stays near empty for
     // any client that keeps up).
     let queued = QueueAccount::new();
+    // When the client last took bytes, or the queue was last empty.
+    let progress = std::sync::Mutex::new(tokio::time::Instant::now());
+    let stalled_since = StallClock(&progress);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
     let drain = async {
         // Owned here: dropping it when draining ends tells `deliver` to
@@ -175,10 +204,24 @@ where
             match msg {
                 Some(ChannelMsg::Data { data }) => {
                     let (mine, total) = queued.add(data.len());
+                    if mine == data.len() {
+                        // The queue was empty: nothing was owed to the
+                        // client until now, so it cannot have stalled.
+                        stalled_since.mark();
+                    }
                     if mine > STREAM_BUFFER_LIMIT {
                         warn!(
                             buffered = mine,
-                            "client is not reading; resetting this stream only"
+                            "client is far slower than the node; resetting this stream only"
+                        );
+                        stop.cancel();
+                        return Some(RelayEnd::ClientTooSlow);
+                    }
+                    if mine > STALL_FLOOR && stalled_since.elapsed() > STALL_TIMEOUT {
+                        warn!(
+                            buffered = mine,
+                            idle = ?stalled_since.elapsed(),
+                            "client stopped reading; resetting this stream only"
                         );
                         stop.cancel();
                         return Some(RelayEnd::ClientTooSlow);
@@ -251,6 +294,7 @@ where
                 };
                 counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 queued.sub(n);
+                stalled_since.mark();
                 while n > 0 {
                     let f = &mut batch[i];
                     if n >= f.len() {
