@@ -150,7 +150,7 @@ pub struct SourceStatus {
     pub nodes: usize,
 }
 
-/// What a source sync did.
+/// What a sync of one node source did.
 #[derive(Debug, Default, Serialize)]
 pub struct SyncReport {
     /// Nodes started.
@@ -168,17 +168,13 @@ struct NodeEntry {
     source: Source,
 }
 
-/// What a reload did.
+/// What a reload did: the config nodes' changes, and warnings.
 #[derive(Debug, Default, Serialize)]
 pub struct ReloadReport {
-    /// Nodes started.
-    pub added: Vec<String>,
-    /// Nodes drained and closed.
-    pub removed: Vec<String>,
-    /// Nodes whose settings changed: closed after draining and started anew.
-    pub changed: Vec<String>,
-    /// Nodes left untouched (their connection and `since` stay).
-    pub unchanged: usize,
+    /// Added, removed, changed (replaced after draining) and unchanged
+    /// (connection and `since` kept) config nodes.
+    #[serde(flatten)]
+    pub nodes: SyncReport,
     /// Settings that only take effect after a restart.
     pub warnings: Vec<String>,
 }
@@ -619,39 +615,7 @@ impl Daemon {
         combined.extend(desired.iter().cloned());
         check_node_set(&combined, &config.proxy.service_cidrs)?;
 
-        let mut report = SyncReport::default();
-        let mut retired = Vec::new();
-        {
-            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-            let gone: Vec<String> = nodes
-                .iter()
-                .filter(|(name, e)| e.source == source && !desired.iter().any(|n| &n.name == *name))
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in gone {
-                if let Some(e) = nodes.remove(&name) {
-                    retired.push(e.tunnel);
-                    report.removed.push(name);
-                }
-            }
-            for n in &desired {
-                match nodes.get(&n.name) {
-                    Some(e) if e.tunnel.node == *n => report.unchanged += 1,
-                    existing => {
-                        if existing.is_some() {
-                            if let Some(old) = nodes.remove(&n.name) {
-                                retired.push(old.tunnel);
-                            }
-                            report.changed.push(n.name.clone());
-                        } else {
-                            report.added.push(n.name.clone());
-                        }
-                        let tunnel = self.spawn_tunnel(n.clone());
-                        nodes.insert(n.name.clone(), NodeEntry { tunnel, source });
-                    }
-                }
-            }
-        }
+        let (report, retired) = self.apply_desired(source, &desired);
         self.rebuild_routes(&config.proxy.service_cidrs);
         for t in retired {
             self.retire(t, config.proxy.drain_timeout);
@@ -667,6 +631,53 @@ impl Daemon {
             })
             .nodes = count;
         Ok(report)
+    }
+
+    /// Makes `source`'s nodes exactly `desired`, after validation: nodes of
+    /// `source` it does not name leave routing (returned, to be retired),
+    /// changed nodes are replaced, unchanged ones keep their connection and
+    /// now belong to `source` (how the config takes over an API-added node
+    /// of the same name). The caller rebuilds routes and retires.
+    fn apply_desired(
+        &self,
+        source: Source,
+        desired: &[NodeConfig],
+    ) -> (SyncReport, Vec<Arc<NodeTunnel>>) {
+        let mut report = SyncReport::default();
+        let mut retired = Vec::new();
+        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = nodes
+            .iter()
+            .filter(|(name, e)| e.source == source && !desired.iter().any(|n| &n.name == *name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(e) = nodes.remove(&name) {
+                retired.push(e.tunnel);
+                report.removed.push(name);
+            }
+        }
+        for n in desired {
+            match nodes.get_mut(&n.name) {
+                Some(e) if e.tunnel.node == *n => {
+                    e.source = source;
+                    report.unchanged += 1;
+                }
+                existing => {
+                    if existing.is_some() {
+                        if let Some(old) = nodes.remove(&n.name) {
+                            retired.push(old.tunnel);
+                        }
+                        report.changed.push(n.name.clone());
+                    } else {
+                        report.added.push(n.name.clone());
+                    }
+                    let tunnel = self.spawn_tunnel(n.clone());
+                    nodes.insert(n.name.clone(), NodeEntry { tunnel, source });
+                }
+            }
+        }
+        (report, retired)
     }
 
     /// Records a successful sync of `source`.
@@ -718,8 +729,8 @@ impl Daemon {
         let result = self.reload_from(&path).await;
         match &result {
             Ok(r) => info!(
-                added = ?r.added, removed = ?r.removed, changed = ?r.changed,
-                unchanged = r.unchanged, warnings = ?r.warnings, "config reloaded"
+                added = ?r.nodes.added, removed = ?r.nodes.removed, changed = ?r.nodes.changed,
+                unchanged = r.nodes.unchanged, warnings = ?r.warnings, "config reloaded"
             ),
             Err(e) => error!(error = %e, "reload rejected; the running config stays"),
         }
@@ -805,57 +816,8 @@ impl Daemon {
         }
         self.settings
             .store(Arc::new(ProxySettings::from_config(&new.proxy)));
-        let mut retired = Vec::new();
-        {
-            let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-            // Removed: config nodes the new config no longer names.
-            let gone: Vec<String> = nodes
-                .iter()
-                .filter(|(name, e)| {
-                    e.source == Source::Config && !new.nodes.iter().any(|n| &n.name == *name)
-                })
-                .map(|(name, _)| name.clone())
-                .collect();
-            for name in gone {
-                if let Some(e) = nodes.remove(&name) {
-                    retired.push(e.tunnel);
-                    report.removed.push(name);
-                }
-            }
-            for n in &new.nodes {
-                match nodes.get_mut(&n.name) {
-                    Some(e) if e.tunnel.node == *n => {
-                        e.source = Source::Config;
-                        report.unchanged += 1;
-                    }
-                    Some(_) => {
-                        if let Some(old) = nodes.remove(&n.name) {
-                            retired.push(old.tunnel);
-                        }
-                        let tunnel = self.spawn_tunnel(n.clone());
-                        nodes.insert(
-                            n.name.clone(),
-                            NodeEntry {
-                                tunnel,
-                                source: Source::Config,
-                            },
-                        );
-                        report.changed.push(n.name.clone());
-                    }
-                    None => {
-                        let tunnel = self.spawn_tunnel(n.clone());
-                        nodes.insert(
-                            n.name.clone(),
-                            NodeEntry {
-                                tunnel,
-                                source: Source::Config,
-                            },
-                        );
-                        report.added.push(n.name.clone());
-                    }
-                }
-            }
-        }
+        let (nodes, retired) = self.apply_desired(Source::Config, &new.nodes);
+        report.nodes = nodes;
         self.rebuild_routes(&new.proxy.service_cidrs);
         for t in retired {
             self.retire(t, new.proxy.drain_timeout);
