@@ -4,13 +4,19 @@
 //! The library holds everything; `main.rs` only parses the command line.
 //! One module per concern:
 //! - [`config`]: TOML shapes and validated types;
-//! - [`tunnel`]: one supervised SSH connection per node;
-//! - [`known_hosts`]: host key verification;
-//! - [`identity`]: loading and checking the client key;
+//! - [`tunnel`]: one supervised node (its sessions, state, drain, reconnect),
+//!   [`session`]: one SSH session's connect, verify and authenticate,
+//!   [`backoff`]: reconnect delays with full jitter;
+//! - [`known_hosts`]: host key verification; [`identity`]: the client key;
+//! - [`probe`]: the optional active health probe;
 //! - [`route`]: the lock-free route table;
-//! - [`proxy`] and [`relay`]: the HTTP CONNECT front end and stream relay;
-//! - [`admin`], [`status`], [`client`]: the admin API and its client;
-//! - [`daemon`]: wiring and shutdown.
+//! - [`proxy`], [`relay`], [`tls`], [`sockets`]: the HTTP CONNECT front end,
+//!   the stream relay, the mTLS listener and safe Unix sockets;
+//! - [`admin`], [`status`], [`client`], [`metrics`]: the admin API, its
+//!   document, its client and the Prometheus metrics;
+//! - [`discovery`], [`kube_watch`]: node sources besides the config;
+//! - [`daemon`]: wiring, live node-set changes, reload and shutdown;
+//! - [`keygen`], [`error`]: `tunneler keygen`, and typed tunnel errors.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
