@@ -312,6 +312,13 @@ impl Cluster {
     }
 
     fn start_servers(&mut self, i: usize) {
+        self.spawn_servers(i, HTTP_PORT, "servers.log", "start");
+    }
+
+    /// Starts node `i`'s Python servers (echo, HTTP on `http_port`, flood)
+    /// with stderr to `<node dir>/<log>`, and panics unless they report
+    /// `ready`. `what` names the step in the panic message.
+    fn spawn_servers(&mut self, i: usize, http_port: u16, log: &str, what: &str) {
         let node = &self.nodes[i - 1];
         let mut child = Command::new("ip")
             .args(["netns", "exec", &node.ns, "/usr/bin/python3", "-u"])
@@ -319,25 +326,24 @@ impl Cluster {
             .args([
                 node.name.as_str(),
                 &ECHO_PORT.to_string(),
-                &HTTP_PORT.to_string(),
+                &http_port.to_string(),
                 &FLOOD_PORT.to_string(),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(fs::File::create(node.dir.join("servers.log")).unwrap())
+            .stderr(fs::File::create(node.dir.join(log)).unwrap())
             .spawn()
             .expect("spawn python servers");
-        // The script prints "ready" once both sockets are bound, or exits
+        // The script prints "ready" once its sockets are bound, or exits
         // (closing stdout) when it cannot bind.
         let mut line = String::new();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let _ = out.read_line(&mut line);
-        let ok = line.trim() == "ready";
         self.nodes[i - 1].servers = Some(child);
-        if !ok {
-            let log = fs::read_to_string(self.nodes[i - 1].dir.join("servers.log"));
+        if line.trim() != "ready" {
+            let log = fs::read_to_string(self.nodes[i - 1].dir.join(log));
             panic!(
-                "python servers in {} did not start: {log:?}",
+                "python servers in {} did not {what}: {log:?}",
                 self.nodes[i - 1].ns
             );
         }
@@ -684,32 +690,7 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let node = &self.nodes[i - 1];
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &node.ns, "/usr/bin/python3", "-u"])
-            .arg(self.dir.join("servers.py"))
-            .args([
-                node.name.as_str(),
-                &ECHO_PORT.to_string(),
-                &http_port.to_string(),
-                &FLOOD_PORT.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(node.dir.join("servers2.log")).unwrap())
-            .spawn()
-            .expect("spawn python servers");
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let _ = out.read_line(&mut line);
-        self.nodes[i - 1].servers = Some(child);
-        assert_eq!(
-            line.trim(),
-            "ready",
-            "python servers in {} did not restart: {:?}",
-            self.nodes[i - 1].ns,
-            fs::read_to_string(self.nodes[i - 1].dir.join("servers2.log"))
-        );
+        self.spawn_servers(i, http_port, "servers2.log", "restart");
     }
 
     /// Starts `program args` inside node `i`'s namespace (stdout and stderr
