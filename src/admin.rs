@@ -92,20 +92,12 @@ pub async fn serve_metrics(
     info!(listen = ?listener.local_addr().ok(), "metrics listening");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        let accept = || {
+            let l = &listener;
+            async move { l.accept().await.map(|(s, _)| s) }
         };
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "metrics accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((permit, stream)) = next_conn(&slots, &cancel, "metrics", accept).await else {
+            return;
         };
         let metrics = metrics.clone();
         let cancel = cancel.clone();
@@ -121,6 +113,36 @@ pub async fn serve_metrics(
             });
             serve_conn(stream, svc, cancel).await;
         });
+    }
+}
+
+/// Waits for a connection slot, then for a connection. Accept errors
+/// (EMFILE...) are logged and retried after a pause, never ending the
+/// listener. `None` once `cancel` fires.
+async fn next_conn<S, Fut>(
+    slots: &Arc<tokio::sync::Semaphore>,
+    cancel: &CancellationToken,
+    what: &str,
+    accept: impl Fn() -> Fut,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, S)>
+where
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            p = slots.clone().acquire_owned() => p.ok()?,
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = accept() => match r {
+                Ok(s) => return Some((permit, s)),
+                Err(e) => {
+                    warn!(error = %e, "{what} accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
     }
 }
 
@@ -287,20 +309,13 @@ impl AdminApi {
         info!(socket = %path.display(), "admin API listening");
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
         loop {
-            let permit = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            let accept = || {
+                let l = &listener;
+                async move { l.accept().await.map(|(s, _)| s) }
             };
-            let stream = tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                r = listener.accept() => match r {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        warn!(error = %e, "admin accept failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
+            let Some((permit, stream)) = next_conn(&slots, &self.cancel, "admin", accept).await
+            else {
+                break;
             };
             let daemon = self.daemon.clone();
             let cancel = self.cancel.clone();
