@@ -29,6 +29,7 @@ fn table() -> RouteTable<u32> {
                 .parse()
                 .unwrap()],
             hostnames: Vec::new(),
+            kubelet_port: None,
         })
         .collect();
     RouteTable::build(

@@ -166,6 +166,7 @@ struct RawNode {
     pod_cidrs: Vec<String>,
     #[serde(default)]
     hostnames: Vec<String>,
+    kubelet_port: Option<u16>,
 }
 
 // ---------------------------------------------------------------------------
@@ -390,6 +391,10 @@ pub struct NodeConfig {
     /// Further names that route to this node (a Kubernetes `Hostname`
     /// address that differs from the node name).
     pub hostnames: Vec<String>,
+    /// The kubelet's port on this node, when known (Kubernetes reports it in
+    /// `status.daemonEndpoints.kubeletEndpoint.Port`); `None` means the
+    /// default, 10250. Dials to the node's own addresses may use this port.
+    pub kubelet_port: Option<u16>,
 }
 
 impl NodeConfig {
@@ -875,6 +880,9 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
     if n.port == Some(0) {
         return Err(invalid(format!("{key}.port"), "must not be 0"));
     }
+    if n.kubelet_port == Some(0) {
+        return Err(invalid(format!("{key}.kubelet_port"), "must not be 0"));
+    }
     let internal_ips = match n.internal_ips {
         Some(list) => {
             if list.is_empty() {
@@ -930,6 +938,7 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
         internal_ips,
         pod_cidrs,
         hostnames,
+        kubelet_port: n.kubelet_port,
     })
 }
 

@@ -53,10 +53,31 @@ pub struct K8sSpec {
 
 /// `status`.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct K8sStatus {
     /// `status.addresses`.
     #[serde(default)]
     pub addresses: Option<Vec<K8sAddress>>,
+    /// `status.daemonEndpoints`: where the kubelet listens.
+    #[serde(default)]
+    pub daemon_endpoints: Option<K8sDaemonEndpoints>,
+}
+
+/// `status.daemonEndpoints`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct K8sDaemonEndpoints {
+    /// `status.daemonEndpoints.kubeletEndpoint`.
+    #[serde(default)]
+    pub kubelet_endpoint: Option<K8sDaemonEndpoint>,
+}
+
+/// One daemon endpoint (`{"Port": 10250}`; the API spells it capitalised).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct K8sDaemonEndpoint {
+    /// `Port`. Zero means unset, as in the API.
+    #[serde(rename = "Port", default)]
+    pub port: i64,
 }
 
 /// One `status.addresses[]` entry.
@@ -134,6 +155,18 @@ pub fn node_from_k8s(
     });
     if !internal_ips.is_empty() {
         value["internal_ips"] = internal_ips.into();
+    }
+    let kubelet_port = n
+        .status
+        .as_ref()
+        .and_then(|s| s.daemon_endpoints.as_ref())
+        .and_then(|d| d.kubelet_endpoint.as_ref())
+        .map(|e| e.port)
+        .filter(|p| *p != 0);
+    if let Some(p) = kubelet_port {
+        // Out of range (negative, > 65535) is passed through as is, so the
+        // validation names the field instead of silently using 10250.
+        value["kubelet_port"] = p.into();
     }
     crate::config::node_from_json(value, default_port).map_err(|e| format!("node {name}: {e}"))
 }
@@ -247,7 +280,8 @@ mod tests {
         {"apiVersion": "v1", "kind": "Node",
          "metadata": {"name": "node-a", "labels": {"x": "y"}},
          "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:1::/64"]},
-         "status": {"addresses": [
+         "status": {"daemonEndpoints": {"kubeletEndpoint": {"Port": 10255}},
+            "addresses": [
             {"type": "Hostname", "address": "node-a.internal"},
             {"type": "ExternalIP", "address": "203.0.113.5"},
             {"type": "InternalIP", "address": "10.0.0.11"}]}},
@@ -273,9 +307,11 @@ mod tests {
         );
         assert_eq!(a.pod_cidrs.len(), 2, "podCIDRs wins over podCIDR");
         assert_eq!(a.hostnames, vec!["node-a.internal".to_string()]);
+        assert_eq!(a.kubelet_port, Some(10255));
         let b = &nodes[1];
         assert_eq!(b.address, "203.0.113.6", "falls back to ExternalIP");
         assert_eq!(b.pod_cidrs, vec!["10.244.2.0/24".parse().unwrap()]);
+        assert_eq!(b.kubelet_port, None, "no daemonEndpoints: the default");
     }
 
     #[test]

@@ -210,6 +210,7 @@ mod tests {
             internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
             hostnames: Vec::new(),
+            kubelet_port: None,
         }
     }
 

@@ -47,6 +47,7 @@ fn raw_node(i: usize) -> impl Strategy<Value = NodeConfig> {
             internal_ips: ips,
             pod_cidrs: pods,
             hostnames: Vec::new(),
+            kubelet_port: None,
         })
 }
 
