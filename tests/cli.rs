@@ -121,7 +121,10 @@ fn stage(fixture: &Path) -> (tempfile::TempDir, PathBuf) {
         ),
     )
     .unwrap();
-    let path = dir.path().join(fixture.file_name().unwrap());
+    // One neutral name for every fixture: check-config prints `path: error`,
+    // and a fixture's own name (`missing_user.toml`) must not be what
+    // "names the key".
+    let path = dir.path().join("config.toml");
     fs::copy(fixture, &path).unwrap();
     (dir, path)
 }
@@ -154,9 +157,13 @@ fn check_config_rejects_invalid_fixtures_naming_the_key() {
             .split('|')
             .map(|s| s.trim().to_string())
             .collect();
-        let (_dir, path) = stage(&fixture);
+        let (dir, path) = stage(&fixture);
         let out = tunneler(&["check-config", "--config", path.to_str().unwrap()]);
-        let msg = all_output(&out);
+        // Only what the error itself says: without the staged path and
+        // the directory the test put it in.
+        let msg = all_output(&out)
+            .replace(path.to_str().unwrap(), "<config>")
+            .replace(dir.path().to_str().unwrap(), "<dir>");
         let name = fixture.file_name().unwrap().to_string_lossy().into_owned();
         if out.status.success() {
             failures.push(format!("{name}: accepted (exit 0): {msg}"));
@@ -227,16 +234,25 @@ fn keygen_writes_a_private_key_and_an_authorized_keys_line() {
         assert!(String::from_utf8_lossy(&out.stdout).contains(blob));
     }
 
-    // It does not silently overwrite an existing key.
+    // It refuses to overwrite an existing key, says so, and changes
+    // neither file.
     let before = fs::read(&key).unwrap();
+    let before_pub = fs::read(dir.path().join("id.pub")).unwrap();
     let out = tunneler(&["keygen", "--out", key.to_str().unwrap()]);
-    if out.status.success() {
-        eprintln!("note: keygen overwrote an existing key");
-    } else {
-        assert_eq!(
-            fs::read(&key).unwrap(),
-            before,
-            "failed keygen changed the key"
-        );
-    }
+    let msg = all_output(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "keygen over an existing key: {msg}"
+    );
+    assert!(
+        msg.contains("already exists") && msg.contains(key.to_str().unwrap()),
+        "{msg}"
+    );
+    assert_eq!(fs::read(&key).unwrap(), before, "keygen changed the key");
+    assert_eq!(
+        fs::read(dir.path().join("id.pub")).unwrap(),
+        before_pub,
+        "keygen changed the .pub"
+    );
 }

@@ -217,10 +217,14 @@ fn make_before_break_reconnect_keeps_open_streams() {
         "a planned reconnect is no error: {n}"
     );
     let reconnects = n["reconnects"].as_u64().unwrap();
-    report(&format!(
-        "node-1 reconnects before/after a planned reconnect: {reconnects_before}/{reconnects}"
-    ));
-    assert!(reconnects >= reconnects_before, "{n}");
+    // `reconnects` counts lost sessions; a planned replacement loses none,
+    // and the state never left healthy, so `since` stays.
+    assert_eq!(reconnects, reconnects_before, "{n}");
+    assert_eq!(
+        n["since"],
+        node_status(&before, "node-1").unwrap()["since"],
+        "{n}"
+    );
 
     // The new session was made before the old one broke: the old one stays
     // while it carries the long-lived stream, and closes once that ends.
@@ -492,7 +496,9 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
         (
             "invalid TOML",
             format!("{good}\n[[node]\nname = \"x\"\n"),
-            &["TOML", "toml", "parse", "expected", "invalid"],
+            // The parser's own words and the line at fault, not just the
+            // "invalid config:" every config error starts with.
+            &["TOML parse error", "[[node]"],
         ),
         (
             "invalid value",
@@ -515,10 +521,12 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
         let out = daemon.cli(&["reload"]);
         let msg = all_output(&out);
         assert_eq!(out.status.code(), Some(1), "{what}: {msg}");
-        assert!(
-            expect.iter().any(|e| msg.contains(e)),
-            "{what}: message {msg:?} names none of {expect:?}"
-        );
+        for e in expect.iter() {
+            assert!(
+                msg.contains(e),
+                "{what}: message {msg:?} does not name {e:?}"
+            );
+        }
         // SIGHUP with the same file: logged, nothing changes.
         let rejected = || {
             std::fs::read_to_string(&daemon.log)
@@ -962,6 +970,12 @@ fn remove_closes_the_tunnel_after_the_drain_timeout() {
         &format!("{}:{ECHO_PORT}", cluster.node(1).pod_ip),
         "node-1",
     );
+    // Seen before it must go, so the "0 sessions" below means something.
+    assert_eq!(
+        cluster.ssh_sessions_to(1),
+        1,
+        "session of node-1 before remove"
+    );
     cli_ok(&daemon, &["nodes", "remove", "node-1"]);
     let t = Instant::now();
     still_works(&mut s, "node-1", "within-drain-timeout");
@@ -982,8 +996,13 @@ fn remove_closes_the_tunnel_after_the_drain_timeout() {
     ));
     assert_ne!(end, "still open", "stream outlived the drain timeout");
     assert!(
-        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        took >= Duration::from_millis(1500),
         "ended after {took:?} with drain_timeout 2s"
+    );
+    common::assert_within(
+        "the removed node's last stream ended, drain_timeout 2s",
+        took,
+        Duration::from_secs(10),
     );
     assert!(
         common::poll(READY, || cluster.ssh_sessions_to(1) == 0),

@@ -17,6 +17,10 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     let daemon = Daemon::start(&cluster);
     daemon.wait_all_healthy(READY);
     let (n1, n2) = (cluster.node(1), cluster.node(2));
+    let start = daemon.status_json();
+    let n = node_status(&start, "node-1").unwrap();
+    assert_eq!(n["reconnects"], 0, "{n}");
+    let since_start = n["since"].as_str().unwrap().to_string();
 
     // A stream to node 2 opened before the failure outlives it.
     let (status, mut long_lived) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
@@ -26,13 +30,16 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
         format!("node=node-2 local={} echo=before", n2.pod_ip)
     );
 
+    // `since` has one-second resolution: let a second pass, so that the
+    // state change below must show as a later `since`.
+    std::thread::sleep(Duration::from_millis(1100));
     cluster.kill_sshd(1);
     let t = std::time::Instant::now();
     let status = daemon.wait_node_unhealthy("node-1", READY);
     let detect = t.elapsed();
-    let before = node_status(&status, "node-1").unwrap()["reconnects"]
-        .as_u64()
-        .unwrap();
+    // The one established session was lost, and counted once.
+    let down_n = node_status(&status, "node-1").unwrap();
+    assert_eq!(down_n["reconnects"], 1, "{down_n}");
 
     // While node 1 is down: node 2 serves new and old streams, node 1's
     // targets get 503 once the tunnel is known to be gone.
@@ -61,13 +68,19 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
         back.elapsed()
     ));
     let n = node_status(&status, "node-1").unwrap();
+    // Failed dials while sshd was down are no lost sessions: still one.
+    assert_eq!(n["reconnects"], 1, "{n}");
+    // A working session answers "what is wrong": the error is cleared.
+    assert!(n["last_error"].is_null(), "{n}");
+    // `since` moved with each state change: down, then healthy again.
+    let since_down = node_status(&down, "node-1").unwrap()["since"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let since_back = n["since"].as_str().unwrap();
     assert!(
-        n["reconnects"].as_u64().unwrap() > before || before > 0,
-        "{n}"
-    );
-    assert!(
-        n["last_error"].is_null() || n["last_error"].is_string(),
-        "{n}"
+        since_start < since_down && since_down.as_str() <= since_back,
+        "since: start {since_start}, down {since_down}, back {since_back}"
     );
 
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "after");
@@ -166,10 +179,12 @@ fn silent_link_loss_is_detected_and_recovered() {
     common::report(&format!(
         "silent link loss (keepalive 1s x 3): node-1 left healthy after {detected:?}"
     ));
-    // The issue asks for "about 4 s"; 8 s leaves room for a loaded box.
-    assert!(
-        detected < Duration::from_secs(8),
-        "silent link loss noticed only after {detected:?}"
+    // About 4 s by design; 8 s (scaled) is a sanity bound, the figure
+    // itself belongs in the benchmark.
+    common::assert_within(
+        "silent link loss detection (keepalive 1s x 3)",
+        detected,
+        Duration::from_secs(8),
     );
     let n2 = cluster.node(2);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.pod_ip), "meanwhile");
@@ -236,7 +251,14 @@ fn an_unreachable_node_does_not_hold_up_the_others() {
         ..Default::default()
     };
     let daemon = Daemon::start_with(&cluster, &spec);
-    daemon.wait_node_state("node-1", "healthy", Duration::from_secs(5));
+    // node-1 comes up while the ghost is still connecting (connect_timeout
+    // 2 s): the ghost's first attempt has not failed yet.
+    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let g = node_status(&status, "ghost").unwrap();
+    assert!(
+        g["last_error"].is_null() && g["state"] != "healthy",
+        "node-1 healthy only after the ghost's first attempt failed: {g}"
+    );
     let node = cluster.node(1);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "alive");
     assert_eq!(got, format!("node=node-1 local={} echo=alive", node.pod_ip));

@@ -182,11 +182,15 @@ fn list(items: impl IntoIterator<Item = String>) -> String {
     )
 }
 
-/// Prints a validated config as TOML that states every setting explicitly.
+/// Prints a validated config as TOML that states every setting of
+/// `[ssh]`, `[reconnect]`, `[proxy]`, `[admin]` and `[[node]]` explicitly.
+/// It does not print `[health]`, `[discovery]` or `[proxy.tls]`; the
+/// generated configs leave those unset, and [`round_trip`] compares the
+/// whole config, so nothing left out here can be lost unseen.
 fn to_toml(c: &Config) -> String {
     let s = &c.ssh;
     let mut t = format!(
-        "[ssh]\nuser = {}\nidentity_file = {}\nknown_hosts_file = {}\nport = {}\nconnect_timeout = {}\nkeepalive_interval = {}\nkeepalive_max = {}\nhost_key_policy = {}\n",
+        "[ssh]\nuser = {}\nidentity_file = {}\nknown_hosts_file = {}\nport = {}\nconnect_timeout = {}\nkeepalive_interval = {}\nkeepalive_max = {}\nconnections_per_node = {}\nmax_concurrent_handshakes = {}\nhost_key_policy = {}\n",
         q(&s.user),
         q(&s.identity_file.display().to_string()),
         q(&s.known_hosts_file.display().to_string()),
@@ -194,6 +198,8 @@ fn to_toml(c: &Config) -> String {
         ms(s.connect_timeout),
         ms(s.keepalive_interval),
         s.keepalive_max,
+        s.connections_per_node,
+        s.max_concurrent_handshakes,
         q(match s.host_key_policy {
             HostKeyPolicy::Strict => "strict",
             HostKeyPolicy::AcceptNew => "accept-new",
@@ -217,7 +223,7 @@ fn to_toml(c: &Config) -> String {
     ));
     let p = &c.proxy;
     t.push_str(&format!(
-        "\n[proxy]\nlisten = {}\nservice_cidrs = {}\ndial_timeout = {}\ndrain_timeout = {}\n",
+        "\n[proxy]\nlisten = {}\nservice_cidrs = {}\ndial_timeout = {}\ndrain_timeout = {}\nhandshake_timeout = {}\nmax_pending_handshakes = {}\nmax_streams_per_node = {}\nnode_local_via_loopback = {}\n",
         list(p.listen.iter().map(|l| match l {
             ListenAddr::Unix(p) => format!("unix://{}", p.display()),
             ListenAddr::Tcp(a) => format!("tcp://{a}"),
@@ -225,20 +231,44 @@ fn to_toml(c: &Config) -> String {
         list(p.service_cidrs.iter().map(|c| c.to_string())),
         ms(p.dial_timeout),
         ms(p.drain_timeout),
+        ms(p.handshake_timeout),
+        p.max_pending_handshakes,
+        p.max_streams_per_node,
+        p.node_local_via_loopback,
     ));
+    if let Some(g) = &p.socket_group {
+        t.push_str(&format!("socket_group = {}\n", q(g)));
+    }
+    let a = &c.admin;
     t.push_str(&format!(
-        "\n[admin]\nsocket = {}\n",
-        q(&c.admin.socket.display().to_string())
+        "\n[admin]\nsocket = {}\nadmin_uids = [{}]\nready_min_healthy = {}\n",
+        q(&a.socket.display().to_string()),
+        a.admin_uids
+            .iter()
+            .map(|u| u.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        a.ready_min_healthy,
     ));
+    if let Some(g) = &a.socket_group {
+        t.push_str(&format!("socket_group = {}\n", q(g)));
+    }
+    if let Some(m) = &a.metrics_listen {
+        t.push_str(&format!("metrics_listen = {}\n", q(&m.to_string())));
+    }
     for n in &c.nodes {
         t.push_str(&format!(
-            "\n[[node]]\nname = {}\naddress = {}\nport = {}\ninternal_ips = {}\npod_cidrs = {}\n",
+            "\n[[node]]\nname = {}\naddress = {}\nport = {}\ninternal_ips = {}\npod_cidrs = {}\nhostnames = {}\n",
             q(&n.name),
             q(&n.address),
             n.port,
             list(n.internal_ips.iter().map(|i| i.to_string())),
             list(n.pod_cidrs.iter().map(|c| c.to_string())),
+            list(n.hostnames.iter().cloned()),
         ));
+        if let Some(k) = n.kubelet_port {
+            t.push_str(&format!("kubelet_port = {k}\n"));
+        }
     }
     t
 }
@@ -251,6 +281,31 @@ fn duration_text() -> impl Strategy<Value = Option<String>> {
     ])
 }
 
+/// Settings beyond the basics, each present or not: (connections_per_node,
+/// keepalive_max, max_streams_per_node, node_local_via_loopback,
+/// ready_min_healthy, metrics_listen port, a node's kubelet_port).
+type Extras = (
+    Option<usize>,
+    Option<usize>,
+    Option<u64>,
+    Option<bool>,
+    Option<usize>,
+    Option<u16>,
+    Option<u16>,
+);
+
+fn extras() -> impl Strategy<Value = Extras> {
+    (
+        proptest::option::of(1usize..5),
+        proptest::option::of(1usize..10),
+        proptest::option::of(1u64..5000),
+        proptest::option::of(any::<bool>()),
+        proptest::option::of(0usize..4),
+        proptest::option::of(1u16..),
+        proptest::option::of(1u16..),
+    )
+}
+
 fn config_text() -> impl Strategy<Value = String> {
     (
         "[a-z]{1,8}",
@@ -260,12 +315,15 @@ fn config_text() -> impl Strategy<Value = String> {
             duration_text(),
             duration_text(),
             duration_text(),
+            duration_text(),
+            duration_text(),
         ],
         proptest::option::of(prop_oneof![Just("strict"), Just("accept-new")]),
         proptest::option::of("[a-z]{1,6}"),
         node_set(),
+        extras(),
     )
-        .prop_map(|(user, port, d, policy, cert, (nodes, services))| {
+        .prop_map(|(user, port, d, policy, cert, (nodes, services), x)| {
             let mut t = format!(
                 "[ssh]\nuser = {}\nidentity_file = \"keys/id\"\nknown_hosts_file = \"/kh\"\n",
                 q(&user)
@@ -282,6 +340,15 @@ fn config_text() -> impl Strategy<Value = String> {
             if let Some(c) = cert {
                 t.push_str(&format!("certificate_file = {}\n", q(&c)));
             }
+            if let Some(v) = &d[4] {
+                t.push_str(&format!("keepalive_interval = {}\n", q(v)));
+            }
+            if let Some(v) = x.0 {
+                t.push_str(&format!("connections_per_node = {v}\n"));
+            }
+            if let Some(v) = x.1 {
+                t.push_str(&format!("keepalive_max = {v}\n"));
+            }
             t.push_str("\n[proxy]\n");
             t.push_str(&format!(
                 "service_cidrs = {}\n",
@@ -290,6 +357,22 @@ fn config_text() -> impl Strategy<Value = String> {
             if let Some(v) = &d[1] {
                 t.push_str(&format!("dial_timeout = {}\n", q(v)));
             }
+            if let Some(v) = &d[5] {
+                t.push_str(&format!("drain_timeout = {}\n", q(v)));
+            }
+            if let Some(v) = x.2 {
+                t.push_str(&format!("max_streams_per_node = {v}\n"));
+            }
+            if let Some(v) = x.3 {
+                t.push_str(&format!("node_local_via_loopback = {v}\n"));
+            }
+            t.push_str("\n[admin]\n");
+            if let Some(v) = x.4 {
+                t.push_str(&format!("ready_min_healthy = {v}\n"));
+            }
+            if let Some(v) = x.5 {
+                t.push_str(&format!("metrics_listen = \"127.0.0.1:{v}\"\n"));
+            }
             t.push_str("\n[reconnect]\n");
             if let Some(v) = &d[2] {
                 t.push_str(&format!("initial_backoff = {}\n", q(v)));
@@ -297,7 +380,7 @@ fn config_text() -> impl Strategy<Value = String> {
             if let Some(v) = &d[3] {
                 t.push_str(&format!("stable_after = {}\n", q(v)));
             }
-            for n in &nodes {
+            for (i, n) in nodes.iter().enumerate() {
                 t.push_str(&format!(
                     "\n[[node]]\nname = {}\naddress = {}\ninternal_ips = {}\npod_cidrs = {}\n",
                     q(&n.name),
@@ -305,9 +388,32 @@ fn config_text() -> impl Strategy<Value = String> {
                     list(n.internal_ips.iter().map(|i| i.to_string())),
                     list(n.pod_cidrs.iter().map(|c| c.to_string())),
                 ));
+                if let (0, Some(k)) = (i, x.6) {
+                    t.push_str(&format!("kubelet_port = {k}\n"));
+                }
             }
             t
         })
+}
+
+/// The round trip itself: `Err` describes the first way printing and
+/// parsing back changed the config.
+fn round_trip(first: &Config) -> Result<(), TestCaseError> {
+    let base = Path::new("/etc/tunneler");
+    // What to_toml leaves out must be unset (the equality below would
+    // catch it too; these say why).
+    prop_assert!(first.health.is_none(), "to_toml does not print [health]");
+    prop_assert!(
+        first.proxy.tls.is_none(),
+        "to_toml does not print [proxy.tls]"
+    );
+    let printed = to_toml(first);
+    let second = Config::from_toml(&printed, base)
+        .map_err(|e| TestCaseError::fail(format!("{e}\n{printed}")))?;
+    prop_assert_eq!(first, &second, "{}", printed);
+    // And printing is stable.
+    prop_assert_eq!(to_toml(&second), printed);
+    Ok(())
 }
 
 proptest! {
@@ -315,17 +421,33 @@ proptest! {
 
     #[test]
     fn config_round_trips_through_toml(text in config_text()) {
-        let base = Path::new("/etc/tunneler");
-        // Random settings may be invalid (e.g. initial_backoff > max_backoff);
-        // those must be refused, not mangled.
-        let Ok(first) = Config::from_toml(&text, base) else {
-            return Ok(());
-        };
-        let printed = to_toml(&first);
-        let second = Config::from_toml(&printed, base)
-            .map_err(|e| TestCaseError::fail(format!("{e}\n{printed}")))?;
-        prop_assert_eq!(&first, &second, "{}", printed);
-        // And printing is stable.
-        prop_assert_eq!(to_toml(&second), printed);
+        // Random settings may be invalid (e.g. initial_backoff >
+        // max_backoff); those are not round-trip cases. prop_assume! makes
+        // proptest fail if too many are, so the property cannot pass on
+        // nothing; known_valid_config_round_trips covers one fixed case.
+        let first = Config::from_toml(&text, Path::new("/etc/tunneler"));
+        prop_assume!(first.is_ok());
+        round_trip(&first.unwrap())?;
     }
+}
+
+/// One config known to be valid, with a setting in every printed table, so
+/// that the property above cannot pass by never getting past parsing.
+#[test]
+fn known_valid_config_round_trips() {
+    let text = "[ssh]\nuser = \"tunnel\"\nidentity_file = \"keys/id\"\nknown_hosts_file = \"/kh\"\n\
+        port = 2222\nconnect_timeout = \"3s\"\nkeepalive_interval = \"5s\"\nkeepalive_max = 4\n\
+        connections_per_node = 2\nhost_key_policy = \"accept-new\"\n\n\
+        [reconnect]\ninitial_backoff = \"200ms\"\nmax_backoff = \"20s\"\nstable_after = \"1m\"\n\n\
+        [proxy]\nservice_cidrs = [\"10.96.0.0/16\"]\ndial_timeout = \"4s\"\ndrain_timeout = \"7s\"\n\
+        max_streams_per_node = 77\nnode_local_via_loopback = true\n\n\
+        [admin]\nready_min_healthy = 2\nmetrics_listen = \"127.0.0.1:9100\"\nadmin_uids = [1000]\n\n\
+        [[node]]\nname = \"node-1\"\naddress = \"10.0.0.11\"\ninternal_ips = [\"10.0.0.11\"]\n\
+        pod_cidrs = [\"10.244.1.0/24\"]\nkubelet_port = 10255\n";
+    let first = Config::from_toml(text, Path::new("/etc/tunneler"))
+        .unwrap_or_else(|e| panic!("the known-valid config was refused: {e}"));
+    assert_eq!(first.proxy.max_streams_per_node, 77);
+    assert_eq!(first.admin.admin_uids, vec![1000]);
+    assert_eq!(first.nodes[0].kubelet_port, Some(10255));
+    round_trip(&first).unwrap();
 }

@@ -9,11 +9,11 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{
-    node_status, poll, run, ssh_keygen, tunneler_bin, with_ssh_keys, Cluster, ConfigSpec, Daemon,
-    Node,
+    node_status, poll, run, ssh_keygen, tunneler_bin, with_ssh_keys, ChildGuard, Cluster,
+    ConfigSpec, Daemon, Node,
 };
 
 const HEALTHY_WITHIN: Duration = Duration::from_secs(20);
@@ -221,27 +221,21 @@ fn accept_new_learns_a_key_then_rejects_a_changed_one() {
     assert!(log.contains("HOST KEY MISMATCH"), "{log}");
 }
 
-/// Runs `tunneler run` on `config` and waits (bounded) for it to exit.
+/// Runs `tunneler run` on `config` and waits (bounded) for it to exit; the
+/// guard kills it if it does not.
 fn run_until_exit(config: &Path) -> (std::process::ExitStatus, String) {
-    let mut child = Command::new(tunneler_bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            return (out.status, common::all_output(&out));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("tunneler run did not exit with a bad identity file");
+    let child = ChildGuard::spawn(
+        Command::new(tunneler_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let out = child
+        .wait_exit(Duration::from_secs(15))
+        .expect("tunneler run did not exit with a bad identity file");
+    (out.status, common::all_output(&out))
 }
 
 #[test]
@@ -274,19 +268,18 @@ fn too_open_identity_file_is_refused_at_start() {
 
     // 0600 starts (then we stop it).
     fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
-    let mut child = Command::new(tunneler_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = ChildGuard::spawn(
+        Command::new(tunneler_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     let up = poll(Duration::from_secs(10), || {
         dir.path().join("admin.sock").exists()
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert!(up, "the daemon did not start with a 0600 key");
 }
 
@@ -391,6 +384,10 @@ fn user_certificate_connects() {
 
     // The same certificate with the key in ssh-agent.
     let Some(agent) = Agent::start(&cluster.dir, "agent.sock") else {
+        common::skip(
+            "user_certificate_connects (ssh-agent part)",
+            "no /usr/bin/ssh-agent",
+        );
         return;
     };
     agent.add(&key, "");
@@ -467,7 +464,7 @@ fn identity_in_ssh_agent_connects() {
     require_netns!("identity_in_ssh_agent_connects");
     let cluster = Cluster::new(1);
     let Some(agent) = Agent::start(&cluster.dir, "agent.sock") else {
-        eprintln!("SKIP identity_in_ssh_agent_connects: no ssh-agent");
+        common::skip("identity_in_ssh_agent_connects", "no /usr/bin/ssh-agent");
         return;
     };
     // The private key is encrypted on disk; only the agent has it in clear.

@@ -84,22 +84,18 @@ fn sockets_are_0600_by_default_and_0660_with_a_socket_group() {
     );
     let config = cluster.dir.join("bad-group.toml");
     fs::write(&config, toml).unwrap();
-    let mut child = Command::new(tunneler_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let exited = common::poll(Duration::from_secs(10), || {
-        matches!(child.try_wait(), Ok(Some(_)))
-    });
-    if !exited {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(exited && !out.status.success(), "{}", all_output(&out));
+    let child = common::ChildGuard::spawn(
+        Command::new(tunneler_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let out = child
+        .wait_exit(Duration::from_secs(10))
+        .expect("tunneler run kept running with a socket group that does not exist");
+    assert!(!out.status.success(), "{}", all_output(&out));
     assert!(
         all_output(&out).contains("no-such-group-tnl"),
         "{}",
@@ -320,9 +316,12 @@ fn hundreds_of_idle_clients_do_not_delay_a_real_dial() {
     report(&format!(
         "real dials beside 400 idle clients (CONNECT + one echo): worst {worst:?}, all {took:?}"
     ));
-    assert!(
-        worst < Duration::from_secs(1),
-        "a real dial waited {worst:?}"
+    // They were served while every idle client still held its connection
+    // (checked below); how fast is the benchmark's business.
+    common::assert_within(
+        "worst real dial beside 400 idle clients",
+        worst,
+        Duration::from_secs(2),
     );
     // The idle ones are still just waiting (the default handshake_timeout is 10 s).
     let mut probe = idle.pop().unwrap();
@@ -362,11 +361,14 @@ fn pending_handshakes_are_capped_and_idle_clients_time_out() {
         .unwrap();
     let head = read_head(&mut extra);
     let at = opened.elapsed();
+    // The 51st client sends nothing: only the cap can answer it, with a
+    // 503 (its own handshake timeout would just close it). If the idle
+    // clients had timed out first, a permit would be free and the head
+    // would be empty, so the 503 alone shows the cap at work.
     assert!(
-        at < Duration::from_millis(900),
-        "test too slow to check the cap ({at:?}); the idle clients may have timed out"
+        head.starts_with("HTTP/1.1 503"),
+        "51st client: {head:?} after {at:?}"
     );
-    assert!(head.starts_with("HTTP/1.1 503"), "51st client: {head:?}");
     report(&format!(
         "51st pending client: {}",
         head.lines().next().unwrap_or("")
@@ -382,9 +384,15 @@ fn pending_handshakes_are_capped_and_idle_clients_time_out() {
     report(&format!(
         "handshake_timeout 1s: an idle client was closed after {closed_after:?}"
     ));
+    // Not before the timeout (behaviour), and it does come (sanity bound).
     assert!(
-        closed_after >= Duration::from_millis(900) && closed_after < Duration::from_secs(5),
-        "closed after {closed_after:?}"
+        closed_after >= Duration::from_millis(900),
+        "closed after {closed_after:?}, handshake_timeout is 1s"
+    );
+    common::assert_within(
+        "idle client closed, handshake_timeout 1s",
+        closed_after,
+        Duration::from_secs(5),
     );
     // Once the permits are free again, real dials are served.
     let served = common::poll(READY, || {
@@ -434,9 +442,12 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     let took = t.elapsed();
     report(&format!("4th stream over the cap: {st:?} after {took:?}"));
     assert!(st.starts_with("HTTP/1.1 503"), "{st}");
-    assert!(
-        took < Duration::from_millis(500),
-        "503 after {took:?}, not at once"
+    // "At once": not after waiting out dial_timeout (2 s) for a free slot.
+    // The sanity bound stays under that at factor 1.
+    common::assert_within(
+        "503 for a stream over the cap",
+        took,
+        Duration::from_millis(1500),
     );
     for (k, s) in open.iter_mut().enumerate() {
         let got = common::echo_over(&mut *s, &format!("still{k}"));

@@ -328,6 +328,7 @@ impl Cluster {
                 &ECHO_PORT.to_string(),
                 &http_port.to_string(),
                 &FLOOD_PORT.to_string(),
+                &RAW_ECHO_PORT.to_string(),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -726,18 +727,67 @@ impl Cluster {
     }
 
     /// Established TCP connections from the host namespace to node `i`'s
-    /// sshd (the daemon's SSH sessions to it).
+    /// sshd (the daemon's SSH sessions to it). Panics when `ss` fails, so a
+    /// broken probe can never read as "no sessions".
     pub fn ssh_sessions_to(&self, i: usize) -> usize {
+        self.ssh_session_ports(i).len()
+    }
+
+    /// The local (host-side) ports of the SSH sessions to node `i`, sorted:
+    /// one per TCP connection, so a replaced session shows as a new port.
+    pub fn ssh_session_ports(&self, i: usize) -> Vec<u16> {
         let ip = self.node(i).ip;
-        let out = Command::new("ss")
-            .args(["-Htn", "state", "established"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
+        let out = run("ss", &["-Htn", "state", "established"]);
         let want = format!("{ip}:22");
-        out.lines()
-            .filter(|l| l.split_whitespace().nth(3) == Some(want.as_str()))
-            .count()
+        let mut ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                // With a state filter the columns are Recv-Q Send-Q Local Peer.
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.get(3) != Some(&want.as_str()) {
+                    return None;
+                }
+                f.get(2)?.rsplit(':').next()?.parse().ok()
+            })
+            .collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// For the TCP connections inside node `i`'s namespace to `port`, the
+    /// pid of the process that holds each one (for a tunnelled stream, the
+    /// sshd session process that carries it), sorted. Panics when `ss`
+    /// fails or a connection shows no process.
+    pub fn peer_pids_in_node(&self, i: usize, port: u16) -> Vec<u32> {
+        let ns = &self.node(i).ns;
+        let filter = format!("( dport = :{port} )");
+        let out = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "ss",
+                "-Htnp",
+                "state",
+                "established",
+                &filter,
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut pids: Vec<u32> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.split("pid=")
+                    .nth(1)
+                    .and_then(|p| p.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or_else(|| panic!("no pid in ss line {l:?}"))
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
     }
 
     /// A `kubectl get nodes -o json` style `Node` object for node `i`, with

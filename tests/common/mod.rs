@@ -15,12 +15,22 @@
 //!   node's second pod CIDR fd00:201:n:i::/64;
 //! - line echo server on port 7000 (`node=<name> local=<ip> echo=<line>`) and
 //!   HTTP server on port 8080 (body `node=<name>`), plus a server on 7001
-//!   that floods whoever connects; all on the wildcard address.
+//!   that floods whoever connects, and a raw byte echo on 7002 (for
+//!   byte-exact checks, with EOF); all on the wildcard address.
 //!
 //! Only node SSH addresses on our own bridge are ever dialled from the host
 //! namespace; pod and service addresses are reached through the daemon only.
 //!
 //! Everything is torn down in `Drop`, also when a test panics.
+//!
+//! Environment:
+//! - `TUNNELER_REQUIRE_NETNS` (set by `.ci/run`): every skip ([`skip`],
+//!   also through [`can_run`] and `require_netns!`) becomes a failure, so CI
+//!   is never green with tests that did not run.
+//! - `TUNNELER_TEST_TIME_FACTOR` (a positive number, default 1): scales every
+//!   time bound the tests keep ([`assert_within`], [`scaled`]). Those are
+//!   generous sanity bounds that print the measured value; raise the factor
+//!   on a slow or loaded machine. Speed figures belong in the benchmark.
 
 #![allow(dead_code)]
 
@@ -54,6 +64,9 @@ pub const ECHO_PORT: u16 = 7000;
 pub const HTTP_PORT: u16 = 8080;
 /// Port of the server that writes endlessly to whoever connects.
 pub const FLOOD_PORT: u16 = 7001;
+/// Port of the raw echo server: sends back every byte it receives, as
+/// received, and half-closes after the client's EOF.
+pub const RAW_ECHO_PORT: u16 = 7002;
 /// Last octet of the service address every node carries.
 pub const ANYCAST_OCTET: u8 = 100;
 
@@ -102,25 +115,212 @@ fn environment() -> &'static Result<(), String> {
     })
 }
 
-/// True when the namespace tests can run; otherwise prints a SKIP line
-/// (or panics when `TUNNELER_REQUIRE_NETNS` is set, as `.ci/run` does).
+/// True when the namespace tests can run; otherwise goes through [`skip`].
 pub fn can_run(test: &str) -> bool {
     match environment() {
         Ok(()) => true,
-        Err(why) if std::env::var_os("TUNNELER_REQUIRE_NETNS").is_some() => {
-            // CI sets this: there a skip would hide that nothing was tested.
-            panic!("{test}: TUNNELER_REQUIRE_NETNS is set, but: {why}");
-        }
         Err(why) => {
-            // Straight to fd 2: libtest captures `eprintln!` of passing tests,
-            // and a skip must be visible in a normal `cargo test` run.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP {test}: needs root and network namespaces ({why})"
-            );
+            skip(test, &format!("needs root and network namespaces ({why})"));
             false
         }
     }
+}
+
+/// The one gate for every environment-dependent skip in the integration
+/// tests. Prints `SKIP <test>: <why>` straight to fd 2 (libtest captures
+/// `eprintln!` of passing tests, and a skip must be visible in a normal
+/// `cargo test` run), or panics when `TUNNELER_REQUIRE_NETNS` is set, as
+/// `.ci/run` does: there a skip would hide that nothing was tested. The
+/// caller returns (or leaves out the part) after it.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("TUNNELER_REQUIRE_NETNS").is_some() {
+        panic!("{test}: TUNNELER_REQUIRE_NETNS is set, but this would skip: {why}");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+}
+
+// ---------------------------------------------------------------------------
+// Timing: sanity bounds only
+// ---------------------------------------------------------------------------
+
+/// The one factor every time bound in the tests is scaled by:
+/// `TUNNELER_TEST_TIME_FACTOR` (a positive number, default 1). Tests assert
+/// behaviour; where a bound on elapsed time stays, it is a generous sanity
+/// check (did it happen at all, not how fast), and a slow or loaded machine
+/// raises the factor instead of editing tests. Speed is measured by the
+/// benchmark (benches/e2e.rs), not here.
+pub fn time_factor() -> f64 {
+    static FACTOR: OnceLock<f64> = OnceLock::new();
+    *FACTOR.get_or_init(|| match std::env::var("TUNNELER_TEST_TIME_FACTOR") {
+        Err(_) => 1.0,
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(f) if f.is_finite() && f > 0.0 => f,
+            _ => panic!("TUNNELER_TEST_TIME_FACTOR={v:?}: want a positive number"),
+        },
+    })
+}
+
+/// `base` scaled by [`time_factor`].
+pub fn scaled(base: Duration) -> Duration {
+    base.mul_f64(time_factor())
+}
+
+/// Prints `measured` and asserts it is below `bound` scaled by
+/// [`time_factor`]: a sanity bound, never a performance target.
+pub fn assert_within(what: &str, measured: Duration, bound: Duration) {
+    let limit = scaled(bound);
+    let _ = writeln!(
+        std::io::stderr(),
+        "TIMING {what}: {measured:?} (sanity bound {limit:?} = {bound:?} x TUNNELER_TEST_TIME_FACTOR {})",
+        time_factor()
+    );
+    assert!(
+        measured < limit,
+        "{what} took {measured:?}, over the sanity bound {limit:?} ({bound:?} x \
+         TUNNELER_TEST_TIME_FACTOR {}); on a slow machine raise the factor",
+        time_factor()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// A child process that is killed (and reaped) when the guard drops, also
+/// when the test panics, so no `tunneler run` outlives its test.
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    /// Spawns `cmd` under the guard.
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(Some(
+            cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+        ))
+    }
+
+    /// Process id.
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Waits (bounded by `timeout`) for the child to exit by itself and
+    /// returns its status and output; `None` (and the child is killed) when
+    /// it is still running after `timeout`.
+    pub fn wait_exit(mut self, timeout: Duration) -> Option<Output> {
+        let mut child = self.0.take()?;
+        let exited = poll(timeout, || matches!(child.try_wait(), Ok(Some(_))));
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        child.wait_with_output().ok()
+    }
+
+    /// The child, for its pipes.
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child already taken")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Byte-exact streams
+// ---------------------------------------------------------------------------
+
+/// `len` bytes of a seeded xorshift pattern (all 256 byte values occur), so
+/// a lost, repeated, reordered or altered byte is seen at its offset.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A connected stream whose halves can be used from two threads.
+pub trait Duplex: Read + Write + Send + Sized + 'static {
+    /// A second handle on the same socket, for the writer thread.
+    fn clone_handle(&self) -> Self;
+    /// Ends our sending side (half-close); reading goes on.
+    fn shutdown_write(&self);
+}
+
+impl Duplex for UnixStream {
+    fn clone_handle(&self) -> Self {
+        self.try_clone().expect("clone unix stream")
+    }
+    fn shutdown_write(&self) {
+        self.shutdown(std::net::Shutdown::Write)
+            .expect("shutdown write");
+    }
+}
+
+impl Duplex for TcpStream {
+    fn clone_handle(&self) -> Self {
+        self.try_clone().expect("clone tcp stream")
+    }
+    fn shutdown_write(&self) {
+        self.shutdown(std::net::Shutdown::Write)
+            .expect("shutdown write");
+    }
+}
+
+/// Over a stream CONNECTed to the node's raw echo server
+/// ([`RAW_ECHO_PORT`]): sends `data` (from a second thread, so neither side
+/// waits on the other's buffers), half-closes, and reads until EOF. Returns
+/// `Err` naming the first difference: the echo must be `data` exactly, no
+/// byte lost, changed or added, and then EOF.
+pub fn echo_exact<S: Duplex>(s: S, data: &[u8]) -> Result<(), String> {
+    let mut w = s.clone_handle();
+    let out = data.to_vec();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        w.write_all(&out)?;
+        w.shutdown_write();
+        Ok(())
+    });
+    let got = read_to_eof(s);
+    let sent = writer.join().expect("writer thread");
+    let got = got.map_err(|e| format!("reading the echo: {e} (sent {:?})", sent))?;
+    sent.map_err(|e| format!("sending: {e}"))?;
+    compare_exact(&got, data)
+}
+
+/// Reads until EOF.
+pub fn read_to_eof<S: Read>(mut s: S) -> std::io::Result<Vec<u8>> {
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    Ok(got)
+}
+
+/// `Ok` when `got == want`; else where they first differ, and both lengths.
+pub fn compare_exact(got: &[u8], want: &[u8]) -> Result<(), String> {
+    if got == want {
+        return Ok(());
+    }
+    let at = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    Err(format!(
+        "content differs: got {} bytes, want {}; first difference at offset {at}",
+        got.len(),
+        want.len()
+    ))
 }
 
 /// Early-returns from a test when the environment cannot run it.
