@@ -366,7 +366,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     let node2_session = cluster.ssh_session_ports(2);
     assert_eq!(node2_session.len(), 1, "{node2_session:?}");
 
-    // Add node 3, by atomic replace; picked up within 2 s.
+    // Add node 3, by atomic replace; picked up soon (sanity bound below).
     cluster.replace_file(
         &file,
         &list(vec![
@@ -410,7 +410,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     common::assert_within(
         "nodes_file: a changed node routed its new pod CIDR",
         t.elapsed(),
-        Duration::from_secs(3),
+        Duration::from_secs(5),
     );
     let got = daemon.echo(&target, "changed");
     assert!(got.starts_with("node=node-3 "), "{got}");
@@ -435,7 +435,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     common::assert_within(
         "nodes_file: a removed node left the status",
         t.elapsed(),
-        Duration::from_secs(2),
+        Duration::from_secs(5),
     );
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
     assert!(st.starts_with("HTTP/1.1 403"), "{st}");
