@@ -257,6 +257,9 @@ impl EgressProxy {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> EgressProxy {
+        // The budget gauge shows the configured limit from the start; each
+        // new stream re-applies it, so a reload takes effect there.
+        RelayBudget::global().set_limit(settings.load().relay.buffer_budget);
         EgressProxy {
             routes,
             settings,

@@ -69,7 +69,7 @@ use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub use crate::config::RelayLimits;
 use crate::tunnel::Counters;
@@ -319,19 +319,17 @@ impl RelayBudget {
             let held = st.queued;
             if idle < limits.stall_timeout {
                 warn!(
-                    victim = s.id,
                     held,
                     ?idle,
                     "relay buffer budget full and every stream holding bytes is draining; \
                      resetting the one that read least recently (raise proxy.relay_buffer_budget)"
                 );
             } else {
-                warn!(
-                    victim = s.id,
+                info!(
                     held,
                     ?idle,
                     "relay buffer budget full; resetting the stream whose client went longest \
-                     without reading"
+                     without reading (it logs `stream reset`)"
                 );
             }
             self.reset_locked(s, &mut st, ResetReason::Budget);
@@ -628,7 +626,7 @@ where
         let (drained, delivered) = tokio::join!(drain, deliver);
         match drained {
             Some(why) => {
-                warn!(reason = why.as_str(), "{why}; resetting this stream only");
+                debug!(reason = why.as_str(), "resetting this stream only");
                 stop.cancel();
                 RelayEnd::Reset(why)
             }

@@ -52,8 +52,19 @@ fn buffered(d: &Daemon) -> usize {
     metric(d, "tunneler_relay_buffered_bytes", &[])
 }
 
-fn dropped(d: &Daemon) -> usize {
-    metric(d, "tunneler_relay_dropped_bytes_total", &[])
+/// Bytes that ever reached the relay's queues and were not yet delivered:
+/// buffered now plus dropped with reset streams, from one scrape.
+fn queued_or_dropped(d: &Daemon) -> usize {
+    let text = d.metrics();
+    [
+        "tunneler_relay_buffered_bytes",
+        "tunneler_relay_dropped_bytes_total",
+    ]
+    .iter()
+    .map(|name| {
+        metric_value(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in\n{text}")) as usize
+    })
+    .sum()
 }
 
 fn resets(d: &Daemon, reason: &str) -> usize {
@@ -99,6 +110,10 @@ fn parked_streams_under_the_floor_are_reset_oldest_first_and_a_reader_is_never_r
     );
     let daemon = Daemon::start_toml(&cluster, &toml, &[]);
     daemon.wait_all_healthy(READY);
+    assert_eq!(
+        metric(&daemon, "tunneler_relay_buffer_budget_bytes", &[]),
+        BUDGET
+    );
     let target = format!("{}:{ECHO_PORT}", node.pod_ip);
     let prefix = format!("node=node-1 local={} echo=", node.pod_ip);
     let answer = |line: &[u8]| [prefix.as_bytes(), line, b"\n"].concat();
@@ -138,7 +153,7 @@ fn parked_streams_under_the_floor_are_reset_oldest_first_and_a_reader_is_never_r
         let mut parked: Vec<(UnixStream, Vec<u8>)> = Vec::new();
         let mut held = Vec::new();
         let mut park = |i: usize| {
-            let (g0, d0) = (buffered(&daemon), dropped(&daemon));
+            let base = queued_or_dropped(&daemon);
             let (status, mut s) = daemon.connect(&target);
             assert!(status.starts_with("HTTP/1.1 200"), "parked {i}: {status}");
             let line = payload(PARKED_LINE, i as u32 + 1);
@@ -147,7 +162,7 @@ fn parked_streams_under_the_floor_are_reset_oldest_first_and_a_reader_is_never_r
             let mut arrived = 0;
             let ok = poll(READY, || {
                 // Bytes evicted meanwhile left the gauge but did arrive.
-                arrived = (buffered(&daemon) + dropped(&daemon)).saturating_sub(g0 + d0);
+                arrived = queued_or_dropped(&daemon).saturating_sub(base);
                 arrived >= 1200 * 1024
             });
             assert!(ok, "parked {i}: only {arrived} bytes reached the daemon");
