@@ -109,6 +109,10 @@ struct RawProxy {
     node_local_via_loopback: Option<bool>,
     socket_group: Option<String>,
     tls: Option<RawTls>,
+    relay_buffer_budget: Option<String>,
+    relay_stream_buffer_limit: Option<String>,
+    relay_stall_timeout: Option<String>,
+    relay_stall_floor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,6 +295,37 @@ pub struct ProxyConfig {
     pub socket_group: Option<String>,
     /// The optional mTLS TCP listener.
     pub tls: Option<TlsConfig>,
+    /// How much the relay may buffer for clients slower than their node.
+    pub relay: RelayLimits,
+}
+
+/// Bounds on the bytes the relay holds for clients that read slower than
+/// their node sends (russh re-opens the SSH window on arrival, so these
+/// buffers, not the window, are what bounds memory; see `relay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Bytes all streams together may hold, at every moment. Past it the
+    /// streams whose clients went longest without reading are reset.
+    pub buffer_budget: usize,
+    /// Bytes one stream may hold, however its client reads.
+    pub stream_buffer_limit: usize,
+    /// A client that took nothing for this long has stopped reading; a
+    /// client that took bytes within it is actively draining.
+    pub stall_timeout: Duration,
+    /// A stopped client holding more than this is reset even when the
+    /// budget has room.
+    pub stall_floor: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> RelayLimits {
+        RelayLimits {
+            buffer_budget: 512 << 20,
+            stream_buffer_limit: 64 << 20,
+            stall_timeout: Duration::from_secs(2),
+            stall_floor: 4 << 20,
+        }
+    }
 }
 
 /// The mTLS listener, as kube-apiserver's `transport.tcp.tlsConfig` expects.
@@ -423,6 +458,90 @@ fn parse_duration(
         return Err(invalid(key, "must be greater than zero"));
     }
     Ok(d)
+}
+
+/// Parses a byte size with a binary unit: `"512MiB"`, `"900KiB"`, `"1GiB"`
+/// or `"65536B"`. A unit is required, as for durations, so that a bare
+/// number is never read in the wrong unit.
+fn parse_size(key: &str, value: Option<&String>, default: usize) -> Result<usize, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    let t = v.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => {
+            return Err(invalid(
+                key,
+                format!("{v:?} is not a size with a unit (B, KiB, MiB or GiB, like \"64MiB\")"),
+            ))
+        }
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(1usize << shift))
+        .ok_or_else(|| invalid(key, format!("{v:?} is not a size this machine can hold")))
+}
+
+fn validate_relay(
+    budget: Option<String>,
+    stream_limit: Option<String>,
+    stall_timeout: Option<String>,
+    stall_floor: Option<String>,
+) -> Result<RelayLimits, ConfigError> {
+    let d = RelayLimits::default();
+    let r = RelayLimits {
+        buffer_budget: parse_size(
+            "proxy.relay_buffer_budget",
+            budget.as_ref(),
+            d.buffer_budget,
+        )?,
+        stream_buffer_limit: parse_size(
+            "proxy.relay_stream_buffer_limit",
+            stream_limit.as_ref(),
+            d.stream_buffer_limit,
+        )?,
+        stall_timeout: parse_duration(
+            "proxy.relay_stall_timeout",
+            stall_timeout.as_ref(),
+            d.stall_timeout,
+        )?,
+        stall_floor: parse_size(
+            "proxy.relay_stall_floor",
+            stall_floor.as_ref(),
+            d.stall_floor,
+        )?,
+    };
+    // One SSH packet (at most 64 KiB here) must always fit, or a stream
+    // could never make progress; 1 MiB leaves room for several streams.
+    if r.buffer_budget < 1 << 20 {
+        return Err(invalid(
+            "proxy.relay_buffer_budget",
+            "must be at least 1MiB",
+        ));
+    }
+    if r.stream_buffer_limit < 256 << 10 {
+        return Err(invalid(
+            "proxy.relay_stream_buffer_limit",
+            "must be at least 256KiB",
+        ));
+    }
+    if r.stream_buffer_limit > r.buffer_budget {
+        return Err(invalid(
+            "proxy.relay_stream_buffer_limit",
+            "must not be greater than proxy.relay_buffer_budget",
+        ));
+    }
+    if r.stall_floor > r.stream_buffer_limit {
+        return Err(invalid(
+            "proxy.relay_stall_floor",
+            "must not be greater than proxy.relay_stream_buffer_limit",
+        ));
+    }
+    Ok(r)
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -670,6 +789,12 @@ impl Config {
                     client_ca_file: resolve(base, &t.client_ca_file),
                 }),
             },
+            relay: validate_relay(
+                p.relay_buffer_budget,
+                p.relay_stream_buffer_limit,
+                p.relay_stall_timeout,
+                p.relay_stall_floor,
+            )?,
         };
         let health = raw.health.map(validate_health).transpose()?;
         let discovery = match raw.discovery {
@@ -1012,6 +1137,70 @@ known_hosts_file = "keys/known_hosts"
 
     fn parse(extra: &str) -> Result<Config, ConfigError> {
         Config::from_toml(&format!("{BASE}{extra}"), Path::new("/etc/tunneler"))
+    }
+
+    #[test]
+    fn relay_limits_take_sizes_with_units() {
+        let c = parse(
+            "[proxy]\nrelay_buffer_budget = \"8MiB\"\nrelay_stream_buffer_limit = \"4MiB\"\n\
+             relay_stall_timeout = \"500ms\"\nrelay_stall_floor = \"900KiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.relay,
+            RelayLimits {
+                buffer_budget: 8 << 20,
+                stream_buffer_limit: 4 << 20,
+                stall_timeout: Duration::from_millis(500),
+                stall_floor: 900 << 10,
+            }
+        );
+        assert_eq!(parse("").unwrap().proxy.relay, RelayLimits::default());
+        for (extra, key, why) in [
+            (
+                "relay_buffer_budget = \"512\"",
+                "proxy.relay_buffer_budget",
+                "with a unit",
+            ),
+            (
+                "relay_buffer_budget = \"1MB\"",
+                "proxy.relay_buffer_budget",
+                "with a unit",
+            ),
+            (
+                "relay_buffer_budget = \"512KiB\"",
+                "proxy.relay_buffer_budget",
+                "at least 1MiB",
+            ),
+            (
+                "relay_buffer_budget = \"99999999999999GiB\"",
+                "proxy.relay_buffer_budget",
+                "can hold",
+            ),
+            (
+                "relay_buffer_budget = \"2MiB\"\nrelay_stream_buffer_limit = \"4MiB\"",
+                "proxy.relay_stream_buffer_limit",
+                "not be greater",
+            ),
+            (
+                "relay_stream_buffer_limit = \"1MiB\"\nrelay_stall_floor = \"2MiB\"",
+                "proxy.relay_stall_floor",
+                "not be greater",
+            ),
+            (
+                "relay_stall_timeout = \"0s\"",
+                "proxy.relay_stall_timeout",
+                "greater than zero",
+            ),
+        ] {
+            match parse(&format!("[proxy]\n{extra}\n")) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert_eq!(k, key, "{extra}");
+                    assert!(reason.contains(why), "{extra}: {reason}");
+                }
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
     }
 
     #[test]

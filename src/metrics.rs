@@ -239,8 +239,53 @@ impl Collector for NodeCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(self.discovery_errors.load(Ordering::Relaxed)).encode(m)?;
-        Ok(())
+        encode_relay(&mut enc, crate::relay::RelayBudget::global().stats())
     }
+}
+
+/// The relay's buffer budget: what is held for slow clients, the most ever
+/// held at once, and the streams reset to keep it.
+fn encode_relay(
+    enc: &mut DescriptorEncoder,
+    b: crate::relay::BudgetStats,
+) -> Result<(), std::fmt::Error> {
+    for (name, help, v) in [
+        (
+            "tunneler_relay_buffered_bytes",
+            "Bytes queued for clients that read slower than their node sends, all streams",
+            b.buffered,
+        ),
+        (
+            "tunneler_relay_buffered_bytes_peak",
+            "The most bytes ever queued for clients at once since start",
+            b.peak,
+        ),
+        (
+            "tunneler_relay_buffer_budget_bytes",
+            "proxy.relay_buffer_budget: the bound on tunneler_relay_buffered_bytes",
+            b.limit,
+        ),
+    ] {
+        gauge_family(enc, name, help, &[(Vec::new(), v as f64)])?;
+    }
+    let resets: Vec<(Vec<(&str, String)>, u64)> = crate::relay::ResetReason::ALL
+        .iter()
+        .zip(b.resets)
+        .map(|(r, n)| (vec![("reason", r.as_str().to_string())], n))
+        .collect();
+    counter_family(
+        enc,
+        "tunneler_relay_resets",
+        "Streams the relay reset to bound memory: stalled, too_slow or budget",
+        &resets,
+    )?;
+    let m = enc.encode_descriptor(
+        "tunneler_relay_dropped_bytes",
+        "Queued bytes discarded because their stream was reset",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(b.dropped).encode(m)
 }
 
 impl Metrics {

@@ -33,7 +33,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
-use crate::relay::{relay, RelayEnd};
+use crate::relay::{relay, RelayBudget, RelayEnd, RelayLimits};
 use crate::route::{Route, RouteTable};
 use crate::tunnel::{NodeTunnel, OpenStream};
 
@@ -82,6 +82,8 @@ pub struct ProxySettings {
     pub max_streams_per_node: u64,
     /// Carry node-addressed dials to 127.0.0.1 on the node.
     pub node_local_via_loopback: bool,
+    /// Bounds on bytes buffered for slow clients.
+    pub relay: RelayLimits,
 }
 
 impl ProxySettings {
@@ -92,6 +94,7 @@ impl ProxySettings {
             handshake_timeout: p.handshake_timeout,
             max_streams_per_node: p.max_streams_per_node,
             node_local_via_loopback: p.node_local_via_loopback,
+            relay: p.relay,
         }
     }
 }
@@ -254,6 +257,9 @@ impl EgressProxy {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> EgressProxy {
+        // The budget gauge shows the configured limit from the start; each
+        // new stream re-applies it, so a reload takes effect there.
+        RelayBudget::global().set_limit(settings.load().relay.buffer_budget);
         EgressProxy {
             routes,
             settings,
@@ -516,11 +522,13 @@ impl EgressProxy {
             channel,
             &tunnel.counters,
             self.cancel.child_token(),
+            RelayBudget::global(),
+            &settings.relay,
         )
         .await;
         drop(guard);
-        if end == RelayEnd::ClientTooSlow {
-            warn!(node = %tunnel.node.name, "stream reset: client stopped reading");
+        if let RelayEnd::Reset(why) = end {
+            warn!(node = %tunnel.node.name, reason = why.as_str(), "stream reset: {why}");
         }
         debug!(node = %tunnel.node.name, ?end, "stream closed");
     }
