@@ -45,6 +45,21 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The error as a reason for rejecting one node: the field and what is
+    /// wrong, without the "invalid config" framing (a discovered Node is not
+    /// the operator's config).
+    pub fn node_reason(&self) -> String {
+        match self {
+            ConfigError::Invalid { key, reason } => {
+                format!("{}: {reason}", key.strip_prefix("node.").unwrap_or(key))
+            }
+            ConfigError::Parse(e) => e.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),

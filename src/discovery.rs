@@ -174,7 +174,7 @@ pub fn node_from_k8s(
         // validation names the field instead of silently using 10250.
         value["kubelet_port"] = p.into();
     }
-    crate::config::node_from_json(value, default_port).map_err(|e| e.to_string())
+    crate::config::node_from_json(value, default_port).map_err(|e| e.node_reason())
 }
 
 /// Reads one Node object (JSON) through the discovery border: its shape,
