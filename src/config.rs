@@ -1083,6 +1083,35 @@ pub fn check_strict_against_discovered(
                         ),
                     ));
                 }
+                if let Some(c) = d
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| canonical_net(**c).contains(&ip))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].internal_ips"),
+                        format!(
+                            "{ip} is inside pod CIDR {c} of discovered node {:?}",
+                            d.name
+                        ),
+                    ));
+                }
+            }
+            for ip in &d.internal_ips {
+                let ip = canonical_ip(*ip);
+                if let Some(c) = n
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| canonical_net(**c).contains(&ip))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].pod_cidrs"),
+                        format!(
+                            "{c} holds {ip}, an internal IP of discovered node {:?}",
+                            d.name
+                        ),
+                    ));
+                }
             }
             for c in &n.pod_cidrs {
                 let c = canonical_net(*c);
@@ -1125,6 +1154,31 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
                     format!("node[{i}].hostnames"),
                     format!("{h:?} is already the name or a host name of another node"),
                 ));
+            }
+        }
+    }
+    // A node address wins over pod and service routes, so one inside
+    // another node's pod CIDR or a service CIDR would take those over.
+    for (i, n) in nodes.iter().enumerate() {
+        for ip in &n.internal_ips {
+            let ip = canonical_ip(*ip);
+            if let Some(s) = service_cidrs.iter().find(|s| s.contains(&ip)) {
+                return Err(invalid(
+                    format!("node[{i}].internal_ips"),
+                    format!("{ip} is inside the service CIDR {s}"),
+                ));
+            }
+            for o in nodes.iter().filter(|o| o.name != n.name) {
+                if let Some(c) = o
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| canonical_net(**c).contains(&ip))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].internal_ips"),
+                        format!("{ip} is inside pod CIDR {c} of node {:?}", o.name),
+                    ));
+                }
             }
         }
     }

@@ -110,6 +110,14 @@ fn conflict<'a>(
             return Some(format!("pod CIDR {c} overlaps the service CIDR {s}"));
         }
     }
+    // A node address wins over pod and service routes, so one inside them
+    // would take those destinations over.
+    for ip in &n.internal_ips {
+        let ip = canonical_ip(*ip);
+        if let Some(s) = cx.service_cidrs.iter().find(|s| s.contains(&ip)) {
+            return Some(format!("internal IP {ip} is inside the service CIDR {s}"));
+        }
+    }
     let strict = cx.strict.iter().map(|o| (o, "config or API node"));
     let others = cx
         .other_discovered
@@ -126,12 +134,21 @@ fn conflict<'a>(
                 o.name
             ));
         }
-        if what == "config or API node" {
-            for ip in &n.internal_ips {
-                let ip = canonical_ip(*ip);
-                if o.internal_ips.iter().any(|x| canonical_ip(*x) == ip) {
-                    return Some(format!("{ip} is an internal IP of {what} {:?}", o.name));
-                }
+        for ip in &n.internal_ips {
+            let ip = canonical_ip(*ip);
+            if what == "config or API node" && o.internal_ips.iter().any(|x| canonical_ip(*x) == ip)
+            {
+                return Some(format!("{ip} is an internal IP of {what} {:?}", o.name));
+            }
+            if let Some(oc) = o
+                .pod_cidrs
+                .iter()
+                .find(|c| canonical_net(**c).contains(&ip))
+            {
+                return Some(format!(
+                    "internal IP {ip} is inside pod CIDR {oc} of {what} {:?}",
+                    o.name
+                ));
             }
         }
         for c in &n.pod_cidrs {
@@ -358,6 +375,35 @@ mod tests {
         );
         assert_eq!(names_of(&a), ["d", "e"]);
         assert!(a.rejected.is_empty());
+    }
+
+    #[test]
+    fn an_address_inside_another_nodes_pods_or_the_services_is_refused() {
+        let live = node("live", &["10.0.0.1"], &["10.244.1.0/24"]);
+        let mut c = cx(std::slice::from_ref(&live), &[]);
+        let services = ["10.96.0.0/12".parse().unwrap()];
+        c.service_cidrs = &services;
+        let a = admit(
+            vec![
+                ok(live.clone()),
+                ok(node("pod-thief", &["10.0.0.2", "10.244.1.7"], &[])),
+                ok(node("svc-thief", &["10.0.0.3", "10.96.0.1"], &[])),
+            ],
+            &c,
+        );
+        assert_eq!(names_of(&a), ["live"]);
+        assert!(
+            a.rejected[0]
+                .reason
+                .contains("inside pod CIDR 10.244.1.0/24"),
+            "{:?}",
+            a.rejected
+        );
+        assert!(
+            a.rejected[1].reason.contains("inside the service CIDR"),
+            "{:?}",
+            a.rejected
+        );
     }
 
     #[test]
