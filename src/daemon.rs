@@ -860,6 +860,16 @@ impl Daemon {
                     reason: format!("overlaps the pod CIDR {c} of discovered node {:?}", d.name),
                 }));
             }
+            if let Some(ip) = d
+                .internal_ips
+                .iter()
+                .find(|ip| new.proxy.service_cidrs.iter().any(|s| s.contains(*ip)))
+            {
+                return Err(ChangeError::Invalid(ConfigError::Invalid {
+                    key: "proxy.service_cidrs".into(),
+                    reason: format!("holds {ip}, an internal IP of discovered node {:?}", d.name),
+                }));
+            }
         }
         // Keys and known_hosts are re-read on every reload, also when
         // their paths did not change: a key replaced under the same name is
