@@ -14,6 +14,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
+
 /// Where `tunneler run` looks for its config unless `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tunneler/tunneler.toml";
 /// Where the admin socket lives unless the config or `--socket` says otherwise.
@@ -41,6 +43,21 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+impl ConfigError {
+    /// The error as a reason for rejecting one node: the field and what is
+    /// wrong, without the "invalid config" framing (a discovered Node is not
+    /// the operator's config).
+    pub fn node_reason(&self) -> String {
+        match self {
+            ConfigError::Invalid { key, reason } => {
+                format!("{}: {reason}", key.strip_prefix("node.").unwrap_or(key))
+            }
+            ConfigError::Parse(e) => e.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -101,6 +118,7 @@ struct RawReconnect {
 struct RawProxy {
     listen: Option<Vec<String>>,
     service_cidrs: Option<Vec<String>>,
+    cluster_cidrs: Option<Vec<String>>,
     dial_timeout: Option<String>,
     drain_timeout: Option<String>,
     handshake_timeout: Option<String>,
@@ -277,6 +295,10 @@ pub struct ProxyConfig {
     pub listen: Vec<ListenAddr>,
     /// Service CIDRs, dialed through any healthy tunnel.
     pub service_cidrs: Vec<IpNet>,
+    /// The cluster's pod ranges: every node's pod CIDRs must lie inside
+    /// one of them. Empty means unset: then a pod CIDR may be no wider
+    /// than `address::MAX_POD_PREFIX_V4` / `_V6`.
+    pub cluster_cidrs: Vec<IpNet>,
     /// Bound on a dial: waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
     /// How long a removed node or replaced session may keep serving the
@@ -595,6 +617,13 @@ fn parse_cidr(key: &str, s: &str) -> Result<IpNet, ConfigError> {
     Ok(net)
 }
 
+/// `localhost` and `*.localhost` (RFC 6761) resolve to loopback: as a node
+/// name they would route a client's `CONNECT localhost:...` to a node.
+fn is_localhost(name: &str) -> bool {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    n == "localhost" || n.ends_with(".localhost")
+}
+
 fn valid_node_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -743,9 +772,25 @@ impl Config {
         for (i, c) in p.service_cidrs.unwrap_or_default().iter().enumerate() {
             service_cidrs.push(parse_cidr(&format!("proxy.service_cidrs[{i}]"), c)?);
         }
+        let mut cluster_cidrs = Vec::new();
+        for (i, c) in p.cluster_cidrs.unwrap_or_default().iter().enumerate() {
+            let key = format!("proxy.cluster_cidrs[{i}]");
+            let net = crate::address::canonical_net(parse_cidr(&key, c)?);
+            if let Some(why) = crate::address::forbidden_net(net) {
+                return Err(invalid(key, why));
+            }
+            if let Some(s) = service_cidrs
+                .iter()
+                .find(|s| s.contains(&net.network()) || net.contains(&s.network()))
+            {
+                return Err(invalid(key, format!("{net} overlaps the service CIDR {s}")));
+            }
+            cluster_cidrs.push(net);
+        }
         let proxy = ProxyConfig {
             listen,
             service_cidrs,
+            cluster_cidrs,
             dial_timeout: parse_duration(
                 "proxy.dial_timeout",
                 p.dial_timeout.as_ref(),
@@ -886,7 +931,10 @@ impl Config {
 
         let mut nodes = Vec::new();
         for (i, n) in raw.nodes.into_iter().enumerate() {
-            nodes.push(validate_node(&format!("node[{i}]"), n, ssh.port)?);
+            let key = format!("node[{i}]");
+            let node = validate_node(&key, n, ssh.port)?;
+            check_pod_scope(&key, &node, &proxy.cluster_cidrs)?;
+            nodes.push(node);
         }
         check_node_set(&nodes, &proxy.service_cidrs)?;
 
@@ -995,6 +1043,12 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
             ),
         ));
     }
+    if is_localhost(&n.name) {
+        return Err(invalid(
+            format!("{key}.name"),
+            format!("{:?} names this host's loopback, never a node", n.name),
+        ));
+    }
     let address = n.address.trim().to_string();
     if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
         return Err(invalid(
@@ -1002,6 +1056,20 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
             format!("{:?} is not a host name or IP address", n.address),
         ));
     }
+    // One spelling per IP, and never an address that names no node.
+    let address = match address.parse::<IpAddr>() {
+        Ok(ip) => {
+            let ip = canonical_ip(ip);
+            if let Some(why) = forbidden_address(ip) {
+                return Err(invalid(
+                    format!("{key}.address"),
+                    format!("{ip} is {why}, which is never a node's address"),
+                ));
+            }
+            ip.to_string()
+        }
+        Err(_) => address,
+    };
     if n.port == Some(0) {
         return Err(invalid(format!("{key}.port"), "must not be 0"));
     }
@@ -1021,6 +1089,13 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
                 let ip: IpAddr = s.trim().parse().map_err(|_| {
                     invalid(format!("{key}.internal_ips[{j}]"), format!("{s:?} is not an IP address"))
                 })?;
+                let ip = canonical_ip(ip);
+                if let Some(why) = forbidden_address(ip) {
+                    return Err(invalid(
+                        format!("{key}.internal_ips[{j}]"),
+                        format!("{ip} is {why}, which is never a node's address"),
+                    ));
+                }
                 if !ips.contains(&ip) {
                     ips.push(ip);
                 }
@@ -1041,7 +1116,14 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
     };
     let mut pod_cidrs = Vec::new();
     for (j, c) in n.pod_cidrs.iter().enumerate() {
-        pod_cidrs.push(parse_cidr(&format!("{key}.pod_cidrs[{j}]"), c)?);
+        let k = format!("{key}.pod_cidrs[{j}]");
+        let net = canonical_net(parse_cidr(&k, c)?);
+        if let Some(why) = forbidden_net(net) {
+            return Err(invalid(k, why));
+        }
+        if !pod_cidrs.contains(&net) {
+            pod_cidrs.push(net);
+        }
     }
     let mut hostnames = Vec::new();
     for (j, h) in n.hostnames.iter().enumerate() {
@@ -1050,6 +1132,12 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
             return Err(invalid(
                 format!("{key}.hostnames[{j}]"),
                 format!("{h:?} is not a valid host name"),
+            ));
+        }
+        if is_localhost(&h) {
+            return Err(invalid(
+                format!("{key}.hostnames[{j}]"),
+                format!("{h:?} names this host's loopback, never a node"),
             ));
         }
         if h != n.name && !hostnames.contains(&h) {
@@ -1065,6 +1153,108 @@ fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig,
         hostnames,
         kubelet_port: n.kubelet_port,
     })
+}
+
+/// Checks that every pod CIDR of `node` lies inside `cluster_cidrs` (or,
+/// with none, is no wider than the per-node limit). Separate from
+/// [`validate_node`] because it depends on the `[proxy]` settings, which a
+/// node read on its own (an API request, a discovered Node) does not carry.
+pub fn check_pod_scope(
+    key: &str,
+    node: &NodeConfig,
+    cluster_cidrs: &[IpNet],
+) -> Result<(), ConfigError> {
+    for (j, c) in node.pod_cidrs.iter().enumerate() {
+        crate::address::check_pod_scope(canonical_net(*c), cluster_cidrs)
+            .map_err(|e| invalid(format!("{key}.pod_cidrs[{j}]"), e))?;
+    }
+    Ok(())
+}
+
+/// Checks strict nodes (config and API) against the discovered ones: a
+/// strict node may share no name, host name, internal IP or pod range with
+/// a discovered node. Discovered nodes among themselves follow softer
+/// rules (a shared address is ambiguous, not an error), settled when they
+/// are admitted.
+pub fn check_strict_against_discovered(
+    strict: &[NodeConfig],
+    discovered: &[NodeConfig],
+) -> Result<(), ConfigError> {
+    for (i, n) in strict.iter().enumerate() {
+        for d in discovered {
+            let names = |x: &NodeConfig| {
+                std::iter::once(x.name.clone())
+                    .chain(x.hostnames.iter().cloned())
+                    .collect::<Vec<_>>()
+            };
+            let theirs = names(d);
+            if let Some(h) = names(n).into_iter().find(|h| theirs.contains(h)) {
+                return Err(invalid(
+                    format!("node[{i}].name"),
+                    format!(
+                        "{h:?} is already the name or a host name of discovered node {:?}",
+                        d.name
+                    ),
+                ));
+            }
+            for ip in &n.internal_ips {
+                let ip = canonical_ip(*ip);
+                if d.internal_ips.iter().any(|o| canonical_ip(*o) == ip) {
+                    return Err(invalid(
+                        format!("node[{i}].internal_ips"),
+                        format!(
+                            "{ip} is already an internal IP of discovered node {:?}",
+                            d.name
+                        ),
+                    ));
+                }
+                if let Some(c) = d
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| canonical_net(**c).contains(&ip))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].internal_ips"),
+                        format!(
+                            "{ip} is inside pod CIDR {c} of discovered node {:?}",
+                            d.name
+                        ),
+                    ));
+                }
+            }
+            for ip in &d.internal_ips {
+                let ip = canonical_ip(*ip);
+                if let Some(c) = n
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| canonical_net(**c).contains(&ip))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].pod_cidrs"),
+                        format!(
+                            "{c} holds {ip}, an internal IP of discovered node {:?}",
+                            d.name
+                        ),
+                    ));
+                }
+            }
+            for c in &n.pod_cidrs {
+                let c = canonical_net(*c);
+                if let Some(oc) = d
+                    .pod_cidrs
+                    .iter()
+                    .map(|o| canonical_net(*o))
+                    .find(|oc| oc.contains(&c.network()) || c.contains(&oc.network()))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].pod_cidrs"),
+                        format!("{c} overlaps {oc} of discovered node {:?}", d.name),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks the rules that span nodes: unique names, each internal IP owned by
@@ -1092,9 +1282,36 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
             }
         }
     }
+    // A node address wins over pod and service routes, so one inside
+    // another node's pod CIDR or a service CIDR would take those over.
     for (i, n) in nodes.iter().enumerate() {
         for ip in &n.internal_ips {
-            if let Some(other) = ips.insert(*ip, &n.name) {
+            let ip = canonical_ip(*ip);
+            if let Some(s) = service_cidrs.iter().find(|s| s.contains(&ip)) {
+                return Err(invalid(
+                    format!("node[{i}].internal_ips"),
+                    format!("{ip} is inside the service CIDR {s}"),
+                ));
+            }
+            for o in nodes.iter().filter(|o| o.name != n.name) {
+                if let Some(c) = o
+                    .pod_cidrs
+                    .iter()
+                    .find(|c| canonical_net(**c).contains(&ip))
+                {
+                    return Err(invalid(
+                        format!("node[{i}].internal_ips"),
+                        format!("{ip} is inside pod CIDR {c} of node {:?}", o.name),
+                    ));
+                }
+            }
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        for ip in &n.internal_ips {
+            // Compared in canonical form: `::ffff:10.0.0.11` is 10.0.0.11.
+            let ip = canonical_ip(*ip);
+            if let Some(other) = ips.insert(ip, &n.name) {
                 return Err(invalid(
                     format!("node[{i}].internal_ips"),
                     format!("{ip} is already an internal IP of node {other:?}"),
@@ -1102,6 +1319,7 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
             }
         }
         for c in &n.pod_cidrs {
+            let c = &canonical_net(*c);
             for (oc, owner) in &cidrs {
                 if oc.contains(&c.network()) || c.contains(&oc.network()) {
                     return Err(invalid(
@@ -1290,7 +1508,7 @@ pod_cidrs = ["10.244.1.0/24"]
         );
         let dup = "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\n[[node]]\nname = \"a\"\naddress = \"10.0.0.2\"\n";
         assert!(err_of(dup).contains("node[1].name"));
-        let overlap = "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\npod_cidrs = [\"10.244.0.0/16\"]\n[[node]]\nname = \"b\"\naddress = \"10.0.0.2\"\npod_cidrs = [\"10.244.1.0/24\"]\n";
+        let overlap = "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\npod_cidrs = [\"10.244.0.0/22\"]\n[[node]]\nname = \"b\"\naddress = \"10.0.0.2\"\npod_cidrs = [\"10.244.1.0/24\"]\n";
         assert!(err_of(overlap).contains("node[1].pod_cidrs"));
         let host_bits =
             "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\npod_cidrs = [\"10.244.1.1/24\"]\n";
@@ -1342,6 +1560,121 @@ pod_cidrs = ["10.244.1.0/24"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("ssh.passphrase_file"), "{e}");
+    }
+
+    #[test]
+    fn node_addresses_have_a_shape() {
+        let node = |extra: &str| format!("[[node]]\nname = \"a\"\n{extra}");
+        for (extra, key, what) in [
+            ("address = \"127.0.0.1\"\n", "node[0].address", "loopback"),
+            (
+                "address = \"::ffff:127.0.0.1\"\n",
+                "node[0].address",
+                "loopback",
+            ),
+            ("address = \"0.0.0.0\"\n", "node[0].address", "unspecified"),
+            (
+                "address = \"10.0.0.1\"\ninternal_ips = [\"10.0.0.1\", \"169.254.169.254\"]\n",
+                "node[0].internal_ips[1]",
+                "link-local",
+            ),
+            (
+                "address = \"10.0.0.1\"\ninternal_ips = [\"fe80::1\"]\n",
+                "node[0].internal_ips[0]",
+                "link-local",
+            ),
+            ("address = \"224.0.0.5\"\n", "node[0].address", "multicast"),
+            (
+                "address = \"10.0.0.1\"\ninternal_ips = [\"255.255.255.255\"]\n",
+                "node[0].internal_ips[0]",
+                "broadcast",
+            ),
+            (
+                "address = \"10.0.0.1\"\npod_cidrs = [\"128.0.0.0/1\"]\n",
+                "node[0].pod_cidrs[0]",
+                "link-local",
+            ),
+            (
+                "address = \"10.0.0.1\"\npod_cidrs = [\"127.0.0.0/24\"]\n",
+                "node[0].pod_cidrs[0]",
+                "loopback",
+            ),
+            (
+                "address = \"10.0.0.1\"\npod_cidrs = [\"10.0.0.0/21\"]\n",
+                "node[0].pod_cidrs[0]",
+                "wider than /22",
+            ),
+            (
+                "address = \"10.0.0.1\"\npod_cidrs = [\"fd00::/48\"]\n",
+                "node[0].pod_cidrs[0]",
+                "wider than /56",
+            ),
+            (
+                "address = \"10.0.0.1\"\nhostnames = [\"localhost\"]\n",
+                "node[0].hostnames[0]",
+                "loopback",
+            ),
+        ] {
+            let e = err_of(&node(extra));
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(what),
+                "{extra}: {e}"
+            );
+        }
+        // Mapped IPv6 is the IPv4 address everywhere, including the
+        // duplicate check between nodes.
+        let c = parse(&node(
+            "address = \"::ffff:10.0.0.11\"\npod_cidrs = [\"::ffff:10.244.1.0/120\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(c.nodes[0].address, "10.0.0.11");
+        assert_eq!(
+            c.nodes[0].internal_ips,
+            vec!["10.0.0.11".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            c.nodes[0].pod_cidrs,
+            vec!["10.244.1.0/24".parse::<IpNet>().unwrap()]
+        );
+        let dup = "[[node]]\nname = \"a\"\naddress = \"10.0.0.11\"\n[[node]]\nname = \"b\"\naddress = \"10.0.0.12\"\ninternal_ips = [\"10.0.0.12\", \"::ffff:10.0.0.11\"]\n";
+        let e = err_of(dup);
+        assert!(
+            e.contains("node[1].internal_ips")
+                && e.contains("10.0.0.11 is already an internal IP of node \"a\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cluster_cidrs_bound_pod_cidrs() {
+        let with = |cidrs: &str, pod: &str| {
+            parse(&format!(
+                "[proxy]\nservice_cidrs = [\"10.96.0.0/12\"]\ncluster_cidrs = [{cidrs}]\n[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\npod_cidrs = [\"{pod}\"]\n"
+            ))
+        };
+        let c = with("\"10.244.0.0/16\"", "10.244.0.0/20").unwrap();
+        assert_eq!(
+            c.proxy.cluster_cidrs,
+            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        let e = with("\"10.244.0.0/16\"", "10.245.1.0/24")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("node[0].pod_cidrs[0]") && e.contains("not inside proxy.cluster_cidrs"),
+            "{e}"
+        );
+        let e = with("\"10.0.0.0/8\"", "10.244.0.0/24")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("proxy.cluster_cidrs[0]") && e.contains("service CIDR"),
+            "{e}"
+        );
+        let e = with("\"0.0.0.0/0\"", "10.244.0.0/24")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy.cluster_cidrs[0]"), "{e}");
     }
 
     #[test]

@@ -22,13 +22,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::admin::AdminApi;
-use crate::config::{check_node_set, Config, ConfigError, ListenAddr, NodeConfig};
+use crate::config::{
+    check_node_set, check_pod_scope, check_strict_against_discovered, Config, ConfigError,
+    ListenAddr, NodeConfig,
+};
 use crate::identity::Identity;
 use crate::known_hosts::KnownHostsStore;
+use crate::node_set::{Candidate, Rejection};
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
 use crate::sockets::{bind_unix_for, BindError};
-use crate::status::{rfc3339, NodeStatus, StatusDocument};
+use crate::status::{rfc3339, AmbiguousAddress, NodeStatus, StatusDocument};
 use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
 
 /// How long shutdown waits for streams and sessions to finish.
@@ -148,6 +152,10 @@ pub struct SourceStatus {
     pub last_error: Option<String>,
     /// Nodes this source provides now.
     pub nodes: usize,
+    /// Nodes this source lists that were not applied, with why. A `kept`
+    /// one still serves its last good config.
+    #[serde(default)]
+    pub rejected: Vec<Rejection>,
 }
 
 /// What a sync of one node source did.
@@ -161,6 +169,8 @@ pub struct SyncReport {
     pub changed: Vec<String>,
     /// Nodes untouched.
     pub unchanged: usize,
+    /// Nodes the source lists that were rejected (see the source status).
+    pub rejected: usize,
 }
 
 struct NodeEntry {
@@ -266,6 +276,16 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .values()
                 .cloned()
+                .collect(),
+            ambiguous_addresses: self
+                .routes
+                .load()
+                .ambiguous()
+                .iter()
+                .map(|(ip, nodes)| AmbiguousAddress {
+                    address: ip.to_string(),
+                    nodes: nodes.clone(),
+                })
                 .collect(),
         }
     }
@@ -477,7 +497,29 @@ impl Daemon {
             nodes.values().map(|e| (&e.tunnel.node, e.tunnel.clone())),
             service_cidrs,
         );
+        let before = self.routes.load();
+        for (ip, who) in table.ambiguous() {
+            if before.ambiguous().get(ip) != Some(who) {
+                warn!(address = %ip, nodes = ?who, "address claimed by several nodes: not routed by IP for any of them");
+            }
+        }
+        self.metrics.ambiguous_addresses.store(
+            table.ambiguous().len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.routes.store(Arc::new(table));
+    }
+
+    /// Config and API nodes, and discovered nodes, apart.
+    fn strict_and_discovered(&self) -> (Vec<NodeConfig>, Vec<NodeConfig>) {
+        let (strict, discovered): (Vec<_>, Vec<_>) = self
+            .node_configs()
+            .into_iter()
+            .partition(|(_, src)| matches!(src, Source::Config | Source::Api));
+        (
+            strict.into_iter().map(|(n, _)| n).collect(),
+            discovered.into_iter().map(|(n, _)| n).collect(),
+        )
     }
 
     fn node_configs(&self) -> Vec<(NodeConfig, Source)> {
@@ -524,12 +566,18 @@ impl Daemon {
     /// name exists or the node conflicts with another's addresses.
     pub async fn add_node(&self, node: NodeConfig) -> Result<(), ChangeError> {
         let config = self.changes.lock().await;
-        let mut all: Vec<NodeConfig> = self.node_configs().into_iter().map(|(n, _)| n).collect();
-        if all.iter().any(|n| n.name == node.name) {
+        let (mut strict, discovered) = self.strict_and_discovered();
+        if strict
+            .iter()
+            .chain(&discovered)
+            .any(|n| n.name == node.name)
+        {
             return Err(ChangeError::Exists(node.name));
         }
-        all.push(node.clone());
-        check_node_set(&all, &config.proxy.service_cidrs)?;
+        check_pod_scope("node", &node, &config.proxy.cluster_cidrs)?;
+        strict.push(node.clone());
+        check_node_set(&strict, &config.proxy.service_cidrs)?;
+        check_strict_against_discovered(&strict, &discovered)?;
         let tunnel = self.spawn_tunnel(node.clone());
         self.nodes.lock().unwrap_or_else(|e| e.into_inner()).insert(
             node.name.clone(),
@@ -585,51 +633,82 @@ impl Daemon {
         Ok(())
     }
 
-    /// Reconciles the nodes of one discovery source to `desired`: nodes it no
-    /// longer lists are drained and closed, changed nodes are replaced,
-    /// unchanged nodes keep their connection. The whole set is validated
-    /// first (including against every other source); on error nothing
-    /// changes.
+    /// Reconciles the nodes of one discovery source to the Nodes it lists
+    /// now. Each Node is admitted on its own (`node_set::admit`): a bad or
+    /// conflicting one is left out and reported, a live one that turns bad
+    /// keeps its last good config, and everything else is applied. Nodes
+    /// the source no longer lists are drained and closed, changed nodes are
+    /// replaced, unchanged nodes keep their connection.
     pub async fn sync_source(
         &self,
         source: Source,
-        desired: Vec<NodeConfig>,
+        candidates: Vec<Candidate>,
     ) -> Result<SyncReport, ChangeError> {
         let config = self.changes.lock().await;
         let existing = self.node_configs();
-        for n in &desired {
-            if let Some((_, other)) = existing.iter().find(|(e, _)| e.name == n.name) {
-                if *other != source {
-                    return Err(ChangeError::Conflict {
-                        name: n.name.clone(),
-                        other: other.as_str(),
-                    });
-                }
+        let pick = |f: &dyn Fn(Source) -> bool| -> Vec<NodeConfig> {
+            existing
+                .iter()
+                .filter(|(_, s)| f(*s))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let current = pick(&|s| s == source);
+        let strict = pick(&|s| matches!(s, Source::Config | Source::Api));
+        let other_discovered =
+            pick(&|s| s != source && matches!(s, Source::File | Source::Kubernetes));
+        let admission = crate::node_set::admit(
+            candidates,
+            &crate::node_set::Context {
+                current: &current,
+                strict: &strict,
+                other_discovered: &other_discovered,
+                service_cidrs: &config.proxy.service_cidrs,
+                cluster_cidrs: &config.proxy.cluster_cidrs,
+            },
+        );
+        let previous: Vec<Rejection> = self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(source.as_str())
+            .map(|s| s.rejected.clone())
+            .unwrap_or_default();
+        // Loud once per new rejection, not on every sync of an unchanged list.
+        for r in admission.rejected.iter().filter(|r| !previous.contains(r)) {
+            if r.kept {
+                warn!(
+                    source = source.as_str(), node = %r.name, reason = %r.reason,
+                    "discovered Node became invalid: it keeps its last good config and routes until it is fixed or deleted"
+                );
+            } else {
+                warn!(
+                    source = source.as_str(), node = %r.name, reason = %r.reason,
+                    "discovered Node rejected: left out of routing"
+                );
             }
         }
-        let mut combined: Vec<NodeConfig> = existing
-            .iter()
-            .filter(|(_, src)| *src != source)
-            .map(|(n, _)| n.clone())
-            .collect();
-        combined.extend(desired.iter().cloned());
-        check_node_set(&combined, &config.proxy.service_cidrs)?;
 
-        let (report, retired) = self.apply_desired(source, &desired);
+        let (mut report, retired) = self.apply_desired(source, &admission.nodes);
+        report.rejected = admission.rejected.len();
         self.rebuild_routes(&config.proxy.service_cidrs);
         for t in retired {
             self.retire(t, config.proxy.drain_timeout);
         }
-        let count = desired.len();
-        self.sources
+        self.metrics
+            .discovery_rejected
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .insert(source.as_str(), admission.rejected.len() as u64);
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let st = sources
             .entry(source.as_str())
             .or_insert_with(|| SourceStatus {
                 source: source.as_str().into(),
                 ..Default::default()
-            })
-            .nodes = count;
+            });
+        st.nodes = admission.nodes.len();
+        st.rejected = admission.rejected;
         Ok(report)
     }
 
@@ -743,9 +822,12 @@ impl Daemon {
         let mut report = ReloadReport::default();
 
         // Validate everything first: the new config's nodes plus the API
-        // nodes it does not name.
+        // nodes it does not name, strictly; then against the discovered
+        // nodes, which must also still fit the new service and cluster
+        // CIDRs.
         let existing = self.node_configs();
         let mut combined = new.nodes.clone();
+        let mut discovered = Vec::new();
         for (n, src) in &existing {
             let named = new.nodes.iter().any(|c| c.name == n.name);
             match src {
@@ -758,10 +840,37 @@ impl Daemon {
                         other: src.as_str(),
                     })
                 }
-                _ => combined.push(n.clone()),
+                Source::File | Source::Kubernetes => discovered.push(n.clone()),
+                Source::Api => combined.push(n.clone()),
             }
         }
         check_node_set(&combined, &new.proxy.service_cidrs)?;
+        check_strict_against_discovered(&combined, &discovered)?;
+        for d in &discovered {
+            let key = format!("discovered node {:?}", d.name);
+            check_pod_scope(&key, d, &new.proxy.cluster_cidrs)?;
+            if let Some(c) = d.pod_cidrs.iter().find(|c| {
+                new.proxy
+                    .service_cidrs
+                    .iter()
+                    .any(|s| s.contains(&c.network()) || c.contains(&s.network()))
+            }) {
+                return Err(ChangeError::Invalid(ConfigError::Invalid {
+                    key: "proxy.service_cidrs".into(),
+                    reason: format!("overlaps the pod CIDR {c} of discovered node {:?}", d.name),
+                }));
+            }
+            if let Some(ip) = d
+                .internal_ips
+                .iter()
+                .find(|ip| new.proxy.service_cidrs.iter().any(|s| s.contains(*ip)))
+            {
+                return Err(ChangeError::Invalid(ConfigError::Invalid {
+                    key: "proxy.service_cidrs".into(),
+                    reason: format!("holds {ip}, an internal IP of discovered node {:?}", d.name),
+                }));
+            }
+        }
         // Keys and known_hosts are re-read on every reload, also when
         // their paths did not change: a key replaced under the same name is
         // picked up by the next connection of each node.

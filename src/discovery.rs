@@ -6,6 +6,11 @@
 //! never tears tunnels down: the last good set stays, the error is shown in
 //! the status and metrics, and the source retries. (The old Kubernetes
 //! SSHTunneler dropped every tunnel when its node list failed to load.)
+//!
+//! This is the trust border: a Node object is written by the node itself,
+//! so each is validated on its own here ([`candidate_from_value`]) and a
+//! bad one becomes a rejected [`Candidate`] instead of failing the list.
+//! Only a document that is not a node list at all fails as a whole.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::daemon::{Daemon, Source};
+use crate::node_set::Candidate;
 
 /// The subset of a Kubernetes `Node` we read. The field names are the API's.
 #[derive(Debug, Clone, Deserialize)]
@@ -96,8 +102,8 @@ pub struct K8sNodeList {
     /// `kind`: List or NodeList.
     #[serde(default)]
     pub kind: Option<String>,
-    /// The nodes.
-    pub items: Vec<K8sNode>,
+    /// The nodes, read one at a time by [`candidate_from_value`].
+    pub items: Vec<serde_json::Value>,
 }
 
 /// Turns one Kubernetes Node into our node config.
@@ -124,7 +130,7 @@ pub fn node_from_k8s(
         .map(|a| a.address.clone())
         .ok_or_else(|| {
             format!(
-                "node {name}: no status.addresses entry of type {}",
+                "no status.addresses entry of type {}",
                 address_types.join(" or ")
             )
         })?;
@@ -168,16 +174,38 @@ pub fn node_from_k8s(
         // validation names the field instead of silently using 10250.
         value["kubelet_port"] = p.into();
     }
-    crate::config::node_from_json(value, default_port).map_err(|e| format!("node {name}: {e}"))
+    crate::config::node_from_json(value, default_port).map_err(|e| e.node_reason())
 }
 
-/// Parses a `kubectl get nodes -o json` document into node configs. Any bad
-/// node fails the whole document: a half-applied list would remove nodes.
+/// Reads one Node object (JSON) through the discovery border: its shape,
+/// then every rule a node must meet on its own. Never fails: a Node that
+/// does not pass is a [`Candidate`] carrying the reason. `index` names a
+/// Node that has no readable name.
+pub fn candidate_from_value(
+    value: serde_json::Value,
+    index: usize,
+    address_types: &[String],
+    default_port: u16,
+) -> Candidate {
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("items[{index}]"));
+    let node = serde_json::from_value::<K8sNode>(value)
+        .map_err(|e| format!("not a Node object: {e}"))
+        .and_then(|n| node_from_k8s(&n, address_types, default_port));
+    Candidate { name, node }
+}
+
+/// Parses a `kubectl get nodes -o json` document into one candidate per
+/// Node. A document that is not a node list fails as a whole (and the
+/// caller keeps the last good set); a bad Node only fails itself.
 pub fn parse_node_list(
     text: &str,
     address_types: &[String],
     default_port: u16,
-) -> Result<Vec<NodeConfig>, String> {
+) -> Result<Vec<Candidate>, String> {
     let list: K8sNodeList =
         serde_json::from_str(text).map_err(|e| format!("not a kubectl node list: {e}"))?;
     if let Some(kind) = &list.kind {
@@ -185,10 +213,12 @@ pub fn parse_node_list(
             return Err(format!("kind is {kind:?}, expected List or NodeList"));
         }
     }
-    list.items
-        .iter()
-        .map(|n| node_from_k8s(n, address_types, default_port))
-        .collect()
+    Ok(list
+        .items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| candidate_from_value(v, i, address_types, default_port))
+        .collect())
 }
 
 /// A file's identity for change detection: an atomic rename changes the
@@ -293,7 +323,11 @@ mod tests {
 
     #[test]
     fn kubectl_list_parses() {
-        let nodes = parse_node_list(LIST, &types(), 22).unwrap();
+        let nodes: Vec<NodeConfig> = parse_node_list(LIST, &types(), 22)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.node.unwrap())
+            .collect();
         assert_eq!(nodes.len(), 2);
         let a = &nodes[0];
         assert_eq!(a.name, "node-a");
@@ -319,14 +353,49 @@ mod tests {
         assert!(parse_node_list("{}", &types(), 22).is_err());
         assert!(parse_node_list("not json", &types(), 22).is_err());
         assert!(parse_node_list(r#"{"kind":"PodList","items":[]}"#, &types(), 22).is_err());
-        let no_addr = r#"{"kind":"List","items":[{"metadata":{"name":"x"},"status":{"addresses":[{"type":"Hostname","address":"x"}]}}]}"#;
-        let e = parse_node_list(no_addr, &types(), 22).unwrap_err();
-        assert!(e.contains("node x"), "{e}");
-        let bad_cidr = r#"{"kind":"List","items":[{"metadata":{"name":"x"},"spec":{"podCIDR":"nope"},"status":{"addresses":[{"type":"InternalIP","address":"10.0.0.1"}]}}]}"#;
-        assert!(parse_node_list(bad_cidr, &types(), 22).is_err());
+        assert!(parse_node_list(r#"{"kind":"List","items":{}}"#, &types(), 22).is_err());
         assert_eq!(
             parse_node_list(r#"{"kind":"List","items":[]}"#, &types(), 22).unwrap(),
             vec![]
+        );
+    }
+
+    #[test]
+    fn a_bad_node_fails_alone_with_its_name_and_reason() {
+        let doc = r#"{"kind":"List","items":[
+          {"metadata":{"name":"x"},"status":{"addresses":[{"type":"Hostname","address":"x"}]}},
+          {"metadata":{"name":"y"},"spec":{"podCIDR":"nope"},"status":{"addresses":[{"type":"InternalIP","address":"10.0.0.1"}]}},
+          {"metadata":{"name":"evil"},"spec":{"podCIDR":"128.0.0.0/1"},"status":{"addresses":[
+             {"type":"InternalIP","address":"10.0.0.9"}]}},
+          {"metadata":{"name":"lo"},"status":{"addresses":[{"type":"InternalIP","address":"127.0.0.1"}]}},
+          {"metadata":{"name":"meta"},"status":{"addresses":[{"type":"InternalIP","address":"10.0.0.8"},
+             {"type":"ExternalIP","address":"169.254.169.254"}]}},
+          {"kind":"Node"},
+          {"metadata":{"name":"good"},"status":{"addresses":[{"type":"InternalIP","address":"::ffff:10.0.0.2"}]}}
+        ]}"#;
+        let c = parse_node_list(doc, &types(), 22).unwrap();
+        let reason = |i: usize| c[i].node.clone().unwrap_err();
+        assert_eq!(c[0].name, "x");
+        assert!(
+            reason(0).contains("no status.addresses entry"),
+            "{}",
+            reason(0)
+        );
+        assert!(reason(1).contains("pod_cidrs[0]"), "{}", reason(1));
+        assert!(reason(2).contains("128.0.0.0/1"), "{}", reason(2));
+        assert!(reason(3).contains("loopback"), "{}", reason(3));
+        assert!(
+            reason(4).contains("internal_ips[1]") && reason(4).contains("link-local"),
+            "{}",
+            reason(4)
+        );
+        assert_eq!(c[5].name, "items[5]");
+        assert!(reason(5).contains("not a Node object"), "{}", reason(5));
+        let good = c[6].node.clone().unwrap();
+        assert_eq!(good.address, "10.0.0.2", "mapped IPv6 is written as IPv4");
+        assert_eq!(
+            good.internal_ips,
+            vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
         );
     }
 }

@@ -6,6 +6,9 @@
 //! complete and after every change, so reconciliation is by difference
 //! exactly as for the nodes file.
 //!
+//! Each Node object passes the discovery border on its own (see
+//! `discovery`): one bad Node is reported and left out, the rest apply.
+//!
 //! A failing API (down, forbidden, garbage) never tears tunnels down: the
 //! error is recorded for the status and metrics, the last good node set
 //! stays, and the watcher retries with backoff.
@@ -22,9 +25,10 @@ use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{KubeSource, NodeConfig};
+use crate::config::KubeSource;
 use crate::daemon::{Daemon, Source};
-use crate::discovery::{node_from_k8s, K8sNode};
+use crate::discovery::candidate_from_value;
+use crate::node_set::Candidate;
 
 async fn client(source: &KubeSource) -> Result<Client, String> {
     let config = match source {
@@ -42,17 +46,18 @@ async fn client(source: &KubeSource) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
-fn convert(
-    store: &BTreeMap<String, Node>,
-    address_types: &[String],
-    port: u16,
-) -> Result<Vec<NodeConfig>, String> {
+/// Every stored Node through the discovery border, one at a time: a bad
+/// Node becomes a rejected candidate, never an error for the whole set.
+fn convert(store: &BTreeMap<String, Node>, address_types: &[String], port: u16) -> Vec<Candidate> {
     store
-        .values()
-        .map(|n| {
-            let value = serde_json::to_value(n).map_err(|e| e.to_string())?;
-            let k: K8sNode = serde_json::from_value(value).map_err(|e| e.to_string())?;
-            node_from_k8s(&k, address_types, port)
+        .iter()
+        .enumerate()
+        .map(|(i, (name, n))| match serde_json::to_value(n) {
+            Ok(v) => candidate_from_value(v, i, address_types, port),
+            Err(e) => Candidate {
+                name: name.clone(),
+                node: Err(format!("cannot read the Node object: {e}")),
+            },
         })
         .collect()
 }
@@ -136,13 +141,10 @@ pub async fn run(
             continue;
         }
         let port = daemon.default_ssh_port().await;
-        let result = match convert(&store, &address_types, port) {
-            Ok(nodes) => daemon
-                .sync_source(src, nodes)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
+        let result = daemon
+            .sync_source(src, convert(&store, &address_types, port))
+            .await
+            .map_err(|e| e.to_string());
         match result {
             Ok(report) => {
                 synced_once = true;

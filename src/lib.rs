@@ -3,7 +3,8 @@
 //!
 //! The library holds everything; `main.rs` only parses the command line.
 //! One module per concern:
-//! - [`config`]: TOML shapes and validated types;
+//! - [`config`]: TOML shapes and validated types; [`address`]: the shape
+//!   of node addresses and pod CIDRs;
 //! - [`tunnel`]: one supervised node (its sessions, state, drain, reconnect),
 //!   [`session`]: one SSH session's connect, verify and authenticate,
 //!   [`backoff`]: reconnect delays with full jitter;
@@ -14,13 +15,15 @@
 //!   the stream relay, the mTLS listener and safe Unix sockets;
 //! - [`admin`], [`status`], [`client`], [`metrics`]: the admin API, its
 //!   document, its client and the Prometheus metrics;
-//! - [`discovery`], [`kube_watch`]: node sources besides the config;
+//! - [`discovery`], [`kube_watch`]: node sources besides the config, and
+//!   [`node_set`]: how their Nodes are admitted one at a time;
 //! - [`daemon`]: wiring, live node-set changes, reload and shutdown;
 //! - [`keygen`], [`error`]: `tunneler keygen`, and typed tunnel errors.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod address;
 pub mod admin;
 pub mod backoff;
 pub mod client;
@@ -33,6 +36,7 @@ pub mod keygen;
 pub mod known_hosts;
 pub mod kube_watch;
 pub mod metrics;
+pub mod node_set;
 pub mod probe;
 pub mod proxy;
 pub mod relay;

@@ -6,8 +6,9 @@
 //! hot path pays nothing beyond the atomic counters it keeps anyway. Dial
 //! outcomes are recorded by the proxy as they happen.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -80,7 +81,14 @@ pub struct Metrics {
     pub discovery_last_success: Arc<AtomicI64>,
     /// Failed discovery syncs.
     pub discovery_errors: Arc<AtomicU64>,
+    /// Nodes each discovery source lists that are rejected now.
+    pub discovery_rejected: DiscoveryRejected,
+    /// Internal IPs claimed by more than one node now (not routed by IP).
+    pub ambiguous_addresses: Arc<AtomicU64>,
 }
+
+/// Rejected Nodes now, by discovery source name.
+pub type DiscoveryRejected = Arc<Mutex<BTreeMap<&'static str, u64>>>;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +103,8 @@ struct NodeCollector {
     tunnels: TunnelSource,
     discovery_last_success: Arc<AtomicI64>,
     discovery_errors: Arc<AtomicU64>,
+    discovery_rejected: DiscoveryRejected,
+    ambiguous_addresses: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -239,6 +249,28 @@ impl Collector for NodeCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(self.discovery_errors.load(Ordering::Relaxed)).encode(m)?;
+        let rejected: Vec<(Vec<(&str, String)>, f64)> = self
+            .discovery_rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(src, n)| (vec![("source", src.to_string())], *n as f64))
+            .collect();
+        gauge_family(
+            &mut enc,
+            "tunneler_discovery_rejected_nodes",
+            "Discovered Nodes rejected now (left out, or kept at their last good config), by source",
+            &rejected,
+        )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_ambiguous_addresses",
+            "Internal IPs that more than one node claims; they are not routed by IP",
+            &[(
+                Vec::new(),
+                self.ambiguous_addresses.load(Ordering::Relaxed) as f64,
+            )],
+        )?;
         encode_relay(&mut enc, crate::relay::RelayBudget::global().stats())
     }
 }
@@ -312,16 +344,22 @@ impl Metrics {
         );
         let discovery_last_success = Arc::new(AtomicI64::new(0));
         let discovery_errors = Arc::new(AtomicU64::new(0));
+        let discovery_rejected = DiscoveryRejected::default();
+        let ambiguous_addresses = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(NodeCollector {
             tunnels,
             discovery_last_success: discovery_last_success.clone(),
             discovery_errors: discovery_errors.clone(),
+            discovery_rejected: discovery_rejected.clone(),
+            ambiguous_addresses: ambiguous_addresses.clone(),
         }));
         Metrics {
             registry,
             dial: Arc::new(DialMetrics { dials, durations }),
             discovery_last_success,
             discovery_errors,
+            discovery_rejected,
+            ambiguous_addresses,
         }
     }
 

@@ -13,12 +13,20 @@
 //! 2. an IP inside a node's `pod_cidrs` → that node (longest prefix wins);
 //! 3. an IP inside `service_cidrs` → the pool of all nodes;
 //! 4. anything else → forbidden. This is not an open proxy.
+//!
+//! An internal IP that two or more nodes claim (discovered Nodes behind one
+//! NAT address, or a forged Node naming another's address) is ambiguous:
+//! it is routed by IP for none of them and answers forbidden, whatever
+//! order the nodes come in. The nodes still route by name and pod CIDR.
+//! A pod CIDR listed by two nodes is dropped the same way (admission
+//! refuses overlaps, so this is a backstop, not a policy).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::address::{canonical_ip, canonical_net};
 use crate::config::NodeConfig;
 
 /// Where a target goes.
@@ -49,6 +57,8 @@ pub struct RouteTable<T> {
     nodes: Vec<T>,
     by_name: HashMap<String, (usize, IpAddr)>,
     by_ip: HashMap<IpAddr, usize>,
+    /// Internal IPs claimed by more than one node, with the claimants.
+    ambiguous: BTreeMap<IpAddr, Vec<String>>,
     /// (prefix length, network bits → node index), longest prefix first.
     pods_v4: Vec<(u8, HashMap<u32, usize>)>,
     pods_v6: Vec<(u8, HashMap<u128, usize>)>,
@@ -72,16 +82,41 @@ fn mask_v6(ip: u128, len: u8) -> u128 {
 }
 
 impl<T: Clone> RouteTable<T> {
-    /// Builds a table from `(config, payload)` pairs. The node set is assumed
-    /// validated (`config::check_node_set`); on a conflict the first node wins.
+    /// Builds a table from `(config, payload)` pairs. Addresses and CIDRs
+    /// are compared in canonical form (IPv4-mapped IPv6 is IPv4). An
+    /// internal IP or pod CIDR that several nodes claim routes to none of
+    /// them; for names (unique once validated) the first node wins.
     pub fn build<'a>(
         nodes: impl IntoIterator<Item = (&'a NodeConfig, T)>,
         services: &[IpNet],
     ) -> RouteTable<T> {
+        let nodes: Vec<(&NodeConfig, T)> = nodes.into_iter().collect();
+        let mut claims: BTreeMap<IpAddr, BTreeSet<&str>> = BTreeMap::new();
+        let mut pod_claims: HashMap<IpNet, HashSet<&str>> = HashMap::new();
+        for (cfg, _) in &nodes {
+            for ip in &cfg.internal_ips {
+                claims
+                    .entry(canonical_ip(*ip))
+                    .or_default()
+                    .insert(&cfg.name);
+            }
+            for c in &cfg.pod_cidrs {
+                pod_claims
+                    .entry(canonical_net(*c))
+                    .or_default()
+                    .insert(&cfg.name);
+            }
+        }
+        let ambiguous: BTreeMap<IpAddr, Vec<String>> = claims
+            .into_iter()
+            .filter(|(_, who)| who.len() > 1)
+            .map(|(ip, who)| (ip, who.into_iter().map(str::to_string).collect()))
+            .collect();
         let mut t = RouteTable {
             nodes: Vec::new(),
             by_name: HashMap::new(),
             by_ip: HashMap::new(),
+            ambiguous,
             pods_v4: Vec::new(),
             pods_v6: Vec::new(),
             services: services.to_vec(),
@@ -92,16 +127,24 @@ impl<T: Clone> RouteTable<T> {
             let idx = t.nodes.len();
             t.nodes.push(payload);
             if let Some(first) = cfg.internal_ips.first() {
+                let first = canonical_ip(*first);
                 for name in std::iter::once(&cfg.name).chain(&cfg.hostnames) {
                     t.by_name
                         .entry(name.to_ascii_lowercase())
-                        .or_insert((idx, *first));
+                        .or_insert((idx, first));
                 }
             }
             for ip in &cfg.internal_ips {
-                t.by_ip.entry(canonical(*ip)).or_insert(idx);
+                let ip = canonical_ip(*ip);
+                if !t.ambiguous.contains_key(&ip) {
+                    t.by_ip.entry(ip).or_insert(idx);
+                }
             }
             for c in &cfg.pod_cidrs {
+                let c = canonical_net(*c);
+                if pod_claims.get(&c).is_some_and(|who| who.len() > 1) {
+                    continue;
+                }
                 match c {
                     IpNet::V4(n) => {
                         let len = n.prefix_len();
@@ -132,6 +175,12 @@ impl<T: Clone> RouteTable<T> {
         RouteTable::build(std::iter::empty(), &[])
     }
 
+    /// Internal IPs that more than one node claims, each with the names of
+    /// its claimants (sorted). They answer forbidden.
+    pub fn ambiguous(&self) -> &BTreeMap<IpAddr, Vec<String>> {
+        &self.ambiguous
+    }
+
     /// Every node, for pool selection.
     pub fn nodes(&self) -> &[T] {
         &self.nodes
@@ -149,8 +198,11 @@ impl<T: Clone> RouteTable<T> {
                 None => Route::Forbidden,
             };
         };
-        let ip = canonical(ip);
+        let ip = canonical_ip(ip);
         let host = ip.to_string();
+        if self.ambiguous.contains_key(&ip) {
+            return Route::Forbidden;
+        }
         if let Some(idx) = self.by_ip.get(&ip) {
             return Route::Node {
                 node: self.nodes[*idx].clone(),
@@ -183,18 +235,6 @@ impl<T: Clone> RouteTable<T> {
             return Route::Pool { host };
         }
         Route::Forbidden
-    }
-}
-
-/// IPv4-mapped IPv6 (`::ffff:10.0.0.1`) routes like the IPv4 address, so a
-/// client cannot slip past the allowlist by spelling an address differently.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
     }
 }
 
@@ -287,6 +327,28 @@ mod tests {
             RouteTable::<String>::empty().lookup("10.0.0.11"),
             Route::Forbidden
         );
+    }
+
+    #[test]
+    fn a_shared_address_routes_to_nobody_whatever_the_order() {
+        let a = node("a", &["10.0.0.1", "203.0.113.9"], &["10.244.1.0/24"]);
+        let b = node("b", &["10.0.0.2", "::ffff:203.0.113.9"], &["10.244.2.0/24"]);
+        for order in [[&a, &b], [&b, &a]] {
+            let t = RouteTable::build(order.into_iter().map(|n| (n, n.name.clone())), &[]);
+            assert_eq!(t.lookup("203.0.113.9"), Route::Forbidden);
+            assert_eq!(t.lookup("::ffff:203.0.113.9"), Route::Forbidden);
+            assert_eq!(t.lookup("a"), to("a", "10.0.0.1"));
+            assert_eq!(t.lookup("10.0.0.2"), to("b", "10.0.0.2"));
+            assert_eq!(t.lookup("10.244.2.5"), to("b", "10.244.2.5"));
+            let amb: Vec<_> = t.ambiguous().iter().collect();
+            assert_eq!(
+                amb,
+                [(
+                    &"203.0.113.9".parse::<IpAddr>().unwrap(),
+                    &vec!["a".to_string(), "b".to_string()]
+                )]
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,19 @@ pub struct StatusDocument {
     /// Discovery sources and their health (empty without discovery).
     #[serde(default)]
     pub sources: Vec<crate::daemon::SourceStatus>,
+    /// Internal IPs that more than one node claims. They are not routed
+    /// by IP; their nodes still route by name and pod CIDR.
+    #[serde(default)]
+    pub ambiguous_addresses: Vec<AmbiguousAddress>,
+}
+
+/// One address claimed by several nodes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AmbiguousAddress {
+    /// The address, in canonical form (IPv4-mapped IPv6 as IPv4).
+    pub address: String,
+    /// The nodes that claim it, sorted.
+    pub nodes: Vec<String>,
 }
 
 /// One node's tunnel.
@@ -117,6 +130,24 @@ impl StatusDocument {
                     src.source, src.nodes
                 ));
             }
+            for r in &src.rejected {
+                let what = if r.kept {
+                    "REJECTED, keeping its last good config"
+                } else {
+                    "REJECTED, not routed"
+                };
+                out.push_str(&format!(
+                    "discovery {}: node {:?} {what}: {}\n",
+                    src.source, r.name, r.reason
+                ));
+            }
+        }
+        for a in &self.ambiguous_addresses {
+            out.push_str(&format!(
+                "address {} is AMBIGUOUS (claimed by {}): not routed by IP\n",
+                a.address,
+                a.nodes.join(", ")
+            ));
         }
         out
     }

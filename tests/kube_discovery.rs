@@ -6,9 +6,11 @@
 //! (`{"type":"ADDED","object":{...}}` one per line) for the watch call. The
 //! daemon under test is the real binary with a real kubeconfig.
 //!
-//! The discovered nodes point at 127.0.0.1 ports nothing listens on: this
+//! The discovered nodes' SSH address is `localhost` (an ExternalDNS
+//! address, chosen by `address_types`) on a port nothing listens on: this
 //! test is about the node set, not the tunnels, so it needs neither root
-//! nor network namespaces.
+//! nor network namespaces. Their InternalIPs are never dialed (a loopback
+//! InternalIP would be refused: no Node may claim this host's loopback).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -30,6 +32,7 @@ fn node(name: &str, ip: &str, cidr: &str) -> Value {
         "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         "status": {"addresses": [
             {"type": "InternalIP", "address": ip},
+            {"type": "ExternalDNS", "address": "localhost"},
             {"type": "Hostname", "address": name}
         ]}
     })
@@ -227,8 +230,8 @@ fn kube_source(v: &Value) -> Value {
 #[test]
 fn kubernetes_watch_list_add_delete_and_api_loss() {
     let api = FakeApi::start(vec![
-        node("k-1", "127.0.0.21", "10.210.1.0/24"),
-        node("k-2", "127.0.0.22", "10.210.2.0/24"),
+        node("k-1", "10.211.0.21", "10.210.1.0/24"),
+        node("k-2", "10.211.0.22", "10.210.2.0/24"),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -263,6 +266,8 @@ max_backoff = "2s"
 listen = ["unix://egress.sock"]
 [admin]
 socket = "admin.sock"
+[discovery]
+address_types = ["ExternalDNS"]
 [discovery.kubernetes]
 kubeconfig = "kubeconfig"
 "#,
@@ -299,11 +304,28 @@ kubeconfig = "kubeconfig"
     );
 
     // Watch: add, then delete.
-    api.send("ADDED", node("k-3", "127.0.0.23", "10.210.3.0/24"));
+    api.send("ADDED", node("k-3", "10.211.0.23", "10.210.3.0/24"));
     wait_status(&sock, "k-3 added by a watch event", |v| {
         names(v) == ["k-1", "k-2", "k-3"]
     });
-    api.send("DELETED", node("k-1", "127.0.0.21", "10.210.1.0/24"));
+    // A Node that claims loopback and half the Internet is left out and
+    // reported; the others stay.
+    api.send("ADDED", node("k-evil", "127.0.0.1", "128.0.0.0/1"));
+    let v = wait_status(&sock, "k-evil rejected", |v| {
+        kube_source(v)["rejected"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["name"] == "k-evil"))
+    });
+    assert_eq!(names(&v), ["k-1", "k-2", "k-3"], "{v:#}");
+    let reason = kube_source(&v)["rejected"][0]["reason"].to_string();
+    assert!(reason.contains("127.0.0.1 is loopback"), "{reason}");
+    api.send("DELETED", node("k-evil", "127.0.0.1", "128.0.0.0/1"));
+    wait_status(&sock, "k-evil gone from rejected", |v| {
+        kube_source(v)["rejected"]
+            .as_array()
+            .is_some_and(|r| r.is_empty())
+    });
+    api.send("DELETED", node("k-1", "10.211.0.21", "10.210.1.0/24"));
     wait_status(&sock, "k-1 deleted by a watch event", |v| {
         names(v) == ["k-2", "k-3"]
     });

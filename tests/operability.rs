@@ -445,16 +445,32 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     drop(on2);
     let good = daemon.wait_node_state("node-3", "healthy", READY);
 
-    // Bad files: the last good set stays, the error shows in the status.
-    let bad: [(&str, String, &str); 3] = [
-        (
-            "invalid JSON",
-            "{\"kind\": \"List\", \"items\": [".into(),
-            "",
-        ),
+    // A file that is not a node list: the last good set stays, the error
+    // shows in the status.
+    let text = "{\"kind\": \"List\", \"items\": [";
+    cluster.replace_file(&file, text);
+    let s = daemon.wait_for("source error for invalid JSON", READY, |s| {
+        file_source(s)["last_error"].is_string()
+    });
+    let err = file_source(&s)["last_error"].as_str().unwrap().to_string();
+    report(&format!(
+        "nodes_file with invalid JSON: last_error = {err:?}"
+    ));
+    assert!(err.contains("not a kubectl node list"), "{err}");
+    assert_eq!(since(&s, "node-3"), since(&good, "node-3"));
+    let out = daemon.cli(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAILING"),
+        "{}",
+        all_output(&out)
+    );
+    // Bad Nodes in a good list: each is left out and reported by name;
+    // node-3, live already, keeps its last good config.
+    let bad: [(&str, String, &str, &str); 2] = [
         (
             "a bad pod CIDR",
             list(vec![cluster.k8s_node_json(3, &["10.201.0.0/33"])]),
+            "node-3",
             "10.201.0.0/33",
         ),
         (
@@ -464,16 +480,27 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
                 cluster.k8s_node_json(1, &[]),
             ]),
             "node-1",
+            "config or API node",
         ),
     ];
-    for (what, text, names) in &bad {
+    for (what, text, name, reason) in &bad {
         cluster.replace_file(&file, text);
-        let s = daemon.wait_for(&format!("source error for {what}"), READY, |s| {
-            file_source(s)["last_error"].is_string()
+        let s = daemon.wait_for(&format!("{name} rejected for {what}"), READY, |s| {
+            file_source(s)["rejected"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|x| x["name"] == *name))
         });
-        let err = file_source(&s)["last_error"].as_str().unwrap().to_string();
-        report(&format!("nodes_file with {what}: last_error = {err:?}"));
-        assert!(err.contains(names), "{what}: {err}");
+        let src = file_source(&s);
+        report(&format!(
+            "nodes_file with {what}: rejected = {}",
+            src["rejected"]
+        ));
+        assert!(src["last_error"].is_null(), "{what}: {src}");
+        let r = &src["rejected"][0];
+        assert!(
+            r["reason"].as_str().unwrap().contains(reason),
+            "{what}: {r}"
+        );
         let names_now: Vec<&str> = s["nodes"]
             .as_array()
             .unwrap()
@@ -490,23 +517,27 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
         let got = daemon.echo(&format!("{}:{ECHO_PORT}", n3.pod_ip), "kept");
         assert!(got.starts_with("node=node-3 "), "{what}: {got}");
         let out = daemon.cli(&["status"]);
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("FAILING"),
+            table.contains(&format!("node \"{name}\" REJECTED")),
             "{what}: {}",
             all_output(&out)
         );
-        // Back to the good file, which clears the error.
+        // Back to the good file, which clears the report.
         cluster.replace_file(
             &file,
             &list(vec![cluster.k8s_node_json(3, &[n3.pod_cidr.as_str()])]),
         );
-        daemon.wait_for("source error cleared", READY, |s| {
+        daemon.wait_for("rejection cleared", READY, |s| {
             file_source(s)["last_error"].is_null()
+                && file_source(s)["rejected"]
+                    .as_array()
+                    .is_some_and(|r| r.is_empty())
         });
     }
     let m = daemon.metrics();
     assert!(
-        metric_value(&m, "tunneler_discovery_errors_total", &[]).is_some_and(|v| v >= 3.0),
+        metric_value(&m, "tunneler_discovery_errors_total", &[]).is_some_and(|v| v >= 1.0),
         "{m}"
     );
     // A reload whose config names a node the file provides is refused.

@@ -451,3 +451,195 @@ fn known_valid_config_round_trips() {
     assert_eq!(first.nodes[0].kubelet_port, Some(10255));
     round_trip(&first).unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// No set of Nodes widens the allowlist
+// ---------------------------------------------------------------------------
+
+/// Addresses a Node might claim: ordinary ones that collide often, other
+/// spellings of them, and every kind that never names a node.
+fn claimed_address() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => (0u8..3, 0u8..4).prop_map(|(x, y)| format!("10.0.{x}.{y}")),
+        1 => (0u8..3, 0u8..4).prop_map(|(x, y)| format!("::ffff:10.0.{x}.{y}")),
+        1 => any::<u32>().prop_map(|x| Ipv4Addr::from(x).to_string()),
+        1 => prop_oneof![
+            Just("127.0.0.1"), Just("127.9.9.9"), Just("::1"), Just("0.0.0.0"), Just("::"),
+            Just("169.254.169.254"), Just("fe80::1"), Just("224.0.0.1"), Just("ff02::1"),
+            Just("255.255.255.255"), Just("::ffff:127.0.0.1"), Just("::ffff:169.254.169.254"),
+            Just("localhost"), Just("node-a.example"),
+        ].prop_map(str::to_string),
+    ]
+}
+
+/// Pod CIDRs a Node might claim: plausible ones, wide ones, and ones that
+/// cover what never names a node.
+fn claimed_cidr() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => (0u8..4, 20u8..=28).prop_map(|(x, len)| {
+            IpNet::new(IpAddr::V4(Ipv4Addr::new(10, 244, x * 16, 0)), len).unwrap().trunc().to_string()
+        }),
+        2 => (any::<u32>(), 0u8..=32).prop_map(|(x, len)| {
+            IpNet::new(IpAddr::V4(Ipv4Addr::from(x)), len).unwrap().trunc().to_string()
+        }),
+        1 => (any::<u128>(), 0u8..=128).prop_map(|(x, len)| {
+            IpNet::new(IpAddr::V6(Ipv6Addr::from(x)), len).unwrap().trunc().to_string()
+        }),
+        1 => prop_oneof![
+            Just("128.0.0.0/1"), Just("0.0.0.0/0"), Just("::/0"), Just("::ffff:0:0/96"),
+            Just("::ffff:10.244.0.0/120"), Just("127.0.0.0/8"), Just("169.254.0.0/16"),
+            Just("10.96.0.0/24"), Just("fd10::/64"), Just("10.244.0.1/24"),
+            Just("127.0.0.0/24"), Just("169.254.169.0/24"),
+        ].prop_map(str::to_string),
+    ]
+}
+
+/// One Node object as JSON, as adversarial as a kubelet could write it.
+fn k8s_node() -> impl Strategy<Value = serde_json::Value> {
+    (
+        prop_oneof![
+            Just("n0"),
+            Just("n1"),
+            Just("n2"),
+            Just("n3"),
+            Just("n4"),
+            Just("localhost")
+        ],
+        proptest::collection::vec(
+            (
+                prop_oneof![Just("InternalIP"), Just("ExternalIP"), Just("Hostname")],
+                claimed_address(),
+            ),
+            0..4,
+        ),
+        proptest::collection::vec(claimed_cidr(), 0..3),
+    )
+        .prop_map(|(name, addrs, cidrs)| {
+            let addresses: Vec<serde_json::Value> = addrs
+                .into_iter()
+                .map(|(t, a)| serde_json::json!({"type": t, "address": a}))
+                .collect();
+            serde_json::json!({
+                "metadata": {"name": name},
+                "spec": {"podCIDRs": cidrs},
+                "status": {"addresses": addresses},
+            })
+        })
+}
+
+/// Loopback, unspecified, link-local, multicast or broadcast, by the
+/// standard library's own predicates (a model apart from the code under
+/// test).
+fn never_a_node(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.octets()[0] == 0
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn destination() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        (0u8..3, 0u8..4).prop_map(|(x, y)| IpAddr::V4(Ipv4Addr::new(10, 0, x, y))),
+        (0u8..64, any::<u8>()).prop_map(|(x, y)| IpAddr::V4(Ipv4Addr::new(10, 244, x, y))),
+        any::<u32>().prop_map(|x| IpAddr::V4(Ipv4Addr::from(x))),
+        any::<u128>().prop_map(|x| IpAddr::V6(Ipv6Addr::from(x))),
+        prop_oneof![
+            Just("127.0.0.1"),
+            Just("169.254.169.254"),
+            Just("200.1.1.1"),
+            Just("::1"),
+            Just("0.0.0.0"),
+            Just("255.255.255.255"),
+            Just("10.96.0.1"),
+            Just("fe80::1"),
+        ]
+        .prop_map(|s| s.parse().unwrap()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Whatever Nodes two discovery rounds list, a destination that is not
+    /// a node address, inside an admitted pod CIDR that fits the cluster
+    /// CIDRs (or the per-node size limit), or inside a service CIDR is
+    /// forbidden; and nothing routed to a node is ever loopback,
+    /// unspecified, link-local, multicast or broadcast.
+    #[test]
+    fn no_set_of_nodes_widens_the_allowlist(
+        round1 in proptest::collection::vec(k8s_node(), 0..6),
+        round2 in proptest::collection::vec(k8s_node(), 0..6),
+        with_cluster in any::<bool>(),
+        dests in proptest::collection::vec(destination(), 1..60),
+    ) {
+        use tunneler::discovery::candidate_from_value;
+        use tunneler::node_set::{admit, Context};
+
+        let services: Vec<IpNet> = vec!["10.96.0.0/16".parse().unwrap()];
+        let cluster: Vec<IpNet> = if with_cluster {
+            vec!["10.244.0.0/18".parse().unwrap()]
+        } else {
+            Vec::new()
+        };
+        let types = vec!["InternalIP".to_string(), "ExternalIP".to_string()];
+        let candidates = |round: &[serde_json::Value]| {
+            round
+                .iter()
+                .enumerate()
+                .map(|(i, v)| candidate_from_value(v.clone(), i, &types, 22))
+                .collect::<Vec<_>>()
+        };
+        let cx = |current| Context {
+            current,
+            strict: &[],
+            other_discovered: &[],
+            service_cidrs: &services,
+            cluster_cidrs: &cluster,
+        };
+        let first = admit(candidates(&round1), &cx(&[]));
+        let second = admit(candidates(&round2), &cx(&first.nodes));
+        let nodes = second.nodes;
+        let table = RouteTable::build(nodes.iter().map(|n| (n, n.name.clone())), &services);
+
+        let node_ips: Vec<IpAddr> = nodes.iter().flat_map(|n| n.internal_ips.iter().map(|ip| canonical(*ip))).collect();
+        // The model of "fits": inside the cluster CIDR, or no wider than a
+        // /22 (IPv4) or /56 (IPv6) without one.
+        for n in &nodes {
+            for c in &n.pod_cidrs {
+                let fits = match (cluster.first(), c) {
+                    (Some(cl), _) => cl.contains(c),
+                    (None, IpNet::V4(_)) => c.prefix_len() >= 22,
+                    (None, IpNet::V6(_)) => c.prefix_len() >= 56,
+                };
+                prop_assert!(fits, "{} admitted with {}", n.name, c);
+            }
+        }
+        for d in dests {
+            let allowed = node_ips.contains(&canonical(d))
+                || nodes.iter().any(|n| n.pod_cidrs.iter().any(|c| c.contains(&canonical(d))))
+                || services.iter().any(|s| s.contains(&canonical(d)));
+            let got = table.lookup(&d.to_string());
+            if !allowed {
+                prop_assert_eq!(&got, &Route::Forbidden, "{} routed", d);
+            }
+            if let Route::Node { node, .. } = &got {
+                prop_assert!(!never_a_node(d), "{} routed to {}", d, node);
+                // Routed by exact IP only when one node claims it.
+                let claimants = nodes.iter().filter(|n| n.internal_ips.iter().any(|ip| canonical(*ip) == canonical(d))).count();
+                prop_assert!(claimants <= 1, "{} claimed by {} nodes but routed", d, claimants);
+            }
+        }
+        prop_assert_eq!(table.lookup("localhost"), Route::Forbidden);
+    }
+}

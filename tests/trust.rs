@@ -1,0 +1,412 @@
+//! The trust border of node discovery, against real sshd in namespaces and
+//! a watched `kubectl get nodes -o json` file:
+//! - a shared ExternalIP (ordinary NAT) is ambiguous: not routed by IP,
+//!   reported once, and every node still joins and routes by name and pod
+//!   CIDR; `::ffff:` spellings are the same address;
+//! - a Node that claims loopback, link-local or half the Internet is left
+//!   out and reported, and those destinations get 403 without a dial;
+//! - a live Node that turns invalid keeps its last good routes until it is
+//!   fixed (the fix applies) or deleted.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::{
+    all_output, metric_value, node_status, report, Cluster, ConfigSpec, Daemon, ECHO_PORT,
+};
+use serde_json::{json, Value};
+
+const READY: Duration = Duration::from_secs(20);
+
+fn file_source(s: &Value) -> Value {
+    s["sources"]
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["source"] == "file").cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn rejected_names(s: &Value) -> Vec<String> {
+    file_source(s)["rejected"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|x| x["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn names(s: &Value) -> Vec<String> {
+    s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Streams opened on all nodes since start: unchanged means nothing was
+/// dialed through any tunnel.
+fn total_streams(s: &Value) -> u64 {
+    s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["total_streams"].as_u64().unwrap())
+        .sum()
+}
+
+/// CONNECT `target` and return the whole answer of a refused dial (status
+/// line and body, which the proxy ends by closing), on one line.
+fn refused_answer(daemon: &Daemon, target: &str) -> String {
+    let mut s = UnixStream::connect(&daemon.egress).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.lines().next().unwrap_or_default().to_string();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
+    format!("{status} {body}").trim().to_string()
+}
+
+fn nodes_file_spec() -> ConfigSpec {
+    ConfigSpec {
+        nodes: Some(vec![]),
+        extra: "\n[discovery]\nnodes_file = \"nodes.json\"\n".into(),
+        ..ConfigSpec::default()
+    }
+}
+
+fn with_address(mut node: Value, kind: &str, address: &str) -> Value {
+    node["status"]["addresses"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "type": kind, "address": address }));
+    node
+}
+
+#[test]
+fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
+    require_netns!("a_shared_external_ip_is_ambiguous_and_every_node_still_joins");
+    let cluster = Cluster::new(3);
+    let file = cluster.dir.join("nodes.json");
+    let shared = "203.0.113.9";
+    let node = |i: usize, ext: &str| {
+        let n = cluster.node(i);
+        with_address(
+            cluster.k8s_node_json(i, &[n.pod_cidr.as_str()]),
+            "ExternalIP",
+            ext,
+        )
+    };
+    std::fs::write(
+        &file,
+        Cluster::k8s_node_list(vec![node(1, shared), node(2, shared)]),
+    )
+    .unwrap();
+    let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
+    daemon.wait_for("node-1 and node-2 healthy", READY, |s| {
+        names(s) == ["node-1", "node-2"]
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["state"] == "healthy")
+    });
+
+    // node-3 joins later, spelling the shared address as IPv4-mapped IPv6.
+    cluster.replace_file(
+        &file,
+        &Cluster::k8s_node_list(vec![
+            node(1, shared),
+            node(2, shared),
+            node(3, &format!("::ffff:{shared}")),
+        ]),
+    );
+    daemon.wait_node_state("node-3", "healthy", READY);
+    let s = daemon.wait_all_healthy(READY);
+    assert_eq!(names(&s), ["node-1", "node-2", "node-3"], "{s}");
+    let src = file_source(&s);
+    assert!(src["last_error"].is_null(), "{src}");
+    assert_eq!(src["rejected"], json!([]), "{src}");
+    assert_eq!(src["nodes"], 3, "{src}");
+    assert_eq!(
+        s["ambiguous_addresses"],
+        json!([{ "address": shared, "nodes": ["node-1", "node-2", "node-3"] }]),
+        "reported once, under its IPv4 spelling: {s}"
+    );
+    let m = daemon.metrics();
+    assert_eq!(
+        metric_value(&m, "tunneler_ambiguous_addresses", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "tunneler_discovery_rejected_nodes",
+            &[("source", "file")]
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    let table = String::from_utf8_lossy(&daemon.cli(&["status"]).stdout).into_owned();
+    assert!(
+        table.contains(&format!(
+            "address {shared} is AMBIGUOUS (claimed by node-1, node-2, node-3)"
+        )),
+        "{table}"
+    );
+
+    // The shared address is not routed by IP, however it is spelled, and
+    // nothing is dialed for it.
+    let before = total_streams(&s);
+    for target in [
+        format!("{shared}:10250"),
+        format!("[::ffff:{shared}]:10250"),
+    ] {
+        let answer = refused_answer(&daemon, &target);
+        report(&format!("case 1: CONNECT {target} -> {answer}"));
+        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
+    }
+    assert_eq!(
+        total_streams(&daemon.status_json()),
+        before,
+        "a refused dial opened a stream"
+    );
+
+    // Every node still routes by name, by its own InternalIP and pod CIDR.
+    for i in 1..=3 {
+        let n = cluster.node(i);
+        for target in [
+            format!("node-{i}:{ECHO_PORT}"),
+            format!("{}:{ECHO_PORT}", n.ip),
+            format!("{}:{ECHO_PORT}", n.pod_ip),
+        ] {
+            let got = daemon.echo(&target, "nat");
+            report(&format!(
+                "case 1: CONNECT {target} -> 200, answered {got:?}"
+            ));
+            assert!(
+                got.starts_with(&format!("node=node-{i} ")),
+                "{target}: {got}"
+            );
+        }
+    }
+
+    // Config and API nodes stay strict, also against discovered ones, and
+    // also when the address is spelled as IPv4-mapped IPv6.
+    let n1 = cluster.node(1);
+    let body = format!(r#"{{"name":"node-9","address":"::ffff:{}"}}"#, n1.ip);
+    let (code, answer) = daemon.admin("POST", "/v1/nodes", Some(&body));
+    assert_eq!(code, 400, "{answer}");
+    assert!(
+        answer.contains(&format!(
+            "{} is already an internal IP of discovered node \\\"node-1\\\"",
+            n1.ip
+        )) || answer.contains(&format!(
+            "{} is already an internal IP of discovered node \"node-1\"",
+            n1.ip
+        )),
+        "{answer}"
+    );
+    assert!(node_status(&daemon.status_json(), "node-9").is_none());
+}
+
+#[test]
+fn a_node_that_claims_loopback_metadata_or_half_the_internet_is_rejected() {
+    require_netns!("a_node_that_claims_loopback_metadata_or_half_the_internet_is_rejected");
+    let cluster = Cluster::new(3);
+    let file = cluster.dir.join("nodes.json");
+    let evil = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": { "name": "evil" },
+        "spec": { "podCIDR": "128.0.0.0/1", "podCIDRs": ["128.0.0.0/1"] },
+        "status": { "addresses": [
+            { "type": "InternalIP", "address": "127.0.0.1" },
+            { "type": "ExternalIP", "address": "169.254.169.254" },
+            { "type": "Hostname", "address": "evil" }
+        ]}
+    });
+    let mut items: Vec<Value> = (1..=3)
+        .map(|i| cluster.k8s_node_json(i, &[cluster.node(i).pod_cidr.as_str()]))
+        .collect();
+    items.push(evil);
+    std::fs::write(&file, Cluster::k8s_node_list(items)).unwrap();
+    let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
+    let s = daemon.wait_for("three healthy nodes and evil rejected", READY, |s| {
+        names(s) == ["node-1", "node-2", "node-3"]
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["state"] == "healthy")
+            && rejected_names(s) == ["evil"]
+    });
+    let src = file_source(&s);
+    assert!(
+        src["last_error"].is_null(),
+        "one bad Node is not a failing source: {src}"
+    );
+    let r = &src["rejected"][0];
+    report(&format!(
+        "case 2: status sources[file].rejected = {}",
+        src["rejected"]
+    ));
+    assert_eq!(r["kept"], false, "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1 is loopback"),
+        "{r}"
+    );
+    let m = daemon.metrics();
+    assert_eq!(
+        metric_value(
+            &m,
+            "tunneler_discovery_rejected_nodes",
+            &[("source", "file")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    let forbidden = |m: &str| {
+        metric_value(m, "tunneler_dials_total", &[("result", "forbidden")]).unwrap_or(0.0)
+    };
+    let forbidden_before = forbidden(&m);
+    let out = daemon.cli(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    report(&format!("case 2: tunneler status ->\n{table}"));
+    assert!(
+        table.contains(
+            "discovery file: node \"evil\" REJECTED, not routed: address: 127.0.0.1 is loopback"
+        ),
+        "{}",
+        all_output(&out)
+    );
+
+    // 403 without a dial: no stream opens on any tunnel.
+    let before = total_streams(&s);
+    for target in [
+        "200.1.1.1:80",
+        "169.254.169.254:80",
+        "127.0.0.1:2379",
+        "evil:10250",
+    ] {
+        let answer = refused_answer(&daemon, target);
+        report(&format!("case 2: CONNECT {target} -> {answer}"));
+        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
+    }
+    assert_eq!(
+        total_streams(&daemon.status_json()),
+        before,
+        "a refused dial opened a stream"
+    );
+    assert_eq!(forbidden(&daemon.metrics()), forbidden_before + 4.0);
+
+    // The other nodes keep working.
+    for i in 1..=3 {
+        let target = format!("{}:{ECHO_PORT}", cluster.node(i).pod_ip);
+        let got = daemon.echo(&target, "still");
+        report(&format!(
+            "case 2: CONNECT {target} -> 200, answered {got:?}"
+        ));
+        assert!(
+            got.starts_with(&format!("node=node-{i} ")),
+            "{target}: {got}"
+        );
+    }
+}
+
+#[test]
+fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
+    require_netns!("a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted");
+    let cluster = Cluster::new(2);
+    let file = cluster.dir.join("nodes.json");
+    let (n1, n2) = (cluster.node(1), cluster.node(2));
+    let good1 = cluster.k8s_node_json(1, &[n1.pod_cidr.as_str()]);
+    let good2 = cluster.k8s_node_json(2, &[n2.pod_cidr.as_str()]);
+    // The same Node, with a new host name alias, and (bad) half the Internet.
+    let bad2 = with_address(
+        cluster.k8s_node_json(2, &["128.0.0.0/1"]),
+        "Hostname",
+        "node-2-alias",
+    );
+    let fixed2 = with_address(good2.clone(), "Hostname", "node-2-alias");
+    let list = |v: Vec<&Value>| Cluster::k8s_node_list(v.into_iter().cloned().collect());
+    std::fs::write(&file, list(vec![&good1, &good2])).unwrap();
+    let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
+    let good = daemon.wait_for("both healthy", READY, |s| {
+        names(s) == ["node-1", "node-2"]
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["state"] == "healthy")
+    });
+    let since2 = node_status(&good, "node-2").unwrap()["since"].clone();
+    let pod2 = format!("{}:{ECHO_PORT}", n2.pod_ip);
+
+    // It turns invalid: kept at its last good config, reported, logged.
+    cluster.replace_file(&file, &list(vec![&good1, &bad2]));
+    let s = daemon.wait_for("node-2 rejected", READY, |s| {
+        rejected_names(s) == ["node-2"]
+    });
+    let r = &file_source(&s)["rejected"][0];
+    assert_eq!(r["kept"], true, "{r}");
+    assert!(r["reason"].as_str().unwrap().contains("128.0.0.0/1"), "{r}");
+    assert_eq!(names(&s), ["node-1", "node-2"]);
+    assert_eq!(
+        node_status(&s, "node-2").unwrap()["since"],
+        since2,
+        "tunnel replaced: {s}"
+    );
+    let got = daemon.echo(&pod2, "kept");
+    assert!(got.starts_with("node=node-2 "), "{got}");
+    for target in ["200.1.1.1:80", "node-2-alias:7000"] {
+        let answer = refused_answer(&daemon, target);
+        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
+    }
+    let logged = common::poll(READY, || {
+        let log = daemon.log_tail(400);
+        log.lines().any(|l| {
+            l.contains("became invalid") && l.contains("node-2") && l.contains("128.0.0.0/1")
+        })
+    });
+    assert!(logged, "no warning naming node-2:\n{}", daemon.log_tail(50));
+    let table = String::from_utf8_lossy(&daemon.cli(&["status"]).stdout).into_owned();
+    assert!(
+        table.contains("node \"node-2\" REJECTED, keeping its last good config"),
+        "{table}"
+    );
+
+    // Fixed: the fix applies (its new alias routes) and the report clears.
+    cluster.replace_file(&file, &list(vec![&good1, &fixed2]));
+    daemon.wait_for("node-2 fixed", READY, |s| {
+        rejected_names(s).is_empty() && file_source(s)["rejected"].is_array()
+    });
+    daemon.wait_node_state("node-2", "healthy", READY);
+    let got = daemon.echo(&format!("node-2-alias:{ECHO_PORT}"), "fixed");
+    assert!(got.starts_with("node=node-2 "), "{got}");
+
+    // Invalid again, then deleted: gone, routes and all.
+    cluster.replace_file(&file, &list(vec![&good1, &bad2]));
+    daemon.wait_for("node-2 rejected again", READY, |s| {
+        rejected_names(s) == ["node-2"]
+    });
+    cluster.replace_file(&file, &list(vec![&good1]));
+    let s = daemon.wait_for("node-2 deleted", READY, |s| {
+        names(s) == ["node-1"] && rejected_names(s).is_empty()
+    });
+    assert!(file_source(&s)["last_error"].is_null(), "{s}");
+    let answer = refused_answer(&daemon, &pod2);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "one");
+    assert!(got.starts_with("node=node-1 "), "{got}");
+}
