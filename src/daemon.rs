@@ -235,6 +235,7 @@ impl Daemon {
             .map(|t| {
                 let s = t.state();
                 let c = &t.counters;
+                let g = t.congestion();
                 let ld =
                     |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 NodeStatus {
@@ -252,6 +253,10 @@ impl Daemon {
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     next_retry: s.next_retry.map(rfc3339),
                     host_key_mismatches: ld(&c.host_key_mismatches),
+                    sessions: g.sessions as u64,
+                    congested_sessions: g.congested_sessions as u64,
+                    blocked_seconds: g.blocked_seconds,
+                    streams_slowed: g.streams_slowed,
                 }
             })
             .collect();
