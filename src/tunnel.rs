@@ -907,8 +907,17 @@ async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
         handle,
         ended,
         end_reason,
+        watch,
     } = session;
-    let conn = install(&tunnel, slot, handle, &ctx, &tunnel.tracker, ended.clone());
+    let conn = install(
+        &tunnel,
+        slot,
+        handle,
+        watch,
+        &ctx,
+        &tunnel.tracker,
+        ended.clone(),
+    );
     tunnel.opening_extra.store(false, Ordering::Release);
     tunnel.extra_ready.notify_waiters();
     info!("extra session open: every other session of the node is congested");
@@ -1016,8 +1025,9 @@ async fn supervise(
                     handle,
                     mut ended,
                     mut end_reason,
+                    watch,
                 } = first;
-                let mut conn = install(&tunnel, slot, handle, &ctx, &tracker, ended.clone());
+                let mut conn = install(&tunnel, slot, handle, watch, &ctx, &tracker, ended.clone());
                 tunnel.set_link(slot, Link::Up, None, None);
                 info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
                 // Serve until the session ends, a reconnect is asked for, or
@@ -1050,8 +1060,15 @@ async fn supervise(
                             let old = conn;
                             let old_ended = std::mem::replace(&mut ended, new.ended);
                             end_reason = new.end_reason;
-                            conn =
-                                install(&tunnel, slot, new.handle, &ctx, &tracker, ended.clone());
+                            conn = install(
+                                &tunnel,
+                                slot,
+                                new.handle,
+                                new.watch,
+                                &ctx,
+                                &tracker,
+                                ended.clone(),
+                            );
                             up_at = Instant::now();
                             tracker.spawn(
                                 retire(
@@ -1124,11 +1141,13 @@ async fn supervise(
 }
 
 /// Makes `handle` the live session: new streams go to it from now on, and
-/// its keepalive round trip is measured until the session ends.
+/// its keepalive round trip is measured (and, while a slow reader holds
+/// it, the kernel's liveness verdict watched) until the session ends.
 fn install(
     tunnel: &Arc<NodeTunnel>,
     slot: usize,
     handle: Handle<ClientHandler>,
+    watch: Option<std::net::TcpStream>,
     ctx: &SshContext,
     tracker: &TaskTracker,
     ended: CancellationToken,
@@ -1154,5 +1173,50 @@ fn install(
         }
         .in_current_span(),
     );
+    if let Some(watch) = watch {
+        let c = conn.clone();
+        let cancel = tunnel.cancel.clone();
+        tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = hold_watchdog(c, watch, every, ended) => {}
+                }
+            }
+            .in_current_span(),
+        );
+    }
     conn
+}
+
+/// While a slow reader holds the session (russh's loop parked, so its
+/// keepalive verdict paused), reads the kernel's verdict on the socket
+/// every `every`: TCP keepalive probes and the user timeout keep running
+/// whether we read or not. On an error the node is gone: stop the
+/// session's relays (that unparks the loop, which then reads the error and
+/// ends) and shut the socket. Owns the second handle on the socket and
+/// drops it when the session ends, so the socket closes with russh's.
+async fn hold_watchdog(
+    conn: Arc<Conn>,
+    watch: std::net::TcpStream,
+    every: Duration,
+    ended: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = ended.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if !conn.load.is_held() {
+            continue;
+        }
+        let err = match watch.take_error() {
+            Ok(None) => continue,
+            Ok(Some(e)) | Err(e) => e,
+        };
+        warn!(error = %err, "the node stopped answering while a slow reader held the session; closing it");
+        conn.load.closing.cancel();
+        let _ = watch.shutdown(std::net::Shutdown::Both);
+        return;
+    }
 }

@@ -8,14 +8,19 @@
 //! with no reset and no reconnect; the relay's buffer for it stays within
 //! `proxy.relay_stream_buffer_limit` (1 MiB here); a stream opened while it
 //! holds its session gets a session of its own and echoes byte-exactly;
-//! and that extra session closes once idle.
+//! and that extra session closes once idle. And a node that dies while a
+//! stopped reader holds its session is still noticed (the kernel's TCP
+//! keepalive verdict, read while russh's own is paused).
 
 mod common;
 
+use std::io::{ErrorKind, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{metric_value, node_status, report, Cluster, ConfigSpec, Daemon, RAW_ECHO_PORT};
+use common::{
+    metric_value, node_status, report, Cluster, ConfigSpec, Daemon, FLOOD_PORT, RAW_ECHO_PORT,
+};
 
 const READY: Duration = Duration::from_secs(20);
 const MIB: usize = 1 << 20;
@@ -143,4 +148,60 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
         "the extra TCP session to the node stayed"
     );
     assert_eq!(buffered(&daemon, "tunneler_relay_buffered_bytes"), 0);
+}
+
+#[test]
+fn a_node_lost_while_a_stopped_reader_holds_its_session_is_noticed() {
+    require_netns!("a_node_lost_while_a_stopped_reader_holds_its_session_is_noticed");
+    let cluster = Cluster::new(1);
+    let node = cluster.node(1);
+    let toml = cluster.config_toml(&ConfigSpec::default()).replacen(
+        "[proxy]\n",
+        "[proxy]\nrelay_stream_buffer_limit = \"1MiB\"\n",
+        1,
+    );
+    let daemon = Daemon::start_toml(&cluster, &toml, &[]);
+    daemon.wait_all_healthy(READY);
+    // Never read: the flood holds the only session, for good.
+    let (status, mut stalled) = daemon.connect(&format!("{}:{FLOOD_PORT}", node.pod_ip));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    daemon.wait_for("the session held", READY, |s| {
+        node_status(s, "node-1").is_some_and(|n| {
+            n["congested_sessions"] == 1 && n["blocked_seconds"].as_f64() > Some(0.0)
+        })
+    });
+    // Silent loss: no FIN, no RST; russh's keepalive cannot run while held.
+    cluster.link_down(1);
+    let t = Instant::now();
+    let s = daemon.wait_for("the node no longer healthy", READY, |s| {
+        node_status(s, "node-1").is_some_and(|n| n["state"] != "healthy")
+    });
+    let noticed = t.elapsed();
+    let n = node_status(&s, "node-1").unwrap();
+    // The held stream ends too: what was queued, then EOF or an error.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let ended = loop {
+        match stalled.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the held stream is still open 15 s after its node was lost")
+            }
+            Err(_) => break "error",
+        }
+    };
+    report(&format!(
+        "node lost during a hold: noticed after {noticed:?} (keepalive 1s x 3), state {}, \
+         last_error {}; the held stream ended with {ended}",
+        n["state"], n["last_error"]
+    ));
+    common::assert_within(
+        "noticing a node lost during a hold",
+        noticed,
+        Duration::from_secs(15),
+    );
 }
