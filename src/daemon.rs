@@ -796,6 +796,11 @@ impl Daemon {
                 "ssh.connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
             );
         }
+        if new.ssh.max_connections_per_node != current.ssh.max_connections_per_node {
+            report.warnings.push(
+                "ssh.max_connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
+            );
+        }
         if new.admin.socket != current.admin.socket {
             report
                 .warnings
