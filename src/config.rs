@@ -98,6 +98,8 @@ struct RawSsh {
     keepalive_interval: Option<String>,
     keepalive_max: Option<usize>,
     connections_per_node: Option<usize>,
+    max_connections_per_node: Option<usize>,
+    extra_session_idle: Option<String>,
     max_concurrent_handshakes: Option<usize>,
     host_key_policy: Option<String>,
     passphrase_file: Option<PathBuf>,
@@ -129,8 +131,6 @@ struct RawProxy {
     tls: Option<RawTls>,
     relay_buffer_budget: Option<String>,
     relay_stream_buffer_limit: Option<String>,
-    relay_stall_timeout: Option<String>,
-    relay_stall_floor: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +233,11 @@ pub struct SshConfig {
     pub keepalive_max: usize,
     /// SSH connections per node; streams are spread across them.
     pub connections_per_node: usize,
+    /// Sessions per node at most, counting extra sessions opened on demand
+    /// while every session is congested by a slow reader.
+    pub max_connections_per_node: usize,
+    /// An extra session that carried no stream for this long is closed.
+    pub extra_session_idle: Duration,
     /// Handshakes in flight at once, over all nodes: a thousand nodes
     /// starting together must not swamp us or a shared sshd's MaxStartups.
     pub max_concurrent_handshakes: usize,
@@ -322,30 +327,22 @@ pub struct ProxyConfig {
 }
 
 /// Bounds on the bytes the relay holds for clients that read slower than
-/// their node sends (russh re-opens the SSH window on arrival, so these
-/// buffers, not the window, are what bounds memory; see `relay`).
+/// their node sends. Past them the relay stops draining the channel, which
+/// slows the node down (see `relay`); nothing is reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayLimits {
-    /// Bytes all streams together may hold, at every moment. Past it the
-    /// streams whose clients went longest without reading are reset.
+    /// Bytes all streams together may hold, at every moment. Near it the
+    /// sessions with the largest backlog are held first.
     pub buffer_budget: usize,
-    /// Bytes one stream may hold, however its client reads.
+    /// Bytes one stream may hold before its drain waits for its client.
     pub stream_buffer_limit: usize,
-    /// A client that took nothing for this long has stopped reading; a
-    /// client that took bytes within it is actively draining.
-    pub stall_timeout: Duration,
-    /// A stopped client holding more than this is reset even when the
-    /// budget has room.
-    pub stall_floor: usize,
 }
 
 impl Default for RelayLimits {
     fn default() -> RelayLimits {
         RelayLimits {
             buffer_budget: 512 << 20,
-            stream_buffer_limit: 64 << 20,
-            stall_timeout: Duration::from_secs(2),
-            stall_floor: 4 << 20,
+            stream_buffer_limit: 8 << 20,
         }
     }
 }
@@ -511,8 +508,6 @@ fn parse_size(key: &str, value: Option<&String>, default: usize) -> Result<usize
 fn validate_relay(
     budget: Option<String>,
     stream_limit: Option<String>,
-    stall_timeout: Option<String>,
-    stall_floor: Option<String>,
 ) -> Result<RelayLimits, ConfigError> {
     let d = RelayLimits::default();
     let r = RelayLimits {
@@ -525,16 +520,6 @@ fn validate_relay(
             "proxy.relay_stream_buffer_limit",
             stream_limit.as_ref(),
             d.stream_buffer_limit,
-        )?,
-        stall_timeout: parse_duration(
-            "proxy.relay_stall_timeout",
-            stall_timeout.as_ref(),
-            d.stall_timeout,
-        )?,
-        stall_floor: parse_size(
-            "proxy.relay_stall_floor",
-            stall_floor.as_ref(),
-            d.stall_floor,
         )?,
     };
     // One SSH packet (at most 64 KiB here) must always fit, or a stream
@@ -555,12 +540,6 @@ fn validate_relay(
         return Err(invalid(
             "proxy.relay_stream_buffer_limit",
             "must not be greater than proxy.relay_buffer_budget",
-        ));
-    }
-    if r.stall_floor > r.stream_buffer_limit {
-        return Err(invalid(
-            "proxy.relay_stall_floor",
-            "must not be greater than proxy.relay_stream_buffer_limit",
         ));
     }
     Ok(r)
@@ -686,6 +665,28 @@ impl Config {
                 "cannot be used with ssh.identity_agent: the agent holds the decrypted key",
             ));
         }
+        let connections_per_node = match s.connections_per_node {
+            None => 1,
+            Some(n @ 1..=16) => n,
+            Some(_) => {
+                return Err(invalid(
+                    "ssh.connections_per_node",
+                    "must be between 1 and 16",
+                ))
+            }
+        };
+        // Extra sessions are opened only while every session is congested
+        // by a slow reader; 8 keeps a few spare without swamping sshd.
+        let max_connections_per_node = match s.max_connections_per_node {
+            None => connections_per_node.max(8),
+            Some(n) if (connections_per_node..=64).contains(&n) => n,
+            Some(_) => {
+                return Err(invalid(
+                    "ssh.max_connections_per_node",
+                    "must be between ssh.connections_per_node and 64",
+                ))
+            }
+        };
         let ssh = SshConfig {
             user: s.user,
             identity_file: resolve(base, &s.identity_file),
@@ -702,16 +703,13 @@ impl Config {
                 Duration::from_secs(10),
             )?,
             keepalive_max,
-            connections_per_node: match s.connections_per_node {
-                None => 1,
-                Some(n @ 1..=16) => n,
-                Some(_) => {
-                    return Err(invalid(
-                        "ssh.connections_per_node",
-                        "must be between 1 and 16",
-                    ))
-                }
-            },
+            connections_per_node,
+            max_connections_per_node,
+            extra_session_idle: parse_duration(
+                "ssh.extra_session_idle",
+                s.extra_session_idle.as_ref(),
+                Duration::from_secs(60),
+            )?,
             max_concurrent_handshakes: match s.max_concurrent_handshakes {
                 None => 64,
                 Some(0) => {
@@ -834,12 +832,7 @@ impl Config {
                     client_ca_file: resolve(base, &t.client_ca_file),
                 }),
             },
-            relay: validate_relay(
-                p.relay_buffer_budget,
-                p.relay_stream_buffer_limit,
-                p.relay_stall_timeout,
-                p.relay_stall_floor,
-            )?,
+            relay: validate_relay(p.relay_buffer_budget, p.relay_stream_buffer_limit)?,
         };
         let health = raw.health.map(validate_health).transpose()?;
         let discovery = match raw.discovery {
@@ -1360,8 +1353,7 @@ known_hosts_file = "keys/known_hosts"
     #[test]
     fn relay_limits_take_sizes_with_units() {
         let c = parse(
-            "[proxy]\nrelay_buffer_budget = \"8MiB\"\nrelay_stream_buffer_limit = \"4MiB\"\n\
-             relay_stall_timeout = \"500ms\"\nrelay_stall_floor = \"900KiB\"\n",
+            "[proxy]\nrelay_buffer_budget = \"8MiB\"\nrelay_stream_buffer_limit = \"4MiB\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -1369,8 +1361,6 @@ known_hosts_file = "keys/known_hosts"
             RelayLimits {
                 buffer_budget: 8 << 20,
                 stream_buffer_limit: 4 << 20,
-                stall_timeout: Duration::from_millis(500),
-                stall_floor: 900 << 10,
             }
         );
         assert_eq!(parse("").unwrap().proxy.relay, RelayLimits::default());
@@ -1401,14 +1391,9 @@ known_hosts_file = "keys/known_hosts"
                 "not be greater",
             ),
             (
-                "relay_stream_buffer_limit = \"1MiB\"\nrelay_stall_floor = \"2MiB\"",
-                "proxy.relay_stall_floor",
-                "not be greater",
-            ),
-            (
-                "relay_stall_timeout = \"0s\"",
-                "proxy.relay_stall_timeout",
-                "greater than zero",
+                "relay_stream_buffer_limit = \"128KiB\"",
+                "proxy.relay_stream_buffer_limit",
+                "at least 256KiB",
             ),
         ] {
             match parse(&format!("[proxy]\n{extra}\n")) {

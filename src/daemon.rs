@@ -245,6 +245,7 @@ impl Daemon {
             .map(|t| {
                 let s = t.state();
                 let c = &t.counters;
+                let g = t.congestion();
                 let ld =
                     |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 NodeStatus {
@@ -262,6 +263,10 @@ impl Daemon {
                     rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
                     next_retry: s.next_retry.map(rfc3339),
                     host_key_mismatches: ld(&c.host_key_mismatches),
+                    sessions: g.sessions as u64,
+                    congested_sessions: g.congested_sessions as u64,
+                    blocked_seconds: g.blocked_seconds,
+                    streams_slowed: g.streams_slowed,
                 }
             })
             .collect();
@@ -898,6 +903,11 @@ impl Daemon {
         if new.ssh.connections_per_node != current.ssh.connections_per_node {
             report.warnings.push(
                 "ssh.connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
+            );
+        }
+        if new.ssh.max_connections_per_node != current.ssh.max_connections_per_node {
+            report.warnings.push(
+                "ssh.max_connections_per_node applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others".into(),
             );
         }
         if new.admin.socket != current.admin.socket {

@@ -398,6 +398,8 @@ mod tests {
             keepalive_interval: std::time::Duration::from_secs(1),
             keepalive_max: 3,
             connections_per_node: 1,
+            max_connections_per_node: 8,
+            extra_session_idle: std::time::Duration::from_secs(60),
             max_concurrent_handshakes: 64,
             host_key_policy: Default::default(),
             passphrase_file: None,

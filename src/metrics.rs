@@ -155,6 +155,10 @@ impl Collector for NodeCollector {
         let mut active = Vec::new();
         let mut bytes = Vec::new();
         let mut rtt = Vec::new();
+        let mut sessions = Vec::new();
+        let mut congested = Vec::new();
+        let mut blocked: Vec<(Vec<(&str, String)>, f64)> = Vec::new();
+        let mut slowed = Vec::new();
         let mut states = [
             TunnelState::Connecting,
             TunnelState::Healthy,
@@ -184,6 +188,11 @@ impl Collector for NodeCollector {
             if let Some(r) = s.rtt {
                 rtt.push((node(t), r.as_secs_f64()));
             }
+            let g = t.congestion();
+            sessions.push((node(t), g.sessions as f64));
+            congested.push((node(t), g.congested_sessions as f64));
+            blocked.push((node(t), g.blocked_seconds));
+            slowed.push((node(t), g.streams_slowed));
             if let Some(e) = states.iter_mut().find(|(st, _)| *st == s.state) {
                 e.1 += 1;
             }
@@ -229,6 +238,33 @@ impl Collector for NodeCollector {
             "tunneler_keepalive_rtt_seconds",
             "Round trip of the last keepalive ping",
             &rtt,
+        )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_ssh_sessions",
+            "SSH sessions up now, extra sessions opened for congestion included",
+            &sessions,
+        )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_congested_sessions",
+            "SSH sessions a slow reader holds (or is about to hold) now; new streams avoid them",
+            &congested,
+        )?;
+        let mut m = enc.encode_descriptor(
+            "tunneler_blocked_seconds",
+            "Seconds SSH sessions spent held by a slow reader's backpressure, holds in progress included",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, v) in &blocked {
+            ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+        }
+        counter_family(
+            &mut enc,
+            "tunneler_streams_slowed",
+            "Streams whose client fell behind by half proxy.relay_stream_buffer_limit (slowed, never reset)",
+            &slowed,
         )?;
         let by_state: Vec<(Vec<(&str, String)>, f64)> = states
             .iter()
@@ -300,24 +336,12 @@ fn encode_relay(
     ] {
         gauge_family(enc, name, help, &[(Vec::new(), v as f64)])?;
     }
-    let resets: Vec<(Vec<(&str, String)>, u64)> = crate::relay::ResetReason::ALL
-        .iter()
-        .zip(b.resets)
-        .map(|(r, n)| (vec![("reason", r.as_str().to_string())], n))
-        .collect();
-    counter_family(
+    gauge_family(
         enc,
-        "tunneler_relay_resets",
-        "Streams the relay reset to bound memory: stalled, too_slow or budget",
-        &resets,
-    )?;
-    let m = enc.encode_descriptor(
-        "tunneler_relay_dropped_bytes",
-        "Queued bytes discarded because their stream was reset",
-        None,
-        MetricType::Counter,
-    )?;
-    ConstCounter::new(b.dropped).encode(m)
+        "tunneler_relay_budget_held_streams",
+        "Streams whose drain waits on proxy.relay_buffer_budget now (their sessions are held)",
+        &[(Vec::new(), b.held as f64)],
+    )
 }
 
 impl Metrics {

@@ -512,7 +512,11 @@ impl EgressProxy {
             .await
             .is_err()
         {
-            let _ = channel.close().await;
+            // Drop the read half first: the session loop may be parked on
+            // this channel's queue, and the close goes through that loop.
+            let (read_half, write_half) = channel.split();
+            drop(read_half);
+            let _ = tokio::time::timeout(Duration::from_secs(5), write_half.close()).await;
             return;
         }
         debug!(node = %tunnel.node.name, "stream open");
@@ -521,14 +525,15 @@ impl EgressProxy {
             first,
             channel,
             &tunnel.counters,
+            guard.session(),
             self.cancel.child_token(),
             RelayBudget::global(),
             &settings.relay,
         )
         .await;
         drop(guard);
-        if let RelayEnd::Reset(why) = end {
-            warn!(node = %tunnel.node.name, reason = why.as_str(), "stream reset: {why}");
+        if end == RelayEnd::ClientGone {
+            debug!(node = %tunnel.node.name, "client went away before the node finished; channel closed");
         }
         debug!(node = %tunnel.node.name, ?end, "stream closed");
     }

@@ -12,11 +12,13 @@ use russh::client::{self, AuthResult, DisconnectReason, Handle};
 use russh::keys::ssh_key::{HashAlg, PublicKey};
 use russh::keys::PublicKeyOrCertificate;
 use russh::Disconnect;
+use std::os::fd::AsFd;
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::{info, warn};
 
-use crate::config::{HostKeyPolicy, NodeConfig};
+use tracing::{debug, info, warn};
+
+use crate::config::{HostKeyPolicy, NodeConfig, SshConfig};
 use crate::error::TunnelError;
 use crate::known_hosts::{KnownHostsStore, Learned, Verdict};
 use crate::tunnel::SshContext;
@@ -29,6 +31,10 @@ pub struct Session {
     pub ended: CancellationToken,
     /// Why it ended, when russh told us.
     pub end_reason: Arc<Mutex<Option<String>>>,
+    /// A second handle on the TCP socket, on which the kernel's keepalive
+    /// verdict can be read while a slow reader parks the session loop
+    /// (russh reads nothing then). None if the socket could not be cloned.
+    pub watch: Option<std::net::TcpStream>,
 }
 
 impl Session {
@@ -222,6 +228,12 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
         Ok(Ok(s)) => s,
     };
     let _ = tcp.set_nodelay(true);
+    kernel_liveness(&tcp, &ctx.ssh);
+    let watch = tcp
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::net::TcpStream::from)
+        .ok();
 
     let ended = CancellationToken::new();
     let host_key_error = Arc::new(Mutex::new(None));
@@ -294,6 +306,29 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
             handle,
             ended,
             end_reason,
+            watch,
         }),
+    }
+}
+
+/// Kernel TCP keepalive with the SSH keepalive's figures, plus a user
+/// timeout for unacknowledged data. russh's own keepalive cannot run while
+/// our backpressure parks its session loop; the kernel's can, whether we
+/// read or not, and its verdict shows on the socket's error (see
+/// `tunnel`'s hold watchdog).
+fn kernel_liveness(tcp: &TcpStream, ssh: &SshConfig) {
+    let sock = socket2::SockRef::from(tcp);
+    let every = ssh.keepalive_interval;
+    let count = u32::try_from(ssh.keepalive_max).unwrap_or(u32::MAX);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(every)
+        .with_interval(every)
+        .with_retries(count);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        debug!(error = %e, "TCP keepalive not set");
+    }
+    let limit = every.saturating_mul(count.saturating_add(1));
+    if let Err(e) = sock.set_tcp_user_timeout(Some(limit)) {
+        debug!(error = %e, "TCP user timeout not set");
     }
 }

@@ -71,6 +71,21 @@ pub struct NodeStatus {
     /// other than the one known_hosts lists for it.
     #[serde(default)]
     pub host_key_mismatches: u64,
+    /// SSH sessions up now, extra sessions included.
+    #[serde(default)]
+    pub sessions: u64,
+    /// Sessions held now by a slow reader's backpressure (or with a
+    /// stream over its slow watermark); new streams avoid them.
+    #[serde(default)]
+    pub congested_sessions: u64,
+    /// Seconds sessions of this node spent held by backpressure since
+    /// start, holds in progress included.
+    #[serde(default)]
+    pub blocked_seconds: f64,
+    /// Streams whose client fell behind by half the per-stream limit,
+    /// since start (they were slowed, not reset).
+    #[serde(default)]
+    pub streams_slowed: u64,
 }
 
 impl StatusDocument {

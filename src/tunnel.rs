@@ -11,8 +11,8 @@
 //! drain (bounded by the drain timeout) before disconnecting it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -190,7 +190,10 @@ impl SshContext {
                 nodelay: true,
                 window_size: 8 * 1024 * 1024,
                 maximum_packet_size: 65535,
-                channel_buffer_size: 256,
+                // Packets russh queues per channel before its session loop
+                // waits for the relay: 32 x 64 KiB = 2 MiB per held stream,
+                // on top of the relay's own per-stream limit.
+                channel_buffer_size: 32,
                 preferred,
                 ..client::Config::default()
             })
@@ -221,6 +224,88 @@ pub struct Conn {
     handle: Handle<ClientHandler>,
     streams: AtomicU64,
     idle: Notify,
+    load: Arc<SessionLoad>,
+}
+
+/// What the relays of one SSH session hold, and whether they hold the
+/// session itself: russh's only backpressure parks the whole session loop
+/// while one of its streams is not drained (see `relay`). Placement reads
+/// it to keep new streams off a congested session.
+#[derive(Debug, Default)]
+pub struct SessionLoad {
+    /// Bytes queued for this session's clients.
+    pub backlog: AtomicUsize,
+    /// Streams over their slow watermark now.
+    pub slow: AtomicUsize,
+    /// Drains waiting now, and since when at least one has.
+    held: Mutex<(usize, Option<Instant>)>,
+    /// Cancelled when the session is torn down: its relays stop, so a
+    /// disconnect never waits on a loop one of them parks.
+    closing: CancellationToken,
+}
+
+impl SessionLoad {
+    /// True while a stream is slow or a drain holds the session: new
+    /// streams go elsewhere if they can.
+    pub fn congested(&self) -> bool {
+        self.slow.load(Ordering::Relaxed) > 0 || self.is_held()
+    }
+
+    /// True while at least one drain waits, i.e. the session loop is (or
+    /// is about to be) parked by our own backpressure.
+    pub fn is_held(&self) -> bool {
+        self.lock().0 > 0
+    }
+
+    /// A drain starts waiting.
+    pub fn hold_begin(&self) {
+        let mut h = self.lock();
+        h.0 += 1;
+        if h.0 == 1 {
+            h.1 = Some(Instant::now());
+        }
+    }
+
+    /// A drain stops waiting; the held time goes to the node's counters.
+    pub fn hold_end(&self, counters: &Counters) {
+        let mut h = self.lock();
+        h.0 = h.0.saturating_sub(1);
+        if h.0 == 0 {
+            if let Some(since) = h.1.take() {
+                counters
+                    .blocked_ns
+                    .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// How long the current hold has lasted (none while not held).
+    fn held_for(&self) -> Duration {
+        self.lock().1.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// The session's teardown token.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<Instant>)> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A node's congestion, for metrics and status.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Congestion {
+    /// SSH sessions up now (supervised and extra).
+    pub sessions: usize,
+    /// Of those, congested now.
+    pub congested_sessions: usize,
+    /// Total time sessions spent held by our backpressure, ongoing holds
+    /// included.
+    pub blocked_seconds: f64,
+    /// Streams that ever went over their slow watermark.
+    pub streams_slowed: u64,
 }
 
 impl Conn {
@@ -258,6 +343,11 @@ pub struct Counters {
     pub opens: AtomicU64,
     /// Failed session attempts, indexed like `metrics::OPEN_FAIL_REASONS`.
     pub open_failures: [AtomicU64; 5],
+    /// Nanoseconds sessions spent held by a slow reader's backpressure
+    /// (finished holds).
+    pub blocked_ns: AtomicU64,
+    /// Streams whose client fell behind by half the per-stream limit.
+    pub streams_slowed: AtomicU64,
 }
 
 impl Counters {
@@ -314,6 +404,11 @@ impl StreamGuard {
     pub fn tunnel(&self) -> &Arc<NodeTunnel> {
         &self.tunnel
     }
+
+    /// The load of the SSH session this stream rides on.
+    pub fn session(&self) -> &SessionLoad {
+        &self.conn.load
+    }
 }
 
 /// The shared handle to one node's tunnel.
@@ -323,8 +418,19 @@ pub struct NodeTunnel {
     state: watch::Sender<StateInfo>,
     /// One live session per connection slot. Streams are spread over them
     /// (least loaded first), so concurrent streams use several cores and a
-    /// heavy stream shares its session's loop with fewer neighbours.
+    /// heavy stream shares its session's loop with fewer neighbours. Slots
+    /// from `supervised` on hold extra sessions, opened on demand while
+    /// every session is congested and closed when idle.
     conns: Vec<ArcSwapOption<Conn>>,
+    supervised: usize,
+    /// One extra session is being opened (no stampede).
+    opening_extra: AtomicBool,
+    /// A failed extra keeps new ones from being tried until then.
+    extra_cooldown: Mutex<Option<Instant>>,
+    /// Notified when an extra session opens or fails.
+    extra_ready: Notify,
+    ctx: SharedContext,
+    tracker: TaskTracker,
     /// Stream and byte counters.
     pub counters: Counters,
     cancel: CancellationToken,
@@ -350,6 +456,7 @@ impl NodeTunnel {
         tracker: &TaskTracker,
     ) -> Arc<NodeTunnel> {
         let n = ctx.load().ssh.connections_per_node.max(1);
+        let max = ctx.load().ssh.max_connections_per_node.max(n);
         let (state, _) = watch::channel(StateInfo {
             state: TunnelState::Connecting,
             since: SystemTime::now(),
@@ -371,7 +478,13 @@ impl NodeTunnel {
         let tunnel = Arc::new(NodeTunnel {
             node,
             state,
-            conns: (0..n).map(|_| ArcSwapOption::empty()).collect(),
+            conns: (0..max).map(|_| ArcSwapOption::empty()).collect(),
+            supervised: n,
+            opening_extra: AtomicBool::new(false),
+            extra_cooldown: Mutex::new(None),
+            extra_ready: Notify::new(),
+            ctx: ctx.clone(),
+            tracker: tracker.clone(),
             counters: Counters::default(),
             cancel,
             commands,
@@ -550,7 +663,10 @@ impl NodeTunnel {
         max_streams: u64,
     ) -> Result<OpenStream, TunnelError> {
         let started = tokio::time::Instant::now();
-        let conn = self.wait_connected(deadline).await?;
+        self.wait_connected(deadline).await?;
+        let conn = self.pick_conn(deadline).await.ok_or_else(|| {
+            TunnelError::NotConnected(format!("node {} lost its session", self.node.name))
+        })?;
         // Reserve the stream before the open: the cap holds under concurrent
         // dials, and a retiring session never sees zero while an open is in
         // flight on it.
@@ -582,20 +698,102 @@ impl NodeTunnel {
         }
     }
 
+    /// The live session with the smallest `key` among those `ok` accepts.
+    fn best_conn(
+        &self,
+        ok: impl Fn(&Conn) -> bool,
+        key: impl Fn(&Conn) -> usize,
+    ) -> Option<Arc<Conn>> {
+        self.conns
+            .iter()
+            .filter_map(|slot| slot.load_full())
+            .filter(|c| ok(c))
+            .min_by_key(|c| key(c))
+    }
+
     fn least_loaded_conn(&self) -> Option<Arc<Conn>> {
-        let mut best: Option<Arc<Conn>> = None;
-        for slot in &self.conns {
-            if let Some(c) = slot.load_full() {
-                let load = c.streams.load(Ordering::Relaxed);
-                if best
-                    .as_ref()
-                    .is_none_or(|b| load < b.streams.load(Ordering::Relaxed))
-                {
-                    best = Some(c);
-                }
+        self.best_conn(|_| true, |c| c.streams.load(Ordering::Relaxed) as usize)
+    }
+
+    /// Where a new stream goes: the least loaded session that is not
+    /// congested; else an extra session, opened now when the node is under
+    /// `ssh.max_connections_per_node` (waiting at most half the time left);
+    /// else the congested session with the smallest backlog. A new stream
+    /// on a held session would wait behind a slow reader's data.
+    async fn pick_conn(self: &Arc<Self>, deadline: tokio::time::Instant) -> Option<Arc<Conn>> {
+        let free = |c: &Conn| !c.load.congested();
+        let streams = |c: &Conn| c.streams.load(Ordering::Relaxed) as usize;
+        if let Some(c) = self.best_conn(free, streams) {
+            return Some(c);
+        }
+        let now = tokio::time::Instant::now();
+        let wait_until = now + deadline.saturating_duration_since(now) / 2;
+        loop {
+            let ready = self.extra_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            if let Some(c) = self.best_conn(free, streams) {
+                return Some(c);
+            }
+            if !self.start_extra() && !self.opening_extra.load(Ordering::Acquire) {
+                break;
+            }
+            if tokio::time::timeout_at(wait_until, ready).await.is_err() {
+                break;
             }
         }
-        best
+        self.best_conn(|_| true, |c| c.load.backlog.load(Ordering::Relaxed))
+    }
+
+    /// Starts opening one extra session if a slot is free, none is being
+    /// opened and no recent failure cools us down. True when started.
+    fn start_extra(self: &Arc<Self>) -> bool {
+        let cooling = self
+            .extra_cooldown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| Instant::now() < t);
+        if cooling || self.cancel.is_cancelled() {
+            return false;
+        }
+        let Some(slot) =
+            (self.supervised..self.conns.len()).find(|&i| self.conns[i].load().is_none())
+        else {
+            return false;
+        };
+        if self
+            .opening_extra
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        // Its own root: the extra outlives the dial that started it.
+        let span = info_span!(parent: None, "node", node = %self.node.name);
+        self.tracker.spawn(
+            extra_session(self.clone(), slot)
+                .instrument(tracing::info_span!(parent: &span, "extra", slot)),
+        );
+        true
+    }
+
+    /// Sessions, congestion and held time, for metrics and status.
+    pub fn congestion(&self) -> Congestion {
+        let mut c = Congestion {
+            sessions: 0,
+            congested_sessions: 0,
+            blocked_seconds: Duration::from_nanos(self.counters.blocked_ns.load(Ordering::Relaxed))
+                .as_secs_f64(),
+            streams_slowed: self.counters.streams_slowed.load(Ordering::Relaxed),
+        };
+        for conn in self.conns.iter().filter_map(|s| s.load_full()) {
+            c.sessions += 1;
+            if conn.load.congested() {
+                c.congested_sessions += 1;
+            }
+            c.blocked_seconds += conn.load.held_for().as_secs_f64();
+        }
+        c
     }
 
     async fn wait_connected(
@@ -657,12 +855,104 @@ async fn retire(conn: Arc<Conn>, ended: CancellationToken, limit: Duration, why:
             "drain timeout: closing the old session with streams still open"
         );
     }
-    let _ = conn
-        .handle
-        .disconnect(Disconnect::ByApplication, why, "")
-        .await;
+    close_session(&conn, why).await;
     debug!(drained, "old session closed");
 }
+
+/// Stops the session's relays (one may be parking its loop), then
+/// disconnects, bounded: russh has no timeout of its own.
+async fn close_session(conn: &Conn, why: &str) {
+    conn.load.closing.cancel();
+    let bye = conn.handle.disconnect(Disconnect::ByApplication, why, "");
+    if tokio::time::timeout(Duration::from_secs(5), bye)
+        .await
+        .is_err()
+    {
+        warn!("disconnect did not complete within 5s; dropping the session");
+    }
+}
+
+/// An extra session: opened once on demand (never retried; a failure
+/// cools the node down for a while), it serves until it has carried no
+/// stream and no congestion for `ssh.extra_session_idle`, the session ends,
+/// or the node stops. It stays out of the node's state: the supervised
+/// sessions say whether the node is up.
+async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
+    let ctx = tunnel.ctx.load_full();
+    let cancel = tunnel.cancel.clone();
+    let attempt = tokio::select! {
+        _ = cancel.cancelled() => None,
+        r = session::connect(&tunnel.node, &ctx) => Some(r),
+    };
+    let session = match attempt {
+        Some(Ok(s)) => {
+            tunnel.counters.opens.fetch_add(1, Ordering::Relaxed);
+            s
+        }
+        other => {
+            if let Some(Err(e)) = other {
+                tunnel.counters.count_attempt(&Err::<Session, _>(e.clone()));
+                info!(error = %e, "extra session failed; new streams share the congested ones for 10s");
+                *tunnel
+                    .extra_cooldown
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + EXTRA_COOLDOWN);
+            }
+            tunnel.opening_extra.store(false, Ordering::Release);
+            tunnel.extra_ready.notify_waiters();
+            return;
+        }
+    };
+    let Session {
+        handle,
+        ended,
+        end_reason,
+        watch,
+    } = session;
+    let conn = install(
+        &tunnel,
+        slot,
+        handle,
+        watch,
+        &ctx,
+        &tunnel.tracker,
+        ended.clone(),
+    );
+    tunnel.opening_extra.store(false, Ordering::Release);
+    tunnel.extra_ready.notify_waiters();
+    info!("extra session open: every other session of the node is congested");
+    let idle_for = ctx.ssh.extra_session_idle;
+    let every = (idle_for / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                tunnel.conns[slot].store(None);
+                close_session(&conn, "tunneler shutting down").await;
+                return;
+            }
+            _ = ended.cancelled() => {
+                tunnel.conns[slot].store(None);
+                info!(reason = %Session::reason(&end_reason), "extra session ended");
+                return;
+            }
+            _ = tokio::time::sleep(every) => {}
+        }
+        if conn.streams.load(Ordering::Acquire) == 0 && !conn.load.congested() {
+            if idle_since.get_or_insert_with(Instant::now).elapsed() >= idle_for {
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+    }
+    tunnel.conns[slot].store(None);
+    info!(?idle_for, "extra session idle: closing it");
+    retire(conn, ended, ctx.drain_timeout, "extra session idle").await;
+}
+
+/// How long a failed extra session keeps the node from trying another.
+const EXTRA_COOLDOWN: Duration = Duration::from_secs(10);
 
 /// Measures the keepalive round trip while a session is up.
 async fn ping_loop(
@@ -672,6 +962,16 @@ async fn ping_loop(
     stop: CancellationToken,
 ) {
     loop {
+        if conn.load.is_held() {
+            // Our own backpressure parks the session loop: a ping now
+            // would only time out and show a healthy node as unreachable.
+            // Keep the last round trip and look again later.
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            continue;
+        }
         let t0 = Instant::now();
         let ok = tokio::select! {
             _ = stop.cancelled() => return,
@@ -725,8 +1025,9 @@ async fn supervise(
                     handle,
                     mut ended,
                     mut end_reason,
+                    watch,
                 } = first;
-                let mut conn = install(&tunnel, slot, handle, &ctx, &tracker, ended.clone());
+                let mut conn = install(&tunnel, slot, handle, watch, &ctx, &tracker, ended.clone());
                 tunnel.set_link(slot, Link::Up, None, None);
                 info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
                 // Serve until the session ends, a reconnect is asked for, or
@@ -735,7 +1036,7 @@ async fn supervise(
                     let cmd = tokio::select! {
                         _ = cancel.cancelled() => {
                             tunnel.conns[slot].store(None);
-                            let _ = conn.handle.disconnect(Disconnect::ByApplication, "tunneler shutting down", "").await;
+                            close_session(&conn, "tunneler shutting down").await;
                             break 'outer;
                         }
                         _ = ended.cancelled() => break Session::reason(&end_reason),
@@ -759,8 +1060,15 @@ async fn supervise(
                             let old = conn;
                             let old_ended = std::mem::replace(&mut ended, new.ended);
                             end_reason = new.end_reason;
-                            conn =
-                                install(&tunnel, slot, new.handle, &ctx, &tracker, ended.clone());
+                            conn = install(
+                                &tunnel,
+                                slot,
+                                new.handle,
+                                new.watch,
+                                &ctx,
+                                &tracker,
+                                ended.clone(),
+                            );
                             up_at = Instant::now();
                             tracker.spawn(
                                 retire(
@@ -833,11 +1141,13 @@ async fn supervise(
 }
 
 /// Makes `handle` the live session: new streams go to it from now on, and
-/// its keepalive round trip is measured until the session ends.
+/// its keepalive round trip is measured (and, while a slow reader holds
+/// it, the kernel's liveness verdict watched) until the session ends.
 fn install(
     tunnel: &Arc<NodeTunnel>,
     slot: usize,
     handle: Handle<ClientHandler>,
+    watch: Option<std::net::TcpStream>,
     ctx: &SshContext,
     tracker: &TaskTracker,
     ended: CancellationToken,
@@ -846,6 +1156,7 @@ fn install(
         handle,
         streams: AtomicU64::new(0),
         idle: Notify::new(),
+        load: Arc::new(SessionLoad::default()),
     });
     tunnel.conns[slot].store(Some(conn.clone()));
     let stop = ended.clone();
@@ -862,5 +1173,50 @@ fn install(
         }
         .in_current_span(),
     );
+    if let Some(watch) = watch {
+        let c = conn.clone();
+        let cancel = tunnel.cancel.clone();
+        tracker.spawn(
+            async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = hold_watchdog(c, watch, every, ended) => {}
+                }
+            }
+            .in_current_span(),
+        );
+    }
     conn
+}
+
+/// While a slow reader holds the session (russh's loop parked, so its
+/// keepalive verdict paused), reads the kernel's verdict on the socket
+/// every `every`: TCP keepalive probes and the user timeout keep running
+/// whether we read or not. On an error the node is gone: stop the
+/// session's relays (that unparks the loop, which then reads the error and
+/// ends) and shut the socket. Owns the second handle on the socket and
+/// drops it when the session ends, so the socket closes with russh's.
+async fn hold_watchdog(
+    conn: Arc<Conn>,
+    watch: std::net::TcpStream,
+    every: Duration,
+    ended: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = ended.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if !conn.load.is_held() {
+            continue;
+        }
+        let err = match watch.take_error() {
+            Ok(None) => continue,
+            Ok(Some(e)) | Err(e) => e,
+        };
+        warn!(error = %err, "the node stopped answering while a slow reader held the session; closing it");
+        conn.load.closing.cancel();
+        let _ = watch.shutdown(std::net::Shutdown::Both);
+        return;
+    }
 }

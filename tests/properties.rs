@@ -190,7 +190,7 @@ fn list(items: impl IntoIterator<Item = String>) -> String {
 fn to_toml(c: &Config) -> String {
     let s = &c.ssh;
     let mut t = format!(
-        "[ssh]\nuser = {}\nidentity_file = {}\nknown_hosts_file = {}\nport = {}\nconnect_timeout = {}\nkeepalive_interval = {}\nkeepalive_max = {}\nconnections_per_node = {}\nmax_concurrent_handshakes = {}\nhost_key_policy = {}\n",
+        "[ssh]\nuser = {}\nidentity_file = {}\nknown_hosts_file = {}\nport = {}\nconnect_timeout = {}\nkeepalive_interval = {}\nkeepalive_max = {}\nconnections_per_node = {}\nmax_connections_per_node = {}\nextra_session_idle = {}\nmax_concurrent_handshakes = {}\nhost_key_policy = {}\n",
         q(&s.user),
         q(&s.identity_file.display().to_string()),
         q(&s.known_hosts_file.display().to_string()),
@@ -199,6 +199,8 @@ fn to_toml(c: &Config) -> String {
         ms(s.keepalive_interval),
         s.keepalive_max,
         s.connections_per_node,
+        s.max_connections_per_node,
+        ms(s.extra_session_idle),
         s.max_concurrent_handshakes,
         q(match s.host_key_policy {
             HostKeyPolicy::Strict => "strict",

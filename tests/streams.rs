@@ -136,11 +136,12 @@ fn half_close_and_early_bytes_are_carried() {
 /// The known russh hazard: one stream whose client stops reading must not
 /// freeze the other streams on the same SSH connection, nor its keepalives.
 ///
-/// The stalled stream parks 2 MiB for its client. That is below the relay's
-/// `STALL_FLOOR` (4 MiB), and by the relay policy (src/relay.rs) such a
-/// stream is never reset for stalling: afterwards it is still open and
-/// hands over every byte, then EOF. (A client that stops reading an endless
-/// flood is reset by the same policy; resilience.rs covers that one.)
+/// The stalled stream parks 2 MiB for its client. That is below the
+/// relay's slow watermark (half of `relay_stream_buffer_limit`, 8 MiB by
+/// default), so it does not even hold its session: other streams share it
+/// freely. Afterwards it is still open and hands over every byte, then
+/// EOF. (A client that stops reading an endless flood holds its session;
+/// resilience.rs covers that one.)
 #[test]
 fn a_client_that_stops_reading_does_not_stall_other_streams() {
     require_netns!("a_client_that_stops_reading_does_not_stall_other_streams");
@@ -159,9 +160,8 @@ fn a_client_that_stops_reading_does_not_stall_other_streams() {
         node_status(s, "node-1").is_some_and(|n| n["bytes_out"].as_u64() >= Some(PARKED as u64))
     });
 
-    // For longer than keepalive_interval x keepalive_max (3 s) and the
-    // relay's STALL_TIMEOUT (2 s), other streams on the same tunnel keep
-    // answering. The time passing is the subject here, not a readiness wait.
+    // For longer than keepalive_interval x keepalive_max (3 s), other
+    // streams on the same tunnel keep answering. The time passing is the subject here, not a readiness wait.
     let start = Instant::now();
     let mut k = 0;
     let mut slowest = Duration::ZERO;

@@ -299,6 +299,65 @@ pub fn echo_exact<S: Duplex>(s: S, data: &[u8]) -> Result<(), String> {
     compare_exact(&got, data)
 }
 
+/// Over a stream CONNECTed to the raw echo server: sends `data` from a
+/// second thread as fast as the daemon takes it, half-closes, and reads
+/// the echo at `rate` bytes per second (reads of at most 64 KiB, each
+/// followed by a sleep until `bytes / rate`), stopping for `pause` once
+/// `pause_at` bytes arrived. A reader slower than its node, pacing being
+/// the subject. Returns what arrived up to EOF, or the error.
+pub fn paced_echo(
+    s: UnixStream,
+    data: &[u8],
+    rate: f64,
+    pause_at: usize,
+    pause: Duration,
+) -> Result<Vec<u8>, String> {
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let out = data.to_vec();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        w.write_all(&out)?;
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut r = s;
+    let mut got = Vec::with_capacity(data.len());
+    let mut buf = vec![0u8; 64 * 1024];
+    let start = Instant::now();
+    let mut paused = Duration::ZERO;
+    let result = loop {
+        match r.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(format!("read failed after {} bytes: {e}", got.len())),
+        }
+        if paused.is_zero() && got.len() >= pause_at && !pause.is_zero() {
+            std::thread::sleep(pause);
+            paused = pause;
+        }
+        let due = Duration::from_secs_f64(got.len() as f64 / rate) + paused;
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    };
+    let sent = writer.join().expect("writer thread");
+    result?;
+    sent.map_err(|e| format!("sending: {e}"))?;
+    Ok(got)
+}
+
+/// The daemon's resident memory in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Reads until EOF.
 pub fn read_to_eof<S: Read>(mut s: S) -> std::io::Result<Vec<u8>> {
     let mut got = Vec::new();
