@@ -20,6 +20,8 @@ const BUDGET: usize = 8 * MIB;
 const READERS: usize = 4;
 const BYTES: usize = 6 * MIB;
 const RATE: f64 = 3_000_000.0;
+/// How long each reader stops after its first bytes.
+const PAUSE: Duration = Duration::from_secs(3);
 
 fn metric(d: &Daemon, name: &str) -> usize {
     let text = d.metrics();
@@ -64,7 +66,11 @@ fn slow_readers_over_the_budget_are_held_not_reset_and_memory_stays_bounded() {
             .map(|(i, s)| {
                 scope.spawn(move || {
                     let want = common::pattern(BYTES, 100 + i as u64);
-                    let got = common::paced_echo(s, &want, RATE, 0, Duration::ZERO)?;
+                    // Every reader first stops for PAUSE after its first
+                    // bytes, so the node's output has to pile up against
+                    // the budget whatever the machine's speed; then reads
+                    // at its pace.
+                    let got = common::paced_echo(s, &want, RATE, 1, PAUSE)?;
                     common::compare_exact(&got, &want).map_err(|e| format!("reader {i}: {e}"))
                 })
             })
