@@ -211,6 +211,20 @@ mod tests {
     }
 
     #[test]
+    fn reads_subject_cn_and_dns_sans_of_a_real_certificate() {
+        // openssl req -x509 -subj "/O=system:nodes/CN=kube-apiserver-egress"
+        //   -addext "subjectAltName=DNS:egress.tunneler.local,IP:127.0.0.1"
+        let der = include_bytes!("../fuzz/corpus/client_cert_names/seed-ec-cn-and-san.der");
+        assert_eq!(
+            certificate_names(der),
+            Some(v(&["kube-apiserver-egress", "egress.tunneler.local"])),
+            "the O and the IP SAN are not names"
+        );
+        // Cut short, it is no certificate.
+        assert_eq!(certificate_names(&der[..der.len() - 1]), None);
+    }
+
+    #[test]
     fn garbage_is_no_certificate() {
         assert_eq!(certificate_names(b""), None);
         assert_eq!(certificate_names(&[0x30, 0x82, 0xff, 0xff, 0x01]), None);
