@@ -565,6 +565,7 @@ fn started() -> &'static Instant {
 /// figures are the ones an operator would see.
 fn bench_toml(cluster: &Cluster, spec: &ConfigSpec) -> String {
     let mut t = cluster.config_toml(spec);
+    let bench_ports = format!("node_ports = [{SOURCE_PORT}, {ECHO_PORT}, ");
     for (from, to) in [
         ("connect_timeout = \"2s\"", "connect_timeout = \"10s\""),
         (
@@ -574,6 +575,8 @@ fn bench_toml(cluster: &Cluster, spec: &ConfigSpec) -> String {
         ("initial_backoff = \"100ms\"", "initial_backoff = \"1s\""),
         ("max_backoff = \"1s\"", "max_backoff = \"30s\""),
         ("dial_timeout = \"2s\"", "dial_timeout = \"5s\""),
+        // The bench servers listen on the node's own address.
+        ("node_ports = [", bench_ports.as_str()),
         (
             "[proxy]\n",
             "[proxy]\n# The 10 000-stream run needs more than the default 4096.\nmax_streams_per_node = 16384\n",

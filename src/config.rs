@@ -127,6 +127,7 @@ struct RawProxy {
     max_pending_handshakes: Option<usize>,
     max_streams_per_node: Option<u64>,
     node_local_via_loopback: Option<bool>,
+    node_ports: Option<Vec<u16>>,
     socket_group: Option<String>,
     tls: Option<RawTls>,
     relay_buffer_budget: Option<String>,
@@ -140,6 +141,8 @@ struct RawTls {
     cert_file: PathBuf,
     key_file: PathBuf,
     client_ca_file: PathBuf,
+    client_names: Option<Vec<String>>,
+    max_pending_handshakes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,13 +314,17 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// A client must send its whole CONNECT head within this time.
     pub handshake_timeout: Duration,
-    /// Connections that have not yet sent a full request, at most.
+    /// Connections that have not yet sent a full request, at most, on each
+    /// `listen` entry separately (every listener has its own budget).
     pub max_pending_handshakes: usize,
     /// Streams per node; past it new dials to the node get 503 at once.
     pub max_streams_per_node: u64,
     /// Carry dials addressed to a node's own IP or name to 127.0.0.1 on
     /// that node, so kubelets may listen on loopback only.
     pub node_local_via_loopback: bool,
+    /// Ports a dial to a node's own address may use besides the node's
+    /// kubelet port (sorted, no duplicates).
+    pub node_ports: Vec<u16>,
     /// Group that may use the egress Unix sockets (mode 0660 then).
     pub socket_group: Option<String>,
     /// The optional mTLS TCP listener.
@@ -358,6 +365,12 @@ pub struct TlsConfig {
     pub key_file: PathBuf,
     /// CA that signs client certificates (PEM).
     pub client_ca_file: PathBuf,
+    /// When not empty, a client certificate must carry one of these names
+    /// as its subject CN or as a DNS subject alternative name.
+    pub client_names: Vec<String>,
+    /// Connections still in their TLS handshake or CONNECT head, at most,
+    /// on this listener (its own budget, apart from `proxy.listen`'s).
+    pub max_pending_handshakes: usize,
 }
 
 /// What the health probe checks, from the node's side of the tunnel.
@@ -582,6 +595,53 @@ pub fn parse_listen(key: &str, s: &str, base: &Path) -> Result<ListenAddr, Confi
     ))
 }
 
+/// `proxy.node_ports`: no 0, no duplicates; returned sorted.
+fn validate_node_ports(mut ports: Vec<u16>) -> Result<Vec<u16>, ConfigError> {
+    for (i, p) in ports.iter().enumerate() {
+        if *p == 0 {
+            return Err(invalid(format!("proxy.node_ports[{i}]"), "must not be 0"));
+        }
+        if ports[..i].contains(p) {
+            return Err(invalid(
+                format!("proxy.node_ports[{i}]"),
+                format!("{p} is listed twice"),
+            ));
+        }
+    }
+    ports.sort_unstable();
+    Ok(ports)
+}
+
+/// `proxy.tls.client_names`: certificate names as they appear in a CN or a
+/// DNS SAN. Compared exactly, so a wildcard or an empty entry would only
+/// ever confuse the reader: both are refused.
+fn validate_client_names(names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, n) in names.into_iter().enumerate() {
+        let key = format!("proxy.tls.client_names[{i}]");
+        if n.is_empty() || n.len() > 253 {
+            return Err(invalid(key, "must be 1 to 253 characters"));
+        }
+        if n.contains('*') {
+            return Err(invalid(
+                key,
+                format!("{n:?}: wildcards are not supported; list each certificate name"),
+            ));
+        }
+        if !n.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+            return Err(invalid(
+                key,
+                format!("{n:?}: only printable ASCII is allowed"),
+            ));
+        }
+        if out.contains(&n) {
+            return Err(invalid(key, format!("{n:?} is listed twice")));
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
 fn parse_cidr(key: &str, s: &str) -> Result<IpNet, ConfigError> {
     let net: IpNet = s
         .trim()
@@ -785,6 +845,16 @@ impl Config {
             }
             cluster_cidrs.push(net);
         }
+        let max_pending_handshakes = match p.max_pending_handshakes {
+            Some(0) => {
+                return Err(invalid(
+                    "proxy.max_pending_handshakes",
+                    "must be at least 1",
+                ))
+            }
+            Some(n) => n,
+            None => 1024,
+        };
         let proxy = ProxyConfig {
             listen,
             service_cidrs,
@@ -804,22 +874,14 @@ impl Config {
                 p.handshake_timeout.as_ref(),
                 Duration::from_secs(10),
             )?,
-            max_pending_handshakes: match p.max_pending_handshakes {
-                Some(0) => {
-                    return Err(invalid(
-                        "proxy.max_pending_handshakes",
-                        "must be at least 1",
-                    ))
-                }
-                Some(n) => n,
-                None => 1024,
-            },
+            max_pending_handshakes,
             max_streams_per_node: match p.max_streams_per_node {
                 Some(0) => return Err(invalid("proxy.max_streams_per_node", "must be at least 1")),
                 Some(n) => n,
                 None => 4096,
             },
             node_local_via_loopback: p.node_local_via_loopback.unwrap_or(false),
+            node_ports: validate_node_ports(p.node_ports.unwrap_or_default())?,
             socket_group: validate_group("proxy.socket_group", p.socket_group)?,
             tls: match p.tls {
                 None => None,
@@ -830,6 +892,17 @@ impl Config {
                     cert_file: resolve(base, &t.cert_file),
                     key_file: resolve(base, &t.key_file),
                     client_ca_file: resolve(base, &t.client_ca_file),
+                    client_names: validate_client_names(t.client_names.unwrap_or_default())?,
+                    max_pending_handshakes: match t.max_pending_handshakes {
+                        Some(0) => {
+                            return Err(invalid(
+                                "proxy.tls.max_pending_handshakes",
+                                "must be at least 1",
+                            ))
+                        }
+                        Some(n) => n,
+                        None => max_pending_handshakes,
+                    },
                 }),
             },
             relay: validate_relay(p.relay_buffer_budget, p.relay_stream_buffer_limit)?,
@@ -1502,6 +1575,43 @@ pod_cidrs = ["10.244.1.0/24"]
         assert!(err_of(dns).contains("node[0].internal_ips"));
         let bad_name = "[[node]]\nname = \"Node_A\"\naddress = \"10.0.0.1\"\n";
         assert!(err_of(bad_name).contains("node[0].name"));
+    }
+
+    #[test]
+    fn node_ports_and_client_names() {
+        let c = parse("[proxy]\nnode_ports = [10255, 4194]\n").unwrap();
+        assert_eq!(c.proxy.node_ports, vec![4194, 10255]);
+        assert!(parse("").unwrap().proxy.node_ports.is_empty());
+        assert!(err_of("[proxy]\nnode_ports = [0]\n").contains("proxy.node_ports[0]"));
+        assert!(err_of("[proxy]\nnode_ports = [1, 1]\n").contains("proxy.node_ports[1]"));
+        assert!(err_of("[proxy]\nnode_ports = [70000]\n").contains("node_ports"));
+        let tls = "[proxy]\nmax_pending_handshakes = 7\n[proxy.tls]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\n";
+        let t = parse(tls).unwrap().proxy.tls.unwrap();
+        assert!(t.client_names.is_empty());
+        assert_eq!(t.max_pending_handshakes, 7, "defaults to proxy's");
+        let t = parse(&format!(
+            "{tls}client_names = [\"kube-apiserver-egress\"]\nmax_pending_handshakes = 3\n"
+        ))
+        .unwrap()
+        .proxy
+        .tls
+        .unwrap();
+        assert_eq!(t.client_names, vec!["kube-apiserver-egress".to_string()]);
+        assert_eq!(t.max_pending_handshakes, 3);
+        for (bad, key) in [
+            ("client_names = [\"\"]", "proxy.tls.client_names[0]"),
+            (
+                "client_names = [\"a\", \"*.b\"]",
+                "proxy.tls.client_names[1]",
+            ),
+            ("client_names = [\"a\", \"a\"]", "proxy.tls.client_names[1]"),
+            (
+                "max_pending_handshakes = 0",
+                "proxy.tls.max_pending_handshakes",
+            ),
+        ] {
+            assert!(err_of(&format!("{tls}{bad}\n")).contains(key), "{bad}");
+        }
     }
 
     #[test]

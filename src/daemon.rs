@@ -360,32 +360,43 @@ impl Daemon {
 
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
+        // Each listener with its own pending-handshake budget.
         let mut listeners = Vec::new();
+        let budget = config.proxy.max_pending_handshakes;
         for l in &config.proxy.listen {
-            listeners.push(match l {
-                ListenAddr::Unix(p) => ProxyListener::Unix(
-                    bind_unix_for(p, config.proxy.socket_group.as_deref())?,
-                    p.clone(),
-                ),
-                ListenAddr::Tcp(a) => {
-                    ProxyListener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(
-                        |source| StartError::BindTcp {
-                            addr: a.to_string(),
-                            source,
-                        },
-                    )?)
-                }
-            });
+            listeners.push((
+                match l {
+                    ListenAddr::Unix(p) => ProxyListener::Unix(
+                        bind_unix_for(p, config.proxy.socket_group.as_deref())?,
+                        p.clone(),
+                    ),
+                    ListenAddr::Tcp(a) => {
+                        ProxyListener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(
+                            |source| StartError::BindTcp {
+                                addr: a.to_string(),
+                                source,
+                            },
+                        )?)
+                    }
+                },
+                budget,
+            ));
         }
         if let Some(tls) = &config.proxy.tls {
             let acceptor = crate::tls::acceptor(tls)?;
+            if tls.client_names.is_empty() {
+                warn!(
+                    client_ca_file = %tls.client_ca_file.display(),
+                    "proxy.tls.client_names is empty: every certificate that chains to client_ca_file may use the proxy; if that is the cluster CA, every kubelet's client certificate can"
+                );
+            }
             let l = tokio::net::TcpListener::bind(tls.listen)
                 .await
                 .map_err(|source| StartError::BindTcp {
                     addr: tls.listen.to_string(),
                     source,
                 })?;
-            listeners.push(ProxyListener::Tls(l, acceptor));
+            listeners.push((ProxyListener::Tls(l, acceptor), tls.max_pending_handshakes));
         }
         let admin_listener =
             bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?;
@@ -422,7 +433,7 @@ impl Daemon {
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
             settings: settings.clone(),
             ctx,
-            listeners: listeners.iter().map(ProxyListener::url).collect(),
+            listeners: listeners.iter().map(|(l, _)| l.url()).collect(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             sources: Mutex::new(BTreeMap::new()),
@@ -446,12 +457,11 @@ impl Daemon {
             daemon.routes.clone(),
             settings,
             metrics.dial.clone(),
-            config.proxy.max_pending_handshakes,
             tracker.clone(),
             shutdown.child_token(),
         );
-        for l in listeners {
-            tracker.spawn(proxy.clone().serve(l));
+        for (l, budget) in listeners {
+            tracker.spawn(proxy.clone().serve(l, budget));
         }
         let admin = AdminApi::new(daemon.clone(), tracker.clone(), shutdown.child_token());
         tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));

@@ -11,10 +11,15 @@
 //! |---|---|
 //! | 400 | malformed request |
 //! | 405 | a method other than CONNECT |
-//! | 403 | destination not allowed (not a node, pod or service address) |
+//! | 403 | destination not allowed (not a node, pod or service address, or a port a node address does not allow) |
 //! | 503 | no healthy tunnel for the destination |
 //! | 502 | the node refused the channel (SSH reason in the reason phrase) |
 //! | 504 | `dial_timeout` passed |
+//!
+//! Admission: every listener has its own budget of connections that have
+//! not yet sent a complete head (on the mTLS listener, the TLS handshake
+//! counts too). Past it, that listener turns new connections away at once;
+//! a flood on one listener never makes another answer 503.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +39,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
 use crate::relay::{relay, RelayBudget, RelayEnd, RelayLimits};
-use crate::route::{Route, RouteTable};
+use crate::route::{NodePorts, Route, RouteTable};
 use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
@@ -84,6 +89,8 @@ pub struct ProxySettings {
     pub node_local_via_loopback: bool,
     /// Bounds on bytes buffered for slow clients.
     pub relay: RelayLimits,
+    /// Ports allowed on node addresses besides each node's kubelet port.
+    pub node_ports: NodePorts,
 }
 
 impl ProxySettings {
@@ -95,6 +102,9 @@ impl ProxySettings {
             max_streams_per_node: p.max_streams_per_node,
             node_local_via_loopback: p.node_local_via_loopback,
             relay: p.relay,
+            node_ports: NodePorts {
+                extra: p.node_ports.clone(),
+            },
         }
     }
 }
@@ -107,8 +117,6 @@ pub struct EgressProxy {
     tracker: TaskTracker,
     cancel: CancellationToken,
     next_stream: Arc<AtomicU64>,
-    /// Connections that have not yet sent a complete head hold a permit.
-    pending: Arc<Semaphore>,
     metrics: Arc<DialMetrics>,
 }
 
@@ -253,7 +261,6 @@ impl EgressProxy {
         routes: SharedRoutes,
         settings: Arc<ArcSwap<ProxySettings>>,
         metrics: Arc<DialMetrics>,
-        max_pending_handshakes: usize,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> EgressProxy {
@@ -266,16 +273,19 @@ impl EgressProxy {
             tracker,
             cancel,
             next_stream: Arc::new(AtomicU64::new(1)),
-            pending: Arc::new(Semaphore::new(max_pending_handshakes)),
             metrics,
         }
     }
 
-    /// Serves one listener until cancelled. Accept errors (EMFILE...) are
+    /// Serves one listener until cancelled. At most `max_pending` of its
+    /// connections may be in their TLS handshake or CONNECT head at once;
+    /// the budget is this listener's own. Accept errors (EMFILE...) are
     /// logged and retried after a short pause; they never end the listener.
-    pub async fn serve(self, listener: ProxyListener) {
+    pub async fn serve(self, listener: ProxyListener, max_pending: usize) {
         let url = listener.url();
-        info!(listener = %url, "egress proxy listening");
+        // Connections that have not yet sent a complete head hold a permit.
+        let pending = Arc::new(Semaphore::new(max_pending.max(1)));
+        info!(listener = %url, max_pending, "egress proxy listening");
         loop {
             let accepted = match &listener {
                 ProxyListener::Unix(l, _) => tokio::select! {
@@ -304,8 +314,13 @@ impl EgressProxy {
             // A client that has not finished its head holds a permit; past
             // the cap, new connections are turned away at once instead of
             // piling up (Konnectivity's pending-dial pile-up).
-            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-                warn!(listener = %url, "too many pending handshakes; refusing a connection");
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                warn!(listener = %url, max_pending, "too many pending handshakes on this listener; refusing a connection");
+                if matches!(listener, ProxyListener::Tls(..)) {
+                    // A TLS client cannot read a plain-text reply.
+                    drop(conn);
+                    continue;
+                }
                 let mut conn = conn;
                 self.tracker.spawn(async move {
                     let text =
@@ -332,7 +347,15 @@ impl EgressProxy {
                     (Conn::Tcp(s), None) => this.handle(s, peer, id, permit).await,
                     (Conn::Tcp(s), Some(acceptor)) => {
                         let limit = this.settings.load().handshake_timeout;
-                        match tokio::time::timeout(limit, acceptor.accept(s)).await {
+                        // The span names the peer in the verifier's log line
+                        // about a refused client certificate.
+                        let handshake = tokio::time::timeout(limit, acceptor.accept(s))
+                            .instrument(info_span!("tls_client", %peer));
+                        let tls = tokio::select! {
+                            _ = this.cancel.cancelled() => return,
+                            r = handshake => r,
+                        };
+                        match tls {
                             Ok(Ok(tls)) => this.handle(tls, peer, id, permit).await,
                             Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake refused"),
                             Err(_) => info!(%peer, "TLS handshake timed out"),
@@ -468,6 +491,16 @@ impl EgressProxy {
                 host,
                 node_local,
             } => {
+                // A node's own address is its host network: only the
+                // kubelet and the listed ports, whatever host it becomes.
+                if node_local {
+                    if let Err(why) = settings.node_ports.check(&node.node, target.port) {
+                        info!(node = %node.node.name, reason = %why, "destination port not allowed");
+                        self.refuse(started, &mut s, 403, &format!("Forbidden: {target}: {why}"))
+                            .await;
+                        return;
+                    }
+                }
                 // Kubelets may listen on loopback only: the old SSH tunnels
                 // gave that property, and so do we when asked.
                 let host = if node_local && settings.node_local_via_loopback {

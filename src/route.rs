@@ -20,6 +20,11 @@
 //! order the nodes come in. The nodes still route by name and pod CIDR.
 //! A pod CIDR listed by two nodes is dropped the same way (admission
 //! refuses overlaps, so this is a backstop, not a policy).
+//! A dial to a node's own address (rule 1) is further limited by port
+//! ([`NodePorts`]): such a dial lands on the node's host network, beside its
+//! sshd, its etcd peer port or whatever else listens there, so only the
+//! kubelet and the ports the operator listed are reachable. Pod and service
+//! addresses keep every port: they belong to workloads.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -49,6 +54,93 @@ pub enum Route<T> {
     },
     /// Not an allowed destination.
     Forbidden,
+}
+
+/// The kubelet's port when the Node does not say (Kubernetes' default).
+pub const DEFAULT_KUBELET_PORT: u16 = 10250;
+
+/// Which ports a dial to a node's own address (its name, a host name or an
+/// internal IP) may use: the node's kubelet port and the operator's
+/// `node_ports`. The node's SSH port is refused unless `node_ports` lists it,
+/// also when a Node object claims it as its kubelet port: a tunnel back into
+/// the node's own sshd would reach a login service with our identity's
+/// source address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePorts {
+    /// Ports allowed on every node besides its kubelet port.
+    pub extra: Vec<u16>,
+}
+
+/// Why a dial to a node's own address was refused by port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodePortDenied {
+    /// The port is the node's SSH port and `node_ports` does not list it.
+    #[error("port {port} is the SSH port of node {node:?}; its addresses allow {allowed}; list {port} in proxy.node_ports to allow it")]
+    SshPort {
+        /// The refused port.
+        port: u16,
+        /// The node.
+        node: String,
+        /// The allowed ports, as text.
+        allowed: String,
+    },
+    /// Neither the kubelet port nor listed in `node_ports`.
+    #[error("port {port} is not allowed on node {node:?}; its addresses allow {allowed} (the kubelet and proxy.node_ports)")]
+    NotListed {
+        /// The refused port.
+        port: u16,
+        /// The node.
+        node: String,
+        /// The allowed ports, as text.
+        allowed: String,
+    },
+}
+
+impl NodePorts {
+    /// Allows `port` on `node`'s own addresses, or says why not.
+    pub fn check(&self, node: &NodeConfig, port: u16) -> Result<(), NodePortDenied> {
+        let kubelet = node.kubelet_port.unwrap_or(DEFAULT_KUBELET_PORT);
+        if self.extra.contains(&port) {
+            return Ok(());
+        }
+        if port != node.port && port == kubelet {
+            return Ok(());
+        }
+        let allowed = self.describe(node);
+        if port == node.port {
+            Err(NodePortDenied::SshPort {
+                port,
+                node: node.name.clone(),
+                allowed,
+            })
+        } else {
+            Err(NodePortDenied::NotListed {
+                port,
+                node: node.name.clone(),
+                allowed,
+            })
+        }
+    }
+
+    /// The allowed ports of `node`, e.g. `only 10250 (kubelet), 10255`.
+    fn describe(&self, node: &NodeConfig) -> String {
+        let kubelet = node.kubelet_port.unwrap_or(DEFAULT_KUBELET_PORT);
+        let mut parts = Vec::new();
+        if kubelet != node.port {
+            parts.push(format!("{kubelet} (kubelet)"));
+        }
+        parts.extend(
+            self.extra
+                .iter()
+                .filter(|p| **p != kubelet)
+                .map(|p| p.to_string()),
+        );
+        if parts.is_empty() {
+            "no port".to_string()
+        } else {
+            format!("only {}", parts.join(", "))
+        }
+    }
 }
 
 /// An immutable routing snapshot.
@@ -241,6 +333,38 @@ impl<T: Clone> RouteTable<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_ports_allow_the_kubelet_and_the_list_never_ssh_by_default() {
+        let mut n = node("node-1", &["10.0.0.11"], &[]);
+        let none = NodePorts::default();
+        assert_eq!(none.check(&n, 10250), Ok(()));
+        let err = none.check(&n, 22).unwrap_err();
+        assert!(matches!(err, NodePortDenied::SshPort { port: 22, .. }));
+        assert!(err.to_string().contains("10250 (kubelet)"), "{err}");
+        assert!(matches!(
+            none.check(&n, 10255),
+            Err(NodePortDenied::NotListed { port: 10255, .. })
+        ));
+        // The Node's own kubelet port replaces the default.
+        n.kubelet_port = Some(10260);
+        assert_eq!(none.check(&n, 10260), Ok(()));
+        assert!(none.check(&n, 10250).is_err());
+        // A Node that claims its SSH port as kubelet port gets nothing.
+        n.kubelet_port = Some(22);
+        let err = none.check(&n, 22).unwrap_err();
+        assert!(matches!(err, NodePortDenied::SshPort { .. }));
+        assert!(err.to_string().contains("allow no port"), "{err}");
+        // Listed ports pass, the SSH port too when the operator lists it.
+        let listed = NodePorts {
+            extra: vec![22, 10255],
+        };
+        n.kubelet_port = None;
+        assert_eq!(listed.check(&n, 22), Ok(()));
+        assert_eq!(listed.check(&n, 10255), Ok(()));
+        assert_eq!(listed.check(&n, 10250), Ok(()));
+        assert!(listed.check(&n, 2379).is_err());
+    }
 
     fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
         NodeConfig {

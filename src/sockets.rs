@@ -2,10 +2,20 @@
 //!
 //! A stale socket file from a crashed run is replaced, but only if it really
 //! is a socket and nothing answers on it: we never delete a regular file an
-//! operator mistyped as a socket path, and never steal a live daemon's socket.
+//! operator mistyped as a socket path, never follow a symbolic link placed
+//! at the socket path, and never steal a live daemon's socket.
+//!
+//! A socket is never reachable with a looser mode than its final one. Binding
+//! creates the socket file with the process umask's mode, and a chmod after
+//! it leaves a window in which anyone may connect (and keep the connection).
+//! So the socket is bound inside a fresh private directory (mode 0700, ours)
+//! beside the final path, given its final mode and group there, and only then
+//! renamed into place: `rename` is atomic, so the path shows either nothing,
+//! the old stale socket, or the finished socket. The process-wide umask is
+//! not touched (other threads may be creating files).
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
 
@@ -15,6 +25,12 @@ pub enum BindError {
     /// The path exists and is not a socket.
     #[error("{path}: exists and is not a socket; refusing to replace it")]
     NotASocket {
+        /// The path.
+        path: String,
+    },
+    /// The path is a symbolic link.
+    #[error("{path}: is a symbolic link; refusing to follow or replace it (remove it, or point the setting at the real path)")]
+    Symlink {
         /// The path.
         path: String,
     },
@@ -34,6 +50,16 @@ pub enum BindError {
         /// Why.
         reason: String,
     },
+    /// The private directory the socket is bound in is not private.
+    #[error("{path}: the private directory {dir} came out with mode {mode:o} or another owner; refusing to bind there")]
+    NotPrivate {
+        /// The path.
+        path: String,
+        /// The directory.
+        dir: String,
+        /// Its mode.
+        mode: u32,
+    },
     /// Any I/O error.
     #[error("{path}: {source}")]
     Io {
@@ -47,64 +73,138 @@ pub enum BindError {
 /// Binds a Unix socket at `path`: mode 0600, or 0660 and owned by `group`
 /// when one is given (so e.g. kube-apiserver's group may connect).
 pub fn bind_unix_for(path: &Path, group: Option<&str>) -> Result<UnixListener, BindError> {
-    let Some(group) = group else {
-        return bind_unix(path, 0o600);
-    };
-    let p = path.display().to_string();
-    let gid = match nix::unistd::Group::from_name(group) {
-        Ok(Some(g)) => g.gid,
-        Ok(None) => {
-            return Err(BindError::Group {
-                path: p,
-                group: group.to_string(),
-                reason: "no such group".into(),
-            })
-        }
-        Err(e) => {
-            return Err(BindError::Group {
-                path: p,
-                group: group.to_string(),
-                reason: e.to_string(),
-            })
-        }
-    };
-    let listener = bind_unix(path, 0o600)?;
-    nix::unistd::chown(path, None, Some(gid)).map_err(|e| BindError::Group {
-        path: p.clone(),
-        group: group.to_string(),
-        reason: e.to_string(),
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|source| BindError::Io { path: p, source })?;
-    Ok(listener)
+    match group {
+        None => bind_unix(path, 0o600),
+        Some(g) => stage(path, 0o660, Some(g))?.publish(),
+    }
 }
 
 /// Binds a Unix socket at `path` with mode `mode` (0600 for our sockets).
 pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+    stage(path, mode, None)?.publish()
+}
+
+/// A socket bound in its private directory with its final mode and group,
+/// not yet at its final path. [`StagedSocket::publish`] moves it there;
+/// dropping it removes the directory and the socket.
+#[derive(Debug)]
+pub struct StagedSocket {
+    listener: UnixListener,
+    dir: tempfile::TempDir,
+    staged: PathBuf,
+    path: PathBuf,
+}
+
+impl StagedSocket {
+    /// Where the socket is now (inside the private directory).
+    pub fn staged_path(&self) -> &Path {
+        &self.staged
+    }
+
+    /// The private directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Renames the finished socket to its final path (atomically replacing
+    /// a stale socket there) and removes the private directory.
+    pub fn publish(self) -> Result<UnixListener, BindError> {
+        let p = self.path.display().to_string();
+        // Checked again right before the rename: a link placed since the
+        // first check is refused too (rename would replace the link itself,
+        // never its target, but the operator should hear about it).
+        check_existing(&self.path)?;
+        std::fs::rename(&self.staged, &self.path)
+            .map_err(|source| BindError::Io { path: p, source })?;
+        drop(self.dir);
+        Ok(self.listener)
+    }
+}
+
+/// The first half of [`bind_unix_for`]: checks `path`, then binds a socket
+/// with `mode` (and `group`) in a new private directory beside it.
+pub fn stage(path: &Path, mode: u32, group: Option<&str>) -> Result<StagedSocket, BindError> {
     let p = path.display().to_string();
     let io = |source| BindError::Io {
         path: p.clone(),
         source,
     };
+    let gid = match group {
+        None => None,
+        Some(group) => Some(match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => g.gid,
+            Ok(None) => {
+                return Err(BindError::Group {
+                    path: p,
+                    group: group.to_string(),
+                    reason: "no such group".into(),
+                })
+            }
+            Err(e) => {
+                return Err(BindError::Group {
+                    path: p,
+                    group: group.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+        }),
+    };
+    check_existing(path)?;
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.exists() {
+        std::fs::create_dir_all(&parent).map_err(io)?;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(".tnl")
+        .rand_bytes(6)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(&parent)
+        .map_err(io)?;
+    let meta = std::fs::symlink_metadata(dir.path()).map_err(io)?;
+    if !meta.is_dir() || meta.mode() & 0o077 != 0 || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(BindError::NotPrivate {
+            path: p,
+            dir: dir.path().display().to_string(),
+            mode: meta.mode() & 0o7777,
+        });
+    }
+    let staged = dir.path().join("s");
+    let listener = UnixListener::bind(&staged).map_err(io)?;
+    if let (Some(gid), Some(group)) = (gid, group) {
+        nix::unistd::chown(&staged, None, Some(gid)).map_err(|e| BindError::Group {
+            path: p.clone(),
+            group: group.to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(StagedSocket {
+        listener,
+        dir,
+        staged,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Refuses a symbolic link, a non-socket or a live socket at `path`; a
+/// stale socket (nothing answers) or nothing at all is fine.
+fn check_existing(path: &Path) -> Result<(), BindError> {
+    let p = path.display().to_string();
     match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(BindError::Symlink { path: p }),
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(BindError::InUse { path: p });
             }
-            std::fs::remove_file(path).map_err(io)?;
+            Ok(())
         }
-        Ok(_) => return Err(BindError::NotASocket { path: p }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+        Ok(_) => Err(BindError::NotASocket { path: p }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(BindError::Io { path: p, source }),
     }
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-    }
-    let listener = UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
-    Ok(listener)
 }
 
 #[cfg(test)]
@@ -160,5 +260,61 @@ mod tests {
             !missing.exists(),
             "nothing is bound when the group is wrong"
         );
+    }
+
+    #[tokio::test]
+    async fn a_symlink_at_the_path_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"keep me").unwrap();
+        let link = dir.path().join("s.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = bind_unix(&link, 0o600).unwrap_err();
+        assert!(matches!(err, BindError::Symlink { .. }), "{err}");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_link(&link).unwrap(), target);
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+        // A dangling link too: nothing is created at its target.
+        let gone = dir.path().join("gone");
+        let dangling = dir.path().join("d.sock");
+        std::os::unix::fs::symlink(&gone, &dangling).unwrap();
+        assert!(matches!(
+            bind_unix(&dangling, 0o600),
+            Err(BindError::Symlink { .. })
+        ));
+        assert!(!gone.exists());
+        // No private directory is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 3, "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn the_staged_socket_is_final_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.sock");
+        let staged = stage(&path, 0o600, None).unwrap();
+        assert!(!path.exists(), "nothing at the final path before publish");
+        let dmode = std::fs::metadata(staged.dir())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dmode, 0o700);
+        let smode = std::fs::metadata(staged.staged_path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(smode, 0o600, "final mode already while private");
+        let private = staged.dir().to_path_buf();
+        let _l = staged.publish().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(!private.exists(), "the private directory is removed");
     }
 }

@@ -626,6 +626,14 @@ fn the_mtls_listener_wants_a_client_certificate_from_its_ca() {
         "listeners with TLS: {}",
         daemon.status_json()["listeners"]
     ));
+    // Without client_names every certificate of the CA gets in, and the
+    // daemon says so at start (the cluster CA would let in every kubelet).
+    let log = fs::read_to_string(&daemon.log).unwrap_or_default();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("proxy.tls.client_names is empty"));
+    assert!(warned.is_some(), "no warning about client_names:\n{log}");
+    assert!(warned.unwrap().contains("ca.pem"), "{warned:?}");
     let node = cluster.node(1);
     let url = format!("http://{}:{HTTP_PORT}/", node.pod_ip);
     let proxy = format!("https://127.0.0.1:{port}");

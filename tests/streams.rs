@@ -212,8 +212,9 @@ fn failed_dials_get_502_with_reason_or_504_on_timeout() {
     let daemon = Daemon::start(&cluster);
     daemon.wait_all_healthy(READY);
 
-    // Nothing listens on port 1: sshd reports the refusal.
-    let (status, _) = daemon.connect(&format!("{}:1", node.ip));
+    // Nothing listens on port 1 of the pod address: sshd reports the
+    // refusal. (On the node's own address port 1 is not allowed: 403.)
+    let (status, _) = daemon.connect(&format!("{}:1", node.pod_ip));
     assert!(status.starts_with("HTTP/1.1 502 "), "{status}");
     assert!(
         status.trim_end().len() > "HTTP/1.1 502 ".len(),

@@ -565,6 +565,16 @@ impl Cluster {
                 .join(", ")
         };
         let ssh_extra = &spec.ssh_extra;
+        // The test servers listen on the nodes' own addresses too, and node
+        // addresses allow only the kubelet and `node_ports`.
+        let node_ports = spec
+            .node_ports
+            .clone()
+            .unwrap_or_else(|| vec![ECHO_PORT, FLOOD_PORT, RAW_ECHO_PORT, HTTP_PORT])
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut s = format!(
             r#"[ssh]
 user = "root"
@@ -584,6 +594,7 @@ max_backoff = "1s"
 listen = ["unix://{egress}", "tcp://127.0.0.1:0"]
 service_cidrs = [{svc}]
 dial_timeout = "2s"
+node_ports = [{node_ports}]
 
 [admin]
 socket = "{admin}"
@@ -675,6 +686,9 @@ pub struct ConfigSpec {
     pub extra: String,
     /// Extra lines inside the `[ssh]` table.
     pub ssh_extra: String,
+    /// `proxy.node_ports`; the test servers' ports (echo, flood, HTTP)
+    /// when `None`.
+    pub node_ports: Option<Vec<u16>>,
 }
 
 // ---------------------------------------------------------------------------
