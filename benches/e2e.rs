@@ -560,7 +560,12 @@ fn round_trip<S: Read + Write>(s: &mut S, seed: u64, i: u64) -> io::Result<()> {
     let msg = message(seed, i);
     let mut back = [0u8; MSG];
     s.write_all(&msg)?;
-    s.read_exact(&mut back)?;
+    s.read_exact(&mut back).map_err(|e| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::other(format!(
+            "echo {i}: no complete reply within {IO_TIMEOUT:?} (bytes lost on the way?)"
+        )),
+        _ => e,
+    })?;
     if back != msg {
         return Err(echo_mismatch(i, &msg, &back));
     }
