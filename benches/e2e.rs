@@ -16,8 +16,22 @@
 //!
 //! The servers in the node namespace are this binary re-executed there
 //! (`e2e __serve`): a source that writes as many bytes as asked, and a raw
-//! echo. Results are printed, never asserted. Every loop and wait is
-//! bounded; the harness tears everything down in `Drop`, also on panic.
+//! echo. Every loop and wait is bounded; the harness tears everything down
+//! in `Drop`, also on panic.
+//!
+//! Figures are printed, never asserted (timing belongs here, not in a pass
+//! or fail). Correctness is checked, on every path and every byte: a fast
+//! relay that loses, duplicates or corrupts data must not look good.
+//! - Bulk data is a pseudo-random pattern ([`pattern`]) keyed by a seed the
+//!   client sends with its request, so the node-side source and the client
+//!   derive the same bytes. The client checks every chunk on arrival, and
+//!   the stream must end (EOF) after exactly the bytes asked for.
+//! - Every echo is compared with the message sent, each message a different
+//!   slice of a per-stream pattern; a stream then half-closes and must see
+//!   EOF with nothing extra.
+//! - Any error (a failed dial, a mismatch, a short or long stream, a node
+//!   that never became healthy) is collected, printed after the figures,
+//!   and makes the bench exit 1. A path with no samples prints "n/a".
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -121,6 +135,127 @@ impl Sizes {
 }
 
 // ---------------------------------------------------------------------------
+// The byte pattern and the error list
+// ---------------------------------------------------------------------------
+
+/// The seeded byte pattern every bench stream carries.
+///
+/// Byte `o` of the stream for `seed` is byte `o % 8` (little-endian) of
+/// [`word`]`(seed, o / 8)`. `word` is a bijection of its index for a fixed
+/// seed (odd multiply, xor-shifts), so no two words of a stream are equal:
+/// a lost, repeated or reordered run of bytes shows as a mismatch, whatever
+/// its length. One multiply per 8 bytes keeps the check far cheaper than the
+/// copies the relay itself does (the bench prints the check's own speed).
+mod pattern {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    const MIX: u64 = 0xbf58_476d_1ce4_e5b9;
+
+    /// Word `k` of the stream for `seed`.
+    #[inline(always)]
+    pub fn word(seed: u64, k: u64) -> u64 {
+        let mut z = k.wrapping_mul(GOLDEN) ^ seed;
+        z ^= z >> 29;
+        z = z.wrapping_mul(MIX);
+        z ^ (z >> 32)
+    }
+
+    /// Byte `off` of the stream for `seed`.
+    fn byte(seed: u64, off: u64) -> u8 {
+        word(seed, off / 8).to_le_bytes()[(off % 8) as usize]
+    }
+
+    /// Splits `len` bytes starting at stream offset `off` into an unaligned
+    /// head, whole words, and a tail: (head bytes, word bytes).
+    fn split(off: u64, len: usize) -> (usize, usize) {
+        let head = ((8 - off % 8) % 8).min(len as u64) as usize;
+        (head, (len - head) / 8 * 8)
+    }
+
+    /// Fills `buf` with stream bytes `off..off + buf.len()`.
+    pub fn fill(seed: u64, off: u64, buf: &mut [u8]) {
+        let (head, words) = split(off, buf.len());
+        let (h, rest) = buf.split_at_mut(head);
+        let (w, t) = rest.split_at_mut(words);
+        for (i, b) in h.iter_mut().enumerate() {
+            *b = byte(seed, off + i as u64);
+        }
+        let k0 = (off + head as u64) / 8;
+        for (i, c) in w.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&word(seed, k0 + i as u64).to_le_bytes());
+        }
+        let t0 = off + (head + words) as u64;
+        for (i, b) in t.iter_mut().enumerate() {
+            *b = byte(seed, t0 + i as u64);
+        }
+    }
+
+    /// The stream offset of the first byte of `buf` (stream bytes from
+    /// `off`) that is not the pattern, if any.
+    pub fn check(seed: u64, off: u64, buf: &[u8]) -> Option<u64> {
+        let (head, words) = split(off, buf.len());
+        let k0 = (off + head as u64) / 8;
+        // Branch-free over the words; the byte scan runs only on a mismatch.
+        let mut diff = 0u64;
+        for (i, c) in buf[head..head + words].chunks_exact(8).enumerate() {
+            let got = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            diff |= got ^ word(seed, k0 + i as u64);
+        }
+        let edges_ok = buf[..head]
+            .iter()
+            .chain(&buf[head + words..])
+            .zip((0..head).chain(head + words..buf.len()))
+            .all(|(b, i)| *b == byte(seed, off + i as u64));
+        if diff == 0 && edges_ok {
+            return None;
+        }
+        buf.iter()
+            .enumerate()
+            .find(|(i, b)| **b != byte(seed, off + *i as u64))
+            .map(|(i, _)| off + i as u64)
+    }
+
+    /// Bytes per second [`check`] verifies on this machine (one core).
+    pub fn check_rate() -> f64 {
+        let mut buf = vec![0u8; 64 << 20];
+        fill(7, 3, &mut buf);
+        let t0 = std::time::Instant::now();
+        let mut bad = 0;
+        for r in 0..4u64 {
+            // Shifted each time so the optimiser cannot skip repeats.
+            bad += check(7, 3, &buf[r as usize..]).is_some() as u32;
+        }
+        let rate = 4.0 * buf.len() as f64 / t0.elapsed().as_secs_f64();
+        assert_eq!(bad, 3, "pattern check self-test");
+        rate
+    }
+}
+
+/// A fresh seed for each stream, so that bytes of one stream showing up
+/// on another are caught too.
+fn next_seed() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    pattern::word(
+        0x7475_6e6e_656c_6572,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// Every correctness failure of this run; any makes the bench exit 1.
+fn errors() -> &'static std::sync::Mutex<Vec<String>> {
+    static E: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> = std::sync::OnceLock::new();
+    E.get_or_init(Default::default)
+}
+
+/// Records a correctness failure (shown after the figures; exit 1).
+fn fail(what: String) {
+    progress(&format!("ERROR: {what}"));
+    errors()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(what);
+}
+
+// ---------------------------------------------------------------------------
 // Servers inside the node namespace (`e2e __serve SOURCE_PORT ECHO_PORT`)
 // ---------------------------------------------------------------------------
 
@@ -144,17 +279,21 @@ mod serve {
         }
     }
 
-    /// Reads a little-endian u64 count, writes that many bytes, half-closes
-    /// and waits for the client to close.
+    /// Reads a little-endian u64 count and u64 seed, writes that many bytes
+    /// of the seed's [`pattern`], half-closes and waits for the client to
+    /// close.
     fn source_one(mut s: TcpStream) -> io::Result<()> {
-        let mut n = [0u8; 8];
-        s.read_exact(&mut n)?;
-        let mut left = u64::from_le_bytes(n);
-        let buf = vec![0x5au8; 1 << 20];
-        while left > 0 {
-            let k = left.min(buf.len() as u64) as usize;
+        let mut req = [0u8; 16];
+        s.read_exact(&mut req)?;
+        let [count, seed] =
+            [&req[..8], &req[8..]].map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0u64;
+        while sent < count {
+            let k = (count - sent).min(buf.len() as u64) as usize;
+            pattern::fill(seed, sent, &mut buf[..k]);
             s.write_all(&buf[..k])?;
-            left -= k as u64;
+            sent += k as u64;
         }
         s.shutdown(std::net::Shutdown::Write)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -280,6 +419,16 @@ impl Read for Stream {
     }
 }
 
+impl Stream {
+    /// Half-closes the client's sending side.
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+}
+
 impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
@@ -389,20 +538,71 @@ impl Endpoints {
 trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
 
-/// One 64-byte round trip.
-fn round_trip<S: Read + Write>(s: &mut S) -> io::Result<()> {
-    let msg = [0x42u8; MSG];
-    let mut back = [0u8; MSG];
-    s.write_all(&msg)?;
-    s.read_exact(&mut back)
+/// Message `i` of the echo stream keyed by `seed`: its slice of the pattern.
+fn message(seed: u64, i: u64) -> [u8; MSG] {
+    let mut msg = [0u8; MSG];
+    pattern::fill(seed, i * MSG as u64, &mut msg);
+    msg
 }
 
-async fn round_trip_async(s: &mut Box<dyn AsyncStream>) -> io::Result<()> {
-    let msg = [0x42u8; MSG];
+/// An echo that is not the message sent.
+fn echo_mismatch(i: u64, sent: &[u8], back: &[u8]) -> io::Error {
+    let at = sent.iter().zip(back).position(|(a, b)| a != b).unwrap_or(0);
+    io::Error::other(format!(
+        "echo {i} differs from what was sent at byte {at}: sent {:02x?}, got {:02x?}",
+        &sent[at..(at + 8).min(MSG)],
+        &back[at..(at + 8).min(MSG)]
+    ))
+}
+
+/// One 64-byte round trip: message `i` of `seed`, compared on return.
+fn round_trip<S: Read + Write>(s: &mut S, seed: u64, i: u64) -> io::Result<()> {
+    let msg = message(seed, i);
+    let mut back = [0u8; MSG];
+    s.write_all(&msg)?;
+    s.read_exact(&mut back)?;
+    if back != msg {
+        return Err(echo_mismatch(i, &msg, &back));
+    }
+    Ok(())
+}
+
+async fn round_trip_async(s: &mut Box<dyn AsyncStream>, seed: u64, i: u64) -> io::Result<()> {
+    let msg = message(seed, i);
     let mut back = [0u8; MSG];
     s.write_all(&msg).await?;
     s.read_exact(&mut back).await?;
+    if back != msg {
+        return Err(echo_mismatch(i, &msg, &back));
+    }
     Ok(())
+}
+
+/// Ends an echo stream: half-close, then the far side must close too with
+/// nothing more (an extra byte is a duplicate the relay made up).
+fn finish_echo(s: &mut Stream) -> io::Result<()> {
+    s.shutdown_write()?;
+    let mut extra = [0u8; 256];
+    match s.read(&mut extra)? {
+        0 => Ok(()),
+        n => Err(io::Error::other(format!(
+            "{n} unexpected byte(s) after the last echo"
+        ))),
+    }
+}
+
+async fn finish_echo_async(s: &mut Box<dyn AsyncStream>) -> io::Result<()> {
+    s.shutdown().await?;
+    let mut extra = [0u8; 256];
+    match tokio::time::timeout(IO_TIMEOUT, s.read(&mut extra))
+        .await
+        .map_err(|_| io::Error::other("no EOF after the last echo"))??
+    {
+        0 => Ok(()),
+        n => Err(io::Error::other(format!(
+            "{n} unexpected byte(s) after the last echo"
+        ))),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -456,13 +656,17 @@ fn raise_nofile() -> u64 {
 // Statistics and the report
 // ---------------------------------------------------------------------------
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The `p`th percentile; `None` for no samples (never a figure).
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return None;
     }
     let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    Some(sorted[i.min(sorted.len() - 1)])
 }
+
+/// "n/a" where a path produced no samples.
+const NA: &str = "n/a";
 
 fn us(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
@@ -480,13 +684,9 @@ fn ratio(v: f64, ssh: Option<f64>) -> String {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(v: &mut [f64]) -> Option<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        0.0
-    } else {
-        v[v.len() / 2]
-    }
+    v.get(v.len() / 2).copied()
 }
 
 /// A titled table; printed at the end so that progress lines do not
@@ -670,20 +870,41 @@ fn path_pid(path: PathKind, daemon: u32, ssh: u32) -> Option<u32> {
     }
 }
 
+/// Asks the source for `bytes` bytes of a fresh seed's pattern and checks
+/// every one on arrival, then that EOF comes right after the last.
 fn bulk_once(ep: &Endpoints, path: PathKind, bytes: u64) -> io::Result<Duration> {
+    let seed = next_seed();
     let t0 = Instant::now();
     let mut s = ep.dial(path, SOURCE_PORT)?;
-    s.write_all(&bytes.to_le_bytes())?;
+    let mut req = [0u8; 16];
+    req[..8].copy_from_slice(&bytes.to_le_bytes());
+    req[8..].copy_from_slice(&seed.to_le_bytes());
+    s.write_all(&req)?;
     let mut buf = vec![0u8; 1 << 20];
     let mut got = 0u64;
-    while got < bytes {
+    loop {
         let n = s.read(&mut buf)?;
         if n == 0 {
+            break;
+        }
+        let want = (bytes - got).min(n as u64) as usize;
+        if let Some(at) = pattern::check(seed, got, &buf[..want]) {
             return Err(io::Error::other(format!(
-                "EOF after {got} of {bytes} bytes"
+                "byte {at} of {bytes} is not the pattern (seed {seed:#018x}): lost, duplicated or corrupted data"
+            )));
+        }
+        if want < n {
+            return Err(io::Error::other(format!(
+                "more than the {bytes} bytes asked for ({} extra in one read)",
+                n - want
             )));
         }
         got += n as u64;
+    }
+    if got != bytes {
+        return Err(io::Error::other(format!(
+            "EOF after {got} of {bytes} bytes"
+        )));
     }
     Ok(t0.elapsed())
 }
@@ -692,7 +913,6 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
     progress("single-stream throughput");
     let mut rates: HashMap<PathKind, Vec<f64>> = HashMap::new();
     let mut cpu: HashMap<PathKind, Vec<f64>> = HashMap::new();
-    let mut errors = Vec::new();
     // Paths interleaved per run so that noise from other load spreads out.
     for _ in 0..sz.bulk_runs {
         for path in PATHS {
@@ -711,7 +931,7 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
                             .push((cpu_seconds(pid) - c0) / gb);
                     }
                 }
-                Err(e) => errors.push(format!("{}: {e}", path.label())),
+                Err(e) => fail(format!("throughput, {}: {e}", path.label())),
             }
         }
     }
@@ -719,10 +939,10 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
     let mut med: HashMap<PathKind, f64> = HashMap::new();
     let mut cmed: HashMap<PathKind, f64> = HashMap::new();
     for (p, v) in &mut rates {
-        med.insert(*p, median(v));
+        med.extend(median(v).map(|m| (*p, m)));
     }
     for (p, v) in &mut cpu {
-        cmed.insert(*p, median(v));
+        cmed.extend(median(v).map(|m| (*p, m)));
     }
     let mut t = Table::new(
         format!(
@@ -742,15 +962,12 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
         ],
     );
     for path in PATHS {
-        let Some(v) = rates.get(&path) else {
-            t.row(vec![
-                path.label().into(),
-                format!("0/{}", sz.bulk_runs),
-                "failed".into(),
-            ]);
+        let (Some(v), Some(&m)) = (rates.get(&path), med.get(&path)) else {
+            let mut row = vec![path.label().into(), format!("0/{}", sz.bulk_runs)];
+            row.resize(8, NA.into());
+            t.row(row);
             continue;
         };
-        let m = med[&path];
         let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = v.iter().cloned().fold(0.0, f64::max);
         let c = cmed.get(&path).copied();
@@ -769,9 +986,10 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
     t.notes.push(
         "CPU s/GB: utime+stime of the daemon process or of ssh -L's ssh process per 10^9 bytes relayed (client side only; sshd not counted)".into(),
     );
-    for e in errors {
-        t.notes.push(format!("error: {e}"));
-    }
+    t.notes.push(format!(
+        "every byte checked against a seeded pattern on arrival, and EOF right after the last (the check alone runs at {:.0} MiB/s on one core here)",
+        pattern::check_rate() / (1u64 << 20) as f64
+    ));
     t
 }
 
@@ -784,63 +1002,88 @@ fn rtt(ep: &Endpoints, sz: &Sizes) -> Table {
         ),
         &["path", "p50", "p99", "p50 vs ssh -L", "p99 vs ssh -L"],
     );
-    let mut res: Vec<(PathKind, Duration, Duration)> = Vec::new();
+    let mut res: Vec<Latency> = Vec::new();
     for path in PATHS {
-        let run = || -> io::Result<Vec<Duration>> {
+        let mut v = Vec::with_capacity(sz.rtt_count);
+        let mut run = || -> io::Result<()> {
+            let seed = next_seed();
             let mut s = ep.dial(path, ECHO_PORT)?;
-            for _ in 0..(sz.rtt_count / 10).max(5) {
-                round_trip(&mut s)?;
+            let warm = (sz.rtt_count / 10).max(5) as u64;
+            for i in 0..warm {
+                round_trip(&mut s, seed, i)?;
             }
-            let mut v = Vec::with_capacity(sz.rtt_count);
-            for _ in 0..sz.rtt_count {
+            for i in 0..sz.rtt_count as u64 {
                 let t0 = Instant::now();
-                round_trip(&mut s)?;
+                round_trip(&mut s, seed, warm + i)?;
                 v.push(t0.elapsed());
             }
-            Ok(v)
+            finish_echo(&mut s)
         };
-        match run() {
-            Ok(mut v) => {
-                v.sort();
-                res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
-            }
-            Err(e) => t.notes.push(format!("error: {}: {e}", path.label())),
+        if let Err(e) = run() {
+            fail(format!(
+                "round trip, {}: after {} round trips: {e}",
+                path.label(),
+                v.len()
+            ));
+            v.clear();
         }
+        v.sort();
+        res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
     }
     latency_rows(&mut t, &res);
     t
 }
 
-fn latency_rows(t: &mut Table, res: &[(PathKind, Duration, Duration)]) {
+/// (path, p50, p99); `None` where the path produced no samples.
+type Latency = (PathKind, Option<Duration>, Option<Duration>);
+
+fn latency_rows(t: &mut Table, res: &[Latency]) {
     let ssh = res.iter().find(|r| r.0 == PathKind::SshL);
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let cell = |d: Option<Duration>| d.map(us).unwrap_or_else(|| NA.into());
+    let rel = |d: Option<Duration>, s: Option<Duration>| match d {
+        Some(d) => ratio(d.as_secs_f64(), secs(s)),
+        None => NA.into(),
+    };
     for (p, p50, p99) in res {
         t.row(vec![
             p.label().into(),
-            us(*p50),
-            us(*p99),
-            ratio(p50.as_secs_f64(), ssh.map(|s| s.1.as_secs_f64())),
-            ratio(p99.as_secs_f64(), ssh.map(|s| s.2.as_secs_f64())),
+            cell(*p50),
+            cell(*p99),
+            rel(*p50, ssh.and_then(|s| s.1)),
+            rel(*p99, ssh.and_then(|s| s.2)),
         ]);
     }
 }
 
+/// A dial plus one checked round trip (timed), then a checked close (not).
 fn dial_once(ep: &Endpoints, path: PathKind) -> io::Result<Duration> {
+    let seed = next_seed();
     let t0 = Instant::now();
     let mut s = ep.dial(path, ECHO_PORT)?;
-    round_trip(&mut s)?;
-    Ok(t0.elapsed())
+    round_trip(&mut s, seed, 0)?;
+    let d = t0.elapsed();
+    finish_echo(&mut s)?;
+    Ok(d)
 }
 
 async fn dial_once_async(ep: &Endpoints, path: PathKind) -> io::Result<Duration> {
+    let seed = next_seed();
     let t0 = Instant::now();
     let mut s = tokio::time::timeout(IO_TIMEOUT, ep.dial_async(path, ECHO_PORT))
         .await
         .map_err(|_| io::Error::other("dial timed out"))??;
-    tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s))
+    tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s, seed, 0))
         .await
         .map_err(|_| io::Error::other("round trip timed out"))??;
-    Ok(t0.elapsed())
+    let d = t0.elapsed();
+    finish_echo_async(&mut s).await?;
+    Ok(d)
 }
+
+/// Dial failures a path may have before the rest of its dials are skipped
+/// (each can cost a full timeout); all of them are errors either way.
+const DIAL_GIVE_UP: usize = 3;
 
 fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table> {
     progress("dial latency, sequential");
@@ -854,20 +1097,22 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
     let mut res = Vec::new();
     for path in PATHS {
         let mut v = Vec::with_capacity(sz.dial_seq);
-        let mut err = None;
+        let mut failed = 0;
         for _ in 0..sz.dial_seq {
             match dial_once(ep, path) {
                 Ok(d) => v.push(d),
-                Err(e) => err = Some(e),
+                Err(e) => {
+                    failed += 1;
+                    fail(format!("sequential dial, {}: {e}", path.label()));
+                    if failed >= DIAL_GIVE_UP {
+                        fail(format!(
+                            "sequential dial, {}: gave up after {failed} failures",
+                            path.label()
+                        ));
+                        break;
+                    }
+                }
             }
-        }
-        if let Some(e) = err {
-            seq.notes.push(format!(
-                "{}: {} of {} dials failed, last: {e}",
-                path.label(),
-                sz.dial_seq - v.len(),
-                sz.dial_seq
-            ));
         }
         v.sort();
         res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
@@ -897,26 +1142,35 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
                             Ok(d) => v.push(d),
                             Err(e) => errs.push(e.to_string()),
                         }
+                        if errs.len() >= DIAL_GIVE_UP {
+                            break;
+                        }
                     }
                     (v, errs)
                 });
             }
-            let (mut all, mut failed, mut last) = (Vec::new(), 0, String::new());
+            let (mut all, mut errs) = (Vec::new(), Vec::new());
             while let Some(r) = set.join_next().await {
-                if let Ok((v, errs)) = r {
-                    all.extend(v);
-                    failed += errs.len();
-                    if let Some(e) = errs.last() {
-                        last = e.clone();
+                match r {
+                    Ok((v, e)) => {
+                        all.extend(v);
+                        errs.extend(e);
                     }
+                    Err(e) => errs.push(format!("dial task failed: {e}")),
                 }
             }
-            (all, failed, last)
+            (all, errs.len(), errs)
         });
         if failed > 0 {
-            par.notes.push(format!(
-                "{}: {failed} dials failed, last: {last}",
-                path.label()
+            let mut distinct = last.clone();
+            distinct.sort();
+            distinct.dedup();
+            fail(format!(
+                "dials in flight, {}: {failed} failed, {} of {} succeeded: {}",
+                path.label(),
+                v.len(),
+                sz.dial_total,
+                distinct.join("; ")
             ));
         }
         let mut v = v;
@@ -933,7 +1187,8 @@ struct ManyResult {
     open_time: Duration,
     echo_time: Duration,
     rss_per_stream_kib: Option<f64>,
-    error: Option<String>,
+    /// Distinct errors, each with how often it happened.
+    errors: Vec<(String, usize)>,
 }
 
 async fn many_streams(
@@ -952,22 +1207,23 @@ async fn many_streams(
         let sem = sem.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.ok();
+            let seed = next_seed();
             let mut s = tokio::time::timeout(IO_TIMEOUT, ep.dial_async(path, ECHO_PORT))
                 .await
                 .map_err(|_| io::Error::other("dial timed out"))??;
-            tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s))
+            tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s, seed, 0))
                 .await
                 .map_err(|_| io::Error::other("round trip timed out"))??;
-            Ok::<_, io::Error>(s)
+            Ok::<_, io::Error>((s, seed))
         });
     }
     let mut open = Vec::with_capacity(n);
-    let mut error = None;
+    let mut errors: Vec<String> = Vec::new();
     while let Some(r) = set.join_next().await {
         match r {
             Ok(Ok(s)) => open.push(s),
-            Ok(Err(e)) => error = Some(e.to_string()),
-            Err(e) => error = Some(e.to_string()),
+            Ok(Err(e)) => errors.push(format!("open: {e}")),
+            Err(e) => errors.push(format!("open task: {e}")),
         }
     }
     let open_time = t0.elapsed();
@@ -977,21 +1233,37 @@ async fn many_streams(
     // One more round trip on every stream at once.
     let t1 = Instant::now();
     let mut set = tokio::task::JoinSet::new();
-    for mut s in open.drain(..) {
+    for (mut s, seed) in open.drain(..) {
         set.spawn(async move {
-            let r = tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s)).await;
-            (matches!(r, Ok(Ok(()))), s)
+            let r = tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s, seed, 1))
+                .await
+                .map_err(|_| io::Error::other("round trip timed out"))
+                .and_then(|r| r);
+            (r, s)
         });
     }
-    let mut ok = 0;
+    let mut echoed = Vec::with_capacity(n);
     while let Some(r) = set.join_next().await {
-        if let Ok((good, s)) = r {
-            ok += good as usize;
-            open.push(s);
+        match r {
+            Ok((Ok(()), s)) => echoed.push(s),
+            Ok((Err(e), _)) => errors.push(format!("echo on all: {e}")),
+            Err(e) => errors.push(format!("echo task: {e}")),
         }
     }
     let echo_time = t1.elapsed();
-    drop(open);
+    // Every stream must then close cleanly, with nothing extra.
+    let mut set = tokio::task::JoinSet::new();
+    for mut s in echoed {
+        set.spawn(async move { finish_echo_async(&mut s).await });
+    }
+    let mut ok = 0;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => errors.push(format!("close: {e}")),
+            Err(e) => errors.push(format!("close task: {e}")),
+        }
+    }
     let rss_per_stream_kib = match (rss0, rss1) {
         (Some(a), Some(b)) if n > 0 => Some((b as f64 - a as f64) / n as f64),
         _ => None,
@@ -1003,8 +1275,19 @@ async fn many_streams(
         open_time,
         echo_time,
         rss_per_stream_kib,
-        error,
+        errors: count_distinct(errors),
     }
+}
+
+/// Distinct messages with their counts, most frequent first.
+fn count_distinct(mut v: Vec<String>) -> Vec<(String, usize)> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for e in v.drain(..) {
+        *counts.entry(e).or_default() += 1;
+    }
+    let mut out: Vec<(String, usize)> = counts.into_iter().collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    out
 }
 
 fn concurrency(
@@ -1025,7 +1308,7 @@ fn concurrency(
             ),
             &[
                 "path",
-                "succeeded",
+                "ok",
                 "open all",
                 "vs ssh -L",
                 "echo on all",
@@ -1037,8 +1320,19 @@ fn concurrency(
         for path in PATHS {
             let pid = path_pid(path, daemon, ssh);
             let r = rt.block_on(many_streams(ep, path, n, sz.open_concurrency, pid));
-            if let Some(e) = &r.error {
-                t.notes.push(format!("{}: last error: {e}", path.label()));
+            if r.ok != n || !r.errors.is_empty() {
+                let list: Vec<String> = r
+                    .errors
+                    .iter()
+                    .take(5)
+                    .map(|(e, k)| format!("{k}× {e}"))
+                    .collect();
+                fail(format!(
+                    "{n} concurrent streams, {}: {} of {n} opened, echoed twice and closed cleanly; {}",
+                    path.label(),
+                    r.ok,
+                    list.join("; ")
+                ));
             }
             if let Some(k) = r.rss_per_stream_kib {
                 per_stream.insert(path, k);
@@ -1065,6 +1359,8 @@ fn concurrency(
                     .unwrap_or_else(|| "-".into()),
             ]);
         }
+        t.notes
+            .push("ok: streams that opened, echoed (checked) twice and then closed cleanly".into());
         t.notes.push("RSS/stream: VmRSS of the daemon or of ssh -L's ssh with all streams open and idle, minus before, divided by the count".into());
         tables.push(t);
     }
@@ -1197,6 +1493,12 @@ fn nodes_table(real: &NodesResult, sim: &NodesResult, base_rss: u64) -> Table {
         ],
     );
     for r in [real, sim] {
+        if r.healthy_after.is_none() {
+            fail(format!(
+                "{}: only {} of {} nodes healthy before the deadline",
+                r.label, r.healthy, r.n
+            ));
+        }
         nodes.row(vec![
             r.label.clone(),
             r.healthy_after
@@ -1379,5 +1681,18 @@ fn main() {
         "\ntotal bench time {:.0} s\n",
         started().elapsed().as_secs_f64()
     ));
+    let errors = std::mem::take(&mut *errors().lock().unwrap_or_else(|e| e.into_inner()));
+    if errors.is_empty() {
+        out.push_str("\nOK: every byte and every echo checked, no errors\n");
+        println!("{out}");
+        return;
+    }
+    out.push_str(&format!("\nFAILED: {} error(s)\n", errors.len()));
+    for e in &errors {
+        out.push_str(&format!("  error: {e}\n"));
+    }
     println!("{out}");
+    // Everything with a Drop (namespaces, daemons, servers) is gone by now.
+    drop(rt);
+    std::process::exit(1);
 }

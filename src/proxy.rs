@@ -723,4 +723,103 @@ mod tests {
             assert_eq!(pick_two(&[0, 1], |i| if i == 0 { 100 } else { 0 }), Some(1));
         }
     }
+
+    #[test]
+    fn targets_print_as_authorities() {
+        assert_eq!(t("10.0.0.11", 10250).to_string(), "10.0.0.11:10250");
+        assert_eq!(t("node-1", 22).to_string(), "node-1:22");
+        assert_eq!(t("fd00::1", 443).to_string(), "[fd00::1]:443");
+    }
+
+    #[test]
+    fn host_length_limit_is_253() {
+        let host = |n: usize| format!("{}:80", "a".repeat(n));
+        assert_eq!(parse_authority(&host(253)), Some(t(&"a".repeat(253), 80)));
+        assert_eq!(parse_authority(&host(254)), None);
+        assert_eq!(parse_authority(&host(252)), Some(t(&"a".repeat(252), 80)));
+        assert_eq!(parse_authority("a:65535"), Some(t("a", 65535)));
+        assert_eq!(parse_authority("a:"), None);
+        assert_eq!(parse_authority("my_node.a-b:1"), Some(t("my_node.a-b", 1)));
+        assert_eq!(parse_authority("a/b:1"), None);
+    }
+
+    #[test]
+    fn connect_heads_map_to_their_errors() {
+        assert_eq!(
+            parse_head(b"CONNECT [fd00::1]:10250 HTTP/1.1\r\n\r\n"),
+            Ok(Parsed::Connect {
+                target: t("fd00::1", 10250),
+                len: 36
+            })
+        );
+        assert_eq!(
+            parse_head(b"POST / HTTP/1.1\r\n\r\n"),
+            Err(HeadError::NotConnect("POST".into()))
+        );
+        assert_eq!(
+            parse_head(b"CONNECT a:0 HTTP/1.1\r\n\r\n"),
+            Err(HeadError::BadRequest(
+                "CONNECT target \"a:0\" is not host:port".into()
+            ))
+        );
+        // A partial head one byte short of the cap still waits for more.
+        let mut near = b"CONNECT a:1 HTTP/1.1\r\nX: ".to_vec();
+        near.resize(MAX_HEADER_BYTES - 1, b'a');
+        assert_eq!(parse_head(&near), Ok(Parsed::Partial));
+        near.push(b'a');
+        assert_eq!(parse_head(&near), Err(HeadError::TooLarge));
+        let many: String = (0..40).map(|i| format!("H{i}: v\r\n")).collect();
+        let head = format!("CONNECT a:1 HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(parse_head(head.as_bytes()), Err(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn reason_phrases_stay_on_one_printable_line() {
+        assert_eq!(phrase("node said: no"), "node said: no");
+        assert_eq!(phrase("a\r\nX-Evil: 1\tb\u{e9}"), "a??X-Evil: 1?b?");
+        assert_eq!(phrase(&"x".repeat(500)).len(), 400);
+    }
+
+    #[test]
+    fn tunnel_errors_map_to_gateway_statuses() {
+        let refused = TunnelError::ChannelRefused("connect failed".into());
+        assert_eq!(
+            error_reply(&refused),
+            (
+                502,
+                "Bad Gateway: channel open refused by node: connect failed".into()
+            )
+        );
+        let slow = TunnelError::ChannelOpenTimeout(Duration::from_secs(5));
+        assert_eq!(
+            error_reply(&slow),
+            (
+                504,
+                "Gateway Timeout: channel open timed out after 5s".into()
+            )
+        );
+        let down = TunnelError::NotConnected("node-1 connecting".into());
+        assert_eq!(
+            error_reply(&down),
+            (
+                503,
+                "Service Unavailable: no healthy tunnel: node-1 connecting".into()
+            )
+        );
+    }
+
+    #[test]
+    fn pick_two_draws_two_distinct_candidates() {
+        // With three candidates and one unloaded, the unloaded one is picked
+        // whenever it is drawn (2 in 3); the loaded ones never beat it. Both
+        // loaded ones also get picked: a draw that ignored them would not.
+        let mut seen = [0usize; 3];
+        for _ in 0..300 {
+            let p = pick_two(&[0, 1, 2], |i| if i == 2 { 0 } else { 10 + i as u64 })
+                .expect("a candidate");
+            seen[p] += 1;
+        }
+        assert_eq!(seen[1], 0, "the most loaded candidate never wins: {seen:?}");
+        assert!(seen[0] > 0 && seen[2] > seen[0], "{seen:?}");
+    }
 }

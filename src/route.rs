@@ -509,4 +509,52 @@ mod tests {
             assert_eq!(t.lookup(&ip.to_string()), expect, "{ip}");
         }
     }
+
+    #[test]
+    fn nodes_lists_every_payload_in_order() {
+        let t = table();
+        assert_eq!(t.nodes(), ["node-1", "node-2", "node-3"]);
+        assert!(RouteTable::<String>::empty().nodes().is_empty());
+    }
+
+    #[test]
+    fn masks_keep_exactly_the_prefix_bits() {
+        assert_eq!(mask_v4(0xffff_ffff, 0), 0);
+        assert_eq!(mask_v4(0x0af4_07c9, 24), 0x0af4_0700);
+        assert_eq!(mask_v4(0x0af4_07c9, 1), 0);
+        assert_eq!(mask_v4(0x8af4_07c9, 1), 0x8000_0000);
+        assert_eq!(mask_v4(0x0af4_07c9, 32), 0x0af4_07c9);
+        assert_eq!(mask_v6(u128::MAX, 0), 0);
+        assert_eq!(mask_v6(u128::MAX, 64), u128::MAX << 64);
+        assert_eq!(mask_v6(u128::MAX, 128), u128::MAX);
+        assert_eq!(mask_v6(1 << 127 | 5, 1), 1 << 127);
+    }
+
+    #[test]
+    fn a_zero_length_pod_cidr_catches_every_address_of_its_family() {
+        // Config validation refuses /0, but the table must not panic on it
+        // (a shift by the full width) nor let it leak into the other family.
+        let nodes = [node("wide", &["10.0.0.1"], &["0.0.0.0/0"])];
+        let t = RouteTable::build(nodes.iter().map(|n| (n, n.name.clone())), &[]);
+        assert_eq!(
+            t.lookup("192.0.2.7"),
+            Route::Node {
+                node: "wide".into(),
+                host: "192.0.2.7".into(),
+                node_local: false,
+            }
+        );
+        assert_eq!(t.lookup("2001:db8::1"), Route::Forbidden);
+    }
+
+    #[test]
+    fn mapped_and_unmapped_v6_stay_apart() {
+        let t = table();
+        // An IPv4-mapped spelling of a pod address routes like the IPv4
+        // address, and is printed in its IPv4 form for the channel.
+        assert_eq!(t.lookup("::ffff:10.244.1.7"), to("node-1", "10.244.1.7"));
+        // A plain IPv6 address is never taken for an IPv4 one.
+        assert_eq!(t.lookup("::a00:b"), Route::Forbidden);
+        assert_eq!(t.lookup("fd00::12"), Route::Forbidden);
+    }
 }
