@@ -1946,7 +1946,7 @@ mod slow {
             t.row(row);
         }
         t.notes.push(format!(
-            "complete: every byte checked, EOF right after the last. bound (documented in docs/flow-control.md): per held stream the limit ({}) + russh's queue ({}) + one packet, times {MANY}, + 16 MiB",
+            "complete: every byte checked, EOF right after the last. bound: per held stream the limit ({}) + russh's queue ({}) + one packet (docs/flow-control.md), times {MANY}, + 16 MiB; the daemon-wide bound is proxy.relay_buffer_budget (512 MiB)",
             mib(STREAM_LIMIT),
             mib(RUSSH_QUEUE)
         ));
