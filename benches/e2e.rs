@@ -76,6 +76,14 @@ struct Sizes {
     open_concurrency: usize,
     real_nodes: usize,
     sim_nodes: usize,
+    /// Seconds of the single 2 MB/s slow reader (`slow`).
+    slow_secs: u64,
+    /// Seconds of each of the ten slow readers at once.
+    slow_many_secs: u64,
+    /// Seconds of the slow reader that neighbour streams run beside.
+    slow_neigh_secs: u64,
+    /// Bytes of the `kubectl cp`-like copy at 20 MB/s.
+    cp_bytes: u64,
 }
 
 impl Sizes {
@@ -115,6 +123,11 @@ impl Sizes {
                 open_concurrency: 10,
                 real_nodes: 3,
                 sim_nodes: 5,
+                slow_secs: 2,
+                slow_many_secs: 2,
+                // Enough bytes to pass the per-stream limit and be held.
+                slow_neigh_secs: 8,
+                cp_bytes: 16 << 20,
             }
         } else {
             Sizes {
@@ -129,6 +142,10 @@ impl Sizes {
                 open_concurrency: 100,
                 real_nodes: 40,
                 sim_nodes: 1000,
+                slow_secs: 60,
+                slow_many_secs: 20,
+                slow_neigh_secs: 30,
+                cp_bytes: 512 << 20,
             }
         }
     }
@@ -1483,6 +1500,759 @@ fn sim_nodes(sz: &Sizes) -> (NodesResult, u64) {
 }
 
 // ---------------------------------------------------------------------------
+// Slow readers (`slow`): a client slower than its node is slowed, never cut
+// ---------------------------------------------------------------------------
+
+/// A reader slower than the node that feeds it, and what it costs its
+/// neighbours, daemon against `ssh -L` on the same node.
+///
+/// The node-side source writes as fast as its socket takes bytes, so a
+/// paced client is behind from the first second: the daemon must hold the
+/// stream (buffer to its limit, then park the session) and lose nothing.
+/// Every stream is checked byte by byte as in the other sections.
+mod slow {
+    use super::*;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// The default `proxy.relay_stream_buffer_limit`; `bench_toml` keeps it.
+    const STREAM_LIMIT: u64 = 8 << 20;
+    /// russh's per-channel queue: 32 packets of at most 64 KiB.
+    const RUSSH_QUEUE: u64 = 2 << 20;
+    /// Allowance on top of the per-stream figures (allocator, kernel, noise).
+    const SLACK: u64 = 16 << 20;
+    /// The slow reader's pace, bytes per second.
+    const SLOW_RATE: f64 = 2e6;
+    /// The `kubectl cp`-like reader's pace, bytes per second.
+    const CP_RATE: f64 = 20e6;
+    /// Slow readers at once in the many-readers case.
+    const MANY: usize = 10;
+    /// How long the neighbours wait for the slow stream to be held.
+    const HOLD_WAIT: Duration = Duration::from_secs(15);
+
+    const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+    /// FNV-1a over `b`, continuing from `h`: the checksum `kubectl cp`'s
+    /// case reports (the per-byte pattern check is what catches errors).
+    fn fnv(mut h: u64, b: &[u8]) -> u64 {
+        for x in b {
+            h ^= *x as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    /// The checksum of the first `bytes` bytes of `seed`'s pattern.
+    fn expected_fnv(seed: u64, bytes: u64) -> u64 {
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut h, mut off) = (FNV0, 0u64);
+        while off < bytes {
+            let k = (bytes - off).min(buf.len() as u64) as usize;
+            pattern::fill(seed, off, &mut buf[..k]);
+            h = fnv(h, &buf[..k]);
+            off += k as u64;
+        }
+        h
+    }
+
+    fn mib(b: u64) -> String {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+
+    /// A checked read of a whole source stream.
+    struct Got {
+        elapsed: Duration,
+        seed: u64,
+        fnv: u64,
+    }
+
+    /// Asks the source on `s` for `bytes` bytes of a fresh seed, then reads
+    /// them, at `rate` bytes per second if given, checking every byte and
+    /// EOF right after the last. `got` shows progress to other threads.
+    fn read_source(
+        s: &mut Stream,
+        bytes: u64,
+        rate: Option<f64>,
+        got: &AtomicU64,
+    ) -> io::Result<Got> {
+        let seed = next_seed();
+        let mut req = [0u8; 16];
+        req[..8].copy_from_slice(&bytes.to_le_bytes());
+        req[8..].copy_from_slice(&seed.to_le_bytes());
+        s.write_all(&req)?;
+        let t0 = Instant::now();
+        // Small reads so that the pace is smooth.
+        let mut buf = vec![0u8; 64 << 10];
+        let (mut n_got, mut h) = (0u64, FNV0);
+        loop {
+            let n = s
+                .read(&mut buf)
+                .map_err(|e| io::Error::other(format!("after {n_got} of {bytes} bytes: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            let want = (bytes - n_got).min(n as u64) as usize;
+            if let Some(at) = pattern::check(seed, n_got, &buf[..want]) {
+                return Err(io::Error::other(format!(
+                    "byte {at} of {bytes} is not the pattern (seed {seed:#018x}): lost, duplicated or corrupted data"
+                )));
+            }
+            if want < n {
+                return Err(io::Error::other(format!(
+                    "more than the {bytes} bytes asked for ({} extra in one read)",
+                    n - want
+                )));
+            }
+            h = fnv(h, &buf[..n]);
+            n_got += n as u64;
+            got.store(n_got, Ordering::Relaxed);
+            if let Some(rate) = rate {
+                let due = Duration::from_secs_f64(n_got as f64 / rate);
+                let el = t0.elapsed();
+                if due > el {
+                    std::thread::sleep(due - el);
+                }
+            }
+        }
+        if n_got != bytes {
+            return Err(io::Error::other(format!(
+                "EOF after {n_got} of {bytes} bytes"
+            )));
+        }
+        Ok(Got {
+            elapsed: t0.elapsed(),
+            seed,
+            fnv: h,
+        })
+    }
+
+    /// Dials the source through `path` and reads `bytes` at `rate`.
+    fn paced(
+        ep: &Endpoints,
+        path: PathKind,
+        bytes: u64,
+        rate: f64,
+        got: &AtomicU64,
+        done: &AtomicBool,
+    ) -> io::Result<Got> {
+        let r = ep
+            .dial(path, SOURCE_PORT)
+            .and_then(|mut s| read_source(&mut s, bytes, Some(rate), got));
+        done.store(true, Ordering::Relaxed);
+        r
+    }
+
+    /// Round trips on an open echo stream until `count` or `until`, with
+    /// `gap` between them (an interactive user, not a flood).
+    fn rtts_on(
+        s: &mut Stream,
+        seed: u64,
+        first: u64,
+        count: usize,
+        until: Option<Instant>,
+        gap: Duration,
+        stop: Option<&AtomicBool>,
+    ) -> io::Result<Vec<Duration>> {
+        let mut v = Vec::new();
+        for i in 0..count as u64 {
+            if until.is_some_and(|u| Instant::now() >= u)
+                || stop.is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                break;
+            }
+            let t0 = Instant::now();
+            round_trip(s, seed, first + i)?;
+            v.push(t0.elapsed());
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+        }
+        v.sort();
+        Ok(v)
+    }
+
+    /// A fresh echo stream: a few warm-up round trips, then `count` timed
+    /// ones (or until `stop`), then a checked close.
+    fn rtts(
+        ep: &Endpoints,
+        path: PathKind,
+        count: usize,
+        gap: Duration,
+        stop: Option<&AtomicBool>,
+    ) -> io::Result<Vec<Duration>> {
+        let seed = next_seed();
+        let mut s = ep.dial(path, ECHO_PORT)?;
+        for i in 0..5 {
+            round_trip(&mut s, seed, i)?;
+        }
+        let v = rtts_on(&mut s, seed, 5, count, None, gap, stop)?;
+        finish_echo(&mut s)?;
+        Ok(v)
+    }
+
+    fn pct(v: &[Duration], p: f64) -> String {
+        percentile(v, p).map(us).unwrap_or_else(|| NA.into())
+    }
+
+    /// The daemon's first node in `status --json`, if the admin API answers.
+    fn node_status(admin: &Path) -> Option<serde_json::Value> {
+        let (code, body) = common::admin_get(admin, "/v1/status").ok()?;
+        if code != 200 {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["nodes"].get(0).cloned()
+    }
+
+    /// What the status showed over a stretch of the run.
+    #[derive(Default, Clone, Copy)]
+    pub struct Seen {
+        polls: u64,
+        max_sessions: u64,
+        max_congested: u64,
+        blocked_seconds: f64,
+        streams_slowed: u64,
+    }
+
+    impl Seen {
+        fn add(&mut self, n: &serde_json::Value) {
+            self.polls += 1;
+            let u = |k: &str| n[k].as_u64().unwrap_or(0);
+            self.max_sessions = self.max_sessions.max(u("sessions"));
+            self.max_congested = self.max_congested.max(u("congested_sessions"));
+            self.blocked_seconds = n["blocked_seconds"].as_f64().unwrap_or(0.0);
+            self.streams_slowed = u("streams_slowed");
+        }
+    }
+
+    /// Samples the VmRSS of `pids` and the node's status every 100 ms
+    /// until [`Watch::finish`].
+    struct Watch {
+        rss0: Vec<u64>,
+        stop: Arc<AtomicBool>,
+        h: std::thread::JoinHandle<(Vec<u64>, Seen)>,
+    }
+
+    fn watch(pids: &[u32], admin: Option<&Path>) -> Watch {
+        let rss0: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (pids, admin, st) = (pids.to_vec(), admin.map(Path::to_path_buf), stop.clone());
+        let mut peak = rss0.clone();
+        let h = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            // Bounded: at most a few hours of 100 ms samples.
+            for _ in 0..200_000 {
+                for (p, m) in pids.iter().zip(peak.iter_mut()) {
+                    *m = (*m).max(rss_kib(*p));
+                }
+                if let Some(n) = admin.as_deref().and_then(node_status) {
+                    seen.add(&n);
+                }
+                if st.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (peak, seen)
+        });
+        Watch { rss0, stop, h }
+    }
+
+    impl Watch {
+        /// Peak VmRSS of each pid (KiB) and what the status showed.
+        fn finish(self) -> (Vec<u64>, Seen) {
+            self.stop.store(true, Ordering::Relaxed);
+            self.h.join().unwrap_or_default()
+        }
+    }
+
+    /// Waits until the slow stream has received `min` bytes and, with an
+    /// admin socket, until its node shows a congested session (or, with
+    /// `held`, time held by backpressure). Returns whether that was seen.
+    fn wait_held(got: &AtomicU64, min: u64, admin: Option<&Path>, held: bool) -> bool {
+        common::poll(HOLD_WAIT, || {
+            got.load(Ordering::Relaxed) >= min
+                && admin.is_none_or(|a| {
+                    node_status(a).is_some_and(|n| {
+                        let blocked = n["blocked_seconds"].as_f64().unwrap_or(0.0) > 0.0;
+                        blocked || (!held && n["congested_sessions"].as_u64().unwrap_or(0) > 0)
+                    })
+                })
+        })
+    }
+
+    fn join<T>(h: std::thread::ScopedJoinHandle<'_, io::Result<T>>) -> io::Result<T> {
+        h.join()
+            .unwrap_or_else(|_| Err(io::Error::other("bench thread panicked")))
+    }
+
+    const SLOW_PATHS: [PathKind; 2] = [PathKind::DaemonUnix, PathKind::SshL];
+
+    /// Cases 1, 2, 3 and 5 on the bench's daemon (default config).
+    pub fn on_node(ep: &Endpoints, sz: &Sizes, daemon: &Daemon, ssh: u32) -> Vec<Table> {
+        let w = watch(&[], Some(&daemon.admin));
+        let (d, a) = (daemon.pid(), daemon.admin.as_path());
+        let mut t = vec![
+            one_reader(ep, sz, d, ssh),
+            many_readers(ep, sz, d, ssh),
+            new_stream_beside(ep, sz, a),
+            kubectl_cp(ep, sz, a),
+        ];
+        let (_, seen) = w.finish();
+        t.push(status_table(
+            "default config (max_connections_per_node 8): over the cases above",
+            seen,
+        ));
+        t
+    }
+
+    /// One RSS row cell set: before, peak growth, bound, within.
+    fn rss_cells(before: u64, peak: u64, bound: u64) -> [String; 4] {
+        let growth = peak.saturating_sub(before) << 10;
+        [
+            format!("{before} KiB"),
+            mib(growth),
+            mib(bound),
+            if growth <= bound { "yes" } else { "NO" }.into(),
+        ]
+    }
+
+    /// Case 1: one 2 MB/s reader of a pushing source on each path at once.
+    fn one_reader(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
+        let bytes = (SLOW_RATE * sz.slow_secs as f64) as u64;
+        progress(&format!(
+            "slow: one 2 MB/s reader for {} s, daemon and ssh -L at once",
+            sz.slow_secs
+        ));
+        let w = watch(&[daemon, ssh], None);
+        let rss0 = w.rss0.clone();
+        let res: Vec<io::Result<Got>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = SLOW_PATHS
+                .iter()
+                .map(|&p| {
+                    sc.spawn(move || {
+                        let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
+                        paced(ep, p, bytes, SLOW_RATE, &got, &done)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(join).collect()
+        });
+        let (peak, _) = w.finish();
+        let mut t = Table::new(
+            format!(
+                "Slow reader: 2 MB/s from a node-side source that pushes as fast as it can, {} s ({}), daemon and ssh -L at once",
+                sz.slow_secs,
+                mib(bytes)
+            ),
+            &[
+                "path",
+                "every byte",
+                "time",
+                "MB/s",
+                "RSS before",
+                "RSS growth (peak)",
+                "bound",
+                "within",
+            ],
+        );
+        let bound = STREAM_LIMIT + SLACK;
+        for (i, (p, r)) in SLOW_PATHS.iter().zip(res).enumerate() {
+            let mut row = vec![p.label().to_string()];
+            match r {
+                Ok(g) => row.extend([
+                    "yes".to_string(),
+                    format!("{:.1} s", g.elapsed.as_secs_f64()),
+                    format!("{:.2}", bytes as f64 / g.elapsed.as_secs_f64() / 1e6),
+                ]),
+                Err(e) => {
+                    fail(format!("slow reader, {}: {e}", p.label()));
+                    row.extend(["NO".into(), NA.into(), NA.into()]);
+                }
+            }
+            row.extend(rss_cells(rss0[i], peak[i], bound));
+            t.row(row);
+        }
+        t.notes.push(format!(
+            "bound: the per-stream limit ({}) + 16 MiB. RSS growth: peak VmRSS during the run (sampled every 100 ms) minus VmRSS just before; for ssh -L, ssh's own process against the same figure",
+            mib(STREAM_LIMIT)
+        ));
+        t.notes.push("every byte checked against the seeded pattern on arrival, EOF right after the last: a reset or a short stream is an error (exit 1)".into());
+        t
+    }
+
+    /// Case 2: ten slow readers at once on each path (all twenty at once).
+    fn many_readers(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
+        let bytes = (SLOW_RATE * sz.slow_many_secs as f64) as u64;
+        progress(&format!(
+            "slow: {MANY} 2 MB/s readers for {} s on each path, all at once",
+            sz.slow_many_secs
+        ));
+        let w = watch(&[daemon, ssh], None);
+        let rss0 = w.rss0.clone();
+        let res: Vec<Vec<io::Result<Got>>> = std::thread::scope(|sc| {
+            let hs: Vec<Vec<_>> = SLOW_PATHS
+                .iter()
+                .map(|&p| {
+                    (0..MANY)
+                        .map(|_| {
+                            sc.spawn(move || {
+                                let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
+                                paced(ep, p, bytes, SLOW_RATE, &got, &done)
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            hs.into_iter()
+                .map(|v| v.into_iter().map(join).collect())
+                .collect()
+        });
+        let (peak, _) = w.finish();
+        let mut t = Table::new(
+            format!(
+                "{MANY} slow readers at once on one node: 2 MB/s each, {} s ({} each)",
+                sz.slow_many_secs,
+                mib(bytes)
+            ),
+            &[
+                "path",
+                "complete",
+                "slowest",
+                "RSS before",
+                "RSS growth (peak)",
+                "bound",
+                "within",
+            ],
+        );
+        let bound = MANY as u64 * (STREAM_LIMIT + RUSSH_QUEUE + (64 << 10)) + SLACK;
+        for (i, (p, rs)) in SLOW_PATHS.iter().zip(res).enumerate() {
+            let mut ok = 0;
+            let mut slowest = Duration::ZERO;
+            for r in rs {
+                match r {
+                    Ok(g) => {
+                        ok += 1;
+                        slowest = slowest.max(g.elapsed);
+                    }
+                    Err(e) => fail(format!("{MANY} slow readers, {}: {e}", p.label())),
+                }
+            }
+            let mut row = vec![
+                p.label().to_string(),
+                format!("{ok}/{MANY}"),
+                if ok > 0 {
+                    format!("{:.1} s", slowest.as_secs_f64())
+                } else {
+                    NA.into()
+                },
+            ];
+            row.extend(rss_cells(rss0[i], peak[i], bound));
+            t.row(row);
+        }
+        t.notes.push(format!(
+            "complete: every byte checked, EOF right after the last. bound: per held stream the limit ({}) + russh's queue ({}) + one packet (docs/flow-control.md), times {MANY}, + 16 MiB; the daemon-wide bound is proxy.relay_buffer_budget (512 MiB)",
+            mib(STREAM_LIMIT),
+            mib(RUSSH_QUEUE)
+        ));
+        t
+    }
+
+    /// Case 3: a stream opened after a slow reader started on the node.
+    fn new_stream_beside(ep: &Endpoints, sz: &Sizes, admin: &Path) -> Table {
+        let count = (sz.rtt_count / 5).clamp(20, 2000);
+        let bytes = (SLOW_RATE * sz.slow_neigh_secs as f64) as u64;
+        progress("slow: a stream opened after a slow reader started");
+        let mut t = Table::new(
+            format!(
+                "A new stream opened after a 2 MB/s reader started on the same node: {MSG}-byte round trips ({count}), idle vs beside it"
+            ),
+            &[
+                "path",
+                "idle p50",
+                "idle p99",
+                "beside p50",
+                "beside p99",
+                "p50 vs idle",
+                "p99 vs idle",
+                "held seen",
+                "slow reader",
+            ],
+        );
+        for p in SLOW_PATHS {
+            let idle = rtts(ep, p, count, Duration::ZERO, None).unwrap_or_else(|e| {
+                fail(format!(
+                    "new stream beside a slow reader, {} idle: {e}",
+                    p.label()
+                ));
+                Vec::new()
+            });
+            let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
+            let (beside, held, slow, during) = std::thread::scope(|sc| {
+                let h = sc.spawn(|| paced(ep, p, bytes, SLOW_RATE, &got, &done));
+                let admin = (p != PathKind::SshL).then_some(admin);
+                let held = wait_held(&got, 2 << 20, admin, false);
+                let beside = rtts(ep, p, count, Duration::ZERO, None);
+                let during = !done.load(Ordering::Relaxed);
+                (beside, held, join(h), during)
+            });
+            let beside = beside.unwrap_or_else(|e| {
+                fail(format!(
+                    "new stream beside a slow reader, {}: {e}",
+                    p.label()
+                ));
+                Vec::new()
+            });
+            let slow_ok = match slow {
+                Ok(_) => "every byte".to_string(),
+                Err(e) => {
+                    fail(format!(
+                        "slow reader beside a new stream, {}: {e}",
+                        p.label()
+                    ));
+                    "FAILED".into()
+                }
+            };
+            if !during {
+                t.notes.push(format!(
+                    "{}: the slow reader ended before the measurement did",
+                    p.label()
+                ));
+            }
+            let rel = |q: f64| match (percentile(&beside, q), percentile(&idle, q)) {
+                (Some(a), Some(i)) if !i.is_zero() => {
+                    format!("{:.2}×", a.as_secs_f64() / i.as_secs_f64())
+                }
+                _ => NA.into(),
+            };
+            t.row(vec![
+                p.label().into(),
+                pct(&idle, 50.0),
+                pct(&idle, 99.0),
+                pct(&beside, 50.0),
+                pct(&beside, 99.0),
+                rel(50.0),
+                rel(99.0),
+                if p == PathKind::SshL {
+                    "-".into()
+                } else if held {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                slow_ok,
+            ]);
+        }
+        t.notes.push("target: daemon p50 beside ≤ 1.5× idle. The new stream is dialed once the slow reader has 2 MiB and (daemon) the node shows a congested or held session; the slow reader runs on through the measurement".into());
+        t
+    }
+
+    /// Case 5: a `kubectl cp`-like copy at 20 MB/s and an interactive echo
+    /// stream opened once the copy is under way.
+    fn kubectl_cp(ep: &Endpoints, sz: &Sizes, admin: &Path) -> Table {
+        let bytes = sz.cp_bytes;
+        progress(&format!(
+            "slow: kubectl cp-like, {} at 20 MB/s beside an interactive echo",
+            mib(bytes)
+        ));
+        let mut t = Table::new(
+            format!(
+                "kubectl cp-like: {} from a node-side source to a 20 MB/s reader, with an echo stream opened afterwards (one {MSG}-byte round trip every 10 ms)",
+                mib(bytes)
+            ),
+            &[
+                "path", "copy", "time", "MB/s", "checksum", "echoes", "echo p50", "echo p99",
+            ],
+        );
+        for p in SLOW_PATHS {
+            let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
+            let (cp, echo) = std::thread::scope(|sc| {
+                let h = sc.spawn(|| paced(ep, p, bytes, CP_RATE, &got, &done));
+                let admin = (p != PathKind::SshL).then_some(admin);
+                wait_held(&got, (4 << 20).min(bytes / 4), admin, false);
+                let echo = rtts(ep, p, 1_000_000, Duration::from_millis(10), Some(&done));
+                (join(h), echo)
+            });
+            let echo = echo.unwrap_or_else(|e| {
+                fail(format!("kubectl cp-like, echo on {}: {e}", p.label()));
+                Vec::new()
+            });
+            let mut row = vec![p.label().to_string()];
+            match cp {
+                Ok(g) => {
+                    let want = expected_fnv(g.seed, bytes);
+                    if g.fnv != want {
+                        fail(format!(
+                            "kubectl cp-like, {}: checksum {:016x}, expected {want:016x}",
+                            p.label(),
+                            g.fnv
+                        ));
+                    }
+                    row.extend([
+                        "every byte".to_string(),
+                        format!("{:.1} s", g.elapsed.as_secs_f64()),
+                        format!("{:.1}", bytes as f64 / g.elapsed.as_secs_f64() / 1e6),
+                        format!(
+                            "{:016x} {}",
+                            g.fnv,
+                            if g.fnv == want {
+                                "= source"
+                            } else {
+                                "≠ SOURCE"
+                            }
+                        ),
+                    ]);
+                }
+                Err(e) => {
+                    fail(format!("kubectl cp-like, {}: {e}", p.label()));
+                    row.extend(["FAILED".into(), NA.into(), NA.into(), NA.into()]);
+                }
+            }
+            row.extend([echo.len().to_string(), pct(&echo, 50.0), pct(&echo, 99.0)]);
+            t.row(row);
+        }
+        t.notes.push("checksum: FNV-1a 64 of the bytes received, against the same over the source's pattern; every byte is also checked on arrival".into());
+        t
+    }
+
+    /// Case 4: streams that already shared the session when it became
+    /// held. A daemon of its own with one session per node, so they must.
+    pub fn shared_session(cluster: &Cluster, ep: &Endpoints, sz: &Sizes) -> Vec<Table> {
+        progress("slow: neighbours on the held session (max_connections_per_node = 1)");
+        let spec = ConfigSpec {
+            ssh_extra: "max_connections_per_node = 1".into(),
+            ..ConfigSpec::default()
+        };
+        let daemon = Daemon::start_toml(cluster, &bench_toml(cluster, &spec), &[]);
+        daemon.wait_all_healthy(Duration::from_secs(30));
+        let w = watch(&[], Some(&daemon.admin));
+        let count = (sz.rtt_count / 5).clamp(20, 2000);
+        let bytes = (SLOW_RATE * sz.slow_neigh_secs as f64) as u64;
+        let bulk = (sz.bulk_bytes / 64).max(1 << 20);
+        let window = Duration::from_secs_f64(sz.slow_neigh_secs as f64 / 3.0);
+        let mut t = Table::new(
+            format!(
+                "Streams that already shared the session when a 2 MB/s reader made it held (daemon: max_connections_per_node = 1): {MSG}-byte round trips for {:.1} s, and a {} download",
+                window.as_secs_f64(),
+                mib(bulk)
+            ),
+            &[
+                "path",
+                "idle p50",
+                "held p50",
+                "held p99",
+                "round trips",
+                "download",
+                "MB/s",
+                "slow reader",
+            ],
+        );
+        for p in SLOW_PATHS {
+            let run = || -> io::Result<Vec<String>> {
+                let seed = next_seed();
+                let mut echo = ep.dial(p, ECHO_PORT)?;
+                let mut dl = ep.dial(p, SOURCE_PORT)?;
+                let idle = rtts_on(&mut echo, seed, 0, count, None, Duration::ZERO, None)?;
+                let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
+                let (held, dl_r, slow, seen) = std::thread::scope(|sc| {
+                    let h = sc.spawn(|| paced(ep, p, bytes, SLOW_RATE, &got, &done));
+                    let admin = (p != PathKind::SshL).then_some(daemon.admin.as_path());
+                    let seen = wait_held(&got, 2 << 20, admin, true);
+                    let until = Instant::now() + window;
+                    let d = sc.spawn(|| {
+                        read_source(&mut dl, bulk, None, &AtomicU64::new(0)).map(|g| g.elapsed)
+                    });
+                    let held = rtts_on(
+                        &mut echo,
+                        seed,
+                        count as u64,
+                        1_000_000,
+                        Some(until),
+                        Duration::ZERO,
+                        None,
+                    );
+                    (held, join(d), join(h), seen)
+                });
+                let held = held?;
+                finish_echo(&mut echo)?;
+                let slow_ok = match slow {
+                    Ok(_) => "every byte".to_string(),
+                    Err(e) => {
+                        fail(format!(
+                            "slow reader beside its session's neighbours, {}: {e}",
+                            p.label()
+                        ));
+                        "FAILED".into()
+                    }
+                };
+                let dl_t = dl_r?;
+                if p != PathKind::SshL && !seen {
+                    fail(format!(
+                        "neighbours on a held session, {}: the session was never held within {HOLD_WAIT:?}",
+                        p.label()
+                    ));
+                }
+                Ok(vec![
+                    p.label().into(),
+                    pct(&idle, 50.0),
+                    pct(&held, 50.0),
+                    pct(&held, 99.0),
+                    held.len().to_string(),
+                    format!("{:.1} s", dl_t.as_secs_f64()),
+                    format!("{:.2}", bulk as f64 / dl_t.as_secs_f64() / 1e6),
+                    slow_ok,
+                ])
+            };
+            match run() {
+                Ok(row) => t.row(row),
+                Err(e) => {
+                    fail(format!("neighbours on a held session, {}: {e}", p.label()));
+                    let mut row = vec![p.label().to_string()];
+                    row.resize(8, NA.into());
+                    t.row(row);
+                }
+            }
+        }
+        t.notes.push("the echo and download streams are opened before the slow reader, on the same (only) session; the download is requested once the session is held and read as fast as it comes, every byte checked".into());
+        t.notes.push("daemon: the held session carries the neighbours' node→client data behind up to one SSH window (8 MiB) of the slow stream's, drained at 2 MB/s, so their round trips cost seconds; ssh -L has per-channel windows and is not held. What removes it: per-channel windows in russh (#770)".into());
+        let (_, seen) = w.finish();
+        let mut d = daemon;
+        d.stop();
+        vec![
+            t,
+            status_table("max_connections_per_node = 1: over the case above", seen),
+        ]
+    }
+
+    fn status_table(label: &str, s: Seen) -> Table {
+        let mut t = Table::new(
+            format!("Daemon status while slow readers ran ({label})"),
+            &[
+                "sessions (max)",
+                "congested_sessions (max)",
+                "blocked_seconds",
+                "streams_slowed",
+                "polls",
+            ],
+        );
+        if s.polls == 0 {
+            fail(format!("slow, {label}: the admin status never answered"));
+            t.row(vec![NA.into(); 5]);
+        } else {
+            t.row(vec![
+                s.max_sessions.to_string(),
+                s.max_congested.to_string(),
+                format!("{:.1}", s.blocked_seconds),
+                s.streams_slowed.to_string(),
+                s.polls.to_string(),
+            ]);
+        }
+        t.notes.push("from `status --json` of the node, polled every 100 ms; blocked_seconds and streams_slowed are totals since the daemon started".into());
+        t
+    }
+}
+
+// ---------------------------------------------------------------------------
 // main
 // ---------------------------------------------------------------------------
 
@@ -1662,12 +2432,19 @@ fn main() {
         tables.extend(ct);
         per_stream = ps;
     }
-    drop(ssh);
+    if sz.runs("slow") {
+        tables.extend(slow::on_node(&ep, &sz, &daemon, spid));
+    }
     // SIGTERM, not SIGKILL: a profiling wrapper (TUNNELER_TEST_BIN) then
     // gets to write its output.
     let mut daemon = daemon;
     daemon.stop();
     drop(daemon);
+    if sz.runs("slow") {
+        // Needs a daemon of its own (one session per node) on the same node.
+        tables.extend(slow::shared_session(&cluster, &ep, &sz));
+    }
+    drop(ssh);
     drop(_servers);
     drop(cluster);
 
