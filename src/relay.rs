@@ -566,6 +566,13 @@ mod tests {
     const KIB: usize = 1024;
     const MIB: usize = 1024 * KIB;
 
+    /// Admits `n`, failing the test rather than hanging it if that waits.
+    async fn admitted(a: &Account<'_>, n: usize, stop: &CancellationToken) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), a.admit(n, stop))
+            .await
+            .expect("admit waited where it should not")
+    }
+
     /// Over its limit, a stream waits (it is not reset) and resumes once
     /// its client took the queue below half the limit.
     #[tokio::test]
@@ -576,7 +583,7 @@ mod tests {
         let a = Account::new(&b, &s, &c, MIB);
         let stop = CancellationToken::new();
         for _ in 0..16 {
-            assert!(a.admit(64 * KIB, &stop).await);
+            assert!(admitted(&a, 64 * KIB, &stop).await);
         }
         assert_eq!(s.slow.load(Ordering::Relaxed), 1);
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
@@ -615,10 +622,10 @@ mod tests {
         let a = Account::new(&b, &s, &c, MIB);
         let stop = CancellationToken::new();
         for _ in 0..7 {
-            assert!(a.admit(64 * KIB, &stop).await);
+            assert!(admitted(&a, 64 * KIB, &stop).await);
         }
         assert_eq!(s.slow.load(Ordering::Relaxed), 0, "448 KiB is under half");
-        assert!(a.admit(64 * KIB, &stop).await);
+        assert!(admitted(&a, 64 * KIB, &stop).await);
         assert_eq!(s.slow.load(Ordering::Relaxed), 1, "512 KiB is half");
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
         a.release(320 * KIB);
@@ -629,12 +636,12 @@ mod tests {
         );
         a.release(64 * KIB);
         assert_eq!(s.slow.load(Ordering::Relaxed), 0, "128 KiB is an eighth");
-        assert!(a.admit(384 * KIB, &stop).await);
+        assert!(admitted(&a, 384 * KIB, &stop).await);
         assert_eq!(s.slow.load(Ordering::Relaxed), 1);
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
         a.release(512 * KIB);
         assert!(
-            a.admit(2 * MIB, &stop).await,
+            admitted(&a, 2 * MIB, &stop).await,
             "an empty queue takes any chunk"
         );
         assert_eq!(s.backlog.load(Ordering::Relaxed), 2 * MIB);
@@ -669,8 +676,8 @@ mod tests {
         let stop = CancellationToken::new();
         let a = Account::new(&b, &s1, &c, 64 * MIB);
         let l = Account::new(&b, &s2, &c, 64 * MIB);
-        assert!(l.admit(512 * KIB, &stop).await);
-        assert!(a.admit(512 * KIB, &stop).await);
+        assert!(admitted(&l, 512 * KIB, &stop).await);
+        assert!(admitted(&a, 512 * KIB, &stop).await);
         let more = a.admit(64 * KIB, &stop);
         tokio::pin!(more);
         assert!(tokio::time::timeout(Duration::from_millis(50), &mut more)
@@ -710,9 +717,10 @@ mod tests {
         // The heavy session fills until its ceiling F + (G - R - T) meets
         // its backlog B: B = (F + G - R) / 2.
         let mut taken = 0;
-        while tokio::time::timeout(Duration::from_millis(20), h.admit(64 * KIB, &stop))
-            .await
-            .is_ok()
+        while taken <= g
+            && tokio::time::timeout(Duration::from_millis(20), h.admit(64 * KIB, &stop))
+                .await
+                .is_ok()
         {
             taken += 64 * KIB;
         }
@@ -743,7 +751,7 @@ mod tests {
         // A stop ends a wait without counting anything.
         let before = b.stats().buffered;
         stop.cancel();
-        assert!(!h.admit(8 * MIB, &stop).await);
+        assert!(!admitted(&h, 8 * MIB, &stop).await);
         assert_eq!(b.stats().buffered, before);
     }
 }
