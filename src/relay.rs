@@ -566,6 +566,13 @@ mod tests {
     const KIB: usize = 1024;
     const MIB: usize = 1024 * KIB;
 
+    /// Admits `n`, failing the test rather than hanging it if that waits.
+    async fn admitted(a: &Account<'_>, n: usize, stop: &CancellationToken) -> bool {
+        tokio::time::timeout(Duration::from_secs(2), a.admit(n, stop))
+            .await
+            .expect("admit waited where it should not")
+    }
+
     /// Over its limit, a stream waits (it is not reset) and resumes once
     /// its client took the queue below half the limit.
     #[tokio::test]
@@ -576,7 +583,7 @@ mod tests {
         let a = Account::new(&b, &s, &c, MIB);
         let stop = CancellationToken::new();
         for _ in 0..16 {
-            assert!(a.admit(64 * KIB, &stop).await);
+            assert!(admitted(&a, 64 * KIB, &stop).await);
         }
         assert_eq!(s.slow.load(Ordering::Relaxed), 1);
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
@@ -603,6 +610,99 @@ mod tests {
         assert!(c.blocked_ns.load(Ordering::Relaxed) > 0);
     }
 
+    /// The slow mark is exactly half the limit and clears at an eighth; a
+    /// stream that turns slow again counts in its session again but in the
+    /// node's `streams_slowed` once. A chunk larger than the limit is
+    /// admitted on an empty queue (else it could never pass).
+    #[tokio::test]
+    async fn the_slow_mark_is_half_the_limit_and_clears_at_an_eighth() {
+        let b = RelayBudget::new(64 * MIB);
+        let s = SessionLoad::default();
+        let c = Counters::default();
+        let a = Account::new(&b, &s, &c, MIB);
+        let stop = CancellationToken::new();
+        for _ in 0..7 {
+            assert!(admitted(&a, 64 * KIB, &stop).await);
+        }
+        assert_eq!(s.slow.load(Ordering::Relaxed), 0, "448 KiB is under half");
+        assert!(admitted(&a, 64 * KIB, &stop).await);
+        assert_eq!(s.slow.load(Ordering::Relaxed), 1, "512 KiB is half");
+        assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
+        a.release(320 * KIB);
+        assert_eq!(
+            s.slow.load(Ordering::Relaxed),
+            1,
+            "192 KiB is over an eighth"
+        );
+        a.release(64 * KIB);
+        assert_eq!(s.slow.load(Ordering::Relaxed), 0, "128 KiB is an eighth");
+        assert!(admitted(&a, 384 * KIB, &stop).await);
+        assert_eq!(s.slow.load(Ordering::Relaxed), 1);
+        assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
+        a.release(512 * KIB);
+        assert!(
+            admitted(&a, 2 * MIB, &stop).await,
+            "an empty queue takes any chunk"
+        );
+        assert_eq!(s.backlog.load(Ordering::Relaxed), 2 * MIB);
+    }
+
+    /// The global rule's two bounds are inclusive: the total may reach the
+    /// budget exactly, and a backlog its ceiling `F + G - R - T` exactly.
+    #[test]
+    fn the_budget_and_the_ceiling_are_reached_exactly() {
+        let g = 16 * MIB;
+        let b = RelayBudget::new(g);
+        let ceiling = LIGHT_FLOOR + g - g / 8;
+        assert!(!b.try_take(64 * KIB, ceiling - 64 * KIB + 1));
+        assert_eq!(b.stats().buffered, 0);
+        assert!(b.try_take(64 * KIB, ceiling - 64 * KIB));
+        assert_eq!(b.stats().buffered, 64 * KIB);
+        let b = RelayBudget::new(MIB);
+        assert!(!b.try_take(MIB + 1, 0));
+        assert!(b.try_take(MIB, 0));
+        assert_eq!(b.stats().peak, MIB);
+        assert!(!b.try_take(1, 0));
+    }
+
+    /// A drain held by the global rule resumes when *another* stream's
+    /// client takes bytes (its own delivery never signals it), and when a
+    /// reload raises the budget.
+    #[tokio::test]
+    async fn a_drain_held_by_the_budget_resumes_on_any_delivery_or_a_raise() {
+        let b = RelayBudget::new(MIB);
+        let (s1, s2) = (SessionLoad::default(), SessionLoad::default());
+        let c = Counters::default();
+        let stop = CancellationToken::new();
+        let a = Account::new(&b, &s1, &c, 64 * MIB);
+        let l = Account::new(&b, &s2, &c, 64 * MIB);
+        assert!(admitted(&l, 512 * KIB, &stop).await);
+        assert!(admitted(&a, 512 * KIB, &stop).await);
+        let more = a.admit(64 * KIB, &stop);
+        tokio::pin!(more);
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut more)
+            .await
+            .is_err());
+        assert_eq!(b.stats().held, 1);
+        l.release(64 * KIB);
+        assert!(tokio::time::timeout(Duration::from_secs(1), more)
+            .await
+            .expect("another stream's delivery resumed it"));
+        assert_eq!(b.stats().buffered, MIB);
+        // Full again: only raising the limit can let this one through.
+        let more = a.admit(64 * KIB, &stop);
+        tokio::pin!(more);
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut more)
+            .await
+            .is_err());
+        b.set_limit(2 * MIB);
+        assert_eq!(b.stats().limit, 2 * MIB);
+        assert!(tokio::time::timeout(Duration::from_secs(1), more)
+            .await
+            .expect("raising the budget resumed it"));
+        assert_eq!(b.stats().held, 0);
+    }
+
     /// Near the global budget the session with the largest backlog is held
     /// first, a light session keeps flowing, and the total never passes
     /// the budget; a held drain resumes when another stream delivers.
@@ -617,9 +717,10 @@ mod tests {
         // The heavy session fills until its ceiling F + (G - R - T) meets
         // its backlog B: B = (F + G - R) / 2.
         let mut taken = 0;
-        while tokio::time::timeout(Duration::from_millis(20), h.admit(64 * KIB, &stop))
-            .await
-            .is_ok()
+        while taken <= g
+            && tokio::time::timeout(Duration::from_millis(20), h.admit(64 * KIB, &stop))
+                .await
+                .is_ok()
         {
             taken += 64 * KIB;
         }
@@ -650,7 +751,7 @@ mod tests {
         // A stop ends a wait without counting anything.
         let before = b.stats().buffered;
         stop.cancel();
-        assert!(!h.admit(8 * MIB, &stop).await);
+        assert!(!admitted(&h, 8 * MIB, &stop).await);
         assert_eq!(b.stats().buffered, before);
     }
 }

@@ -364,6 +364,15 @@ mod tests {
         assert_eq!(listed.check(&n, 10255), Ok(()));
         assert_eq!(listed.check(&n, 10250), Ok(()));
         assert!(listed.check(&n, 2379).is_err());
+        // The message lists each allowed port once, the kubelet first.
+        let listed = NodePorts {
+            extra: vec![10250, 10255],
+        };
+        assert_eq!(
+            listed.check(&n, 2379).unwrap_err().to_string(),
+            "port 2379 is not allowed on node \"node-1\"; its addresses allow \
+             only 10250 (kubelet), 10255 (the kubelet and proxy.node_ports)"
+        );
     }
 
     fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
