@@ -416,6 +416,22 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_cidr_listed_by_two_nodes_routes_to_neither() {
+        // Admission refuses overlaps; the table still must not let input
+        // order pick a winner if one ever slips through.
+        let nodes = [
+            node("a", &["10.0.0.1"], &["10.244.5.0/24"]),
+            node("b", &["10.0.0.2"], &["10.244.5.0/24", "10.244.6.0/24"]),
+        ];
+        for order in [[&nodes[0], &nodes[1]], [&nodes[1], &nodes[0]]] {
+            let t = RouteTable::build(order.into_iter().map(|n| (n, n.name.clone())), &[]);
+            assert_eq!(t.lookup("10.244.5.9"), Route::Forbidden);
+            assert_eq!(t.lookup("10.244.6.9"), to("b", "10.244.6.9"));
+            assert_eq!(t.lookup("10.0.0.1"), to("a", "10.0.0.1"));
+        }
+    }
+
+    #[test]
     fn names_and_node_ips() {
         let t = table();
         assert_eq!(t.lookup("node-1"), to("node-1", "10.0.0.11"));
