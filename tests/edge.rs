@@ -6,16 +6,18 @@
 mod common;
 
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::pki::{issue_cert, make_ca};
 use common::{
     all_output, free_tcp_port, report, tunneler_bin, Cluster, ConfigSpec, Daemon, ECHO_PORT,
     HTTP_PORT,
 };
+use common::{closed_by_peer, http_get_over};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -44,15 +46,6 @@ fn kubelet_stand_in(cluster: &Cluster, i: usize, port: u16) -> std::process::Chi
         "kubelet stand-in on node {i} did not start"
     );
     child
-}
-
-/// `GET /` over an established tunnel; returns the whole response.
-fn http_get_over<S: Read + Write>(mut s: S) -> String {
-    s.write_all(b"GET / HTTP/1.0\r\nHost: kubelet\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 /// CONNECT over the Unix listener; the whole response head.
@@ -179,99 +172,6 @@ fn node_addresses_allow_only_the_kubelet_and_node_ports() {
     );
     let _ = kubelet.kill();
     let _ = kubelet.wait();
-}
-
-/// Reads until EOF or error; true when the peer closed within the read
-/// timeout.
-fn closed_by_peer<S: Read>(s: &mut S) -> bool {
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        all_output(&out)
-    );
-}
-
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-}
-
-/// A certificate `<name>.pem`/`<name>.key` with subject `subj`, signed by `ca`.
-fn issue_cert(dir: &Path, ca: &str, name: &str, subj: &str, ext: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            subj,
-        ],
-    );
-    fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
 }
 
 /// The cluster CA's server and client certificates (apiserver egress by CN,

@@ -14,10 +14,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pki::{issue_cert, make_ca};
 use common::{
     all_output, free_tcp_port, node_status, read_head, report, tunneler, tunneler_bin, Cluster,
     ConfigSpec, Daemon, ECHO_PORT, HTTP_PORT,
 };
+use common::{closed_by_peer, http_get_over};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -31,21 +33,6 @@ fn with_keys(cluster: &Cluster, spec: &ConfigSpec, section: &str, lines: &str) -
 
 fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
-
-/// Reads until EOF or error; true when the peer closed (EOF or reset)
-/// within the socket's read timeout.
-fn closed_by_peer<S: Read>(s: &mut S) -> bool {
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
-    }
 }
 
 #[test]
@@ -504,84 +491,6 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     assert!(served, "no stream after one of three closed");
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        all_output(&out)
-    );
-}
-
-/// A CA and a certificate signed by it (`<name>.pem`, `<name>.key`).
-fn issue_cert(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-    fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
-}
-
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ],
-    );
-}
-
 #[test]
 fn the_mtls_listener_wants_a_client_certificate_from_its_ca() {
     require_netns!("the_mtls_listener_wants_a_client_certificate_from_its_ca");
@@ -594,21 +503,21 @@ fn the_mtls_listener_wants_a_client_certificate_from_its_ca() {
         &tls,
         "ca",
         "server",
-        "tunneler",
+        "/CN=tunneler",
         "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
     );
     issue_cert(
         &tls,
         "ca",
         "client",
-        "kube-apiserver",
+        "/CN=kube-apiserver",
         "extendedKeyUsage=clientAuth\n",
     );
     issue_cert(
         &tls,
         "rogue-ca",
         "rogue",
-        "kube-apiserver",
+        "/CN=kube-apiserver",
         "extendedKeyUsage=clientAuth\n",
     );
 
@@ -779,15 +688,6 @@ fn the_mtls_listener_wants_a_client_certificate_from_its_ca() {
         msg.contains("proxy.listen[0]") && msg.contains("loopback"),
         "{msg}"
     );
-}
-
-/// `GET /` over an established tunnel; returns the whole response.
-fn http_get_over<S: Read + Write>(mut s: S) -> String {
-    s.write_all(b"GET / HTTP/1.0\r\nHost: kubelet\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 #[test]

@@ -48,6 +48,7 @@ use serde_json::Value;
 
 mod cluster;
 mod daemon;
+pub mod pki;
 
 #[allow(unused_imports)]
 pub use cluster::{Cluster, ClusterOptions, ConfigSpec, Node, MAX_BARE_NODES};
@@ -627,4 +628,28 @@ fn kill_namespace_processes(ns: &str) {
 fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Reads until EOF or error; true when the peer closed (EOF or reset)
+/// within the socket's read timeout.
+pub fn closed_by_peer<S: Read>(s: &mut S) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// `GET /` over an established tunnel; returns the whole response.
+pub fn http_get_over<S: Read + Write>(mut s: S) -> String {
+    s.write_all(b"GET / HTTP/1.0\r\nHost: kubelet\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
