@@ -1408,6 +1408,21 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
     Ok(())
 }
 
+/// A node for unit tests elsewhere in the crate: the first IP is the SSH
+/// address, port 22, no host names, the default kubelet port.
+#[cfg(test)]
+pub(crate) fn test_node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
+    NodeConfig {
+        name: name.into(),
+        address: ips[0].into(),
+        port: 22,
+        internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
+        hostnames: Vec::new(),
+        kubelet_port: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

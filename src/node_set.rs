@@ -255,18 +255,7 @@ pub fn admit(candidates: Vec<Candidate>, cx: &Context<'_>) -> Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
-        NodeConfig {
-            name: name.into(),
-            address: ips[0].into(),
-            port: 22,
-            internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
-            pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
-            hostnames: Vec::new(),
-            kubelet_port: None,
-        }
-    }
+    use crate::config::test_node as node;
 
     fn ok(n: NodeConfig) -> Candidate {
         Candidate {

@@ -333,6 +333,7 @@ impl<T: Clone> RouteTable<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::test_node as node;
 
     #[test]
     fn node_ports_allow_the_kubelet_and_the_list_never_ssh_by_default() {
@@ -373,18 +374,6 @@ mod tests {
             "port 2379 is not allowed on node \"node-1\"; its addresses allow \
              only 10250 (kubelet), 10255 (the kubelet and proxy.node_ports)"
         );
-    }
-
-    fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
-        NodeConfig {
-            name: name.into(),
-            address: ips[0].into(),
-            port: 22,
-            internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
-            pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
-            hostnames: Vec::new(),
-            kubelet_port: None,
-        }
     }
 
     fn table() -> RouteTable<String> {
