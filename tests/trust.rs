@@ -61,6 +61,21 @@ fn total_streams(s: &Value) -> u64 {
 
 /// CONNECT `target` and return the whole answer of a refused dial (status
 /// line and body, which the proxy ends by closing), on one line.
+/// Each target gets 403, and no stream opens on any tunnel for them.
+fn assert_forbidden_without_a_dial(daemon: &Daemon, case: &str, targets: &[&str]) {
+    let before = total_streams(&daemon.status_json());
+    for target in targets {
+        let answer = refused_answer(daemon, target);
+        report(&format!("{case}: CONNECT {target} -> {answer}"));
+        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
+    }
+    assert_eq!(
+        total_streams(&daemon.status_json()),
+        before,
+        "a refused dial opened a stream"
+    );
+}
+
 fn refused_answer(daemon: &Daemon, target: &str) -> String {
     let mut s = UnixStream::connect(&daemon.egress).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -164,19 +179,13 @@ fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
 
     // The shared address is not routed by IP, however it is spelled, and
     // nothing is dialed for it.
-    let before = total_streams(&s);
-    for target in [
-        format!("{shared}:10250"),
-        format!("[::ffff:{shared}]:10250"),
-    ] {
-        let answer = refused_answer(&daemon, &target);
-        report(&format!("case 1: CONNECT {target} -> {answer}"));
-        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
-    }
-    assert_eq!(
-        total_streams(&daemon.status_json()),
-        before,
-        "a refused dial opened a stream"
+    assert_forbidden_without_a_dial(
+        &daemon,
+        "case 1",
+        &[
+            &format!("{shared}:10250"),
+            &format!("[::ffff:{shared}]:10250"),
+        ],
     );
 
     // Every node still routes by name, by its own InternalIP and pod CIDR.
@@ -292,21 +301,15 @@ fn a_node_that_claims_loopback_metadata_or_half_the_internet_is_rejected() {
     );
 
     // 403 without a dial: no stream opens on any tunnel.
-    let before = total_streams(&s);
-    for target in [
-        "200.1.1.1:80",
-        "169.254.169.254:80",
-        "127.0.0.1:2379",
-        "evil:10250",
-    ] {
-        let answer = refused_answer(&daemon, target);
-        report(&format!("case 2: CONNECT {target} -> {answer}"));
-        assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
-    }
-    assert_eq!(
-        total_streams(&daemon.status_json()),
-        before,
-        "a refused dial opened a stream"
+    assert_forbidden_without_a_dial(
+        &daemon,
+        "case 2",
+        &[
+            "200.1.1.1:80",
+            "169.254.169.254:80",
+            "127.0.0.1:2379",
+            "evil:10250",
+        ],
     );
     assert_eq!(forbidden(&daemon.metrics()), forbidden_before + 4.0);
 
