@@ -231,6 +231,25 @@ mod pattern {
             .map(|(i, _)| off + i as u64)
     }
 
+    /// Checks one read of a stream that must carry exactly `bytes` bytes
+    /// of the pattern: `chunk` holds stream bytes from `off`. An error
+    /// names the first wrong byte, or the bytes past `bytes`.
+    pub fn check_read(seed: u64, bytes: u64, off: u64, chunk: &[u8]) -> std::io::Result<()> {
+        let want = (bytes - off).min(chunk.len() as u64) as usize;
+        if let Some(at) = check(seed, off, &chunk[..want]) {
+            return Err(std::io::Error::other(format!(
+                "byte {at} of {bytes} is not the pattern (seed {seed:#018x}): lost, duplicated or corrupted data"
+            )));
+        }
+        if want < chunk.len() {
+            return Err(std::io::Error::other(format!(
+                "more than the {bytes} bytes asked for ({} extra in one read)",
+                chunk.len() - want
+            )));
+        }
+        Ok(())
+    }
+
     /// Bytes per second [`check`] verifies on this machine (one core).
     pub fn check_rate() -> f64 {
         let mut buf = vec![0u8; 64 << 20];
@@ -909,18 +928,7 @@ fn bulk_once(ep: &Endpoints, path: PathKind, bytes: u64) -> io::Result<Duration>
         if n == 0 {
             break;
         }
-        let want = (bytes - got).min(n as u64) as usize;
-        if let Some(at) = pattern::check(seed, got, &buf[..want]) {
-            return Err(io::Error::other(format!(
-                "byte {at} of {bytes} is not the pattern (seed {seed:#018x}): lost, duplicated or corrupted data"
-            )));
-        }
-        if want < n {
-            return Err(io::Error::other(format!(
-                "more than the {bytes} bytes asked for ({} extra in one read)",
-                n - want
-            )));
-        }
+        pattern::check_read(seed, bytes, got, &buf[..n])?;
         got += n as u64;
     }
     if got != bytes {
@@ -1591,18 +1599,7 @@ mod slow {
             if n == 0 {
                 break;
             }
-            let want = (bytes - n_got).min(n as u64) as usize;
-            if let Some(at) = pattern::check(seed, n_got, &buf[..want]) {
-                return Err(io::Error::other(format!(
-                    "byte {at} of {bytes} is not the pattern (seed {seed:#018x}): lost, duplicated or corrupted data"
-                )));
-            }
-            if want < n {
-                return Err(io::Error::other(format!(
-                    "more than the {bytes} bytes asked for ({} extra in one read)",
-                    n - want
-                )));
-            }
+            pattern::check_read(seed, bytes, n_got, &buf[..n])?;
             h = fnv(h, &buf[..n]);
             n_got += n as u64;
             got.store(n_got, Ordering::Relaxed);
