@@ -70,13 +70,31 @@ fn text(code: StatusCode, body: String) -> Resp {
     r
 }
 
-fn metrics_response(m: &Metrics) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(m.encode())));
+/// `GET /metrics` in the format the scraper asks for: OpenMetrics when its
+/// Accept header names it (Prometheus does), else the classic text format
+/// 0.0.4 that curl pipelines, `promtool check metrics` and older scrapers
+/// read. Both carry the same samples.
+fn metrics_response(m: &Metrics, headers: &hyper::HeaderMap) -> Resp {
+    let openmetrics = headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (body, kind) = if openmetrics {
+        (
+            m.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            m.encode_classic(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        hyper::header::HeaderValue::from_static(kind),
     );
     r
 }
@@ -105,7 +123,7 @@ pub async fn serve_metrics(
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let r = if req.method() == Method::GET && req.uri().path() == "/metrics" {
-                    metrics_response(&metrics)
+                    metrics_response(&metrics, req.headers())
                 } else {
                     error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
                 };
@@ -205,7 +223,6 @@ pub async fn route(daemon: &Daemon, method: &Method, path: &str, body: Bytes) ->
                 format!("not ready: {msg}\n"),
             ),
         },
-        (&Method::GET, ["metrics"]) => metrics_response(daemon.metrics()),
         (&Method::POST, ["v1", "nodes"]) => {
             let value: serde_json::Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -271,6 +288,9 @@ async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>)
             StatusCode::FORBIDDEN,
             &format!("uid {} may not use the admin API (allowed: root, the daemon's uid, admin.admin_uids)", peer.uid),
         );
+    }
+    if method == Method::GET && path == "/metrics" {
+        return metrics_response(daemon.metrics(), req.headers());
     }
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()

@@ -791,6 +791,11 @@ impl Daemon {
         self.metrics
             .discovery_last_success
             .store(secs, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .discovery_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.as_str(), 0);
     }
 
     /// Records a failed sync of `source`; its nodes stay as they were.
@@ -805,6 +810,11 @@ impl Daemon {
         self.metrics
             .discovery_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .discovery_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(source.as_str(), 1);
     }
 
     /// True when `source`'s last attempt failed.

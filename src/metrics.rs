@@ -83,6 +83,10 @@ pub struct Metrics {
     pub discovery_errors: Arc<AtomicU64>,
     /// Nodes each discovery source lists that are rejected now.
     pub discovery_rejected: DiscoveryRejected,
+    /// 1 for a discovery source whose last attempt failed, 0 once it
+    /// succeeds again: the error counter alone cannot tell an alert that a
+    /// source is still failing when it fails only on change (a file).
+    pub discovery_failing: DiscoveryRejected,
     /// Internal IPs claimed by more than one node now (not routed by IP).
     pub ambiguous_addresses: Arc<AtomicU64>,
 }
@@ -104,6 +108,7 @@ struct NodeCollector {
     discovery_last_success: Arc<AtomicI64>,
     discovery_errors: Arc<AtomicU64>,
     discovery_rejected: DiscoveryRejected,
+    discovery_failing: DiscoveryRejected,
     ambiguous_addresses: Arc<AtomicU64>,
 }
 
@@ -150,6 +155,7 @@ impl Collector for NodeCollector {
         let node = |t: &NodeTunnel| vec![("node", t.node.name.clone())];
         let mut up = Vec::new();
         let mut opens = Vec::new();
+        let mut reconnects = Vec::new();
         let mut fails = Vec::new();
         let mut mismatches = Vec::new();
         let mut active = Vec::new();
@@ -173,6 +179,7 @@ impl Collector for NodeCollector {
             let c = &t.counters;
             up.push((node(t), if s.state.is_connected() { 1.0 } else { 0.0 }));
             opens.push((node(t), ld(&c.opens)));
+            reconnects.push((node(t), ld(&c.reconnects)));
             for (i, reason) in OPEN_FAIL_REASONS.iter().enumerate() {
                 let mut l = node(t);
                 l.push(("reason", reason.to_string()));
@@ -208,6 +215,12 @@ impl Collector for NodeCollector {
             "tunneler_ssh_tunnel_open",
             "SSH sessions established (Kubernetes' ssh_tunnel_open_count)",
             &opens,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_reconnects",
+            "Established SSH sessions that were lost (status: reconnects); planned replacements are not counted",
+            &reconnects,
         )?;
         counter_family(
             &mut enc,
@@ -298,6 +311,19 @@ impl Collector for NodeCollector {
             "Discovered Nodes rejected now (left out, or kept at their last good config), by source",
             &rejected,
         )?;
+        let failing: Vec<(Vec<(&str, String)>, f64)> = self
+            .discovery_failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(src, n)| (vec![("source", src.to_string())], *n as f64))
+            .collect();
+        gauge_family(
+            &mut enc,
+            "tunneler_discovery_source_failing",
+            "1 while a discovery source's last attempt failed (its last good node set stays), 0 once it succeeds",
+            &failing,
+        )?;
         gauge_family(
             &mut enc,
             "tunneler_ambiguous_addresses",
@@ -369,12 +395,14 @@ impl Metrics {
         let discovery_last_success = Arc::new(AtomicI64::new(0));
         let discovery_errors = Arc::new(AtomicU64::new(0));
         let discovery_rejected = DiscoveryRejected::default();
+        let discovery_failing = DiscoveryRejected::default();
         let ambiguous_addresses = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(NodeCollector {
             tunnels,
             discovery_last_success: discovery_last_success.clone(),
             discovery_errors: discovery_errors.clone(),
             discovery_rejected: discovery_rejected.clone(),
+            discovery_failing: discovery_failing.clone(),
             ambiguous_addresses: ambiguous_addresses.clone(),
         }));
         Metrics {
@@ -383,16 +411,72 @@ impl Metrics {
             discovery_last_success,
             discovery_errors,
             discovery_rejected,
+            discovery_failing,
             ambiguous_addresses,
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
         out
+    }
+
+    /// The classic Prometheus text format (0.0.4) of the same samples.
+    pub fn encode_classic(&self) -> String {
+        openmetrics_to_classic(&self.encode())
+    }
+}
+
+/// OpenMetrics text to the classic text format. They differ, for what we
+/// export, only in that OpenMetrics names a counter family without its
+/// `_total` suffix in `# HELP`/`# TYPE` (the classic format names the
+/// sample), has `# UNIT` lines, and ends with `# EOF`.
+fn openmetrics_to_classic(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|r| r.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{p}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod classic_tests {
+    use super::openmetrics_to_classic;
+
+    #[test]
+    fn counters_are_named_by_their_sample_and_eof_goes() {
+        let om = "# HELP a_dials Dials.\n# TYPE a_dials counter\na_dials_total{r=\"ok\"} 3\n\
+                  # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n# UNIT a_s seconds\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_classic(om),
+            "# HELP a_dials_total Dials.\n# TYPE a_dials_total counter\na_dials_total{r=\"ok\"} 3\n\
+             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n"
+        );
     }
 }
