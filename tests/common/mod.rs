@@ -138,6 +138,56 @@ pub fn skip(test: &str, why: &str) {
         panic!("{test}: TUNNELER_REQUIRE_NETNS is set, but this would skip: {why}");
     }
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+    record_skip(test, why);
+}
+
+/// Where skips of one `cargo test` run are collected for the summary that
+/// `tests/zz_skipped.rs` prints last: one file per run, so a filtered run or
+/// an interrupted one never mixes its records into another's count.
+pub fn skip_records_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("skips")
+}
+
+/// Names the `cargo test` run this process belongs to: cargo starts every
+/// test binary as its own child, so the parent's pid and start time (which
+/// tells a reused pid apart) are the same for all binaries of one run, and
+/// differ from every earlier run.
+pub fn skip_run_id() -> String {
+    let ppid = std::os::unix::process::parent_id();
+    format!("{ppid}-{}", process_start_time(ppid).unwrap_or(0))
+}
+
+/// A process's start time in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`), or `None` when the process is gone.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // fields from after its closing parenthesis (field 3 onwards).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Appends `test<TAB>why` to this run's record file. One short `write` on a
+/// file opened for appending, so lines of parallel tests never interleave.
+/// A record that cannot be written only costs the summary line its count;
+/// the skip itself was already printed.
+fn record_skip(test: &str, why: &str) {
+    let dir = skip_records_dir();
+    if fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    let line = format!(
+        "{}\t{}\n",
+        test.replace(['\t', '\n'], " "),
+        why.replace(['\t', '\n'], " ")
+    );
+    if let Ok(mut f) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.log", skip_run_id())))
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 // ---------------------------------------------------------------------------
