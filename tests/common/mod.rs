@@ -132,7 +132,9 @@ pub fn can_run(test: &str) -> bool {
 /// `eprintln!` of passing tests, and a skip must be visible in a normal
 /// `cargo test` run), or panics when `TUNNELER_REQUIRE_NETNS` is set, as
 /// `.ci/run` does: there a skip would hide that nothing was tested. The
-/// caller returns (or leaves out the part) after it.
+/// caller returns (or leaves out the part) after it. Each skip is also
+/// recorded for the run's last line, the count that `tests/zz_skipped.rs`
+/// prints, since the `SKIP` lines scroll away in a full run.
 pub fn skip(test: &str, why: &str) {
     if std::env::var_os("TUNNELER_REQUIRE_NETNS").is_some() {
         panic!("{test}: TUNNELER_REQUIRE_NETNS is set, but this would skip: {why}");
