@@ -19,11 +19,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-
-/// Reasons named in the line before the rest are summed up as "other".
-const REASONS_SHOWN: usize = 3;
 
 fn main() {
     // `cargo test -- --list` asks every binary for its tests: this one has
@@ -36,43 +32,7 @@ fn main() {
     let records = fs::read_to_string(&own).unwrap_or_default();
     let _ = fs::remove_file(&own);
     remove_stale(&dir);
-    println!("{}", summary(&records));
-}
-
-/// One line from this run's records (`test<TAB>why` per skip; a test that
-/// skipped more than one part is counted once).
-fn summary(records: &str) -> String {
-    let mut tests = BTreeSet::new();
-    let mut by_reason: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for line in records.lines() {
-        let Some((test, why)) = line.split_once('\t') else {
-            continue;
-        };
-        tests.insert(test);
-        by_reason.entry(why).or_default().insert(test);
-    }
-    if tests.is_empty() {
-        return "tunneler tests: none skipped".to_string();
-    }
-    let mut reasons: Vec<(&str, usize)> = by_reason.iter().map(|(w, t)| (*w, t.len())).collect();
-    reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-    let mut parts: Vec<String> = reasons
-        .iter()
-        .take(REASONS_SHOWN)
-        .map(|(why, n)| format!("{n} × {why}"))
-        .collect();
-    if reasons.len() > REASONS_SHOWN {
-        let rest: usize = reasons[REASONS_SHOWN..].iter().map(|r| r.1).sum();
-        parts.push(format!(
-            "{rest} × {} other reasons (see the SKIP lines)",
-            reasons.len() - REASONS_SHOWN
-        ));
-    }
-    format!(
-        "tunneler tests: {} skipped ({}); run as root, as .ci/run does, to run them",
-        tests.len(),
-        parts.join("; ")
-    )
+    println!("{}", common::skip_summary(&records));
 }
 
 /// Deletes record files whose `cargo test` run has ended (its process is

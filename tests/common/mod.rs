@@ -169,6 +169,46 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Reasons the summary line names before it sums up the rest as "other".
+const SKIP_REASONS_SHOWN: usize = 3;
+
+/// One line from this run's records (`test<TAB>why` per skip; a test that
+/// skipped more than one part is counted once).
+pub fn skip_summary(records: &str) -> String {
+    let mut tests = std::collections::BTreeSet::new();
+    let mut by_reason: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for line in records.lines() {
+        let Some((test, why)) = line.split_once('\t') else {
+            continue;
+        };
+        tests.insert(test);
+        by_reason.entry(why).or_default().insert(test);
+    }
+    if tests.is_empty() {
+        return "tunneler tests: none skipped".to_string();
+    }
+    let mut reasons: Vec<(&str, usize)> = by_reason.iter().map(|(w, t)| (*w, t.len())).collect();
+    reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut parts: Vec<String> = reasons
+        .iter()
+        .take(SKIP_REASONS_SHOWN)
+        .map(|(why, n)| format!("{n} × {why}"))
+        .collect();
+    if reasons.len() > SKIP_REASONS_SHOWN {
+        let rest: usize = reasons[SKIP_REASONS_SHOWN..].iter().map(|r| r.1).sum();
+        parts.push(format!(
+            "{rest} × {} other reasons (see the SKIP lines)",
+            reasons.len() - SKIP_REASONS_SHOWN
+        ));
+    }
+    format!(
+        "tunneler tests: {} skipped ({}); run as root, as .ci/run does, to run them",
+        tests.len(),
+        parts.join("; ")
+    )
+}
+
 /// Appends `test<TAB>why` to this run's record file. One short `write` on a
 /// file opened for appending, so lines of parallel tests never interleave.
 /// A record that cannot be written only costs the summary line its count;
