@@ -877,7 +877,7 @@ fn dials_under_load_never_fail_across_planned_reconnects_and_drains() {
     assert!(failures.is_empty(), "failed dials: {failures:#?}");
 }
 
-/// Key rotation as the README describes it: authorize the new key, point
+/// Key rotation as docs/operations.md describes it: authorize the new key, point
 /// the config at it and reload (sessions stay), reconnect make-before-break
 /// (the new session logs in with the new key), then drop the old key.
 #[test]

@@ -78,3 +78,29 @@ fn harness_nodes_answer_through_openssh() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The last line of an unprivileged `cargo test` (tests/zz_skipped.rs):
+/// distinct tests are counted once however many parts of them skipped,
+/// reasons are ranked by how many tests they stopped, and past three the
+/// rest are summed up. Pure text in, text out: runs everywhere, also
+/// under CI (where a real skip would fail instead).
+#[test]
+fn skip_summary_counts_each_test_once_and_ranks_reasons() {
+    assert_eq!(common::skip_summary(""), "tunneler tests: none skipped");
+    let records = "\
+a\tneeds root\n\
+b\tneeds root\n\
+b\tno IPv6\n\
+c\tneeds root\n\
+d\tno IPv6\n\
+e\tno ssh-agent\n\
+f\tno ssh-keygen\n\
+g\tno ssh-keygen\n\
+h\tno socat\n\
+a torn line without a tab\n";
+    assert_eq!(
+        common::skip_summary(records),
+        "tunneler tests: 8 skipped (3 × needs root; 2 × no IPv6; 2 × no ssh-keygen; \
+         2 × 2 other reasons (see the SKIP lines)); run as root, as .ci/run does, to run them"
+    );
+}

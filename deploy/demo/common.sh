@@ -2,9 +2,38 @@
 # shellcheck shell=bash
 
 DEMO_NODES=3
+# shellcheck disable=SC2034 # used by demo.sh
 DEMO_SLOT=240
 DEMO_BRIDGE=tnlbrdemo
 DEMO_STATE=/run/tunneler-demo
+
+# What the demo runs, and the Debian/Ubuntu package that provides it.
+DEMO_TOOLS=(
+    "ip:iproute2"
+    "/usr/sbin/sshd:openssh-server"
+    "ssh-keygen:openssh-client"
+    "python3:python3"
+    "curl:curl"
+)
+# Installed when any tool is missing: the list .ci/run installs for the
+# tests (tests/docs.rs keeps the two equal), so a machine that ran the demo
+# can run the test suite too.
+# shellcheck disable=SC2034 # used by demo.sh
+DEMO_APT_PACKAGES=(openssh-server openssh-client iproute2 socat curl python3 procps openssl util-linux)
+
+# Prints "TOOL (PACKAGE)" for every tool the demo needs and cannot find.
+demo_missing_tools() {
+    local pair tool
+    for pair in "${DEMO_TOOLS[@]}"; do
+        tool=${pair%%:*}
+        if [ "${tool#/}" != "$tool" ]; then
+            [ -x "$tool" ] && [ -f "$tool" ] && continue
+        else
+            command -v "$tool" >/dev/null 2>&1 && continue
+        fi
+        echo "$tool (${pair#*:})"
+    done
+}
 
 demo_ns() { echo "tnldemo-$1"; }
 demo_veth_host() { echo "tvdemoh$1"; }

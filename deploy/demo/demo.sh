@@ -4,6 +4,11 @@
 #
 #   sudo deploy/demo/demo.sh          # runs until Ctrl-C
 #   sudo deploy/demo/demo.sh --once   # exits right after the demo
+#   deploy/demo/demo.sh --check-deps  # lists missing tools, installs nothing
+#
+# On Debian or Ubuntu, a missing tool (sshd, ssh-keygen, ip, python3, curl)
+# is installed with apt-get first, the same packages .ci/run installs;
+# elsewhere the script names what to install and stops.
 #
 # Addresses (slot 240 of the test range 10.200.0.0/14):
 #   nodes    10.200.240.11-13 on bridge tnlbrdemo (host side 10.200.240.1)
@@ -19,21 +24,60 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/common.sh"
 
 once=0
+check_deps=0
 for arg in "$@"; do
     case "$arg" in
         --once) once=1 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --check-deps) check_deps=1 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
+
+mapfile -t missing < <(demo_missing_tools)
+if [ "$check_deps" -eq 1 ]; then
+    if [ "${#missing[@]}" -eq 0 ]; then
+        echo "demo.sh: every tool the demo needs is installed"
+        exit 0
+    fi
+    echo "demo.sh: missing: ${missing[*]}"
+    echo "demo.sh: a run as root would install: ${DEMO_APT_PACKAGES[*]}"
+    exit 1
+fi
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "demo.sh needs root: it creates network namespaces and runs sshd" >&2
     exit 1
 fi
-for tool in ip /usr/sbin/sshd ssh-keygen python3 curl; do
-    command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 1; }
-done
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt=$(command -v apt-get || true)
+    if [ -z "$apt" ] || [ ! -x "$apt" ]; then
+        echo "demo.sh: missing: ${missing[*]}." >&2
+        echo "This is not a Debian or Ubuntu system (no apt-get), so demo.sh cannot install" >&2
+        echo "them itself: install them with your package manager (the Debian package" >&2
+        echo "names are in parentheses), then run it again." >&2
+        exit 1
+    fi
+    printf '\n==> installing what the demo needs: %s is missing\n' "${missing[*]}"
+    echo "    apt-get update && apt-get install -y ${DEMO_APT_PACKAGES[*]}"
+    echo "    (the packages .ci/run installs; already installed ones are left as they are)"
+    had_sshd_pkg=0
+    dpkg -s openssh-server >/dev/null 2>&1 && had_sshd_pkg=1
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y "${DEMO_APT_PACKAGES[@]}"
+    mapfile -t missing < <(demo_missing_tools)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "demo.sh: still missing after apt-get install: ${missing[*]}" >&2
+        exit 1
+    fi
+    if [ "$had_sshd_pkg" -eq 0 ]; then
+        # The demo runs its own sshd per namespace; the package's service is
+        # another matter, and the operator should know it is there.
+        echo "note: installing openssh-server may have started this host's own ssh service;"
+        echo "      the demo does not need it (systemctl disable --now ssh stops it)."
+    fi
+fi
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -41,7 +85,19 @@ if [ -n "${TUNNELER_BIN:-}" ]; then
     bin=$TUNNELER_BIN
 else
     step "building tunneler (cargo build --release --locked)"
-    (cd "$repo" && cargo build --release --locked)
+    if command -v cargo >/dev/null 2>&1; then
+        (cd "$repo" && cargo build --release --locked)
+    elif [ -n "${SUDO_USER:-}" ] &&
+        sudo -u "$SUDO_USER" -H bash -lc 'command -v cargo' >/dev/null 2>&1; then
+        # rustup puts cargo on the user's PATH, not on root's under sudo.
+        echo "    (as $SUDO_USER, whose login shell has cargo)"
+        sudo -u "$SUDO_USER" -H bash -lc "cd '$repo' && cargo build --release --locked"
+    else
+        echo "demo.sh: cargo not found (for root${SUDO_USER:+ or $SUDO_USER}). Install Rust" >&2
+        echo "(https://rustup.rs), or build first and pass the binary:" >&2
+        echo "  cargo build --release && sudo TUNNELER_BIN=target/release/tunneler deploy/demo/demo.sh" >&2
+        exit 1
+    fi
     bin=$repo/target/release/tunneler
 fi
 
@@ -146,6 +202,9 @@ max_backoff = "2s"
 listen = ["unix://$tmp/egress.sock", "tcp://127.0.0.1:0"]
 service_cidrs = ["$svcs.0/24"]
 dial_timeout = "2s"
+# A node's own address allows only its kubelet port unless listed here; the
+# demo's nodes serve HTTP on 8080 instead.
+node_ports = [8080]
 
 [admin]
 socket = "$tmp/admin.sock"

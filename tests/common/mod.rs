@@ -132,12 +132,104 @@ pub fn can_run(test: &str) -> bool {
 /// `eprintln!` of passing tests, and a skip must be visible in a normal
 /// `cargo test` run), or panics when `TUNNELER_REQUIRE_NETNS` is set, as
 /// `.ci/run` does: there a skip would hide that nothing was tested. The
-/// caller returns (or leaves out the part) after it.
+/// caller returns (or leaves out the part) after it. Each skip is also
+/// recorded for the run's last line, the count that `tests/zz_skipped.rs`
+/// prints, since the `SKIP` lines scroll away in a full run.
 pub fn skip(test: &str, why: &str) {
     if std::env::var_os("TUNNELER_REQUIRE_NETNS").is_some() {
         panic!("{test}: TUNNELER_REQUIRE_NETNS is set, but this would skip: {why}");
     }
     let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+    record_skip(test, why);
+}
+
+/// Where skips of one `cargo test` run are collected for the summary that
+/// `tests/zz_skipped.rs` prints last: one file per run, so a filtered run or
+/// an interrupted one never mixes its records into another's count.
+pub fn skip_records_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("skips")
+}
+
+/// Names the `cargo test` run this process belongs to: cargo starts every
+/// test binary as its own child, so the parent's pid and start time (which
+/// tells a reused pid apart) are the same for all binaries of one run, and
+/// differ from every earlier run.
+pub fn skip_run_id() -> String {
+    let ppid = std::os::unix::process::parent_id();
+    format!("{ppid}-{}", process_start_time(ppid).unwrap_or(0))
+}
+
+/// A process's start time in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`), or `None` when the process is gone.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // fields from after its closing parenthesis (field 3 onwards).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Reasons the summary line names before it sums up the rest as "other".
+const SKIP_REASONS_SHOWN: usize = 3;
+
+/// One line from this run's records (`test<TAB>why` per skip; a test that
+/// skipped more than one part is counted once).
+pub fn skip_summary(records: &str) -> String {
+    let mut tests = std::collections::BTreeSet::new();
+    let mut by_reason: std::collections::BTreeMap<&str, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for line in records.lines() {
+        let Some((test, why)) = line.split_once('\t') else {
+            continue;
+        };
+        tests.insert(test);
+        by_reason.entry(why).or_default().insert(test);
+    }
+    if tests.is_empty() {
+        return "tunneler tests: none skipped".to_string();
+    }
+    let mut reasons: Vec<(&str, usize)> = by_reason.iter().map(|(w, t)| (*w, t.len())).collect();
+    reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut parts: Vec<String> = reasons
+        .iter()
+        .take(SKIP_REASONS_SHOWN)
+        .map(|(why, n)| format!("{n} × {why}"))
+        .collect();
+    if reasons.len() > SKIP_REASONS_SHOWN {
+        let rest: usize = reasons[SKIP_REASONS_SHOWN..].iter().map(|r| r.1).sum();
+        parts.push(format!(
+            "{rest} × {} other reasons (see the SKIP lines)",
+            reasons.len() - SKIP_REASONS_SHOWN
+        ));
+    }
+    format!(
+        "tunneler tests: {} skipped ({}); run as root, as .ci/run does, to run them",
+        tests.len(),
+        parts.join("; ")
+    )
+}
+
+/// Appends `test<TAB>why` to this run's record file. One short `write` on a
+/// file opened for appending, so lines of parallel tests never interleave.
+/// A record that cannot be written only costs the summary line its count;
+/// the skip itself was already printed.
+fn record_skip(test: &str, why: &str) {
+    let dir = skip_records_dir();
+    if fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    let line = format!(
+        "{}\t{}\n",
+        test.replace(['\t', '\n'], " "),
+        why.replace(['\t', '\n'], " ")
+    );
+    if let Ok(mut f) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.log", skip_run_id())))
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 // ---------------------------------------------------------------------------
