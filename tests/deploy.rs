@@ -172,23 +172,3 @@ fn egress_selector_configurations_point_at_our_listeners() {
         "egress selection: uds {uds} in proxy.listen and mounted; mTLS url {url} on [proxy.tls] listen {tls_listen}"
     ));
 }
-
-/// The example config is one the daemon accepts.
-#[test]
-fn the_example_config_passes_check_config() {
-    let dir = tempfile::tempdir().unwrap();
-    // Relative key paths resolve next to the config; check-config reads the
-    // files, so give it a key and known_hosts where the example says.
-    std::fs::create_dir_all(dir.path().join("keys")).unwrap();
-    common::ssh_keygen(&dir.path().join("keys/id_ed25519"), "example");
-    std::fs::write(dir.path().join("keys/known_hosts"), "").unwrap();
-    let text = std::fs::read_to_string(repo("deploy/tunneler.example.toml")).unwrap();
-    let path = dir.path().join("tunneler.toml");
-    std::fs::write(&path, text).unwrap();
-    let out = common::tunneler(&["check-config", "--config", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "check-config on the example:\n{}",
-        common::all_output(&out)
-    );
-}
