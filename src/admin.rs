@@ -3,6 +3,9 @@
 //! Endpoints:
 //! - `GET /v1/status`: the [`StatusDocument`](crate::status::StatusDocument).
 //! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 once `admin.ready_min_healthy` nodes are healthy,
+//!   else 503; the body says how many are.
+//! - `GET /metrics`: the Prometheus metrics (OpenMetrics text).
 //! - `POST /v1/nodes` (JSON body `{"name", "address", "port"?,
 //!   "internal_ips"?, "pod_cidrs"?}`): add a node.
 //! - `DELETE /v1/nodes/{name}`: remove a node (drained, then closed).

@@ -1,5 +1,6 @@
 //! The `tunneler` binary: parse the command line and dispatch. The
-//! commands live in the library: [`tunneler::daemon`] runs the daemon,
+//! commands live in the library: [`tunneler::daemon`] runs the daemon (this
+//! file only adds logging, the runtime and the signal handler around it),
 //! [`tunneler::client`] talks to a running one.
 
 use std::path::Path;

@@ -481,7 +481,7 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
     let broken: [(&str, String, &[&str]); 3] = [
         (
             "invalid TOML",
-            format!("{good:?}\n[[node]\nname = \"x\"\n"),
+            format!("{good}\n[[node]\nname = \"x\"\n"),
             // The parser's own words and the line at fault, not just the
             // "invalid config:" every config error starts with.
             &["TOML parse error", "[[node]"],
@@ -494,7 +494,7 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
         (
             "overlapping pod CIDRs",
             format!(
-                "{good:?}\n[[node]]\nname = \"node-x\"\naddress = \"10.200.{}.98\"\npod_cidrs = [\"{}\"]\n",
+                "{good}\n[[node]]\nname = \"node-x\"\naddress = \"10.200.{}.98\"\npod_cidrs = [\"{}\"]\n",
                 cluster.n,
                 cluster.node(1).pod_cidr
             ),

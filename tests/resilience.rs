@@ -348,7 +348,7 @@ fn a_pool_dial_while_every_tunnel_is_connecting_gets_503() {
     assert_eq!(
         reply,
         format!(
-            "HTTP/1.1 503 Service Unavailable: no healthy tunnel: none of 1 find_node(s) can take \
+            "HTTP/1.1 503 Service Unavailable: no healthy tunnel: none of 1 node(s) can take \
              service address {}: node-1 connecting",
             cluster.anycast_service_ip()
         )

@@ -71,7 +71,7 @@ fn refused_answer(daemon: &Daemon, target: &str) -> String {
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.lines().next().unwrap_or_default().to_string();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim();
-    format!("{status:?} {body}").trim().to_string()
+    format!("{status} {body}").trim().to_string()
 }
 
 fn nodes_file_spec() -> ConfigSpec {
