@@ -1413,8 +1413,8 @@ fn time_to_healthy(
     let mut healthy = 0;
     while Instant::now() < deadline {
         if let Ok(s) = d.try_status() {
-            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-            healthy = nodes.iter().filter(|x| x["state"] == "healthy").count();
+            let nodes = s.nodes;
+            healthy = nodes.iter().filter(|x| x.state == "healthy").count();
             if nodes.len() == n && healthy == n {
                 return (Some(t0.elapsed()), healthy);
             }

@@ -3,6 +3,9 @@
 //! Endpoints:
 //! - `GET /v1/status`: the [`StatusDocument`](crate::status::StatusDocument).
 //! - `GET /healthz`: 200 while the process serves.
+//! - `GET /readyz`: 200 once `admin.ready_min_healthy` nodes are healthy,
+//!   else 503; the body says how many are.
+//! - `GET /metrics`: the Prometheus metrics (OpenMetrics text).
 //! - `POST /v1/nodes` (JSON body `{"name", "address", "port"?,
 //!   "internal_ips"?, "pod_cidrs"?}`): add a node.
 //! - `DELETE /v1/nodes/{name}`: remove a node (drained, then closed).
@@ -11,7 +14,12 @@
 //! - `POST /v1/reload`: re-read the config file and apply the difference.
 //!
 //! Errors are `{"error": "..."}` with a 4xx code; a refused change changes
-//! nothing. `curl --unix-socket /run/tunneler/admin.sock
+//! nothing. The paths and bodies are typed in [`admin_api`](crate::admin_api),
+//! which the client shares.
+//!
+//! The server holds narrow handles, not the daemon: the node-set changer
+//! ([`Control`]), the status builder, readiness, the metrics, the config
+//! store (for the uid check) and a shutdown token. `curl --unix-socket /run/tunneler/admin.sock
 //! http://localhost/v1/status` works, and `tunneler status` is a client of
 //! the same endpoint.
 
@@ -29,17 +37,37 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::daemon::{ChangeError, Daemon};
+use crate::admin_api::{
+    Added, DrainChanged, ErrorBody, Reconnected, Removed, Request as ApiRequest, RequestError,
+};
+use crate::control::{ChangeError, ConfigStore, Control};
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::status::StatusView;
 
 /// Admin connections served at once; more wait in the accept queue.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 /// Largest request body accepted (a node definition is a few hundred bytes).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// What the admin API works with: each a narrow handle on one concern.
+#[derive(Clone)]
+pub struct AdminHandles {
+    /// Node-set changes and reload.
+    pub control: Arc<Control>,
+    /// The status document.
+    pub status: Arc<StatusView>,
+    /// `/readyz`.
+    pub readiness: Arc<Readiness>,
+    /// `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// The running config, for the admin uid check.
+    pub config: Arc<ConfigStore>,
+}
+
 /// The admin API server.
 pub struct AdminApi {
-    daemon: Arc<Daemon>,
+    handles: AdminHandles,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -57,7 +85,23 @@ fn json(code: StatusCode, body: String) -> Resp {
 }
 
 fn error(code: StatusCode, msg: &str) -> Resp {
-    json(code, serde_json::json!({ "error": msg }).to_string() + "\n")
+    reply(
+        code,
+        &ErrorBody {
+            error: msg.to_string(),
+        },
+    )
+}
+
+/// A typed body as a JSON answer.
+fn reply<T: serde::Serialize>(code: StatusCode, body: &T) -> Resp {
+    match serde_json::to_string_pretty(body) {
+        Ok(s) => json(code, s + "\n"),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{{\"error\": {:?}}}\n", e.to_string()),
+        ),
+    }
 }
 
 fn text(code: StatusCode, body: String) -> Resp {
@@ -190,78 +234,100 @@ where
     }
 }
 
-fn ok(value: serde_json::Value) -> Resp {
-    json(StatusCode::OK, value.to_string() + "\n")
-}
-
 fn change_error(e: &ChangeError) -> Resp {
     let code = match e {
         ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
         ChangeError::Exists(_) | ChangeError::Conflict { .. } | ChangeError::Discovered { .. } => {
             StatusCode::CONFLICT
         }
-        ChangeError::Invalid(_) | ChangeError::Start(_) => StatusCode::BAD_REQUEST,
+        ChangeError::Invalid(_) | ChangeError::Keys(_) => StatusCode::BAD_REQUEST,
         ChangeError::NoConfigFile => StatusCode::CONFLICT,
         ChangeError::Tunnel(_) => StatusCode::BAD_GATEWAY,
     };
     error(code, &e.to_string())
 }
 
-/// Routes one admin request.
-pub async fn route(daemon: &Daemon, method: &Method, path: &str, body: Bytes) -> Resp {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (method, segments.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => match serde_json::to_string_pretty(&daemon.status()) {
-            Ok(s) => json(StatusCode::OK, s + "\n"),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        },
-        (&Method::GET, ["healthz"]) => text(StatusCode::OK, "ok\n".into()),
-        (&Method::GET, ["readyz"]) => match daemon.ready().await {
-            Ok(msg) => text(StatusCode::OK, format!("ready: {msg}\n")),
+fn request_error(e: &RequestError) -> Resp {
+    let code = match e {
+        RequestError::NotFound(_) => StatusCode::NOT_FOUND,
+        RequestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        RequestError::BadBody(_) | RequestError::BadName(_) => StatusCode::BAD_REQUEST,
+    };
+    error(code, &e.to_string())
+}
+
+/// Answers one admin request.
+pub async fn route(h: &AdminHandles, method: &Method, path: &str, body: Bytes) -> Resp {
+    let request = match ApiRequest::parse(method.as_str(), path, &body) {
+        Ok(r) => r,
+        Err(e) => return request_error(&e),
+    };
+    let ok = StatusCode::OK;
+    match request {
+        ApiRequest::Status => reply(ok, &h.status.document()),
+        ApiRequest::Health => text(ok, "ok\n".into()),
+        ApiRequest::Ready => match h.readiness.check() {
+            Ok(msg) => text(ok, format!("ready: {msg}\n")),
             Err(msg) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {msg}\n"),
             ),
         },
-        (&Method::POST, ["v1", "nodes"]) => {
-            let value: serde_json::Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => return error(StatusCode::BAD_REQUEST, &format!("body is not JSON: {e}")),
-            };
-            let node = match crate::config::node_from_json(value, daemon.default_ssh_port().await) {
+        // GET /metrics with its Accept header is answered in `handle`.
+        ApiRequest::Metrics => metrics_response(&h.metrics, &hyper::HeaderMap::new()),
+        ApiRequest::AddNode(spec) => {
+            let node = match crate::config::node_from_spec(spec, h.control.default_ssh_port()) {
                 Ok(n) => n,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
             };
-            let name = node.name.clone();
-            match daemon.add_node(node).await {
-                Ok(()) => ok(serde_json::json!({ "added": name })),
+            let added = node.name.clone();
+            match h.control.add_node(node).await {
+                Ok(()) => reply(ok, &Added { added }),
                 Err(e) => change_error(&e),
             }
         }
-        (&Method::DELETE, ["v1", "nodes", name]) => match daemon.remove_node(name).await {
-            Ok(()) => ok(serde_json::json!({ "removed": name })),
+        ApiRequest::RemoveNode(name) => match h.control.remove_node(&name).await {
+            Ok(()) => reply(ok, &Removed { removed: name }),
             Err(e) => change_error(&e),
         },
-        (&Method::POST, ["v1", "nodes", name, action @ ("drain" | "undrain")]) => {
-            match daemon.set_draining(name, *action == "drain") {
-                Ok(state) => ok(serde_json::json!({ "node": name, "state": state.as_str() })),
-                Err(e) => change_error(&e),
-            }
-        }
-        (&Method::POST, ["v1", "nodes", name, "reconnect"]) => match daemon.reconnect(name).await {
-            Ok(()) => ok(serde_json::json!({ "node": name, "reconnected": true })),
+        ApiRequest::Drain(name) => drain(h, name, true),
+        ApiRequest::Undrain(name) => drain(h, name, false),
+        ApiRequest::Reconnect(name) => match h.control.reconnect(&name).await {
+            Ok(()) => reply(
+                ok,
+                &Reconnected {
+                    node: name,
+                    reconnected: true,
+                },
+            ),
             Err(e) => change_error(&e),
         },
-        (&Method::POST, ["v1", "reload"]) => match daemon.reload().await {
-            Ok(report) => ok(serde_json::to_value(&report).unwrap_or_default()),
+        ApiRequest::Reload => match h.control.reload().await {
+            Ok(report) => reply(ok, &report),
             Err(e) => change_error(&e),
         },
-        (_, ["v1", "status"])
-        | (_, ["healthz"])
-        | (_, ["v1", "reload"])
-        | (_, ["v1", "nodes", ..]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
+}
+
+fn drain(h: &AdminHandles, node: String, on: bool) -> Resp {
+    match h.control.set_draining(&node, on) {
+        Ok(state) => reply(
+            StatusCode::OK,
+            &DrainChanged {
+                node,
+                state: state.as_str().to_string(),
+            },
+        ),
+        Err(e) => change_error(&e),
+    }
+}
+
+/// Whether `uid` may use the admin API: root, our own uid, or listed in
+/// `admin.admin_uids` (re-read on reload; read without waiting for one).
+pub fn uid_allowed(uid: u32, config: &ConfigStore) -> bool {
+    uid == 0
+        || uid == nix::unistd::geteuid().as_raw()
+        || config.load().admin.admin_uids.contains(&uid)
 }
 
 /// The connecting process, from SO_PEERCRED.
@@ -273,7 +339,7 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
-async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>) -> Resp {
+async fn handle(h: AdminHandles, peer: Option<Peer>, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     // Only root, the daemon's own uid and the configured admin_uids may use
@@ -282,7 +348,7 @@ async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>)
         warn!(%method, %path, "admin request without peer credentials refused");
         return error(StatusCode::FORBIDDEN, "peer credentials unavailable");
     };
-    if !daemon.admin_allowed(peer.uid).await {
+    if !uid_allowed(peer.uid, &h.config) {
         warn!(audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path, "admin request refused: uid not allowed");
         return error(
             StatusCode::FORBIDDEN,
@@ -290,7 +356,7 @@ async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>)
         );
     }
     if method == Method::GET && path == "/metrics" {
-        return metrics_response(daemon.metrics(), req.headers());
+        return metrics_response(&h.metrics, req.headers());
     }
     let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
@@ -304,7 +370,7 @@ async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>)
             )
         }
     };
-    let resp = route(&daemon, &method, &path, body).await;
+    let resp = route(&h, &method, &path, body).await;
     if method != Method::GET {
         info!(
             audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path,
@@ -315,10 +381,11 @@ async fn handle(daemon: Arc<Daemon>, peer: Option<Peer>, req: Request<Incoming>)
 }
 
 impl AdminApi {
-    /// An admin API over `daemon`.
-    pub fn new(daemon: Arc<Daemon>, tracker: TaskTracker, cancel: CancellationToken) -> AdminApi {
+    /// An admin API over `handles`; connections run on `tracker` and end
+    /// (gracefully) when `cancel` fires.
+    pub fn new(handles: AdminHandles, tracker: TaskTracker, cancel: CancellationToken) -> AdminApi {
         AdminApi {
-            daemon,
+            handles,
             tracker,
             cancel,
         }
@@ -337,7 +404,7 @@ impl AdminApi {
             else {
                 break;
             };
-            let daemon = self.daemon.clone();
+            let handles = self.handles.clone();
             let cancel = self.cancel.clone();
             let peer = stream.peer_cred().ok().map(|c| Peer {
                 uid: c.uid(),
@@ -346,8 +413,8 @@ impl AdminApi {
             self.tracker.spawn(async move {
                 let _permit = permit;
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let daemon = daemon.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(daemon, peer, req).await) }
+                    let handles = handles.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(handles, peer, req).await) }
                 });
                 serve_conn(stream, svc, cancel).await;
             });

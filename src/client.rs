@@ -1,12 +1,21 @@
-//! A small client for the admin API, used by `tunneler status`.
+//! The admin API's client: `tunneler status`, `tunneler nodes ...` and
+//! `tunneler reload`. It speaks the typed protocol of
+//! [`admin_api`](crate::admin_api) over the admin Unix socket.
+//!
+//! Exit codes, for scripts: 0 success (for `status`: every node healthy),
+//! 1 an error answer (or, for `status`, a node not healthy), 2 the daemon
+//! cannot be reached or answered something unreadable.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
+use crate::admin_api::{ErrorBody, NodeSpec, Request};
+use crate::cli::NodesAction;
+use crate::config::{Config, DEFAULT_ADMIN_SOCKET};
 use crate::status::StatusDocument;
 
 /// Why the admin API could not be used.
@@ -30,18 +39,32 @@ pub enum ClientError {
     },
 }
 
-/// `GET path` on the admin socket; returns status code and body.
-pub async fn get(socket: &Path, path: &str) -> Result<(u16, Bytes), ClientError> {
-    request(socket, hyper::Method::GET, path, None).await
+/// An answer: the HTTP status code and the body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// HTTP status code.
+    pub code: u16,
+    /// The body as sent.
+    pub body: Bytes,
 }
 
-/// Any request on the admin socket, with an optional JSON body.
-pub async fn request(
-    socket: &Path,
-    method: hyper::Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> Result<(u16, Bytes), ClientError> {
+impl Answer {
+    /// True for a 2xx answer.
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// The error message of an error answer: the `error` of its
+    /// [`ErrorBody`], or the body's text when it is not one.
+    pub fn error_message(&self) -> String {
+        serde_json::from_slice::<ErrorBody>(&self.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).trim().to_string())
+    }
+}
+
+/// Sends one request on the admin socket.
+pub async fn call(socket: &Path, request: &Request) -> Result<Answer, ClientError> {
     let sp = socket.display().to_string();
     let unreachable = |reason: String| ClientError::Unreachable {
         path: sp.clone(),
@@ -55,13 +78,12 @@ pub async fn request(
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
-        let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
+            .method(request.method().as_str())
+            .uri(request.path())
             .header(hyper::header::HOST, "localhost")
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(payload)))
+            .body(Full::new(Bytes::from(request.body().unwrap_or_default())))
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)
@@ -74,7 +96,7 @@ pub async fn request(
             .await
             .map_err(|e| unreachable(e.to_string()))?
             .to_bytes();
-        Ok((code, body))
+        Ok(Answer { code, body })
     };
     // Generous: a reconnect or a reload may wait for a handshake.
     match tokio::time::timeout(Duration::from_secs(120), fut).await {
@@ -83,19 +105,151 @@ pub async fn request(
     }
 }
 
-/// Fetches and decodes the status document.
+/// Fetches and decodes the status document; also returns the raw body.
 pub async fn status(socket: &Path) -> Result<(StatusDocument, Bytes), ClientError> {
-    let (code, body) = get(socket, "/v1/status").await?;
+    let answer = call(socket, &Request::Status).await?;
     let bad = |reason: String| ClientError::BadAnswer {
         path: socket.display().to_string(),
         reason,
     };
-    if code != 200 {
+    if answer.code != 200 {
         return Err(bad(format!(
-            "HTTP {code}: {}",
-            String::from_utf8_lossy(&body)
+            "HTTP {}: {}",
+            answer.code,
+            String::from_utf8_lossy(&answer.body)
         )));
     }
-    let doc = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
-    Ok((doc, body))
+    let doc = serde_json::from_slice(&answer.body).map_err(|e| bad(e.to_string()))?;
+    Ok((doc, answer.body))
+}
+
+/// The admin socket from `--socket`, else from `--config`'s `[admin]`
+/// socket, else the default. A config that does not load exits 2.
+pub fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, u8> {
+    match (socket, config) {
+        (Some(s), _) => Ok(s),
+        (None, Some(c)) => match Config::load(&c) {
+            Ok(cfg) => Ok(cfg.admin.socket),
+            Err(e) => {
+                eprintln!("{}: {e}", c.display());
+                Err(2)
+            }
+        },
+        (None, None) => Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+    }
+}
+
+/// The request a `tunneler nodes` action sends.
+pub fn nodes_request(action: NodesAction) -> Request {
+    match action {
+        NodesAction::Add {
+            name,
+            address,
+            port,
+            internal_ips,
+            pod_cidrs,
+            hostnames,
+        } => Request::AddNode(NodeSpec {
+            name,
+            address,
+            port,
+            internal_ips: (!internal_ips.is_empty()).then_some(internal_ips),
+            pod_cidrs,
+            hostnames,
+            kubelet_port: None,
+        }),
+        NodesAction::Remove { name } => Request::RemoveNode(name),
+        NodesAction::Drain { name } => Request::Drain(name),
+        NodesAction::Undrain { name } => Request::Undrain(name),
+        NodesAction::Reconnect { name } => Request::Reconnect(name),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            2
+        })
+}
+
+/// Sends one change request and prints the answer: the JSON body on
+/// stdout and exit 0 on success, the error on stderr and exit 1 on an
+/// error answer, exit 2 when the daemon cannot be reached.
+pub fn run_request(socket: &Path, request: Request) -> u8 {
+    if let Err(e) = request.check() {
+        eprintln!("tunneler: {e}");
+        return 1;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(call(socket, &request)) {
+        Ok(answer) if answer.is_success() => {
+            print!("{}", String::from_utf8_lossy(&answer.body));
+            0
+        }
+        Ok(answer) => {
+            eprintln!(
+                "tunneler: {} (HTTP {})",
+                answer.error_message(),
+                answer.code
+            );
+            1
+        }
+        Err(e) => {
+            eprintln!("tunneler: {e}");
+            2
+        }
+    }
+}
+
+/// `tunneler status`: the table (or `--json`, the document as served);
+/// exit 0 when every node is healthy, 1 when not, 2 when unreachable.
+/// `--watch` redraws the table every second until interrupted.
+pub fn run_status(socket: &Path, json: bool, watch: bool) -> u8 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    if watch {
+        return rt.block_on(watch_status(socket));
+    }
+    match rt.block_on(status(socket)) {
+        Ok((doc, raw)) => {
+            if json {
+                print!("{}", String::from_utf8_lossy(&raw));
+            } else {
+                print!("{}", doc.table());
+            }
+            if doc.all_healthy() {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("tunneler status: {e}");
+            2
+        }
+    }
+}
+
+async fn watch_status(socket: &Path) -> u8 {
+    loop {
+        let frame = match status(socket).await {
+            Ok((doc, _)) => doc.table(),
+            Err(e) => format!("tunneler status: {e}\n"),
+        };
+        // Clear the screen and home the cursor, then draw.
+        print!("\x1b[2J\x1b[H{frame}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return 0,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
 
@@ -84,7 +84,7 @@ struct RawConfig {
     health: Option<RawHealth>,
     discovery: Option<RawDiscovery>,
     #[serde(default, rename = "node")]
-    nodes: Vec<RawNode>,
+    nodes: Vec<NodeSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,18 +180,31 @@ struct RawAdmin {
     ready_min_healthy: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One node as written: a `[[node]]` table, and the body of the admin
+/// API's `POST /v1/nodes` (the same shape on purpose, so a node moves
+/// between the file and the API unchanged). [`node_from_spec`] validates it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawNode {
-    name: String,
-    address: String,
-    port: Option<u16>,
-    internal_ips: Option<Vec<String>>,
+pub struct NodeSpec {
+    /// Node name.
+    pub name: String,
+    /// SSH address (IP or DNS name).
+    pub address: String,
+    /// SSH port; `ssh.port` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// IPs that route to the node; the address when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_ips: Option<Vec<String>>,
+    /// Pod CIDRs of the node.
     #[serde(default)]
-    pod_cidrs: Vec<String>,
+    pub pod_cidrs: Vec<String>,
+    /// Further names that route to the node.
     #[serde(default)]
-    hostnames: Vec<String>,
-    kubelet_port: Option<u16>,
+    pub hostnames: Vec<String>,
+    /// The kubelet's port on the node, when not 10250.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubelet_port: Option<u16>,
 }
 
 // ---------------------------------------------------------------------------
@@ -199,7 +212,7 @@ struct RawNode {
 // ---------------------------------------------------------------------------
 
 /// The whole validated configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// SSH client settings shared by every node.
     pub ssh: SshConfig,
@@ -213,12 +226,13 @@ pub struct Config {
     pub health: Option<HealthConfig>,
     /// Node sources besides the static list.
     pub discovery: DiscoveryConfig,
-    /// Statically configured nodes.
+    /// Statically configured nodes (`[[node]]`, hence the serialized name).
+    #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
 }
 
 /// SSH client settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SshConfig {
     /// Remote user.
     pub user: String,
@@ -257,7 +271,7 @@ pub struct SshConfig {
 
 /// `[ssh] host_key_policy`. There is deliberately no value that turns host
 /// key verification off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub enum HostKeyPolicy {
     /// Only hosts known_hosts trusts are accepted (the default).
     #[default]
@@ -268,7 +282,7 @@ pub enum HostKeyPolicy {
 }
 
 /// Reconnect backoff settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReconnectConfig {
     /// First retry delay (upper bound of the jittered delay).
     pub initial_backoff: Duration,
@@ -279,7 +293,7 @@ pub struct ReconnectConfig {
 }
 
 /// A listener address for the egress proxy.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub enum ListenAddr {
     /// A Unix socket path.
     Unix(PathBuf),
@@ -297,7 +311,7 @@ impl std::fmt::Display for ListenAddr {
 }
 
 /// Egress proxy settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProxyConfig {
     /// Where to accept CONNECT requests.
     pub listen: Vec<ListenAddr>,
@@ -336,7 +350,7 @@ pub struct ProxyConfig {
 /// Bounds on the bytes the relay holds for clients that read slower than
 /// their node sends. Past them the relay stops draining the channel, which
 /// slows the node down (see `relay`); nothing is reset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RelayLimits {
     /// Bytes all streams together may hold, at every moment. Near it the
     /// sessions with the largest backlog are held first.
@@ -355,7 +369,7 @@ impl Default for RelayLimits {
 }
 
 /// The mTLS listener, as kube-apiserver's `transport.tcp.tlsConfig` expects.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TlsConfig {
     /// Address to listen on (any address: clients must present a certificate).
     pub listen: std::net::SocketAddr,
@@ -374,7 +388,7 @@ pub struct TlsConfig {
 }
 
 /// What the health probe checks, from the node's side of the tunnel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum ProbeTarget {
     /// `http://host:port/path`: a GET that must answer 2xx.
     Http {
@@ -395,7 +409,7 @@ pub enum ProbeTarget {
 }
 
 /// Node sources besides `[[node]]` and the admin API.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct DiscoveryConfig {
     /// A watched `kubectl get nodes -o json` file.
     pub nodes_file: Option<PathBuf>,
@@ -406,7 +420,7 @@ pub struct DiscoveryConfig {
 }
 
 /// How to reach the Kubernetes API.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum KubeSource {
     /// A kubeconfig file.
     Kubeconfig(PathBuf),
@@ -415,7 +429,7 @@ pub enum KubeSource {
 }
 
 /// The active health probe.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HealthConfig {
     /// What to check.
     pub probe: ProbeTarget,
@@ -428,7 +442,7 @@ pub struct HealthConfig {
 }
 
 /// Admin API settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdminConfig {
     /// The admin Unix socket.
     pub socket: PathBuf,
@@ -443,7 +457,7 @@ pub struct AdminConfig {
 }
 
 /// One node, as the rest of the program sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct NodeConfig {
     /// Unique node name (the Kubernetes node name).
     pub name: String,
@@ -663,7 +677,9 @@ fn is_localhost(name: &str) -> bool {
     n == "localhost" || n.ends_with(".localhost")
 }
 
-fn valid_node_name(name: &str) -> bool {
+/// Whether `name` is a valid node name: a DNS subdomain (lowercase letters,
+/// digits, `-` and `.`, alphanumeric at both ends).
+pub fn valid_node_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name
@@ -1094,12 +1110,18 @@ pub fn node_from_json(
     value: serde_json::Value,
     default_port: u16,
 ) -> Result<NodeConfig, ConfigError> {
-    let raw: RawNode =
+    let raw: NodeSpec =
         serde_json::from_value(value).map_err(|e| ConfigError::Parse(e.to_string()))?;
     validate_node("node", raw, default_port)
 }
 
-fn validate_node(key: &str, n: RawNode, default_port: u16) -> Result<NodeConfig, ConfigError> {
+/// Validates one node given as a [`NodeSpec`] (the admin API's
+/// `POST /v1/nodes`); errors name the field as `node.<field>`.
+pub fn node_from_spec(spec: NodeSpec, default_port: u16) -> Result<NodeConfig, ConfigError> {
+    validate_node("node", spec, default_port)
+}
+
+fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig, ConfigError> {
     if !valid_node_name(&n.name) {
         return Err(invalid(
             format!("{key}.name"),

@@ -2,7 +2,7 @@
 //! `kube_watch`) the Kubernetes API.
 //!
 //! Every source hands the daemon its whole desired node set, and the daemon
-//! reconciles by difference (see `Daemon::sync_source`). A failing source
+//! reconciles by difference (see `Control::sync_source`). A failing source
 //! never tears tunnels down: the last good set stays, the error is shown in
 //! the status and metrics, and the source retries. (The old Kubernetes
 //! SSHTunneler dropped every tunnel when its node list failed to load.)
@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
-use crate::daemon::{Daemon, Source};
+use crate::control::Control;
 use crate::node_set::Candidate;
+use crate::sources::Source;
 
 /// The subset of a Kubernetes `Node` we read. The field names are the API's.
 #[derive(Debug, Clone, Deserialize)]
@@ -241,7 +242,7 @@ pub const FILE_POLL: Duration = Duration::from_millis(500);
 /// Polling is deliberate: it sees atomic renames, editors' in-place writes
 /// and files on any filesystem, at the cost of one stat per half second.
 pub async fn watch_file(
-    daemon: Arc<Daemon>,
+    control: Arc<Control>,
     path: PathBuf,
     address_types: Vec<String>,
     cancel: CancellationToken,
@@ -254,9 +255,9 @@ pub async fn watch_file(
             Ok(st) if Some(st) != last && Some(st) != failed_stamp => {
                 let outcome = match std::fs::read_to_string(&path) {
                     Ok(text) => {
-                        let port = daemon.default_ssh_port().await;
+                        let port = control.default_ssh_port();
                         match parse_node_list(&text, &address_types, port) {
-                            Ok(nodes) => daemon
+                            Ok(nodes) => control
                                 .sync_source(source, nodes)
                                 .await
                                 .map_err(|e| e.to_string()),
@@ -270,23 +271,23 @@ pub async fn watch_file(
                         info!(path = %path.display(), ?report, "nodes file applied");
                         last = Some(st);
                         failed_stamp = None;
-                        daemon.source_ok(source);
+                        control.source_ok(source);
                     }
                     Err(e) => {
                         warn!(path = %path.display(), error = %e, "nodes file rejected; keeping the last good node set");
                         failed_stamp = Some(st);
-                        daemon.source_failed(source, format!("{}: {e}", path.display()));
+                        control.source_failed(source, format!("{}: {e}", path.display()));
                     }
                 }
             }
             Ok(_) => {}
             Err(e) => {
-                if failed_stamp.is_some() || last.is_some() || !daemon.source_has_error(source) {
+                if failed_stamp.is_some() || last.is_some() || !control.source_has_error(source) {
                     warn!(path = %path.display(), error = %e, "nodes file unreadable; keeping the last good node set");
                 }
                 failed_stamp = None;
                 last = None;
-                daemon.source_failed(source, format!("{}: {e}", path.display()));
+                control.source_failed(source, format!("{}: {e}", path.display()));
             }
         }
         tokio::select! {

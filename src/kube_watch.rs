@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::KubeSource;
-use crate::daemon::{Daemon, Source};
+use crate::control::Control;
 use crate::discovery::candidate_from_value;
 use crate::node_set::Candidate;
+use crate::sources::Source;
 
 async fn client(source: &KubeSource) -> Result<Client, String> {
     let config = match source {
@@ -66,7 +67,7 @@ fn convert(store: &BTreeMap<String, Node>, address_types: &[String], port: u16) 
 /// until cancelled. Never returns early: a client that cannot be built is
 /// retried too, since a kubeconfig may appear later.
 pub async fn run(
-    daemon: Arc<Daemon>,
+    control: Arc<Control>,
     source: KubeSource,
     address_types: Vec<String>,
     cancel: CancellationToken,
@@ -77,7 +78,7 @@ pub async fn run(
             Ok(c) => break c,
             Err(e) => {
                 warn!(error = %e, "Kubernetes discovery cannot start; retrying in 10s");
-                daemon.source_failed(src, e);
+                control.source_failed(src, e);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {}
@@ -101,12 +102,12 @@ pub async fn run(
             None => {
                 // The watcher stream does not end by itself; if it does,
                 // report it and stop rather than spin.
-                daemon.source_failed(src, "Kubernetes watch stream ended".into());
+                control.source_failed(src, "Kubernetes watch stream ended".into());
                 return;
             }
             Some(Err(e)) => {
                 warn!(error = %e, "Kubernetes watch failed; keeping the last good node set");
-                daemon.source_failed(src, format!("Kubernetes API: {e}"));
+                control.source_failed(src, format!("Kubernetes API: {e}"));
                 false
             }
             Some(Ok(Event::Init)) => {
@@ -140,8 +141,8 @@ pub async fn run(
         if !changed {
             continue;
         }
-        let port = daemon.default_ssh_port().await;
-        let result = daemon
+        let port = control.default_ssh_port();
+        let result = control
             .sync_source(src, convert(&store, &address_types, port))
             .await
             .map_err(|e| e.to_string());
@@ -149,11 +150,11 @@ pub async fn run(
             Ok(report) => {
                 synced_once = true;
                 info!(?report, nodes = store.len(), "Kubernetes nodes applied");
-                daemon.source_ok(src);
+                control.source_ok(src);
             }
             Err(e) => {
                 warn!(error = %e, "Kubernetes node set rejected; keeping the last good set");
-                daemon.source_failed(src, e);
+                control.source_failed(src, e);
             }
         }
     }

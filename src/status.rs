@@ -1,7 +1,20 @@
 //! The status document served at `GET /v1/status` and read by
-//! `tunneler status`. One type for both ends keeps them in step.
+//! `tunneler status` and the tests. One type for every end keeps them in
+//! step: a renamed field is a compile error, not a silent `null`.
+//!
+//! [`StatusView`] builds it from the registry, the source book and the
+//! route table, without the lock that orders node-set changes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+
+use crate::proxy::SharedRoutes;
+use crate::registry::NodeRegistry;
+use crate::sources::{Source, SourceBook, SourceStatus};
+use crate::timestamp::rfc3339;
 
 /// The whole status document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,7 +30,7 @@ pub struct StatusDocument {
     pub nodes: Vec<NodeStatus>,
     /// Discovery sources and their health (empty without discovery).
     #[serde(default)]
-    pub sources: Vec<crate::daemon::SourceStatus>,
+    pub sources: Vec<SourceStatus>,
     /// Internal IPs that more than one node claims. They are not routed
     /// by IP; their nodes still route by name and pod CIDR.
     #[serde(default)]
@@ -38,7 +51,7 @@ pub struct AmbiguousAddress {
 pub struct NodeStatus {
     /// Where the node came from: config, api, file or kubernetes.
     #[serde(default)]
-    pub source: Option<String>,
+    pub source: Option<Source>,
     /// Node name.
     pub name: String,
     /// SSH endpoint, `host:port`.
@@ -168,10 +181,82 @@ impl StatusDocument {
     }
 }
 
-/// Formats a time as RFC 3339 in UTC, seconds precision.
-pub fn rfc3339(t: std::time::SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
-    let dt = dt.replace_nanosecond(0).unwrap_or(dt);
-    dt.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "?".into())
+/// What the status document is built from: narrow, read-only handles.
+pub struct StatusView {
+    started: Instant,
+    listeners: Vec<String>,
+    registry: Arc<NodeRegistry>,
+    sources: Arc<SourceBook>,
+    routes: SharedRoutes,
+}
+
+impl StatusView {
+    /// A view over the live state; `listeners` as bound.
+    pub fn new(
+        listeners: Vec<String>,
+        registry: Arc<NodeRegistry>,
+        sources: Arc<SourceBook>,
+        routes: SharedRoutes,
+    ) -> StatusView {
+        StatusView {
+            started: Instant::now(),
+            listeners,
+            registry,
+            sources,
+            routes,
+        }
+    }
+
+    /// The status document for `GET /v1/status`.
+    pub fn document(&self) -> StatusDocument {
+        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let nodes = self
+            .registry
+            .snapshot()
+            .values()
+            .map(|e| {
+                let t = &e.tunnel;
+                let s = t.state();
+                let c = &t.counters;
+                let g = t.congestion();
+                NodeStatus {
+                    source: Some(e.source),
+                    name: t.node.name.clone(),
+                    address: t.node.endpoint(),
+                    state: s.state.as_str().to_string(),
+                    since: rfc3339(s.since),
+                    last_error: s.last_error.map(|e| e.to_string()),
+                    reconnects: ld(&c.reconnects),
+                    active_streams: ld(&c.active_streams),
+                    total_streams: ld(&c.total_streams),
+                    bytes_in: ld(&c.bytes_in),
+                    bytes_out: ld(&c.bytes_out),
+                    rtt_ms: s.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                    next_retry: s.next_retry.map(rfc3339),
+                    host_key_mismatches: ld(&c.host_key_mismatches),
+                    sessions: g.sessions as u64,
+                    congested_sessions: g.congested_sessions as u64,
+                    blocked_seconds: g.blocked_seconds,
+                    streams_slowed: g.streams_slowed,
+                }
+            })
+            .collect();
+        StatusDocument {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            listeners: self.listeners.clone(),
+            nodes,
+            sources: self.sources.snapshot(),
+            ambiguous_addresses: self
+                .routes
+                .load()
+                .ambiguous()
+                .iter()
+                .map(|(ip, nodes)| AmbiguousAddress {
+                    address: ip.to_string(),
+                    nodes: nodes.clone(),
+                })
+                .collect(),
+        }
+    }
 }

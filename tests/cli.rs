@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{all_output, node_status, tunneler, Cluster, Daemon};
+use common::{all_output, find_node, tunneler, Cluster, Daemon, StatusDocument};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -44,9 +44,9 @@ fn status_reports_table_json_and_exit_codes() {
 
     let out = tunneler(&["status", "--socket", sock, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
-    assert_eq!(json["nodes"].as_array().map(|n| n.len()), Some(2), "{json}");
-    assert_eq!(node_status(&json, "node-2").unwrap()["state"], "healthy");
+    let json: StatusDocument = serde_json::from_slice(&out.stdout).expect("status --json");
+    assert_eq!(json.nodes.len(), 2, "{json:?}");
+    assert_eq!(find_node(&json, "node-2").unwrap().state, "healthy");
 
     // One node down: exit 1, and the row says so.
     cluster.kill_sshd(2);

@@ -9,8 +9,11 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{all_output, node_status, report, Cluster, ConfigSpec, Daemon, ECHO_PORT};
-use serde_json::Value;
+use common::{
+    all_output, find_node, node_names, report, Cluster, ConfigSpec, Daemon, Source, StatusDocument,
+    ECHO_PORT,
+};
+use tunneler::admin_api::{DrainChanged, ReloadReport};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -23,21 +26,15 @@ fn answered_by(answer: &str) -> &str {
 }
 
 /// `since` of node `name`.
-fn since(status: &Value, name: &str) -> String {
-    node_status(status, name).unwrap_or_else(|| panic!("{name} missing from status: {status}"))
-        ["since"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+fn since(status: &StatusDocument, name: &str) -> String {
+    find_node(status, name)
+        .unwrap_or_else(|| panic!("{name} missing from status: {status:?}"))
+        .since
+        .clone()
 }
 
-fn names(status: &Value) -> Vec<String> {
-    status["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["name"].as_str().map(String::from))
-        .collect()
+fn names(status: &StatusDocument) -> Vec<String> {
+    node_names(status)
 }
 
 /// Opens a stream to `target` and checks one echo on it.
@@ -45,7 +42,7 @@ fn open_echo(daemon: &Daemon, target: &str, node: &str) -> UnixStream {
     let (status, mut s) = daemon.connect(target);
     assert!(
         status.starts_with("HTTP/1.1 200"),
-        "CONNECT {target}: {status}"
+        "CONNECT {target}: {status:?}"
     );
     let got = common::echo_over(&mut s, "open");
     assert_eq!(answered_by(&got), node, "{got}");
@@ -74,8 +71,8 @@ fn cli_ok(daemon: &Daemon, args: &[&str]) -> String {
 /// Waits until node `name` has no open stream, so pool choices by load are
 /// deterministic.
 fn wait_streams(daemon: &Daemon, name: &str, n: u64) {
-    daemon.wait_for(&format!("{name} with {n} stream(s)"), READY, |s| {
-        node_status(s, name).is_some_and(|x| x["active_streams"] == n)
+    daemon.wait_status(&format!("{name} with {n} stream(s)"), READY, |s| {
+        find_node(s, name).is_some_and(|x| x.active_streams == n)
     });
 }
 
@@ -108,14 +105,14 @@ fn drain_takes_a_node_out_of_the_pool_while_its_streams_and_node_dials_go_on() {
         if via_api {
             let (code, body) = daemon.admin("POST", "/v1/nodes/node-1/drain", None);
             assert_eq!(code, 200, "{body}");
-            let v: Value = serde_json::from_str(&body).unwrap();
-            assert_eq!(v["state"], "draining", "{v}");
+            let v: DrainChanged = serde_json::from_str(&body).unwrap();
+            assert_eq!(v.state, "draining", "{v:?}");
         } else {
             let out = cli_ok(&daemon, &["nodes", "drain", "node-1"]);
             assert!(out.contains("draining"), "{out}");
         }
         let status = daemon.wait_node_state("node-1", "draining", Duration::from_secs(5));
-        assert_eq!(node_status(&status, "node-2").unwrap()["state"], "healthy");
+        assert_eq!(find_node(&status, "node-2").unwrap().state, "healthy");
 
         // Pool dials avoid it, although it is the less loaded node.
         wait_streams(&daemon, "node-1", 1);
@@ -167,14 +164,10 @@ fn drain_takes_a_node_out_of_the_pool_while_its_streams_and_node_dials_go_on() {
         "{}",
         all_output(&out)
     );
-    let status = daemon.status_json();
+    let status = daemon.status();
     assert!(
-        status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["state"] == "healthy"),
-        "{status}"
+        status.nodes.iter().all(|n| n.state == "healthy"),
+        "{status:?}"
     );
 }
 
@@ -193,10 +186,8 @@ fn make_before_break_reconnect_keeps_open_streams() {
         "one SSH session before the reconnect, saw {}",
         cluster.ssh_sessions_to(1)
     );
-    let before = daemon.status_json();
-    let reconnects_before = node_status(&before, "node-1").unwrap()["reconnects"]
-        .as_u64()
-        .unwrap();
+    let before = daemon.status();
+    let reconnects_before = find_node(&before, "node-1").unwrap().reconnects;
 
     let t = Instant::now();
     cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
@@ -209,21 +200,21 @@ fn make_before_break_reconnect_keeps_open_streams() {
     still_works(&mut long, "node-1", "after-reconnect");
     let got = daemon.echo(&target, "new-dial");
     assert_eq!(answered_by(&got), "node-1", "{got}");
-    let status = daemon.status_json();
-    let n = node_status(&status, "node-1").unwrap();
-    assert_eq!(n["state"], "healthy", "{n}");
+    let status = daemon.status();
+    let n = find_node(&status, "node-1").unwrap();
+    assert_eq!(n.state, "healthy", "{n:?}");
     assert!(
-        n["last_error"].is_null(),
-        "a planned reconnect is no error: {n}"
+        n.last_error.is_none(),
+        "a planned reconnect is no error: {n:?}"
     );
-    let reconnects = n["reconnects"].as_u64().unwrap();
+    let reconnects = n.reconnects;
     // `reconnects` counts lost sessions; a planned replacement loses none,
     // and the state never left healthy, so `since` stays.
-    assert_eq!(reconnects, reconnects_before, "{n}");
+    assert_eq!(reconnects, reconnects_before, "{n:?}");
     assert_eq!(
-        n["since"],
-        node_status(&before, "node-1").unwrap()["since"],
-        "{n}"
+        n.since,
+        find_node(&before, "node-1").unwrap().since,
+        "{n:?}"
     );
 
     // The new session was made before the old one broke: the old one stays
@@ -252,7 +243,7 @@ fn make_before_break_reconnect_keeps_open_streams() {
     let (code, body) = daemon.admin("POST", "/v1/nodes/ghost/reconnect", None);
     assert_eq!(code, 404, "{body}");
     assert_eq!(
-        node_status(&daemon.status_json(), "node-1").unwrap()["state"],
+        find_node(&daemon.status(), "node-1").unwrap().state,
         "healthy"
     );
 }
@@ -268,8 +259,8 @@ fn remove_then_add_again_and_refused_changes_change_nothing() {
     // A stream open at removal drains: it keeps flowing until it ends.
     let mut draining = open_echo(&daemon, &format!("{}:{ECHO_PORT}", n1.pod_ip), "node-1");
     cli_ok(&daemon, &["nodes", "remove", "node-1"]);
-    let status = daemon.status_json();
-    assert_eq!(names(&status), vec!["node-2".to_string()], "{status}");
+    let status = daemon.status();
+    assert_eq!(names(&status), vec!["node-2".to_string()], "{status:?}");
     still_works(&mut draining, "node-1", "after-remove");
     assert_eq!(
         cluster.ssh_sessions_to(1),
@@ -315,9 +306,9 @@ fn remove_then_add_again_and_refused_changes_change_nothing() {
     );
     let status = daemon.wait_node_state("node-1", "healthy", READY);
     assert_eq!(
-        node_status(&status, "node-1").unwrap()["source"],
-        "api",
-        "{status}"
+        find_node(&status, "node-1").unwrap().source,
+        Some(Source::Api),
+        "{status:?}"
     );
     for target in [
         format!("{}:{ECHO_PORT}", n1.ip),
@@ -329,7 +320,7 @@ fn remove_then_add_again_and_refused_changes_change_nothing() {
     }
 
     // Refused changes: a 4xx with a clear message, and nothing changes.
-    let before = daemon.status_json();
+    let before = daemon.status();
     let out = daemon.cli(&["nodes", "add", "node-1", "--address", &ip]);
     let msg = all_output(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
@@ -385,15 +376,15 @@ fn remove_then_add_again_and_refused_changes_change_nothing() {
     let (code, body) = daemon.admin("POST", "/v1/nodes", Some("{not json"));
     assert_eq!(code, 400, "{body}");
 
-    let after = daemon.status_json();
-    assert_eq!(names(&after), names(&before), "{after}");
+    let after = daemon.status();
+    assert_eq!(names(&after), names(&before), "{after:?}");
     for name in ["node-1", "node-2"] {
         assert_eq!(
             since(&after, name),
             since(&before, name),
             "{name} was touched"
         );
-        assert_eq!(node_status(&after, name).unwrap()["state"], "healthy");
+        assert_eq!(find_node(&after, name).unwrap().state, "healthy");
     }
     let (reply, _) = daemon.connect(&format!("10.200.{}.99:{ECHO_PORT}", cluster.n));
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
@@ -434,39 +425,34 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
         ],
     );
     let start = daemon.wait_all_healthy(READY);
-    assert_eq!(names(&start).len(), 4, "{start}");
+    assert_eq!(names(&start).len(), 4, "{start:?}");
     // `since` has a resolution of one second: let it tick over once, so a
     // node that got reconnected would show a new value.
     let (status, mut long1) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     std::thread::sleep(Duration::from_millis(1100));
 
     // `tunneler reload` dropping node 3.
     rewrite(&cluster, &[1, 2], "");
     let out = cli_ok(&daemon, &["reload"]);
-    let report_json: Value = serde_json::from_str(out.trim()).expect("reload report json");
-    assert_eq!(
-        report_json["removed"],
-        serde_json::json!(["node-3"]),
-        "{report_json}"
-    );
-    assert_eq!(report_json["added"], serde_json::json!([]), "{report_json}");
-    assert_eq!(
-        report_json["changed"],
-        serde_json::json!([]),
-        "{report_json}"
-    );
-    let status = daemon.status_json();
+    let report: ReloadReport = serde_json::from_str(out.trim()).expect("reload report json");
+    assert_eq!(report.nodes.removed, vec!["node-3"], "{report:?}");
+    assert!(report.nodes.added.is_empty(), "{report:?}");
+    assert!(report.nodes.changed.is_empty(), "{report:?}");
+    let status = daemon.status();
     assert_eq!(
         names(&status),
         vec!["node-1", "node-2", "node-4"],
-        "{status}"
+        "{status:?}"
     );
     for name in ["node-1", "node-2", "node-4"] {
         assert_eq!(since(&status, name), since(&start, name), "{name} moved");
-        assert_eq!(node_status(&status, name).unwrap()["state"], "healthy");
+        assert_eq!(find_node(&status, name).unwrap().state, "healthy");
     }
-    assert_eq!(node_status(&status, "node-4").unwrap()["source"], "api");
+    assert_eq!(
+        find_node(&status, "node-4").unwrap().source,
+        Some(Source::Api)
+    );
     let (reply, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(3).pod_ip));
     assert!(
         reply.starts_with("HTTP/1.1 403"),
@@ -479,7 +465,7 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
     // SIGHUP dropping node 2 (and bringing node 3 back).
     rewrite(&cluster, &[1, 3], "");
     daemon.send_signal("HUP");
-    let status = daemon.wait_for("SIGHUP applied", READY, |s| {
+    let status = daemon.wait_status("SIGHUP applied", READY, |s| {
         names(s) == vec!["node-1", "node-3", "node-4"]
     });
     assert_eq!(since(&status, "node-1"), since(&start, "node-1"));
@@ -490,7 +476,7 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
 
     // Broken reloads change nothing and say why.
-    let before = daemon.status_json();
+    let before = daemon.status();
     let good = std::fs::read_to_string(&daemon.config).unwrap();
     let broken: [(&str, String, &[&str]); 3] = [
         (
@@ -541,7 +527,7 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
             "{what}: no 'reload rejected' in the log after SIGHUP\n{}",
             daemon.log_tail(20)
         );
-        let after = daemon.status_json();
+        let after = daemon.status();
         assert_eq!(names(&after), names(&before), "{what}");
         for name in names(&before) {
             assert_eq!(
@@ -549,19 +535,15 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
                 since(&before, &name),
                 "{what}: {name}"
             );
-            assert_eq!(
-                node_status(&after, &name).unwrap()["state"],
-                "healthy",
-                "{what}"
-            );
+            assert_eq!(find_node(&after, &name).unwrap().state, "healthy", "{what}");
         }
         // The running config still works: dial_timeout etc. unchanged.
         still_works(&mut long1, "node-1", "after-broken-reload");
     }
     std::fs::write(&daemon.config, &good).unwrap();
     let out = cli_ok(&daemon, &["reload"]);
-    let r: Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(r["unchanged"], 2, "{r}");
+    let r: ReloadReport = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r.nodes.unchanged, 2, "{r:?}");
     still_works(&mut long1, "node-1", "after-good-reload");
 }
 
@@ -579,14 +561,14 @@ fn a_stream_on_an_untouched_node_survives_every_change_to_the_others() {
         &format!("{}:{ECHO_PORT}", cluster.node(1).pod_ip),
         "node-1",
     );
-    let start = daemon.status_json();
+    let start = daemon.status();
     let check = |long: &mut UnixStream, step: &str| {
         still_works(long, "node-1", step);
-        let s = daemon.status_json();
-        let n = node_status(&s, "node-1").unwrap();
-        assert_eq!(n["state"], "healthy", "after {step}: {n}");
+        let s = daemon.status();
+        let n = find_node(&s, "node-1").unwrap();
+        assert_eq!(n.state, "healthy", "after {step}: {n:?}");
         assert_eq!(since(&s, "node-1"), since(&start, "node-1"), "after {step}");
-        assert_eq!(n["active_streams"], 1, "after {step}: {n}");
+        assert_eq!(n.active_streams, 1, "after {step}: {n:?}");
     };
 
     cli_ok(&daemon, &["nodes", "drain", "node-2"]);
@@ -617,8 +599,12 @@ fn a_stream_on_an_untouched_node_survives_every_change_to_the_others() {
 
     rewrite(&cluster, &[1], "");
     cli_ok(&daemon, &["reload"]);
-    let s = daemon.status_json();
-    assert_eq!(names(&s), vec!["node-1", "node-2"], "api node-2 stays: {s}");
+    let s = daemon.status();
+    assert_eq!(
+        names(&s),
+        vec!["node-1", "node-2"],
+        "api node-2 stays: {s:?}"
+    );
     check(&mut long, "reload-dropping-node-3");
     rewrite(&cluster, &[1, 3], "");
     daemon.send_signal("HUP");
@@ -669,19 +655,19 @@ fn reload_replaces_a_changed_node_and_its_old_streams_drain() {
 
     std::fs::write(&daemon.config, &base).unwrap();
     let out = cli_ok(&daemon, &["reload"]);
-    let r: Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(r["changed"], serde_json::json!(["node-1"]), "{r}");
-    assert_eq!(r["unchanged"], 1, "{r}");
+    let r: ReloadReport = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r.nodes.changed, vec!["node-1"], "{r:?}");
+    assert_eq!(r.nodes.unchanged, 1, "{r:?}");
     let status = daemon.wait_node_state("node-1", "healthy", READY);
     assert_ne!(
         since(&status, "node-1"),
         since(&start, "node-1"),
-        "{status}"
+        "{status:?}"
     );
     assert_eq!(
         since(&status, "node-2"),
         since(&start, "node-2"),
-        "{status}"
+        "{status:?}"
     );
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "new-cidr");
     assert_eq!(answered_by(&got), "node-1", "{got}");
@@ -700,33 +686,31 @@ fn drain_survives_reconnects_and_reloads() {
     daemon.wait_node_state("node-1", "draining", READY);
 
     cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
-    let s = daemon.status_json();
+    let s = daemon.status();
     assert_eq!(
-        node_status(&s, "node-1").unwrap()["state"],
+        find_node(&s, "node-1").unwrap().state,
         "draining",
-        "after a planned reconnect: {s}"
+        "after a planned reconnect: {s:?}"
     );
     cluster.kill_sshd(1);
-    daemon.wait_for("node-1 down", READY, |s| {
-        node_status(s, "node-1")
-            .is_some_and(|n| n["state"] == "backoff" || n["state"] == "connecting")
+    daemon.wait_status("node-1 down", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.state == "backoff" || n.state == "connecting")
     });
     cluster.start_sshd(1);
-    let s = daemon.wait_for("node-1 connected again", READY, |s| {
-        node_status(s, "node-1")
-            .is_some_and(|n| n["state"] == "draining" || n["state"] == "healthy")
+    let s = daemon.wait_status("node-1 connected again", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.state == "draining" || n.state == "healthy")
     });
     assert_eq!(
-        node_status(&s, "node-1").unwrap()["state"],
+        find_node(&s, "node-1").unwrap().state,
         "draining",
-        "after sshd came back: {s}"
+        "after sshd came back: {s:?}"
     );
     cli_ok(&daemon, &["reload"]);
-    let s = daemon.status_json();
+    let s = daemon.status();
     assert_eq!(
-        node_status(&s, "node-1").unwrap()["state"],
+        find_node(&s, "node-1").unwrap().state,
         "draining",
-        "after reload: {s}"
+        "after reload: {s:?}"
     );
     let anycast = format!("{}:{ECHO_PORT}", cluster.anycast_service_ip());
     for k in 0..4 {
@@ -775,7 +759,7 @@ fn removed_node_leaves_the_metrics_and_add_takes_port_and_internal_ips() {
     );
     let s = daemon.wait_node_state("worker-a", "healthy", READY);
     assert_eq!(
-        node_status(&s, "worker-a").unwrap()["address"],
+        find_node(&s, "worker-a").unwrap().address,
         format!("{ip}:22").as_str()
     );
     let got = daemon.echo(&format!("{pod}:{ECHO_PORT}"), "by-internal-ip");
@@ -795,7 +779,7 @@ fn removed_node_leaves_the_metrics_and_add_takes_port_and_internal_ips() {
         "0",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", all_output(&out));
-    assert!(node_status(&daemon.status_json(), "worker-b").is_none());
+    assert!(find_node(&daemon.status(), "worker-b").is_none());
 }
 
 /// Dials keep succeeding while the node is reconnected (make-before-break)
@@ -828,7 +812,7 @@ fn dials_under_load_never_fail_across_planned_reconnects_and_drains() {
                         };
                         let (status, s) = daemon.connect(&target);
                         if !status.starts_with("HTTP/1.1 200") {
-                            failures.push(format!("{target}: {status}"));
+                            failures.push(format!("{target}: {status:?}"));
                             continue;
                         }
                         let got = common::echo_over(s, &format!("w{w}-{done}"));
@@ -849,14 +833,10 @@ fn dials_under_load_never_fail_across_planned_reconnects_and_drains() {
             cli_ok(&daemon, &["nodes", "drain", "node-1"]);
             std::thread::sleep(Duration::from_millis(200));
             cli_ok(&daemon, &["nodes", "undrain", "node-1"]);
-            let s = daemon.status_json();
+            let s = daemon.status();
             assert!(
-                s["nodes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|n| n["state"] == "healthy"),
-                "round {round}: {s}"
+                s.nodes.iter().all(|n| n.state == "healthy"),
+                "round {round}: {s:?}"
             );
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -916,11 +896,11 @@ fn key_rotation_by_reload_and_reconnect() {
         ..ConfigSpec::default()
     });
     cli_ok(&daemon, &["reload"]);
-    let s = daemon.status_json();
+    let s = daemon.status();
     assert_eq!(
         since(&s, "node-1"),
         since(&start, "node-1"),
-        "reload reconnected: {s}"
+        "reload reconnected: {s:?}"
     );
     still_works(&mut long, "node-1", "after-reload");
 
@@ -929,8 +909,8 @@ fn key_rotation_by_reload_and_reconnect() {
     cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
     let s = daemon.wait_node_state("node-1", "healthy", READY);
     assert!(
-        node_status(&s, "node-1").unwrap()["last_error"].is_null(),
-        "{s}"
+        find_node(&s, "node-1").unwrap().last_error.is_none(),
+        "{s:?}"
     );
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", cluster.node(1).ip), "new-key");
     assert_eq!(answered_by(&got), "node-1");

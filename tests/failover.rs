@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{node_status, Cluster, Daemon, ECHO_PORT};
+use common::{find_node, Cluster, Daemon, ECHO_PORT};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -17,14 +17,14 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     let daemon = Daemon::start(&cluster);
     daemon.wait_all_healthy(READY);
     let (n1, n2) = (cluster.node(1), cluster.node(2));
-    let start = daemon.status_json();
-    let n = node_status(&start, "node-1").unwrap();
-    assert_eq!(n["reconnects"], 0, "{n}");
-    let since_start = n["since"].as_str().unwrap().to_string();
+    let start = daemon.status();
+    let n = find_node(&start, "node-1").unwrap();
+    assert_eq!(n.reconnects, 0, "{n:?}");
+    let since_start = n.since.clone();
 
     // A stream to node 2 opened before the failure outlives it.
     let (status, mut long_lived) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     assert_eq!(
         common::echo_over(&mut long_lived, "before"),
         format!("node=node-2 local={} echo=before", n2.pod_ip)
@@ -38,8 +38,8 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     let status = daemon.wait_node_unhealthy("node-1", READY);
     let detect = t.elapsed();
     // The one established session was lost, and counted once.
-    let down_n = node_status(&status, "node-1").unwrap();
-    assert_eq!(down_n["reconnects"], 1, "{down_n}");
+    let down_n = find_node(&status, "node-1").unwrap();
+    assert_eq!(down_n.reconnects, 1, "{down_n:?}");
 
     // While node 1 is down: node 2 serves new and old streams, node 1's
     // targets get 503 once the tunnel is known to be gone.
@@ -49,13 +49,12 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
         common::echo_over(&mut long_lived, "during"),
         format!("node=node-2 local={} echo=during", n2.pod_ip)
     );
-    let down = daemon.wait_for("node-1 in backoff with an error", READY, |s| {
-        node_status(s, "node-1")
-            .is_some_and(|n| n["state"] == "backoff" && n["last_error"].is_string())
+    let down = daemon.wait_status("node-1 in backoff with an error", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.state == "backoff" && n.last_error.is_some())
     });
-    assert_eq!(node_status(&down, "node-2").unwrap()["state"], "healthy");
+    assert_eq!(find_node(&down, "node-2").unwrap().state, "healthy");
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 503"), "{status:?}");
 
     // Timed from the restart command (sshd's own start-up included).
     let back = std::time::Instant::now();
@@ -67,17 +66,14 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
          restarted (sshd accepting after {accepting:?}; backoff 100ms..1s)",
         back.elapsed()
     ));
-    let n = node_status(&status, "node-1").unwrap();
+    let n = find_node(&status, "node-1").unwrap();
     // Failed dials while sshd was down are no lost sessions: still one.
-    assert_eq!(n["reconnects"], 1, "{n}");
+    assert_eq!(n.reconnects, 1, "{n:?}");
     // A working session answers "what is wrong": the error is cleared.
-    assert!(n["last_error"].is_null(), "{n}");
+    assert!(n.last_error.is_none(), "{n:?}");
     // `since` moved with each state change: down, then healthy again.
-    let since_down = node_status(&down, "node-1").unwrap()["since"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let since_back = n["since"].as_str().unwrap();
+    let since_down = find_node(&down, "node-1").unwrap().since.clone();
+    let since_back = n.since.as_str();
     assert!(
         since_start < since_down && since_down.as_str() <= since_back,
         "since: start {since_start}, down {since_down}, back {since_back}"
@@ -101,10 +97,10 @@ fn changed_host_key_rejects_the_node() {
     // The running session is cut; the reconnect meets a new host key.
     cluster.replace_host_key(1);
     let status = daemon.wait_node_state("node-1", "rejected", READY);
-    let n1 = node_status(&status, "node-1").unwrap();
-    let err = n1["last_error"].as_str().unwrap_or_default().to_lowercase();
-    assert!(err.contains("host key"), "last_error: {n1}");
-    assert_eq!(node_status(&status, "node-2").unwrap()["state"], "healthy");
+    let n1 = find_node(&status, "node-1").unwrap();
+    let err = n1.last_error.as_deref().unwrap_or_default().to_lowercase();
+    assert!(err.contains("host key"), "last_error: {n1:?}");
+    assert_eq!(find_node(&status, "node-2").unwrap().state, "healthy");
 
     let node = cluster.node(1);
     for target in [
@@ -113,7 +109,7 @@ fn changed_host_key_rejects_the_node() {
         format!("node-1:{ECHO_PORT}"),
     ] {
         let (status, _) = daemon.connect(&target);
-        assert!(status.starts_with("HTTP/1.1 503"), "{target}: {status}");
+        assert!(status.starts_with("HTTP/1.1 503"), "{target}: {status:?}");
     }
     let node2 = cluster.node(2);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node2.pod_ip), "ok");
@@ -127,8 +123,8 @@ fn changed_host_key_rejects_the_node() {
 
     // Rejected is sticky: it is not retried into healthy (or a hot loop).
     std::thread::sleep(Duration::from_millis(1500));
-    let status = daemon.status_json();
-    assert_eq!(node_status(&status, "node-1").unwrap()["state"], "rejected");
+    let status = daemon.status();
+    assert_eq!(find_node(&status, "node-1").unwrap().state, "rejected");
 
     // Once the operator records the new key in known_hosts, the daemon
     // picks the file up and the node comes back.
@@ -149,17 +145,19 @@ fn wrong_host_key_at_startup_is_rejected() {
     let cluster = Cluster::new(2);
     cluster.replace_host_key(2);
     let daemon = Daemon::start(&cluster);
-    let status = daemon.wait_for("node-1 healthy, node-2 rejected", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["state"] == "healthy")
-            && node_status(s, "node-2").is_some_and(|n| n["state"] == "rejected")
+    let status = daemon.wait_status("node-1 healthy, node-2 rejected", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.state == "healthy")
+            && find_node(s, "node-2").is_some_and(|n| n.state == "rejected")
     });
-    let err = node_status(&status, "node-2").unwrap()["last_error"]
-        .as_str()
+    let err = find_node(&status, "node-2")
+        .unwrap()
+        .last_error
+        .as_deref()
         .unwrap_or_default()
         .to_lowercase();
-    assert!(err.contains("host key"), "{status}");
+    assert!(err.contains("host key"), "{status:?}");
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).ip));
-    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 503"), "{status:?}");
 }
 
 /// A link that goes silent (no FIN, no RST) is noticed by the keepalives,
@@ -218,21 +216,21 @@ fn refused_authentication_keeps_the_node_out_of_service() {
     cluster.set_authorized_keys(&other_pub);
 
     let daemon = Daemon::start(&cluster);
-    let status = daemon.wait_for("node-1 failing with an error", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| {
-            (n["state"] == "rejected" || n["state"] == "backoff") && n["last_error"].is_string()
+    let status = daemon.wait_status("node-1 failing with an error", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| {
+            (n.state == "rejected" || n.state == "backoff") && n.last_error.is_some()
         })
     });
     eprintln!(
-        "auth refused shows as: {}",
-        node_status(&status, "node-1").unwrap()
+        "auth refused shows as: {:?}",
+        find_node(&status, "node-1").unwrap()
     );
     let (reply, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).ip));
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     // It does not flip to healthy by itself.
     std::thread::sleep(Duration::from_millis(1500));
-    let status = daemon.status_json();
-    assert_ne!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+    let status = daemon.status();
+    assert_ne!(find_node(&status, "node-1").unwrap().state, "healthy");
 }
 
 /// A listed node that does not answer at all (an unused address on the test
@@ -254,22 +252,22 @@ fn an_unreachable_node_does_not_hold_up_the_others() {
     // node-1 comes up while the ghost is still connecting (connect_timeout
     // 2 s): the ghost's first attempt has not failed yet.
     let status = daemon.wait_node_state("node-1", "healthy", READY);
-    let g = node_status(&status, "ghost").unwrap();
+    let g = find_node(&status, "ghost").unwrap();
     assert!(
-        g["last_error"].is_null() && g["state"] != "healthy",
-        "node-1 healthy only after the ghost's first attempt failed: {g}"
+        g.last_error.is_none() && g.state != "healthy",
+        "node-1 healthy only after the ghost's first attempt failed: {g:?}"
     );
     let node = cluster.node(1);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "alive");
     assert_eq!(got, format!("node=node-1 local={} echo=alive", node.pod_ip));
 
     // connect_timeout is 2 s.
-    let status = daemon.wait_for("ghost failing with an error", READY, |s| {
-        node_status(s, "ghost").is_some_and(|n| n["last_error"].is_string())
+    let status = daemon.wait_status("ghost failing with an error", READY, |s| {
+        find_node(s, "ghost").is_some_and(|n| n.last_error.is_some())
     });
-    let g = node_status(&status, "ghost").unwrap();
-    assert_ne!(g["state"], "healthy", "{g}");
-    assert_eq!(g["address"], format!("{ghost}:22").as_str(), "{g}");
+    let g = find_node(&status, "ghost").unwrap();
+    assert_ne!(g.state, "healthy", "{g:?}");
+    assert_eq!(g.address, format!("{ghost}:22").as_str(), "{g:?}");
     let (reply, _) = daemon.connect(&format!("ghost:{ECHO_PORT}"));
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     let out = common::tunneler(&[

@@ -9,10 +9,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    all_output, free_tcp_port, metric_value, node_status, report, tunneler, tunneler_bin, Cluster,
-    ConfigSpec, Daemon, ECHO_PORT,
+    all_output, find_node, free_tcp_port, metric_value, report, tunneler, tunneler_bin, Cluster,
+    ConfigSpec, Daemon, Source, StatusDocument, ECHO_PORT,
 };
 use serde_json::Value;
+use tunneler::sources::SourceStatus;
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -45,27 +46,27 @@ fn metrics_after_real_traffic_on_the_admin_socket_and_a_tcp_listener() {
         assert!(got.starts_with("node=node-1"), "{got}");
     }
     let (st, mut held) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.ip));
-    assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 200"), "{st:?}");
     common::echo_over(&mut held, "held");
     let (st, _) = daemon.connect("192.0.2.1:80");
-    assert!(st.starts_with("HTTP/1.1 403"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 403"), "{st:?}");
     let head = daemon.raw_request(b"CONNECT HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     // Port 1 on a pod address: dialed, refused by the node (a node's own
     // address would get 403 for a port outside node_ports).
     let (st, _) = daemon.connect(&format!("{}:1", n1.pod_ip));
-    assert!(st.starts_with("HTTP/1.1 502"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 502"), "{st:?}");
     // A dial that hangs: 504 after dial_timeout (2 s).
     let hole = std::net::Ipv4Addr::from(u32::from(n1.pod_ip) + 1);
     cluster.blackhole(1, hole);
     let (st, _) = daemon.connect(&format!("{hole}:{ECHO_PORT}"));
-    assert!(st.starts_with("HTTP/1.1 504"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 504"), "{st:?}");
     cluster.kill_sshd(2);
-    daemon.wait_for("node-2 failing to reconnect", READY, |s| {
-        node_status(s, "node-2").is_some_and(|n| n["state"] == "backoff")
+    daemon.wait_status("node-2 failing to reconnect", READY, |s| {
+        find_node(s, "node-2").is_some_and(|n| n.state == "backoff")
     });
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
-    assert!(st.starts_with("HTTP/1.1 503"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 503"), "{st:?}");
     // Backoff starts when the session is lost; the refused reconnects follow.
     let refused = || {
         metric_value(
@@ -80,12 +81,12 @@ fn metrics_after_real_traffic_on_the_admin_socket_and_a_tcp_listener() {
         "no refused reconnect of node-2 counted:\n{}",
         daemon.metrics()
     );
-    daemon.wait_for("node-1 keepalive rtt", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["rtt_ms"].is_number())
+    daemon.wait_status("node-1 keepalive rtt", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.rtt_ms.is_some())
     });
     // Byte counters and the stream gauge are read at scrape time.
-    daemon.wait_for("node-1 counters", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 1)
+    daemon.wait_status("node-1 counters", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 1)
     });
 
     let admin = cluster.admin_socket();
@@ -228,8 +229,8 @@ fn readyz_goes_from_503_to_200_and_healthz_answers() {
     let daemon = Daemon::start(&cluster);
     let (code, body) = daemon.admin("GET", "/healthz", None);
     assert_eq!(code, 200, "{body}");
-    daemon.wait_for("a failed first attempt", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["last_error"].is_string())
+    daemon.wait_status("a failed first attempt", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.last_error.is_some())
     });
     let (code, body) = daemon.admin("GET", "/readyz", None);
     assert_eq!(code, 503, "{body}");
@@ -263,7 +264,7 @@ fn json_logs_are_one_object_per_line_with_span_fields() {
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "logged");
     assert!(got.starts_with("node=node-1"), "{got}");
     let (st, _) = daemon.connect(&format!("{}:1", node.pod_ip));
-    assert!(st.starts_with("HTTP/1.1 502"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 502"), "{st:?}");
     let out = daemon.cli(&["nodes", "drain", "node-1"]);
     assert!(out.status.success(), "{}", all_output(&out));
     let exit = daemon.stop().expect("exit status");
@@ -303,17 +304,15 @@ fn json_logs_are_one_object_per_line_with_span_fields() {
     );
 }
 
-fn since(s: &Value, name: &str) -> String {
-    node_status(s, name)
-        .map(|n| n["since"].to_string())
+fn since(s: &StatusDocument, name: &str) -> String {
+    find_node(s, name)
+        .map(|n| n.since.clone())
         .unwrap_or_default()
 }
 
-fn file_source(s: &Value) -> Value {
-    s["sources"]
-        .as_array()
-        .and_then(|v| v.iter().find(|x| x["source"] == "file").cloned())
-        .unwrap_or(Value::Null)
+/// The file source's record, once the status has one.
+fn file_source(s: &StatusDocument) -> Option<SourceStatus> {
+    s.sources.iter().find(|x| x.source == Source::File).cloned()
 }
 
 #[test]
@@ -337,18 +336,21 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
         },
     );
     let status = daemon.wait_all_healthy(READY);
-    assert_eq!(node_status(&status, "node-1").unwrap()["source"], "config");
     assert_eq!(
-        node_status(&status, "node-2").unwrap()["source"],
-        "file",
-        "{status}"
+        find_node(&status, "node-1").unwrap().source,
+        Some(Source::Config)
     );
-    let src = file_source(&status);
+    assert_eq!(
+        find_node(&status, "node-2").unwrap().source,
+        Some(Source::File),
+        "{status:?}"
+    );
+    let src = file_source(&status).expect("file source in status");
     assert!(
-        src["last_error"].is_null() && src["last_success"].is_string(),
-        "{status}"
+        src.last_error.is_none() && src.last_success.is_some(),
+        "{status:?}"
     );
-    assert_eq!(src["nodes"], 1, "{status}");
+    assert_eq!(src.nodes, 1, "{status:?}");
     for target in [
         format!("{}:{ECHO_PORT}", n2.pod_ip),
         format!("{}:{ECHO_PORT}", n2.ip),
@@ -377,9 +379,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
         ]),
     );
     let t = Instant::now();
-    daemon.wait_for("node-3 added", READY, |s| {
-        node_status(s, "node-3").is_some()
-    });
+    daemon.wait_status("node-3 added", READY, |s| find_node(s, "node-3").is_some());
     let took = t.elapsed();
     common::assert_within(
         "nodes_file: an added node showed up",
@@ -392,7 +392,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n3.pod_ip));
     assert!(
         st.starts_with("HTTP/1.1 403"),
-        "no pod CIDR listed yet: {st}"
+        "no pod CIDR listed yet: {st:?}"
     );
 
     // Change node 3: it gains its pod CIDRs (spec.podCIDRs).
@@ -425,14 +425,14 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
 
     // Remove node 2.
     let (st, mut on2) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
-    assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 200"), "{st:?}");
     cluster.replace_file(
         &file,
         &list(vec![cluster.k8s_node_json(3, &[n3.pod_cidr.as_str()])]),
     );
     let t = Instant::now();
-    daemon.wait_for("node-2 removed", READY, |s| {
-        node_status(s, "node-2").is_none()
+    daemon.wait_status("node-2 removed", READY, |s| {
+        find_node(s, "node-2").is_none()
     });
     common::assert_within(
         "nodes_file: a removed node left the status",
@@ -440,7 +440,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
         Duration::from_secs(5),
     );
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
-    assert!(st.starts_with("HTTP/1.1 403"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 403"), "{st:?}");
     // A stream it carried drains rather than being cut.
     let got = common::echo_over(&mut on2, "draining");
     assert!(got.starts_with("node=node-2 "), "{got}");
@@ -451,10 +451,10 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     // shows in the status.
     let text = "{\"kind\": \"List\", \"items\": [";
     cluster.replace_file(&file, text);
-    let s = daemon.wait_for("source error for invalid JSON", READY, |s| {
-        file_source(s)["last_error"].is_string()
+    let s = daemon.wait_status("source error for invalid JSON", READY, |s| {
+        file_source(s).is_some_and(|f| f.last_error.is_some())
     });
-    let err = file_source(&s)["last_error"].as_str().unwrap().to_string();
+    let err = file_source(&s).unwrap().last_error.unwrap();
     report(&format!(
         "nodes_file with invalid JSON: last_error = {err:?}"
     ));
@@ -487,32 +487,22 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     ];
     for (what, text, name, reason) in &bad {
         cluster.replace_file(&file, text);
-        let s = daemon.wait_for(&format!("{name} rejected for {what}"), READY, |s| {
-            file_source(s)["rejected"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|x| x["name"] == *name))
+        let s = daemon.wait_status(&format!("{name} rejected for {what}"), READY, |s| {
+            file_source(s).is_some_and(|f| f.rejected.iter().any(|x| x.name == *name))
         });
-        let src = file_source(&s);
+        let src = file_source(&s).unwrap();
         report(&format!(
             "nodes_file with {what}: rejected = {}",
-            src["rejected"]
+            serde_json::to_string(&src.rejected).unwrap()
         ));
-        assert!(src["last_error"].is_null(), "{what}: {src}");
-        let r = &src["rejected"][0];
-        assert!(
-            r["reason"].as_str().unwrap().contains(reason),
-            "{what}: {r}"
-        );
-        let names_now: Vec<&str> = s["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["name"].as_str().unwrap())
-            .collect();
+        assert!(src.last_error.is_none(), "{what}: {src:?}");
+        let r = &src.rejected[0];
+        assert!(r.reason.contains(reason), "{what}: {r:?}");
+        let names_now: Vec<&str> = s.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names_now, vec!["node-1", "node-3"], "{what}");
         assert_eq!(
-            node_status(&s, "node-1").unwrap()["source"],
-            "config",
+            find_node(&s, "node-1").unwrap().source,
+            Some(Source::Config),
             "{what}"
         );
         assert_eq!(since(&s, "node-3"), since(&good, "node-3"), "{what}");
@@ -530,11 +520,8 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
             &file,
             &list(vec![cluster.k8s_node_json(3, &[n3.pod_cidr.as_str()])]),
         );
-        daemon.wait_for("rejection cleared", READY, |s| {
-            file_source(s)["last_error"].is_null()
-                && file_source(s)["rejected"]
-                    .as_array()
-                    .is_some_and(|r| r.is_empty())
+        daemon.wait_status("rejection cleared", READY, |s| {
+            file_source(s).is_some_and(|f| f.last_error.is_none() && f.rejected.is_empty())
         });
     }
     let m = daemon.metrics();
@@ -553,16 +540,20 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     let msg = all_output(&out);
     assert_eq!(out.status.code(), Some(1), "{msg}");
     assert!(msg.contains("node-3") && msg.contains("file"), "{msg}");
-    let s = daemon.status_json();
-    assert_eq!(node_status(&s, "node-3").unwrap()["source"], "file", "{s}");
+    let s = daemon.status();
+    assert_eq!(
+        find_node(&s, "node-3").unwrap().source,
+        Some(Source::File),
+        "{s:?}"
+    );
     std::fs::write(&daemon.config, good_config).unwrap();
 
     // A missing file is a failing source too, not an empty node list.
     std::fs::remove_file(&file).unwrap();
-    let s = daemon.wait_for("missing file error", READY, |s| {
-        file_source(s)["last_error"].is_string()
+    let s = daemon.wait_status("missing file error", READY, |s| {
+        file_source(s).is_some_and(|f| f.last_error.is_some())
     });
-    assert!(node_status(&s, "node-3").is_some(), "{s}");
+    assert!(find_node(&s, "node-3").is_some(), "{s:?}");
 }
 
 #[test]

@@ -11,9 +11,9 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use common::{
-    node_status, percentile, report, Cluster, ConfigSpec, Daemon, ECHO_PORT, FLOOD_PORT, HTTP_PORT,
+    find_node, percentile, report, Cluster, ConfigSpec, Daemon, ECHO_PORT, FLOOD_PORT, HTTP_PORT,
 };
-use serde_json::Value;
+use common::{NodeStatus, StatusDocument};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -43,7 +43,7 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
 
     // A neighbour on the session the stalled stream will hold.
     let (status, mut neighbour) = daemon.connect(&format!("{}:{ECHO_PORT}", node.ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     assert_eq!(
         common::echo_over(&mut neighbour, "warm"),
         format!("node=node-1 local={} echo=warm", node.ip)
@@ -51,16 +51,16 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
 
     // From here on nobody reads `stalled`.
     let (status, stalled) = daemon.connect(&format!("{}:{FLOOD_PORT}", node.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    let s = daemon.wait_for("the stalled stream's session held", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["congested_sessions"] == 1)
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+    let s = daemon.wait_status("the stalled stream's session held", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.congested_sessions == 1)
     });
-    assert_eq!(node_status(&s, "node-1").unwrap()["sessions"], 1, "{s}");
+    assert_eq!(find_node(&s, "node-1").unwrap().sessions, 1, "{s:?}");
     // The neighbour asks now; its answer waits behind the held session.
     neighbour.write_all(b"during\n").unwrap();
 
     let (status, mut rt) = daemon.connect(&format!("{}:{ECHO_PORT}", node.ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     rt.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let flood_start = Instant::now();
     let mut samples = Vec::with_capacity(200);
@@ -72,7 +72,7 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
                     let t = Instant::now();
                     let target = format!("{}:{ECHO_PORT}", node.pod_ip);
                     let (status, mut s) = daemon.connect(&target);
-                    assert!(status.starts_with("HTTP/1.1 200"), "short {k}: {status}");
+                    assert!(status.starts_with("HTTP/1.1 200"), "short {k}: {status:?}");
                     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                     let got = common::echo_over(&mut s, &format!("short{k}"));
                     assert_eq!(
@@ -97,13 +97,13 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
     let p50 = percentile(&samples, 50.0);
     let p99 = percentile(&samples, 99.0);
     let max = samples.iter().max().copied().unwrap_or_default();
-    let status = daemon.status_json();
-    let n = node_status(&status, "node-1").unwrap().clone();
+    let status = daemon.status();
+    let n = find_node(&status, "node-1").unwrap().clone();
     report(&format!(
         "stalled reader beside busy streams: 200 round trips p50 {p50:?} p99 {p99:?} max {max:?} \
          over {measured:?}; 5 short streams took {short:?}; node-1: sessions {} congested {} \
          active_streams {} blocked_seconds {}",
-        n["sessions"], n["congested_sessions"], n["active_streams"], n["blocked_seconds"],
+        n.sessions, n.congested_sessions, n.active_streams, n.blocked_seconds,
     ));
     common::assert_within(
         "slowest of 200 round trips beside a stalled reader",
@@ -117,12 +117,12 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
             Duration::from_secs(3),
         );
     }
-    assert_eq!(n["state"], "healthy", "{n}");
-    assert_eq!(n["reconnects"], 0, "{n}");
+    assert_eq!(n.state, "healthy", "{n:?}");
+    assert_eq!(n.reconnects, 0, "{n:?}");
     // They ran on a session of their own; the stalled stream was not reset
     // (the neighbour, rt and it are still open).
-    assert_eq!(n["sessions"], 2, "{n}");
-    assert_eq!(n["active_streams"], 3, "{n}");
+    assert_eq!(n.sessions, 2, "{n:?}");
+    assert_eq!(n.active_streams, 3, "{n:?}");
     drop(rt);
     // The stopped client goes away: its stream is reset, the held session
     // moves on, and the neighbour gets its answer.
@@ -139,13 +139,13 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
         format!("node=node-1 local={} echo=during", node.ip)
     );
     drop(neighbour);
-    daemon.wait_for("streams released", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 0)
+    daemon.wait_status("streams released", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 0)
     });
 }
 
-fn rtt_known(n: &Value) -> bool {
-    n["rtt_ms"].as_f64().is_some_and(|r| r >= 0.0)
+fn rtt_known(n: &NodeStatus) -> bool {
+    n.rtt_ms.is_some_and(|r| r >= 0.0)
 }
 
 #[test]
@@ -162,13 +162,11 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     let daemon = Daemon::start_with(&cluster, &spec);
     daemon.wait_all_healthy(READY);
     // rtt_ms is a number for connected nodes; next_retry null outside backoff.
-    let status = daemon.wait_for("rtt_ms known for every node", READY, |s| {
-        s["nodes"]
-            .as_array()
-            .is_some_and(|v| v.iter().all(|n| n["state"] == "healthy" && rtt_known(n)))
+    let status = daemon.wait_status("rtt_ms known for every node", READY, |s| {
+        s.nodes.iter().all(|n| n.state == "healthy" && rtt_known(n))
     });
-    for n in status["nodes"].as_array().unwrap() {
-        assert!(n["next_retry"].is_null(), "{n}");
+    for n in &status.nodes {
+        assert!(n.next_retry.is_none(), "{n:?}");
     }
 
     // Node 1's HTTP server goes away (its echo server stays): the probe
@@ -180,18 +178,15 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
         "health probe (1s, unhealthy_after 2): node-1 unhealthy {:?} after its HTTP server went away",
         t.elapsed()
     ));
-    let n1 = node_status(&status, "node-1").unwrap();
-    assert!(
-        n1["next_retry"].is_null(),
-        "connected, not in backoff: {n1}"
-    );
-    assert_eq!(node_status(&status, "node-2").unwrap()["state"], "healthy");
-    let status = daemon.wait_for("node-1 rtt while unhealthy", READY, |s| {
-        node_status(s, "node-1").is_some_and(rtt_known)
+    let n1 = find_node(&status, "node-1").unwrap();
+    assert!(n1.next_retry.is_none(), "connected, not in backoff: {n1:?}");
+    assert_eq!(find_node(&status, "node-2").unwrap().state, "healthy");
+    let status = daemon.wait_status("node-1 rtt while unhealthy", READY, |s| {
+        find_node(s, "node-1").is_some_and(rtt_known)
     });
     report(&format!(
-        "unhealthy node as shown: {}",
-        node_status(&status, "node-1").unwrap()
+        "unhealthy node as shown: {:?}",
+        find_node(&status, "node-1").unwrap()
     ));
 
     // Pool dials avoid it even when it is the less loaded node ...
@@ -199,7 +194,7 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     let mut load = Vec::new();
     for _ in 0..2 {
         let (st, s) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
-        assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+        assert!(st.starts_with("HTTP/1.1 200"), "{st:?}");
         load.push(s);
     }
     let anycast = cluster.anycast_service_ip();
@@ -239,23 +234,19 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
 
     // In backoff, next_retry is a time and rtt_ms is null.
     cluster.kill_sshd(1);
-    let status = daemon.wait_for("node-1 in backoff with next_retry", READY, |s| {
-        node_status(s, "node-1")
-            .is_some_and(|n| n["state"] == "backoff" && n["next_retry"].is_string())
+    let status = daemon.wait_status("node-1 in backoff with next_retry", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.state == "backoff" && n.next_retry.is_some())
     });
-    let n = node_status(&status, "node-1").unwrap();
-    let next = n["next_retry"].as_str().unwrap();
+    let n = find_node(&status, "node-1").unwrap();
+    let next = n.next_retry.as_deref().unwrap();
     assert!(
         next.len() >= 20 && next.as_bytes()[10] == b'T',
-        "next_retry: {n}"
+        "next_retry: {n:?}"
     );
-    assert!(
-        n["rtt_ms"].is_null(),
-        "rtt of a node without a session: {n}"
-    );
+    assert!(n.rtt_ms.is_none(), "rtt of a node without a session: {n:?}");
     cluster.start_sshd(1);
     let status = daemon.wait_node_state("node-1", "healthy", READY);
-    assert!(node_status(&status, "node-1").unwrap()["next_retry"].is_null());
+    assert!(find_node(&status, "node-1").unwrap().next_retry.is_none());
 }
 
 /// When keepalives declare a silently lost session dead, the client side of
@@ -269,7 +260,7 @@ fn streams_of_a_silently_lost_session_are_closed() {
     daemon.wait_all_healthy(READY);
     let n1 = cluster.node(1);
     let (status, mut s) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     assert!(common::echo_over(&mut s, "before").starts_with("node=node-1 "));
 
     cluster.link_down(1);
@@ -296,7 +287,9 @@ fn streams_of_a_silently_lost_session_are_closed() {
         "client stream left hanging after its session died"
     );
     assert_eq!(
-        node_status(&daemon.status_json(), "node-1").unwrap()["active_streams"],
+        find_node(&daemon.status(), "node-1")
+            .unwrap()
+            .active_streams,
         0
     );
     cluster.link_up(1);
@@ -333,19 +326,19 @@ fn a_pool_dial_while_every_tunnel_is_connecting_gets_503() {
     cluster.link_down(1);
     let daemon = Daemon::start(&cluster);
     let target = format!("{}:{ECHO_PORT}", cluster.anycast_service_ip());
-    let connecting = |s: &Value| {
-        node_status(s, "node-1")
-            .filter(|n| n["state"] == "connecting")
-            .map(|n| n["since"].clone())
+    let connecting = |s: &StatusDocument| {
+        find_node(s, "node-1")
+            .filter(|n| n.state == "connecting")
+            .map(|n| n.since.clone())
     };
     // Each attempt is 2 s of "connecting"; a dial that straddles the end of
     // one is retried (bounded) rather than counted.
     let mut proven = None;
     for _ in 0..10 {
-        let status = daemon.wait_for("node-1 connecting", READY, |s| connecting(s).is_some());
+        let status = daemon.wait_status("node-1 connecting", READY, |s| connecting(s).is_some());
         let before = connecting(&status).unwrap();
         let (reply, _) = daemon.connect(&target);
-        let after = connecting(&daemon.status_json());
+        let after = connecting(&daemon.status());
         if after.as_ref() == Some(&before) {
             proven = Some(reply);
             break;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{node_status, Cluster, ConfigSpec, Daemon, ECHO_PORT, HTTP_PORT};
+use common::{find_node, Cluster, ConfigSpec, Daemon, StatusDocument, ECHO_PORT, HTTP_PORT};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -47,7 +47,7 @@ fn routes_by_node_ip_name_and_pod_ip_to_the_owning_node() {
     // Several lines over one tunnel, and the same through the TCP listener.
     let node = cluster.node(2);
     let (status, mut s) = daemon.connect_tcp(&format!("{}:{ECHO_PORT}", node.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     for k in 0..5 {
         let got = common::echo_over(&mut s, &format!("line{k}"));
         assert_eq!(
@@ -78,12 +78,12 @@ fn routes_by_node_ip_name_and_pod_ip_to_the_owning_node() {
         }
     });
 
-    let status = daemon.status_json();
-    for node in &cluster.nodes {
-        let n = node_status(&status, &node.name).unwrap();
-        assert!(n["total_streams"].as_u64().unwrap() >= 3, "{n}");
-        assert!(n["bytes_in"].as_u64().unwrap() > 0, "{n}");
-        assert!(n["bytes_out"].as_u64().unwrap() > 0, "{n}");
+    let status = daemon.status();
+    for cn in &cluster.nodes {
+        let n = find_node(&status, &cn.name).unwrap();
+        assert!(n.total_streams >= 3, "{n:?}");
+        assert!(n.bytes_in > 0, "{n:?}");
+        assert!(n.bytes_out > 0, "{n:?}");
     }
 }
 
@@ -123,7 +123,7 @@ fn service_ips_use_the_pool_of_healthy_nodes() {
     // Node 1's own service address does not exist on node 2, so node 2's
     // sshd refuses the channel: 502 with the SSH reason.
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).service_ip));
-    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 502"), "{status:?}");
 }
 
 #[test]
@@ -170,10 +170,8 @@ fn curl_works_through_the_tcp_listener_and_the_admin_socket() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "node=node-2");
 
     // Streams end asynchronously after curl exits.
-    daemon.wait_for("no active streams", READY, |s| {
-        s["nodes"]
-            .as_array()
-            .is_some_and(|n| n.iter().all(|n| n["active_streams"] == 0))
+    daemon.wait_status("no active streams", READY, |s| {
+        s.nodes.iter().all(|n| n.active_streams == 0)
     });
     let out = common::run(
         "curl",
@@ -187,18 +185,12 @@ fn curl_works_through_the_tcp_listener_and_the_admin_socket() {
             "http://localhost/v1/status",
         ],
     );
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
-    assert!(status["version"].is_string(), "{status}");
-    assert!(
-        status["uptime_seconds"].as_f64().unwrap() >= 0.0,
-        "{status}"
-    );
-    let listeners: Vec<&str> = status["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.as_str())
-        .collect();
+    // Decoding into the server's own types checks every field's type (the
+    // counters are u64, `since` a string...).
+    let status: StatusDocument = serde_json::from_slice(&out.stdout).expect("status json");
+    assert!(!status.version.is_empty(), "{status:?}");
+    assert!(status.uptime_seconds >= 0.0, "{status:?}");
+    let listeners: Vec<&str> = status.listeners.iter().map(String::as_str).collect();
     let unix = format!("unix://{}", cluster.egress_socket().display());
     assert!(listeners.contains(&unix.as_str()), "{listeners:?}");
     assert!(
@@ -207,29 +199,20 @@ fn curl_works_through_the_tcp_listener_and_the_admin_socket() {
             .any(|l| l.starts_with("tcp://127.0.0.1:") && !l.ends_with(":0")),
         "{listeners:?}"
     );
-    let nodes = status["nodes"].as_array().unwrap();
+    let nodes = &status.nodes;
     assert_eq!(nodes.len(), 2);
     for (node, n) in cluster.nodes.iter().zip(nodes) {
-        assert_eq!(n["name"], node.name.as_str(), "{n}");
-        assert_eq!(n["address"], format!("{}:22", node.ip).as_str(), "{n}");
-        assert_eq!(n["state"], "healthy", "{n}");
-        let since = n["since"].as_str().unwrap();
+        assert_eq!(n.name, node.name.as_str(), "{n:?}");
+        assert_eq!(n.address, format!("{}:22", node.ip).as_str(), "{n:?}");
+        assert_eq!(n.state, "healthy", "{n:?}");
+        let since = n.since.as_str();
         assert!(
             since.len() >= 20 && since.as_bytes()[10] == b'T',
             "since: {since}"
         );
-        assert!(n["last_error"].is_null(), "{n}");
-        for key in [
-            "reconnects",
-            "active_streams",
-            "total_streams",
-            "bytes_in",
-            "bytes_out",
-        ] {
-            assert!(n[key].is_u64(), "{key} in {n}");
-        }
-        assert!(n["total_streams"].as_u64().unwrap() >= 2, "{n}");
-        assert_eq!(n["active_streams"], 0, "{n}");
+        assert!(n.last_error.is_none(), "{n:?}");
+        assert!(n.total_streams >= 2, "{n:?}");
+        assert_eq!(n.active_streams, 0, "{n:?}");
     }
 }
 
@@ -242,15 +225,15 @@ fn bad_requests_get_400_403_405() {
 
     // Outside every node, pod and service range (TEST-NET-1, never dialled).
     let (status, _) = daemon.connect("192.0.2.1:80");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
     let (status, _) = daemon.connect_tcp("192.0.2.1:80");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
     // An unknown name.
     let (status, _) = daemon.connect("no-such-node:10250");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
     // An IPv6 literal parses, but is in no range.
     let (status, _) = daemon.connect("[fd00::1]:10250");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
 
     let head = daemon.raw_request(b"\x16\x03\x01\x02\x00garbage\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 400"), "{head:?}");
@@ -303,7 +286,7 @@ fn sigterm_stops_the_daemon_cleanly() {
     daemon.wait_all_healthy(READY);
     // One open tunnel must not hold up shutdown.
     let (status, _stream) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     let exit = daemon.stop().expect("daemon exit status");
     assert!(exit.success(), "exit after SIGTERM: {exit}");
 }

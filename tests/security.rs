@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    node_status, poll, run, ssh_keygen, tunneler_bin, with_ssh_keys, ChildGuard, Cluster,
-    ConfigSpec, Daemon, Node,
+    find_node, poll, run, ssh_keygen, tunneler_bin, with_ssh_keys, ChildGuard, Cluster, ConfigSpec,
+    Daemon, Node, StatusDocument,
 };
 
 const HEALTHY_WITHIN: Duration = Duration::from_secs(20);
@@ -57,11 +57,12 @@ fn write_known_hosts(cluster: &Cluster, text: &str) {
     fs::write(cluster.dir.join("known_hosts"), text).unwrap();
 }
 
-fn last_error(status: &serde_json::Value, name: &str) -> String {
-    node_status(status, name).unwrap()["last_error"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
+fn last_error(status: &StatusDocument, name: &str) -> String {
+    find_node(status, name)
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap_or_default()
 }
 
 #[test]
@@ -122,7 +123,7 @@ fn host_certificate_through_cert_authority_is_trusted() {
     );
     let daemon = Daemon::start(&cluster);
     let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
-    assert!(last_error(&s, "node-1").contains("revoked"), "{s}");
+    assert!(last_error(&s, "node-1").contains("revoked"), "{s:?}");
 }
 
 #[test]
@@ -176,9 +177,9 @@ fn revoked_host_key_is_refused() {
     let daemon = Daemon::start(&cluster);
     daemon.wait_node_state("node-1", "healthy", HEALTHY_WITHIN);
     let s = daemon.wait_node_state("node-2", "rejected", HEALTHY_WITHIN);
-    assert!(last_error(&s, "node-2").contains("revoked"), "{s}");
+    assert!(last_error(&s, "node-2").contains("revoked"), "{s:?}");
     // Revocation is not a mismatch.
-    assert_eq!(node_status(&s, "node-2").unwrap()["host_key_mismatches"], 0);
+    assert_eq!(find_node(&s, "node-2").unwrap().host_key_mismatches, 0);
 }
 
 #[test]
@@ -203,9 +204,9 @@ fn accept_new_learns_a_key_then_rejects_a_changed_one() {
     // The node comes back with another key: refused, counted, not learned.
     cluster.replace_host_key(1);
     let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
-    assert!(last_error(&s, "node-1").contains("mismatch"), "{s}");
-    let n = node_status(&s, "node-1").unwrap();
-    assert!(n["host_key_mismatches"].as_u64().unwrap() >= 1, "{n}");
+    assert!(last_error(&s, "node-1").contains("mismatch"), "{s:?}");
+    let n = find_node(&s, "node-1").unwrap();
+    assert!(n.host_key_mismatches >= 1, "{n:?}");
     let m = daemon.metrics();
     let total = common::metric_value(
         &m,

@@ -15,62 +15,48 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{
-    all_output, metric_value, node_status, report, Cluster, ConfigSpec, Daemon, ECHO_PORT,
+    all_output, find_node, metric_value, node_names, report, Cluster, ConfigSpec, Daemon, Source,
+    StatusDocument, ECHO_PORT,
 };
 use serde_json::{json, Value};
+use tunneler::sources::SourceStatus;
+use tunneler::status::AmbiguousAddress;
 
 const READY: Duration = Duration::from_secs(20);
 
-fn file_source(s: &Value) -> Value {
-    s["sources"]
-        .as_array()
-        .and_then(|v| v.iter().find(|x| x["source"] == "file").cloned())
-        .unwrap_or(Value::Null)
+/// The file source's record, once the status has one.
+fn file_source(s: &StatusDocument) -> Option<SourceStatus> {
+    s.sources.iter().find(|x| x.source == Source::File).cloned()
 }
 
-fn rejected_names(s: &Value) -> Vec<String> {
-    file_source(s)["rejected"]
-        .as_array()
-        .map(|r| {
-            r.iter()
-                .map(|x| x["name"].as_str().unwrap_or_default().to_string())
-                .collect()
-        })
+fn rejected_names(s: &StatusDocument) -> Vec<String> {
+    file_source(s)
+        .map(|f| f.rejected.into_iter().map(|x| x.name).collect())
         .unwrap_or_default()
 }
 
-fn names(s: &Value) -> Vec<String> {
-    s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap().to_string())
-        .collect()
+fn names(s: &StatusDocument) -> Vec<String> {
+    node_names(s)
 }
 
 /// Streams opened on all nodes since start: unchanged means nothing was
 /// dialed through any tunnel.
-fn total_streams(s: &Value) -> u64 {
-    s["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["total_streams"].as_u64().unwrap())
-        .sum()
+fn total_streams(s: &StatusDocument) -> u64 {
+    s.nodes.iter().map(|n| n.total_streams).sum()
 }
 
 /// CONNECT `target` and return the whole answer of a refused dial (status
 /// line and body, which the proxy ends by closing), on one line.
 /// Each target gets 403, and no stream opens on any tunnel for them.
 fn assert_forbidden_without_a_dial(daemon: &Daemon, case: &str, targets: &[&str]) {
-    let before = total_streams(&daemon.status_json());
+    let before = total_streams(&daemon.status());
     for target in targets {
         let answer = refused_answer(daemon, target);
         report(&format!("{case}: CONNECT {target} -> {answer}"));
         assert!(answer.starts_with("HTTP/1.1 403"), "{target}: {answer}");
     }
     assert_eq!(
-        total_streams(&daemon.status_json()),
+        total_streams(&daemon.status()),
         before,
         "a refused dial opened a stream"
     );
@@ -124,13 +110,8 @@ fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
     )
     .unwrap();
     let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
-    daemon.wait_for("node-1 and node-2 healthy", READY, |s| {
-        names(s) == ["node-1", "node-2"]
-            && s["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|n| n["state"] == "healthy")
+    daemon.wait_status("node-1 and node-2 healthy", READY, |s| {
+        names(s) == ["node-1", "node-2"] && s.nodes.iter().all(|n| n.state == "healthy")
     });
 
     // node-3 joins later, spelling the shared address as IPv4-mapped IPv6.
@@ -144,15 +125,18 @@ fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
     );
     daemon.wait_node_state("node-3", "healthy", READY);
     let s = daemon.wait_all_healthy(READY);
-    assert_eq!(names(&s), ["node-1", "node-2", "node-3"], "{s}");
-    let src = file_source(&s);
-    assert!(src["last_error"].is_null(), "{src}");
-    assert_eq!(src["rejected"], json!([]), "{src}");
-    assert_eq!(src["nodes"], 3, "{src}");
+    assert_eq!(names(&s), ["node-1", "node-2", "node-3"], "{s:?}");
+    let src = file_source(&s).expect("file source in status");
+    assert!(src.last_error.is_none(), "{src:?}");
+    assert!(src.rejected.is_empty(), "{src:?}");
+    assert_eq!(src.nodes, 3, "{src:?}");
     assert_eq!(
-        s["ambiguous_addresses"],
-        json!([{ "address": shared, "nodes": ["node-1", "node-2", "node-3"] }]),
-        "reported once, under its IPv4 spelling: {s}"
+        s.ambiguous_addresses,
+        vec![AmbiguousAddress {
+            address: shared.to_string(),
+            nodes: vec!["node-1".into(), "node-2".into(), "node-3".into()],
+        }],
+        "reported once, under its IPv4 spelling: {s:?}"
     );
     let m = daemon.metrics();
     assert_eq!(
@@ -223,7 +207,7 @@ fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
         )),
         "{answer}"
     );
-    assert!(node_status(&daemon.status_json(), "node-9").is_none());
+    assert!(find_node(&daemon.status(), "node-9").is_none());
 }
 
 #[test]
@@ -248,33 +232,23 @@ fn a_node_that_claims_loopback_metadata_or_half_the_internet_is_rejected() {
     items.push(evil);
     std::fs::write(&file, Cluster::k8s_node_list(items)).unwrap();
     let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
-    let s = daemon.wait_for("three healthy nodes and evil rejected", READY, |s| {
+    let s = daemon.wait_status("three healthy nodes and evil rejected", READY, |s| {
         names(s) == ["node-1", "node-2", "node-3"]
-            && s["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|n| n["state"] == "healthy")
+            && s.nodes.iter().all(|n| n.state == "healthy")
             && rejected_names(s) == ["evil"]
     });
-    let src = file_source(&s);
+    let src = file_source(&s).expect("file source in status");
     assert!(
-        src["last_error"].is_null(),
-        "one bad Node is not a failing source: {src}"
+        src.last_error.is_none(),
+        "one bad Node is not a failing source: {src:?}"
     );
-    let r = &src["rejected"][0];
+    let r = &src.rejected[0];
     report(&format!(
         "case 2: status sources[file].rejected = {}",
-        src["rejected"]
+        serde_json::to_string(&src.rejected).unwrap()
     ));
-    assert_eq!(r["kept"], false, "{r}");
-    assert!(
-        r["reason"]
-            .as_str()
-            .unwrap()
-            .contains("127.0.0.1 is loopback"),
-        "{r}"
-    );
+    assert!(!r.kept, "{r:?}");
+    assert!(r.reason.contains("127.0.0.1 is loopback"), "{r:?}");
     let m = daemon.metrics();
     assert_eq!(
         metric_value(
@@ -345,30 +319,26 @@ fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
     let list = |v: Vec<&Value>| Cluster::k8s_node_list(v.into_iter().cloned().collect());
     std::fs::write(&file, list(vec![&good1, &good2])).unwrap();
     let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
-    let good = daemon.wait_for("both healthy", READY, |s| {
-        names(s) == ["node-1", "node-2"]
-            && s["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|n| n["state"] == "healthy")
+    let good = daemon.wait_status("both healthy", READY, |s| {
+        names(s) == ["node-1", "node-2"] && s.nodes.iter().all(|n| n.state == "healthy")
     });
-    let since2 = node_status(&good, "node-2").unwrap()["since"].clone();
+    let since2 = find_node(&good, "node-2").unwrap().since.clone();
     let pod2 = format!("{}:{ECHO_PORT}", n2.pod_ip);
 
     // It turns invalid: kept at its last good config, reported, logged.
     cluster.replace_file(&file, &list(vec![&good1, &bad2]));
-    let s = daemon.wait_for("node-2 rejected", READY, |s| {
+    let s = daemon.wait_status("node-2 rejected", READY, |s| {
         rejected_names(s) == ["node-2"]
     });
-    let r = &file_source(&s)["rejected"][0];
-    assert_eq!(r["kept"], true, "{r}");
-    assert!(r["reason"].as_str().unwrap().contains("128.0.0.0/1"), "{r}");
+    let src = file_source(&s).expect("file source in status");
+    let r = &src.rejected[0];
+    assert!(r.kept, "{r:?}");
+    assert!(r.reason.contains("128.0.0.0/1"), "{r:?}");
     assert_eq!(names(&s), ["node-1", "node-2"]);
     assert_eq!(
-        node_status(&s, "node-2").unwrap()["since"],
+        find_node(&s, "node-2").unwrap().since,
         since2,
-        "tunnel replaced: {s}"
+        "tunnel replaced: {s:?}"
     );
     let got = daemon.echo(&pod2, "kept");
     assert!(got.starts_with("node=node-2 "), "{got}");
@@ -391,8 +361,8 @@ fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
 
     // Fixed: the fix applies (its new alias routes) and the report clears.
     cluster.replace_file(&file, &list(vec![&good1, &fixed2]));
-    daemon.wait_for("node-2 fixed", READY, |s| {
-        rejected_names(s).is_empty() && file_source(s)["rejected"].is_array()
+    daemon.wait_status("node-2 fixed", READY, |s| {
+        rejected_names(s).is_empty() && file_source(s).is_some()
     });
     daemon.wait_node_state("node-2", "healthy", READY);
     let got = daemon.echo(&format!("node-2-alias:{ECHO_PORT}"), "fixed");
@@ -400,14 +370,17 @@ fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
 
     // Invalid again, then deleted: gone, routes and all.
     cluster.replace_file(&file, &list(vec![&good1, &bad2]));
-    daemon.wait_for("node-2 rejected again", READY, |s| {
+    daemon.wait_status("node-2 rejected again", READY, |s| {
         rejected_names(s) == ["node-2"]
     });
     cluster.replace_file(&file, &list(vec![&good1]));
-    let s = daemon.wait_for("node-2 deleted", READY, |s| {
+    let s = daemon.wait_status("node-2 deleted", READY, |s| {
         names(s) == ["node-1"] && rejected_names(s).is_empty()
     });
-    assert!(file_source(&s)["last_error"].is_null(), "{s}");
+    assert!(
+        file_source(&s).is_none_or(|f| f.last_error.is_none()),
+        "{s:?}"
+    );
     let answer = refused_answer(&daemon, &pod2);
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "one");

@@ -45,6 +45,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+#[allow(unused_imports)]
+pub use tunneler::sources::Source;
+#[allow(unused_imports)]
+pub use tunneler::status::{NodeStatus, StatusDocument};
 
 mod cluster;
 mod daemon;

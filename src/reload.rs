@@ -1,0 +1,263 @@
+//! What a reload applies, key by key, and the difference between two
+//! configs.
+//!
+//! The diff is not a list of hand-written comparisons: both configs are
+//! serialized (the validated types derive `Serialize`, with their TOML key
+//! names) and compared key by key, so a new config field is compared
+//! without anyone remembering to. What a changed key *means* for a reload
+//! comes from [`EFFECTS`], one row per key or whole section; a unit test
+//! fails when a config key has no row, or a row names no key, and another
+//! checks that the configuration reference marks exactly the `Restart`
+//! keys "Restart.".
+
+use serde_json::Value;
+
+use crate::config::Config;
+
+/// When a changed key takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// At once (or from each node's next connect), by the reload itself.
+    Live,
+    /// For nodes added or changed from now on; `tunneler nodes remove`/`add`
+    /// or a restart applies it to the others.
+    NewNodes,
+    /// Only after a restart: it shaped something built once at start (a
+    /// bound socket, a semaphore, a watcher).
+    Restart,
+}
+
+/// The reload effect of every config key: `section` covers the whole
+/// section, `section.key` one key (and its sub-keys). The more specific
+/// row wins.
+pub const EFFECTS: &[(&str, Effect)] = &[
+    ("ssh.user", Effect::Live),
+    ("ssh.identity_file", Effect::Live),
+    ("ssh.known_hosts_file", Effect::Live),
+    ("ssh.port", Effect::Live),
+    ("ssh.connect_timeout", Effect::Live),
+    ("ssh.keepalive_interval", Effect::Live),
+    ("ssh.keepalive_max", Effect::Live),
+    ("ssh.connections_per_node", Effect::NewNodes),
+    ("ssh.max_connections_per_node", Effect::NewNodes),
+    ("ssh.extra_session_idle", Effect::Live),
+    ("ssh.max_concurrent_handshakes", Effect::Restart),
+    ("ssh.host_key_policy", Effect::Live),
+    ("ssh.passphrase_file", Effect::Live),
+    ("ssh.identity_agent", Effect::Live),
+    ("ssh.certificate_file", Effect::Live),
+    ("reconnect", Effect::Live),
+    ("proxy.listen", Effect::Restart),
+    ("proxy.service_cidrs", Effect::Live),
+    ("proxy.cluster_cidrs", Effect::Live),
+    ("proxy.dial_timeout", Effect::Live),
+    ("proxy.drain_timeout", Effect::Live),
+    ("proxy.handshake_timeout", Effect::Live),
+    ("proxy.max_pending_handshakes", Effect::Restart),
+    ("proxy.max_streams_per_node", Effect::Live),
+    ("proxy.node_local_via_loopback", Effect::Live),
+    ("proxy.node_ports", Effect::Live),
+    ("proxy.socket_group", Effect::Restart),
+    ("proxy.tls", Effect::Restart),
+    ("proxy.relay", Effect::Live),
+    ("admin.socket", Effect::Restart),
+    ("admin.socket_group", Effect::Restart),
+    ("admin.admin_uids", Effect::Live),
+    ("admin.metrics_listen", Effect::Restart),
+    ("admin.ready_min_healthy", Effect::Live),
+    ("health", Effect::Live),
+    ("discovery", Effect::Restart),
+    ("node", Effect::Live),
+];
+
+/// The row for `key`: exact, else the longest row that `key` extends at a
+/// `.` or `_` boundary (`proxy.relay` covers `proxy.relay_buffer_budget`
+/// as the reference spells it, `proxy.tls` covers `proxy.tls.listen`).
+pub fn effect(key: &str) -> Option<Effect> {
+    EFFECTS
+        .iter()
+        .filter(|(row, _)| {
+            key == *row
+                || key
+                    .strip_prefix(row)
+                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('_'))
+        })
+        .max_by_key(|(row, _)| row.len())
+        .map(|(_, e)| *e)
+}
+
+/// A key whose value differs between two configs, and when that counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// `section` or `section.key`, as in [`EFFECTS`].
+    pub key: String,
+    /// When it takes effect.
+    pub effect: Effect,
+}
+
+impl Change {
+    /// The operator's warning for a change a reload does not fully apply.
+    pub fn warning(&self) -> Option<String> {
+        match self.effect {
+            Effect::Live => None,
+            Effect::NewNodes => Some(format!(
+                "{} changed: applies to nodes added or changed from now on; `tunneler nodes remove`/`add` or a restart applies it to the others",
+                self.key
+            )),
+            Effect::Restart => Some(format!(
+                "{} changed: takes effect after a restart",
+                self.key
+            )),
+        }
+    }
+}
+
+/// `config` as a JSON object of sections.
+fn sections(config: &Config) -> serde_json::Map<String, Value> {
+    match serde_json::to_value(config) {
+        Ok(Value::Object(m)) => m,
+        // Config is a struct of plain data: it always serializes to an
+        // object. Should that ever fail, every section compares equal and
+        // the reload applies the nodes only, which is the safe side.
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Every key (at the granularity of [`EFFECTS`]) whose value differs
+/// between `old` and `new`, in config order.
+pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
+    let (old, new) = (sections(old), sections(new));
+    let mut changes = Vec::new();
+    let mut push = |key: String| {
+        // A key without a row is caught by the unit test; at run time it
+        // counts as needing a restart, the conservative answer.
+        let effect = effect(&key).unwrap_or(Effect::Restart);
+        changes.push(Change { key, effect });
+    };
+    for (section, new_value) in &new {
+        let old_value = old.get(section).unwrap_or(&Value::Null);
+        let whole = EFFECTS.iter().any(|(row, _)| row == section);
+        match (old_value, new_value) {
+            (Value::Object(a), Value::Object(b)) if !whole => {
+                for (key, b_value) in b {
+                    if a.get(key) != Some(b_value) {
+                        push(format!("{section}.{key}"));
+                    }
+                }
+            }
+            (a, b) if a != b => push(section.clone()),
+            _ => {}
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn example() -> Config {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tunneler.example.toml"),
+        )
+        .unwrap();
+        Config::from_toml(&text, Path::new("/etc/tunneler")).unwrap()
+    }
+
+    /// Every key the config types serialize has a row, and every row names
+    /// a key: a new config field cannot slip past the reload unnoticed.
+    #[test]
+    fn every_config_key_has_exactly_one_reload_row() {
+        let row = |k: &str| EFFECTS.iter().any(|(r, _)| *r == k);
+        let mut keys = Vec::new();
+        for (section, value) in sections(&example()) {
+            match value {
+                Value::Object(m) if !row(&section) => {
+                    for k in m.keys() {
+                        let key = format!("{section}.{k}");
+                        assert!(row(&key), "config key {key} has no reload row");
+                        keys.push(key);
+                    }
+                }
+                _ => assert!(row(&section), "config section {section} has no reload row"),
+            }
+            keys.push(section);
+        }
+        for (r, _) in EFFECTS {
+            assert!(keys.iter().any(|k| k == r), "row {r} names no config key");
+        }
+        let mut rows: Vec<_> = EFFECTS.iter().map(|(r, _)| r).collect();
+        rows.sort();
+        rows.dedup();
+        assert_eq!(rows.len(), EFFECTS.len(), "a key has two rows");
+    }
+
+    #[test]
+    fn the_diff_names_each_changed_key_with_its_effect() {
+        let old = example();
+        assert_eq!(diff(&old, &old), vec![]);
+        let mut new = old.clone();
+        new.proxy.dial_timeout *= 2;
+        new.proxy.socket_group = Some("other".into());
+        new.ssh.connections_per_node += 1;
+        new.discovery.address_types.push("Hostname".into());
+        new.nodes.pop();
+        let got: Vec<(String, Effect)> = diff(&old, &new)
+            .into_iter()
+            .map(|c| (c.key, c.effect))
+            .collect();
+        let want = [
+            ("ssh.connections_per_node", Effect::NewNodes),
+            ("proxy.dial_timeout", Effect::Live),
+            ("proxy.socket_group", Effect::Restart),
+            ("discovery", Effect::Restart),
+            ("node", Effect::Live),
+        ];
+        for w in &want {
+            assert!(
+                got.contains(&(w.0.to_string(), w.1)),
+                "{w:?} missing in {got:?}"
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{got:?}");
+    }
+
+    /// The reload column of docs/configuration.md says for every key what
+    /// a reload does with it, and it must be what this table says:
+    /// "restart" exactly when it needs one, "restart (or node remove/add)"
+    /// for keys that apply to new nodes only, and otherwise a live kind
+    /// ("live", "next connect", "new streams").
+    #[test]
+    fn the_reference_says_what_a_reload_applies() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join("docs/configuration.md"))
+            .expect("docs/configuration.md");
+        let mut rows = 0;
+        for line in text.lines() {
+            let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+            // | `key` | default | reload | meaning |
+            let (Some(key), Some(column)) = (cols.get(1), cols.get(3)) else {
+                continue;
+            };
+            let Some(key) = key.strip_prefix('`').and_then(|k| k.split('`').next()) else {
+                continue;
+            };
+            let Some(effect) = effect(&key.replace("[]", "")) else {
+                continue;
+            };
+            rows += 1;
+            let documented = match *column {
+                "restart" => Effect::Restart,
+                "restart (or node remove/add)" => Effect::NewNodes,
+                "live" | "next connect" | "new streams" => Effect::Live,
+                other => panic!("{key}: unknown reload column {other:?}"),
+            };
+            assert_eq!(
+                documented, effect,
+                "{key}: a reload's effect is {effect:?}, docs/configuration.md says {column:?}"
+            );
+        }
+        assert!(rows > 30, "config reference table not found ({rows} rows)");
+    }
+}
