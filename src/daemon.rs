@@ -28,12 +28,13 @@ use crate::config::{
 };
 use crate::identity::Identity;
 use crate::known_hosts::KnownHostsStore;
-use crate::node_set::{Candidate, Rejection};
+use crate::node_set::{Candidate, Rejection, Source, SourceStatus};
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
 use crate::sockets::{bind_unix_for, BindError};
+use crate::ssh_context::{ContextCell, SharedContext, SshContext};
 use crate::status::{rfc3339, AmbiguousAddress, NodeStatus, StatusDocument};
-use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
+use crate::tunnel::{NodeTunnel, TunnelState};
 
 /// How long shutdown waits for streams and sessions to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -112,50 +113,6 @@ pub enum ChangeError {
     /// A tunnel operation failed (e.g. a reconnect could not connect).
     #[error("{0}")]
     Tunnel(#[from] crate::error::TunnelError),
-}
-
-/// Where a node came from. Reload manages `Config` nodes only; nodes added
-/// through the API survive a reload unless the config names them too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// A `[[node]]` entry in the config file.
-    Config,
-    /// `POST /v1/nodes`.
-    Api,
-    /// `[discovery] nodes_file`.
-    File,
-    /// `[discovery.kubernetes]`.
-    Kubernetes,
-}
-
-impl Source {
-    /// The name shown in status.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Source::Config => "config",
-            Source::Api => "api",
-            Source::File => "file",
-            Source::Kubernetes => "kubernetes",
-        }
-    }
-}
-
-/// How a discovery source is doing, for the status page.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct SourceStatus {
-    /// file or kubernetes.
-    pub source: String,
-    /// Last successful sync (RFC 3339).
-    pub last_success: Option<String>,
-    /// The current error, if the last attempt failed.
-    pub last_error: Option<String>,
-    /// Nodes this source provides now.
-    pub nodes: usize,
-    /// Nodes this source lists that were not applied, with why. A `kept`
-    /// one still serves its last good config.
-    #[serde(default)]
-    pub rejected: Vec<Rejection>,
 }
 
 /// What a sync of one node source did.
@@ -249,10 +206,10 @@ impl Daemon {
                 let ld =
                     |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 NodeStatus {
-                    source: sources.get(&t.node.name).map(|s| s.as_str().to_string()),
+                    source: sources.get(&t.node.name).copied(),
                     name: t.node.name.clone(),
                     address: t.node.endpoint(),
-                    state: s.state.as_str().to_string(),
+                    state: s.state,
                     since: rfc3339(s.since),
                     last_error: s.last_error.map(|e| e.to_string()),
                     reconnects: ld(&c.reconnects),
@@ -322,7 +279,11 @@ impl Daemon {
     pub async fn ready(&self) -> Result<String, String> {
         let min = self.changes.lock().await.admin.ready_min_healthy;
         let doc = self.status();
-        let healthy = doc.nodes.iter().filter(|n| n.state == "healthy").count();
+        let healthy = doc
+            .nodes
+            .iter()
+            .filter(|n| n.state == TunnelState::Healthy)
+            .count();
         let msg = format!(
             "{healthy} of {} node(s) healthy (need {min})",
             doc.nodes.len()
@@ -355,8 +316,7 @@ impl Daemon {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(
             config.ssh.max_concurrent_handshakes,
         ));
-        let ctx: SharedContext =
-            Arc::new(ArcSwap::from_pointee(load_context(&config, handshakes)?));
+        let ctx: SharedContext = Arc::new(ContextCell::new(load_context(&config, handshakes)?));
 
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
@@ -1025,4 +985,34 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Discovery sources hand their Nodes to the registry through this.
+impl crate::discovery::NodeSink for Daemon {
+    type Report = SyncReport;
+    type Error = ChangeError;
+
+    async fn default_ssh_port(&self) -> u16 {
+        Daemon::default_ssh_port(self).await
+    }
+
+    async fn sync_source(
+        &self,
+        source: Source,
+        nodes: Vec<Candidate>,
+    ) -> Result<SyncReport, ChangeError> {
+        Daemon::sync_source(self, source, nodes).await
+    }
+
+    fn source_ok(&self, source: Source) {
+        Daemon::source_ok(self, source)
+    }
+
+    fn source_failed(&self, source: Source, error: String) {
+        Daemon::source_failed(self, source, error)
+    }
+
+    fn source_has_error(&self, source: Source) -> bool {
+        Daemon::source_has_error(self, source)
+    }
 }

@@ -12,6 +12,7 @@
 //! bad one becomes a rejected [`Candidate`] instead of failing the list.
 //! Only a document that is not a node list at all fails as a whole.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +23,36 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
-use crate::daemon::{Daemon, Source};
-use crate::node_set::Candidate;
+use crate::node_set::{Candidate, Source};
+
+/// What a discovery source needs from the live node registry: the whole
+/// desired set of its Nodes, and how the source is doing. The registry
+/// implements it, so discovery sits below the registry and never names it.
+pub trait NodeSink: Send + Sync + 'static {
+    /// What a sync did (logged).
+    type Report: std::fmt::Debug + Send;
+    /// Why a sync was refused as a whole (logged and shown in the status).
+    type Error: std::fmt::Display + Send;
+
+    /// The SSH port for Nodes that do not name one.
+    fn default_ssh_port(&self) -> impl Future<Output = u16> + Send;
+
+    /// Makes the source's nodes the ones it lists now.
+    fn sync_source(
+        &self,
+        source: Source,
+        nodes: Vec<Candidate>,
+    ) -> impl Future<Output = Result<Self::Report, Self::Error>> + Send;
+
+    /// Records a successful sync of `source`.
+    fn source_ok(&self, source: Source);
+
+    /// Records a failed sync of `source`; its nodes stay as they were.
+    fn source_failed(&self, source: Source, error: String);
+
+    /// True when `source`'s last attempt failed.
+    fn source_has_error(&self, source: Source) -> bool;
+}
 
 /// The subset of a Kubernetes `Node` we read. The field names are the API's.
 #[derive(Debug, Clone, Deserialize)]
@@ -240,8 +269,8 @@ pub const FILE_POLL: Duration = Duration::from_millis(500);
 /// Watches `path` and reconciles the daemon's `file` nodes on every change.
 /// Polling is deliberate: it sees atomic renames, editors' in-place writes
 /// and files on any filesystem, at the cost of one stat per half second.
-pub async fn watch_file(
-    daemon: Arc<Daemon>,
+pub async fn watch_file<S: NodeSink>(
+    daemon: Arc<S>,
     path: PathBuf,
     address_types: Vec<String>,
     cancel: CancellationToken,

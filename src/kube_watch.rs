@@ -26,9 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::KubeSource;
-use crate::daemon::{Daemon, Source};
-use crate::discovery::candidate_from_value;
-use crate::node_set::Candidate;
+use crate::discovery::{candidate_from_value, NodeSink};
+use crate::node_set::{Candidate, Source};
 
 async fn client(source: &KubeSource) -> Result<Client, String> {
     let config = match source {
@@ -65,8 +64,8 @@ fn convert(store: &BTreeMap<String, Node>, address_types: &[String], port: u16) 
 /// Watches Node objects and reconciles the daemon's `kubernetes` nodes
 /// until cancelled. Never returns early: a client that cannot be built is
 /// retried too, since a kubeconfig may appear later.
-pub async fn run(
-    daemon: Arc<Daemon>,
+pub async fn run<S: NodeSink>(
+    daemon: Arc<S>,
     source: KubeSource,
     address_types: Vec<String>,
     cancel: CancellationToken,

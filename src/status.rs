@@ -3,6 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::node_set::{Source, SourceStatus};
+use crate::tunnel::TunnelState;
+
 /// The whole status document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusDocument {
@@ -17,7 +20,7 @@ pub struct StatusDocument {
     pub nodes: Vec<NodeStatus>,
     /// Discovery sources and their health (empty without discovery).
     #[serde(default)]
-    pub sources: Vec<crate::daemon::SourceStatus>,
+    pub sources: Vec<SourceStatus>,
     /// Internal IPs that more than one node claims. They are not routed
     /// by IP; their nodes still route by name and pod CIDR.
     #[serde(default)]
@@ -38,13 +41,13 @@ pub struct AmbiguousAddress {
 pub struct NodeStatus {
     /// Where the node came from: config, api, file or kubernetes.
     #[serde(default)]
-    pub source: Option<String>,
+    pub source: Option<Source>,
     /// Node name.
     pub name: String,
     /// SSH endpoint, `host:port`.
     pub address: String,
     /// connecting, healthy, unhealthy, draining, backoff or rejected.
-    pub state: String,
+    pub state: TunnelState,
     /// When the current state was entered (RFC 3339, UTC).
     pub since: String,
     /// The most recent failure, if any.
@@ -91,7 +94,7 @@ pub struct NodeStatus {
 impl StatusDocument {
     /// True when every node is healthy (vacuously true with no nodes).
     pub fn all_healthy(&self) -> bool {
-        self.nodes.iter().all(|n| n.state == "healthy")
+        self.nodes.iter().all(|n| n.state == TunnelState::Healthy)
     }
 
     /// The human table printed by `tunneler status`.
@@ -104,7 +107,7 @@ impl StatusDocument {
                 [
                     n.name.clone(),
                     n.address.clone(),
-                    n.state.clone(),
+                    n.state.to_string(),
                     n.since.clone(),
                     format!("{}/{}", n.active_streams, n.total_streams),
                     n.last_error.clone().unwrap_or_else(|| "-".into()),
