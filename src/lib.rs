@@ -1,24 +1,47 @@
 //! tunneler: keeps a verified SSH tunnel to every cluster node and carries
 //! kube-apiserver's egress traffic (HTTP CONNECT) through them.
 //!
-//! The library holds everything; `main.rs` only parses the command line.
-//! One module per concern:
-//! - [`config`]: TOML shapes and validated types; [`address`]: the shape
-//!   of node addresses and pod CIDRs;
-//! - [`tunnel`]: one supervised node (its sessions, state, drain, reconnect),
-//!   [`session`]: one SSH session's connect, verify and authenticate,
-//!   [`backoff`]: reconnect delays with full jitter;
-//! - [`known_hosts`]: host key verification; [`identity`]: the client key;
-//! - [`probe`]: the optional active health probe;
-//! - [`route`]: the lock-free route table;
-//! - [`proxy`], [`relay`], [`tls`], [`sockets`]: the HTTP CONNECT front end,
-//!   the stream relay, the mTLS listener and safe Unix sockets;
-//! - [`admin`], [`status`], [`client`], [`metrics`]: the admin API, its
-//!   document, its client and the Prometheus metrics;
-//! - [`discovery`], [`kube_watch`]: node sources besides the config, and
-//!   [`node_set`]: how their Nodes are admitted one at a time;
-//! - [`daemon`]: wiring, live node-set changes, reload and shutdown;
-//! - [`keygen`], [`error`]: `tunneler keygen`, and typed tunnel errors.
+//! The library holds everything; `main.rs` parses the command line and
+//! calls into it.
+//!
+//! # Module map
+//!
+//! Layers, bottom up. A module uses only modules in its own layer or
+//! below; a lower layer tells a higher one things by a value it returns, a
+//! channel, or a trait the higher one implements (named below), never by
+//! naming it. `.ci/check-cycles.py` prints the graph and fails on a cycle
+//! between top-level modules; `tests/layers.rs` runs it under `cargo test`.
+//!
+//! 1. **Leaves** (nothing of ours, or only each other):
+//!    [`error`] typed tunnel errors and their failure classes;
+//!    [`address`] the shape of node addresses and pod CIDRs;
+//!    [`config`] TOML shapes and validated types; [`backoff`] reconnect
+//!    delays with full jitter; [`known_hosts`] host key verification;
+//!    [`sockets`] binding Unix sockets safely; [`keygen`] `tunneler keygen`.
+//! 2. **SSH**: [`identity`] the client key; [`ssh_context`] what every
+//!    session shares (settings, keys, russh config) in a cell a reload
+//!    swaps; [`session`] one SSH session's connect, verify, authenticate.
+//! 3. **Node tunnel**: [`probe`] the active health probe, which drives a
+//!    node through its `Probed` trait; [`tunnel`] one supervised node (its
+//!    sessions, state, drain, reconnect), which implements `Probed` and
+//!    spawns the probe. The runtime shards (one runtime owning a set of
+//!    nodes' tunnels) sit in this layer, beside `tunnel`.
+//! 4. **Data path**: [`route`] the lock-free route table; [`relay`] one
+//!    stream over one channel; [`tls`] the mTLS listener; [`proxy`] the
+//!    HTTP CONNECT front end; [`metrics`] the Prometheus metrics, read from
+//!    the tunnels' counters at scrape time.
+//! 5. **Control**: [`node_set`] how Nodes are admitted into the live set,
+//!    and where a node came from; [`discovery`] the nodes file and the
+//!    `NodeSink` trait every source feeds; [`kube_watch`] the Kubernetes
+//!    API source.
+//! 6. **Admin**: [`status`] the status document, [`client`] the admin
+//!    client, [`admin`] the admin API server.
+//! 7. **Composition root**: [`daemon`] wires it all (binds, starts the
+//!    tunnels, proxy, sources and admin API, reloads, shuts down);
+//!    nothing imports it. (The admin server still takes the whole daemon:
+//!    the one known cycle, listed in `.ci/known-cycles`, while it moves to
+//!    narrow handles.)
+//! 8. `main.rs`, the binary.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -43,6 +66,7 @@ pub mod relay;
 pub mod route;
 pub mod session;
 pub mod sockets;
+pub mod ssh_context;
 pub mod status;
 pub mod tls;
 pub mod tunnel;
