@@ -180,18 +180,20 @@ struct RawAdmin {
     ready_min_healthy: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A `[[node]]` table (and an admin API node) as written, before
+/// validation. Discovery builds one straight from a Kubernetes Node.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawNode {
-    name: String,
-    address: String,
-    port: Option<u16>,
-    internal_ips: Option<Vec<String>>,
+pub(crate) struct RawNode {
+    pub(crate) name: String,
+    pub(crate) address: String,
+    pub(crate) port: Option<u16>,
+    pub(crate) internal_ips: Option<Vec<String>>,
     #[serde(default)]
-    pod_cidrs: Vec<String>,
+    pub(crate) pod_cidrs: Vec<String>,
     #[serde(default)]
-    hostnames: Vec<String>,
-    kubelet_port: Option<u16>,
+    pub(crate) hostnames: Vec<String>,
+    pub(crate) kubelet_port: Option<u16>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1096,6 +1098,12 @@ pub fn node_from_json(
 ) -> Result<NodeConfig, ConfigError> {
     let raw: RawNode =
         serde_json::from_value(value).map_err(|e| ConfigError::Parse(e.to_string()))?;
+    validate_node("node", raw, default_port)
+}
+
+/// Validates a node a discovery source describes, by the rules of a
+/// `[[node]]` table.
+pub(crate) fn node_from_raw(raw: RawNode, default_port: u16) -> Result<NodeConfig, ConfigError> {
     validate_node("node", raw, default_port)
 }
 
