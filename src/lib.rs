@@ -47,26 +47,26 @@
 #![warn(missing_docs)]
 
 pub mod address;
-pub mod admin;
-pub mod backoff;
+pub(crate) mod admin;
+pub(crate) mod backoff;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod discovery;
-pub mod error;
-pub mod identity;
+pub(crate) mod error;
+pub(crate) mod identity;
 pub mod keygen;
 pub mod known_hosts;
-pub mod kube_watch;
-pub mod metrics;
+pub(crate) mod kube_watch;
+pub(crate) mod metrics;
 pub mod node_set;
-pub mod probe;
+pub(crate) mod probe;
 pub mod proxy;
-pub mod relay;
+pub(crate) mod relay;
 pub mod route;
-pub mod session;
+pub(crate) mod session;
 pub mod sockets;
-pub mod ssh_context;
+pub(crate) mod ssh_context;
 pub mod status;
 pub mod tls;
-pub mod tunnel;
+pub(crate) mod tunnel;
