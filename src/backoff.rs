@@ -58,7 +58,8 @@ impl Backoff {
         self.attempt = 0;
     }
 
-    /// Failures since the last reset.
+    /// Failures since the last reset (the tests' view of the state).
+    #[cfg(test)]
     pub fn attempts(&self) -> u32 {
         self.attempt
     }

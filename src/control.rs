@@ -30,7 +30,8 @@ use crate::proxy::{ProxySettings, SharedRoutes};
 use crate::registry::{NodeEntry, NodeRegistry};
 use crate::route::RouteTable;
 use crate::sources::{Source, SourceBook};
-use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
+use crate::ssh_context::{SharedContext, SshContext};
+use crate::tunnel::{NodeTunnel, TunnelState};
 
 /// The running config, apart from the lock that orders changes to it.
 ///

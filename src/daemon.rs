@@ -32,7 +32,7 @@ use crate::route::RouteTable;
 use crate::sockets::{bind_unix_for, BindError};
 use crate::sources::SourceBook;
 use crate::status::StatusView;
-use crate::tunnel::SharedContext;
+use crate::ssh_context::{ContextCell, SharedContext};
 
 /// How long shutdown waits for streams and sessions to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -80,7 +80,7 @@ pub async fn start(
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         config.ssh.max_concurrent_handshakes,
     ));
-    let ctx: SharedContext = Arc::new(ArcSwap::from_pointee(load_context(&config, handshakes)?));
+    let ctx: SharedContext = Arc::new(ContextCell::new(load_context(&config, handshakes)?));
 
     // Bind everything before starting anything, so a bind error leaves
     // nothing running.

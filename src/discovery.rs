@@ -12,6 +12,7 @@
 //! bad one becomes a rejected [`Candidate`] instead of failing the list.
 //! Only a document that is not a node list at all fails as a whole.
 
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,76 +26,37 @@ use crate::config::NodeConfig;
 use crate::control::Control;
 use crate::node_set::Candidate;
 use crate::sources::Source;
+use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
-/// The subset of a Kubernetes `Node` we read. The field names are the API's.
-#[derive(Debug, Clone, Deserialize)]
-pub struct K8sNode {
-    /// `metadata`.
-    pub metadata: K8sMeta,
-    /// `spec`.
-    #[serde(default)]
-    pub spec: Option<K8sSpec>,
-    /// `status`.
-    #[serde(default)]
-    pub status: Option<K8sStatus>,
-}
+use crate::config::{node_from_spec, NodeSpec};
 
-/// `metadata`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct K8sMeta {
-    /// The node name.
-    pub name: String,
-}
+/// What a discovery source needs from the live node registry: the whole
+/// desired set of its Nodes, and how the source is doing. The registry
+/// implements it, so discovery sits below the registry and never names it.
+pub trait NodeSink: Send + Sync + 'static {
+    /// What a sync did (logged).
+    type Report: std::fmt::Debug + Send;
+    /// Why a sync was refused as a whole (logged and shown in the status).
+    type Error: std::fmt::Display + Send;
 
-/// `spec`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct K8sSpec {
-    /// `spec.podCIDR` (single-stack, older clusters).
-    #[serde(rename = "podCIDR", default)]
-    pub pod_cidr: Option<String>,
-    /// `spec.podCIDRs` (dual-stack).
-    #[serde(rename = "podCIDRs", default)]
-    pub pod_cidrs: Option<Vec<String>>,
-}
+    /// The SSH port for Nodes that do not name one.
+    fn default_ssh_port(&self) -> impl Future<Output = u16> + Send;
 
-/// `status`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct K8sStatus {
-    /// `status.addresses`.
-    #[serde(default)]
-    pub addresses: Option<Vec<K8sAddress>>,
-    /// `status.daemonEndpoints`: where the kubelet listens.
-    #[serde(default)]
-    pub daemon_endpoints: Option<K8sDaemonEndpoints>,
-}
+    /// Makes the source's nodes the ones it lists now.
+    fn sync_source(
+        &self,
+        source: Source,
+        nodes: Vec<Candidate>,
+    ) -> impl Future<Output = Result<Self::Report, Self::Error>> + Send;
 
-/// `status.daemonEndpoints`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct K8sDaemonEndpoints {
-    /// `status.daemonEndpoints.kubeletEndpoint`.
-    #[serde(default)]
-    pub kubelet_endpoint: Option<K8sDaemonEndpoint>,
-}
+    /// Records a successful sync of `source`.
+    fn source_ok(&self, source: Source);
 
-/// One daemon endpoint (`{"Port": 10250}`; the API spells it capitalised).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct K8sDaemonEndpoint {
-    /// `Port`. Zero means unset, as in the API.
-    #[serde(rename = "Port", default)]
-    pub port: i64,
-}
+    /// Records a failed sync of `source`; its nodes stay as they were.
+    fn source_failed(&self, source: Source, error: String);
 
-/// One `status.addresses[]` entry.
-#[derive(Debug, Clone, Deserialize)]
-pub struct K8sAddress {
-    /// InternalIP, ExternalIP, Hostname, InternalDNS, ExternalDNS.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The address.
-    pub address: String,
+    /// True when `source`'s last attempt failed.
+    fn source_has_error(&self, source: Source) -> bool;
 }
 
 /// `kubectl get nodes -o json`: a `List` (or `NodeList`) of `Node`.
@@ -113,21 +75,27 @@ pub struct K8sNodeList {
 ///   first in `address_types`;
 /// - every IP-valued address becomes an internal IP (the SSH address first);
 /// - a `Hostname` address that differs from the name becomes an extra name;
-/// - pod CIDRs come from `spec.podCIDRs`, else `spec.podCIDR`.
+/// - pod CIDRs come from `spec.podCIDRs`, else `spec.podCIDR`;
+/// - the kubelet port comes from `status.daemonEndpoints` (0 is unset).
+///
+/// The result passes every rule a `[[node]]` table must meet.
 pub fn node_from_k8s(
-    n: &K8sNode,
+    n: &Node,
     address_types: &[String],
     default_port: u16,
 ) -> Result<NodeConfig, String> {
-    let name = &n.metadata.name;
-    let addrs = n
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.clone())
+    let name = n
+        .metadata
+        .name
+        .clone()
+        .ok_or("not a Node object: metadata.name is missing")?;
+    let status = n.status.as_ref();
+    let addrs: &[NodeAddress] = status
+        .and_then(|s| s.addresses.as_deref())
         .unwrap_or_default();
     let address = address_types
         .iter()
-        .find_map(|t| addrs.iter().find(|a| &a.kind == t))
+        .find_map(|t| addrs.iter().find(|a| &a.type_ == t))
         .map(|a| a.address.clone())
         .ok_or_else(|| {
             format!(
@@ -139,43 +107,44 @@ pub fn node_from_k8s(
     if address.parse::<IpAddr>().is_ok() {
         internal_ips.push(address.clone());
     }
-    for a in &addrs {
+    for a in addrs {
         if a.address.parse::<IpAddr>().is_ok() && !internal_ips.contains(&a.address) {
             internal_ips.push(a.address.clone());
         }
     }
     let hostnames: Vec<String> = addrs
         .iter()
-        .filter(|a| a.kind == "Hostname" && a.address.to_ascii_lowercase() != *name)
+        .filter(|a| a.type_ == "Hostname" && a.address.to_ascii_lowercase() != name)
         .map(|a| a.address.to_ascii_lowercase())
         .collect();
-    let spec = n.spec.clone().unwrap_or_default();
-    let pod_cidrs = match spec.pod_cidrs {
+    let spec = n.spec.as_ref();
+    let pod_cidrs = match spec.and_then(|s| s.pod_cidrs.clone()) {
         Some(list) if !list.is_empty() => list,
-        _ => spec.pod_cidr.into_iter().collect(),
+        _ => spec.and_then(|s| s.pod_cidr.clone()).into_iter().collect(),
     };
-    let mut value = serde_json::json!({
-        "name": name,
-        "address": address,
-        "pod_cidrs": pod_cidrs,
-        "hostnames": hostnames,
-    });
-    if !internal_ips.is_empty() {
-        value["internal_ips"] = internal_ips.into();
-    }
-    let kubelet_port = n
-        .status
-        .as_ref()
+    let kubelet_port = match status
         .and_then(|s| s.daemon_endpoints.as_ref())
         .and_then(|d| d.kubelet_endpoint.as_ref())
         .map(|e| e.port)
-        .filter(|p| *p != 0);
-    if let Some(p) = kubelet_port {
-        // Out of range (negative, > 65535) is passed through as is, so the
-        // validation names the field instead of silently using 10250.
-        value["kubelet_port"] = p.into();
-    }
-    crate::config::node_from_json(value, default_port).map_err(|e| e.node_reason())
+        .filter(|p| *p != 0)
+    {
+        None => None,
+        Some(p) => Some(u16::try_from(p).map_err(|_| {
+            format!(
+                "kubelet_port: {p} (status.daemonEndpoints.kubeletEndpoint.Port) is not a TCP port"
+            )
+        })?),
+    };
+    let raw = NodeSpec {
+        name,
+        address,
+        port: None,
+        internal_ips: (!internal_ips.is_empty()).then_some(internal_ips),
+        pod_cidrs,
+        hostnames,
+        kubelet_port,
+    };
+    node_from_spec(raw, default_port).map_err(|e| e.node_reason())
 }
 
 /// Reads one Node object (JSON) through the discovery border: its shape,
@@ -193,10 +162,29 @@ pub fn candidate_from_value(
         .and_then(|v| v.as_str())
         .map(str::to_string)
         .unwrap_or_else(|| format!("items[{index}]"));
-    let node = serde_json::from_value::<K8sNode>(value)
+    let node = serde_json::from_value::<Node>(value)
         .map_err(|e| format!("not a Node object: {e}"))
         .and_then(|n| node_from_k8s(&n, address_types, default_port));
     Candidate { name, node }
+}
+
+/// Reads one Node object from the Kubernetes API through the discovery
+/// border, as [`candidate_from_value`] does for one from a file.
+pub fn candidate_from_node(
+    n: &Node,
+    index: usize,
+    address_types: &[String],
+    default_port: u16,
+) -> Candidate {
+    let name = n
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("items[{index}]"));
+    Candidate {
+        name,
+        node: node_from_k8s(n, address_types, default_port),
+    }
 }
 
 /// Parses a `kubectl get nodes -o json` document into one candidate per

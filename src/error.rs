@@ -83,17 +83,75 @@ impl TunnelError {
         )
     }
 
-    /// A short machine-friendly class, for logs and (later) metrics labels.
-    pub fn class(&self) -> &'static str {
+    /// Which class of failure this is, for the open-failure counters.
+    pub fn class(&self) -> FailClass {
         match self {
             TunnelError::ConnectTimeout(_)
             | TunnelError::HandshakeTimeout(_)
-            | TunnelError::ChannelOpenTimeout(_) => "timeout",
-            TunnelError::ConnectRefused(_) => "refused",
-            TunnelError::HostKey(_) | TunnelError::HostKeyChanged(_) => "host_key",
-            TunnelError::AuthRejected { .. } | TunnelError::Identity(_) => "auth",
-            _ => "other",
+            | TunnelError::ChannelOpenTimeout(_) => FailClass::Timeout,
+            TunnelError::ConnectRefused(_) => FailClass::Refused,
+            TunnelError::HostKey(_) | TunnelError::HostKeyChanged(_) => FailClass::HostKey,
+            TunnelError::AuthRejected { .. } | TunnelError::Identity(_) => FailClass::Auth,
+            _ => FailClass::Other,
         }
+    }
+}
+
+/// The class of a failed session attempt: the `reason` label of
+/// `tunneler_ssh_tunnel_open_fail`. The names live in [`FailClass::ALL`]
+/// only, and counters are kept in a [`ByFailClass`] indexed by the class,
+/// so a name and its counter cannot drift apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailClass {
+    /// A connect, handshake or channel open that timed out.
+    Timeout,
+    /// The node refused the TCP connection.
+    Refused,
+    /// The host key was not accepted.
+    HostKey,
+    /// Our key was refused, or could not be loaded.
+    Auth,
+    /// Anything else.
+    Other,
+}
+
+impl FailClass {
+    /// Every class with its label, in label order.
+    pub const ALL: [(FailClass, &'static str); 5] = [
+        (FailClass::Timeout, "timeout"),
+        (FailClass::Refused, "refused"),
+        (FailClass::HostKey, "host_key"),
+        (FailClass::Auth, "auth"),
+        (FailClass::Other, "other"),
+    ];
+
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        Self::ALL[self.index()].1
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One `T` per [`FailClass`], indexed by the class.
+#[derive(Debug, Default)]
+pub struct ByFailClass<T>([T; 5]);
+
+impl<T> std::ops::Index<FailClass> for ByFailClass<T> {
+    type Output = T;
+    fn index(&self, c: FailClass) -> &T {
+        &self.0[c.index()]
+    }
+}
+
+impl<T> ByFailClass<T> {
+    /// Every class, its label and its value, in label order.
+    pub fn iter(&self) -> impl Iterator<Item = (FailClass, &'static str, &T)> {
+        FailClass::ALL
+            .iter()
+            .map(move |&(c, name)| (c, name, &self[c]))
     }
 }
 

@@ -1,8 +1,9 @@
 //! Node discovery from the Kubernetes API, with kube-rs's runtime watcher.
 //!
 //! The watcher lists Node objects, then watches them; it re-lists on its
-//! own after a broken watch. We keep our own store of the latest objects,
-//! and hand the daemon the whole desired set once the initial list is
+//! own after a broken watch. kube's reflector keeps the store of the
+//! latest objects (swapping in a re-list only once it is complete), and we
+//! hand the registry the whole desired set once the initial list is
 //! complete and after every change, so reconciliation is by difference
 //! exactly as for the nodes file.
 //!
@@ -13,12 +14,12 @@
 //! error is recorded for the status and metrics, the last good node set
 //! stays, and the watcher retries with backoff.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -27,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::config::KubeSource;
 use crate::control::Control;
-use crate::discovery::candidate_from_value;
+use crate::discovery::candidate_from_node;
 use crate::node_set::Candidate;
 use crate::sources::Source;
 
@@ -47,19 +48,16 @@ async fn client(source: &KubeSource) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
-/// Every stored Node through the discovery border, one at a time: a bad
-/// Node becomes a rejected candidate, never an error for the whole set.
-fn convert(store: &BTreeMap<String, Node>, address_types: &[String], port: u16) -> Vec<Candidate> {
-    store
+/// Every stored Node through the discovery border, one at a time (sorted
+/// by name): a bad Node becomes a rejected candidate, never an error for
+/// the whole set.
+fn convert(store: &Store<Node>, address_types: &[String], port: u16) -> Vec<Candidate> {
+    let mut nodes = store.state();
+    nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    nodes
         .iter()
         .enumerate()
-        .map(|(i, (name, n))| match serde_json::to_value(n) {
-            Ok(v) => candidate_from_value(v, i, address_types, port),
-            Err(e) => Candidate {
-                name: name.clone(),
-                node: Err(format!("cannot read the Node object: {e}")),
-            },
-        })
+        .map(|(i, n)| candidate_from_node(n, i, address_types, port))
         .collect()
 }
 
@@ -87,17 +85,18 @@ pub async fn run(
         }
     };
     let api: Api<Node> = Api::all(client);
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut store: BTreeMap<String, Node> = BTreeMap::new();
-    let mut building: Option<BTreeMap<String, Node>> = None;
+    let (store, writer) = reflector::store::<Node>();
+    let mut events =
+        reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .boxed();
     let mut synced_once = false;
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => return,
             ev = events.next() => ev,
         };
+        // The reflector has applied the event to the store already.
         let changed = match ev {
             None => {
                 // The watcher stream does not end by itself; if it does,
@@ -110,33 +109,11 @@ pub async fn run(
                 control.source_failed(src, format!("Kubernetes API: {e}"));
                 false
             }
-            Some(Ok(Event::Init)) => {
-                building = Some(BTreeMap::new());
-                false
-            }
-            Some(Ok(Event::InitApply(n))) => {
-                if let (Some(b), Some(name)) = (building.as_mut(), n.metadata.name.clone()) {
-                    b.insert(name, n);
-                }
-                false
-            }
-            Some(Ok(Event::InitDone)) => {
-                if let Some(b) = building.take() {
-                    store = b;
-                }
-                true
-            }
-            Some(Ok(Event::Apply(n))) => match n.metadata.name.clone() {
-                Some(name) => {
-                    store.insert(name, n);
-                    synced_once
-                }
-                None => false,
-            },
-            Some(Ok(Event::Delete(n))) => match n.metadata.name.clone() {
-                Some(name) => store.remove(&name).is_some() && synced_once,
-                None => false,
-            },
+            // A (re-)list in progress: the store still holds the last
+            // complete one.
+            Some(Ok(Event::Init | Event::InitApply(_))) => false,
+            Some(Ok(Event::InitDone)) => true,
+            Some(Ok(Event::Apply(_) | Event::Delete(_))) => synced_once,
         };
         if !changed {
             continue;

@@ -3,59 +3,79 @@
 //!
 //! The library holds everything; `main.rs` parses the command line
 //! ([`cli`]) and dispatches to [`daemon::run`] or the admin [`client`].
-//! Modules by layer, lowest first; a module uses only modules above it in
-//! this list (the lower layers):
-//! - leaves: [`config`] (TOML shapes and validated types), [`address`]
-//!   (node addresses and pod CIDRs), [`error`] (typed tunnel errors),
-//!   [`timestamp`] (times on the wire);
-//! - SSH: [`session`] (one session's connect, verify, authenticate),
-//!   [`known_hosts`], [`identity`], [`keygen`];
-//! - the node tunnel: [`tunnel`] (one supervised node: sessions, state,
-//!   drain, reconnect), [`backoff`], [`probe`] (the active health probe);
-//! - the proxy: [`proxy`], [`relay`], [`route`], [`tls`], [`sockets`];
-//!   and [`metrics`];
-//! - control: [`registry`] (the live node map), [`sources`] (where nodes
-//!   come from, how each discovery source is doing), [`node_set`]
-//!   (admitting discovered Nodes), [`reload`] (what a reload applies,
-//!   derived from the config types), [`control`] (the config store and
-//!   every node-set change), [`readiness`];
-//! - discovery: [`discovery`] (the nodes file), [`kube_watch`];
-//! - admin: [`status`] (the status document and its builder),
-//!   [`admin_api`] (the typed wire protocol), [`admin`] (the server),
-//!   [`client`] (the CLI's side), [`cli`] (the command line);
-//! - [`daemon`]: the composition root, which nothing but `main` uses.
+//!
+//! # Module map
+//!
+//! Layers, bottom up. A module uses only modules in its own layer or
+//! below; a lower layer tells a higher one things by a value it returns, a
+//! channel, or a trait the higher one implements (named below), never by
+//! naming it. `.ci/check-cycles.py` prints the graph and fails on a cycle
+//! between top-level modules; `tests/layers.rs` runs it under `cargo test`.
+//!
+//! 1. **Leaves** (nothing of ours, or only each other):
+//!    [`error`] typed tunnel errors and their failure classes;
+//!    [`address`] the shape of node addresses and pod CIDRs;
+//!    [`config`] TOML shapes and validated types; [`timestamp`] times on
+//!    the wire; [`backoff`] reconnect delays with full jitter;
+//!    [`known_hosts`] host key verification; [`sockets`] binding Unix
+//!    sockets safely; [`keygen`] `tunneler keygen`.
+//! 2. **SSH**: [`identity`] the client key; [`ssh_context`] what every
+//!    session shares (settings, keys, russh config) in a cell a reload
+//!    swaps; [`session`] one SSH session's connect, verify, authenticate.
+//! 3. **Node tunnel**: [`probe`] the active health probe, which drives a
+//!    node through its `Probed` trait; [`tunnel`] one supervised node (its
+//!    sessions, state, drain, reconnect), which implements `Probed` and
+//!    spawns the probe.
+//! 4. **Data path**: [`route`] the lock-free route table; [`relay`] one
+//!    stream over one channel; [`tls`] the mTLS listener; [`proxy`] the
+//!    HTTP CONNECT front end; [`metrics`] the Prometheus metrics, read from
+//!    the tunnels' counters at scrape time.
+//! 5. **Control**: [`registry`] the live node map; [`sources`] where nodes
+//!    come from and how each discovery source is doing; [`node_set`] how
+//!    discovered Nodes are admitted; [`reload`] what a reload applies,
+//!    derived from the config types; [`control`] the config store and
+//!    every node-set change; [`readiness`] the ready latch.
+//! 6. **Discovery**: [`discovery`] the nodes file; [`kube_watch`] the
+//!    Kubernetes API source. Both feed [`control`].
+//! 7. **Admin**: [`status`] the status document and its builder;
+//!    [`admin_api`] the typed wire protocol; [`admin`] the server, given
+//!    narrow handles; [`client`] the CLI's side; [`cli`] the command line.
+//! 8. **Composition root**: [`daemon`] wires it all (binds, starts the
+//!    tunnels, proxy, sources and admin API, reloads, shuts down); nothing
+//!    but `main.rs` uses it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod address;
-pub mod admin;
+pub(crate) mod admin;
 pub mod admin_api;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
-pub mod error;
-pub mod identity;
+pub(crate) mod error;
+pub(crate) mod identity;
 pub mod keygen;
 pub mod known_hosts;
-pub mod kube_watch;
-pub mod metrics;
+pub(crate) mod kube_watch;
+pub(crate) mod metrics;
 pub mod node_set;
-pub mod probe;
+pub(crate) mod probe;
 pub mod proxy;
-pub mod readiness;
-pub mod registry;
-pub mod relay;
-pub mod reload;
+pub(crate) mod readiness;
+pub(crate) mod registry;
+pub(crate) mod relay;
+pub(crate) mod reload;
 pub mod route;
-pub mod session;
+pub(crate) mod session;
 pub mod sockets;
 pub mod sources;
+pub(crate) mod ssh_context;
 pub mod status;
 pub mod timestamp;
 pub mod tls;
-pub mod tunnel;
+pub(crate) mod tunnel;

@@ -21,9 +21,6 @@ use prometheus_client::registry::Registry;
 
 use crate::tunnel::{NodeTunnel, TunnelState};
 
-/// Reasons a tunnel open can fail, as the `reason` label.
-pub const OPEN_FAIL_REASONS: [&str; 5] = ["timeout", "refused", "host_key", "auth", "other"];
-
 /// Dial results, as the `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialResult {
@@ -165,25 +162,17 @@ impl Collector for NodeCollector {
         let mut congested = Vec::new();
         let mut blocked: Vec<(Vec<(&str, String)>, f64)> = Vec::new();
         let mut slowed = Vec::new();
-        let mut states = [
-            TunnelState::Connecting,
-            TunnelState::Healthy,
-            TunnelState::Unhealthy,
-            TunnelState::Draining,
-            TunnelState::Backoff,
-            TunnelState::Rejected,
-        ]
-        .map(|s| (s, 0u64));
+        let mut states = TunnelState::ALL.map(|(s, _)| (s, 0u64));
         for t in &tunnels {
             let s = t.state();
             let c = &t.counters;
             up.push((node(t), if s.state.is_connected() { 1.0 } else { 0.0 }));
             opens.push((node(t), ld(&c.opens)));
             reconnects.push((node(t), ld(&c.reconnects)));
-            for (i, reason) in OPEN_FAIL_REASONS.iter().enumerate() {
+            for (_, reason, n) in c.open_failures.iter() {
                 let mut l = node(t);
                 l.push(("reason", reason.to_string()));
-                fails.push((l, ld(&c.open_failures[i])));
+                fails.push((l, ld(n)));
             }
             mismatches.push((node(t), ld(&c.host_key_mismatches)));
             active.push((node(t), ld(&c.active_streams) as f64));

@@ -252,6 +252,72 @@ pub fn admit(candidates: Vec<Candidate>, cx: &Context<'_>) -> Admission {
     }
 }
 
+/// Where a node came from. Reload manages `Config` nodes only; nodes added
+/// through the API survive a reload unless the config names them too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A `[[node]]` entry in the config file.
+    Config,
+    /// `POST /v1/nodes`.
+    Api,
+    /// `[discovery] nodes_file`.
+    File,
+    /// `[discovery.kubernetes]`.
+    Kubernetes,
+}
+
+impl Source {
+    /// Every source with its wire name (status, metrics, logs).
+    pub const ALL: [(Source, &'static str); 4] = [
+        (Source::Config, "config"),
+        (Source::Api, "api"),
+        (Source::File, "file"),
+        (Source::Kubernetes, "kubernetes"),
+    ];
+
+    /// The wire name.
+    pub fn as_str(&self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(s, _)| s == self)
+            .map_or("unknown", |(_, n)| n)
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Source {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Source::ALL
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(s, _)| *s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown node source {name:?}")))
+    }
+}
+
+/// How a discovery source is doing, for the status page.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// file or kubernetes.
+    pub source: String,
+    /// Last successful sync (RFC 3339).
+    pub last_success: Option<String>,
+    /// The current error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Nodes this source provides now.
+    pub nodes: usize,
+    /// Nodes this source lists that were not applied, with why. A `kept`
+    /// one still serves its last good config.
+    #[serde(default)]
+    pub rejected: Vec<Rejection>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,37 +7,97 @@
 //! `unhealthy_after` consecutive failures the node shows `unhealthy`: still
 //! connected and still used for dials addressed to it, but left out of the
 //! service pool. One success makes it healthy again.
+//!
+//! The probe sits below the node tunnel: it drives a node through the
+//! [`Probed`] trait, which the tunnel implements, so it never names the
+//! tunnel. The HTTP exchange is hyper's client connection over the
+//! tunnelled stream.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::future::Future;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{HealthConfig, ProbeTarget};
-use crate::tunnel::{NodeTunnel, SharedContext};
+use crate::error::TunnelError;
+use crate::ssh_context::SharedContext;
+
+/// What the probe needs from one node.
+pub trait Probed: Send + Sync + 'static {
+    /// A stream to the probe target on the node's side.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Held while the stream is open (the node's stream accounting).
+    type Guard: Send + 'static;
+
+    /// Fires when the node stops; the probe stops with it.
+    fn cancelled(&self) -> &CancellationToken;
+
+    /// True while the node has a session up (whatever the probe says).
+    fn connected(&self) -> bool;
+
+    /// Opens a stream to `host:port` from the node's side, by `deadline`.
+    fn dial(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: tokio::time::Instant,
+    ) -> impl Future<Output = Result<(Self::Stream, Self::Guard), TunnelError>> + Send;
+
+    /// Records the verdict: failing with why (after `unhealthy_after`
+    /// failures in a row), or passing.
+    fn set_probe_failing(&self, failing: Option<String>);
+}
+
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The stream through the tunnel could not be opened.
+    #[error("{0}")]
+    Dial(#[from] TunnelError),
+    /// The configured path is not a valid request target.
+    #[error("bad probe request: {0}")]
+    Request(#[from] hyper::http::Error),
+    /// The HTTP exchange failed (closed early, malformed response...).
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    /// The connection ended before a response head arrived.
+    #[error("connection closed before a status line")]
+    Closed,
+    /// The target answered with a status outside 2xx.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// No answer within the probe timeout.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
 
 /// Runs probes for one node until its token is cancelled.
 ///
-/// The probe settings are re-read from the shared context at every tick, so
-/// a reload that adds, changes or removes `[health]` applies without a restart.
-pub async fn run(tunnel: Arc<NodeTunnel>, ctx: SharedContext) {
-    let cancel = tunnel.cancel_token().clone();
+/// The probe settings are re-read whenever the shared context changes, so
+/// a reload that adds, changes or removes `[health]` applies without a
+/// restart. Without a `[health]` section the task sleeps until a reload.
+pub async fn run<N: Probed>(node: N, ctx: SharedContext) {
+    let cancel = node.cancelled().clone();
+    let mut changes = ctx.subscribe();
     let mut failures = 0u32;
-    let mut states = tunnel.subscribe();
     let mut next: Option<tokio::time::Instant> = None;
     loop {
         let Some(cfg) = ctx.load().health.clone() else {
             // No probe configured: the node is never marked unhealthy.
             failures = 0;
-            tunnel.set_probe_failing(None);
+            node.set_probe_failing(None);
             next = None;
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                r = changes.changed() => if r.is_err() { return },
             }
+            continue;
         };
         // Spread the first probe of each node over the interval.
         let due = *next.get_or_insert_with(|| {
@@ -46,101 +106,79 @@ pub async fn run(tunnel: Arc<NodeTunnel>, ctx: SharedContext) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(due) => {}
-        }
-        next = Some(due + cfg.interval);
-        // A fresh session starts with a clean slate.
-        if states.has_changed().unwrap_or(false) {
-            let s = states.borrow_and_update().clone();
-            if !s.state.is_connected() {
-                failures = 0;
+            r = changes.changed() => {
+                // A reload: look at the settings again (same due time).
+                if r.is_err() { return }
+                continue;
             }
         }
-        if !tunnel.state().state.is_connected() {
+        next = Some(due + cfg.interval);
+        if !node.connected() {
+            // A fresh session starts with a clean slate.
             failures = 0;
             continue;
         }
-        match tokio::time::timeout(cfg.timeout, probe_once(&tunnel, &cfg)).await {
-            Ok(Ok(())) => {
+        let outcome = match tokio::time::timeout(cfg.timeout, probe_once(&node, &cfg)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
+        };
+        match outcome {
+            Ok(()) => {
                 if failures >= cfg.unhealthy_after {
                     info!("health probe passes again");
                 }
                 failures = 0;
-                tunnel.set_probe_failing(None);
+                node.set_probe_failing(None);
             }
-            outcome => {
-                let why = match outcome {
-                    Ok(Err(e)) => e,
-                    _ => format!("timed out after {:?}", cfg.timeout),
-                };
+            Err(why) => {
                 failures = failures.saturating_add(1);
                 debug!(failures, error = %why, "health probe failed");
                 if failures == cfg.unhealthy_after {
                     warn!(failures, error = %why, "health probe failing: node leaves the service pool");
                 }
                 if failures >= cfg.unhealthy_after {
-                    tunnel.set_probe_failing(Some(format!("{why} ({failures} failures in a row)")));
+                    node.set_probe_failing(Some(format!("{why} ({failures} failures in a row)")));
                 }
             }
         }
     }
 }
 
-async fn probe_once(tunnel: &Arc<NodeTunnel>, cfg: &HealthConfig) -> Result<(), String> {
+/// One probe: a TCP connect, or one HTTP/1.1 GET whose status must be 2xx.
+async fn probe_once<N: Probed>(node: &N, cfg: &HealthConfig) -> Result<(), ProbeError> {
     let (host, port) = match &cfg.probe {
         ProbeTarget::Http { host, port, .. } | ProbeTarget::Tcp { host, port } => (host, *port),
     };
     let deadline = tokio::time::Instant::now() + cfg.timeout;
-    let origin = SocketAddr::from(([127, 0, 0, 1], 0));
-    let open = tunnel
-        .open_channel(host, port, origin, deadline, u64::MAX)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (stream, _guard) = node.dial(host, port, deadline).await?;
     let path = match &cfg.probe {
-        ProbeTarget::Tcp { .. } => {
-            let _ = open.channel.close().await;
-            return Ok(());
-        }
+        // The channel opened: the port answers. Dropping the stream closes it.
+        ProbeTarget::Tcp { .. } => return Ok(()),
         ProbeTarget::Http { path, .. } => path,
     };
-    let _guard = open.guard;
-    let mut stream = open.channel.into_stream();
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: tunneler-probe\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut buf = Vec::with_capacity(512);
-    loop {
-        let mut chunk = [0u8; 512];
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("connection closed before a status line".into());
+    let request = hyper::Request::get(path.as_str())
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::USER_AGENT, "tunneler-probe")
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    // The connection task is driven here, beside the request: it ends with
+    // this probe, and the stream (and its guard) with it.
+    let status = tokio::select! {
+        r = sender.send_request(request) => r?.status(),
+        r = conn => {
+            r?;
+            return Err(ProbeError::Closed);
         }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let code = resp.code.unwrap_or(0);
-                return if (200..300).contains(&code) {
-                    Ok(())
-                } else {
-                    Err(format!("HTTP {code}"))
-                };
-            }
-            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => continue,
-            Ok(httparse::Status::Partial) => return Err("response head too large".into()),
-            Err(e) => return Err(format!("bad HTTP response: {e}")),
-        }
+    };
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status.as_u16()))
     }
 }

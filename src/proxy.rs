@@ -148,6 +148,10 @@ pub enum HeadError {
     NotConnect(String),
     /// The head is larger than [`MAX_HEADER_BYTES`].
     TooLarge,
+    /// The client closed before sending anything: nothing to answer.
+    Closed,
+    /// The client closed in the middle of the head.
+    Truncated,
 }
 
 /// Outcome of parsing a buffer that may hold a partial head.
@@ -246,11 +250,64 @@ async fn reply<W: AsyncWrite + Unpin>(w: &mut W, code: u16, text: &str) {
     let _ = w.shutdown().await;
 }
 
-fn error_reply(e: &TunnelError) -> (u16, String) {
-    match e {
-        TunnelError::ChannelRefused(_) => (502, format!("Bad Gateway: {e}")),
-        TunnelError::ChannelOpenTimeout(_) => (504, format!("Gateway Timeout: {e}")),
-        _ => (503, format!("Service Unavailable: {e}")),
+/// Why a CONNECT is refused. [`Refusal::answer`] is the one place that
+/// turns it into both the HTTP reply and the dial metric's result.
+#[derive(Debug)]
+enum Refusal {
+    /// The request head was refused before routing.
+    Head(HeadError),
+    /// The destination (or its port) is not allowed.
+    Forbidden(String),
+    /// The dial through a tunnel failed.
+    Dial(TunnelError),
+}
+
+/// How a refusal is answered and counted.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    code: u16,
+    result: DialResult,
+    text: String,
+}
+
+impl Refusal {
+    /// The reply and the metric for this refusal; `None` when the client
+    /// left before asking anything (no reply, not a dial).
+    fn answer(&self) -> Option<Answer> {
+        let (code, result, text) = match self {
+            Refusal::Head(HeadError::Closed) => return None,
+            Refusal::Head(HeadError::Truncated) => (
+                400,
+                DialResult::BadRequest,
+                "Bad Request: connection closed before the request head was complete".into(),
+            ),
+            Refusal::Head(HeadError::BadRequest(why)) => {
+                (400, DialResult::BadRequest, format!("Bad Request: {why}"))
+            }
+            Refusal::Head(HeadError::NotConnect(m)) => (
+                405,
+                DialResult::BadRequest,
+                format!("Method Not Allowed: {m}; only CONNECT is served"),
+            ),
+            Refusal::Head(HeadError::TooLarge) => (
+                431,
+                DialResult::BadRequest,
+                "Request Header Fields Too Large".into(),
+            ),
+            Refusal::Forbidden(why) => (403, DialResult::Forbidden, format!("Forbidden: {why}")),
+            Refusal::Dial(e @ TunnelError::ChannelRefused(_)) => {
+                (502, DialResult::Refused, format!("Bad Gateway: {e}"))
+            }
+            Refusal::Dial(e @ TunnelError::ChannelOpenTimeout(_)) => {
+                (504, DialResult::Timeout, format!("Gateway Timeout: {e}"))
+            }
+            Refusal::Dial(e) => (
+                503,
+                DialResult::NoTunnel,
+                format!("Service Unavailable: {e}"),
+            ),
+        };
+        Some(Answer { code, result, text })
     }
 }
 
@@ -385,14 +442,8 @@ impl EgressProxy {
                 let want = MAX_HEADER_BYTES.saturating_sub(buf.len()).max(1);
                 let mut limited = (&mut s).take(want as u64);
                 match limited.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) if buf.is_empty() => {
-                        return Err(HeadError::BadRequest("connection closed".into()))
-                    }
-                    Ok(0) | Err(_) => {
-                        return Err(HeadError::BadRequest(
-                            "connection closed before the request head was complete".into(),
-                        ))
-                    }
+                    Ok(0) | Err(_) if buf.is_empty() => return Err(HeadError::Closed),
+                    Ok(0) | Err(_) => return Err(HeadError::Truncated),
                     Ok(_) => {}
                 }
             }
@@ -407,26 +458,8 @@ impl EgressProxy {
                 debug!("client did not send a request head in time");
                 return;
             }
-            Ok(Err(HeadError::BadRequest(why))) => {
-                if why != "connection closed" {
-                    self.refuse(started, &mut s, 400, &format!("Bad Request: {why}"))
-                        .await;
-                }
-                return;
-            }
-            Ok(Err(HeadError::NotConnect(m))) => {
-                self.refuse(
-                    started,
-                    &mut s,
-                    405,
-                    &format!("Method Not Allowed: {m}; only CONNECT is served"),
-                )
-                .await;
-                return;
-            }
-            Ok(Err(HeadError::TooLarge)) => {
-                self.refuse(started, &mut s, 431, "Request Header Fields Too Large")
-                    .await;
+            Ok(Err(e)) => {
+                self.refuse(started, &mut s, Refusal::Head(e)).await;
                 return;
             }
             Ok(Ok(Parsed::Partial)) => return,
@@ -446,18 +479,14 @@ impl EgressProxy {
         &self,
         started: tokio::time::Instant,
         w: &mut W,
-        code: u16,
-        text: &str,
+        why: Refusal,
     ) {
-        let result = match code {
-            403 => DialResult::Forbidden,
-            502 => DialResult::Refused,
-            503 => DialResult::NoTunnel,
-            504 => DialResult::Timeout,
-            _ => DialResult::BadRequest,
+        let Some(a) = why.answer() else {
+            return;
         };
-        self.metrics.record(result, started.elapsed().as_secs_f64());
-        reply(w, code, text).await;
+        self.metrics
+            .record(a.result, started.elapsed().as_secs_f64());
+        reply(w, a.code, &a.text).await;
     }
 
     async fn dial_and_relay<S>(
@@ -480,8 +509,7 @@ impl EgressProxy {
                 self.refuse(
                     started,
                     &mut s,
-                    403,
-                    &format!("Forbidden: {target} is not a node, pod or service address"),
+                    Refusal::Forbidden(format!("{target} is not a node, pod or service address")),
                 )
                 .await;
                 return;
@@ -496,8 +524,12 @@ impl EgressProxy {
                 if node_local {
                     if let Err(why) = settings.node_ports.check(&node.node, target.port) {
                         info!(node = %node.node.name, reason = %why, "destination port not allowed");
-                        self.refuse(started, &mut s, 403, &format!("Forbidden: {target}: {why}"))
-                            .await;
+                        self.refuse(
+                            started,
+                            &mut s,
+                            Refusal::Forbidden(format!("{target}: {why}")),
+                        )
+                        .await;
                         return;
                     }
                 }
@@ -518,9 +550,8 @@ impl EgressProxy {
                 {
                     Ok(open) => open,
                     Err(e) => {
-                        let (code, text) = error_reply(&e);
-                        info!(node = %node.node.name, error = %e, code, "dial failed");
-                        self.refuse(started, &mut s, code, &text).await;
+                        info!(node = %node.node.name, error = %e, "dial failed");
+                        self.refuse(started, &mut s, Refusal::Dial(e)).await;
                         return;
                     }
                 }
@@ -529,9 +560,8 @@ impl EgressProxy {
                 match dial_pool(routes.nodes(), &host, target.port, peer, deadline, max).await {
                     Ok(open) => open,
                     Err(e) => {
-                        let (code, text) = error_reply(&e);
-                        info!(error = %e, code, "pool dial failed");
-                        self.refuse(started, &mut s, code, &text).await;
+                        info!(error = %e, "pool dial failed");
+                        self.refuse(started, &mut s, Refusal::Dial(e)).await;
                         return;
                     }
                 }
@@ -784,7 +814,7 @@ mod tests {
     fn tunnel_errors_map_to_gateway_statuses() {
         let refused = TunnelError::ChannelRefused("connect failed".into());
         assert_eq!(
-            error_reply(&refused),
+            reply_to(refused),
             (
                 502,
                 "Bad Gateway: channel open refused by node: connect failed".into()
@@ -792,7 +822,7 @@ mod tests {
         );
         let slow = TunnelError::ChannelOpenTimeout(Duration::from_secs(5));
         assert_eq!(
-            error_reply(&slow),
+            reply_to(slow),
             (
                 504,
                 "Gateway Timeout: channel open timed out after 5s".into()
@@ -800,11 +830,50 @@ mod tests {
         );
         let down = TunnelError::NotConnected("node-1 connecting".into());
         assert_eq!(
-            error_reply(&down),
+            reply_to(down),
             (
                 503,
                 "Service Unavailable: no healthy tunnel: node-1 connecting".into()
             )
+        );
+    }
+
+    /// The reply a dial failure gets, and that its metric result agrees.
+    fn reply_to(e: TunnelError) -> (u16, String) {
+        let a = Refusal::Dial(e)
+            .answer()
+            .expect("a dial failure is answered");
+        let result = match a.code {
+            502 => DialResult::Refused,
+            503 => DialResult::NoTunnel,
+            504 => DialResult::Timeout,
+            other => panic!("unexpected status {other}"),
+        };
+        assert_eq!(a.result, result, "{a:?}");
+        (a.code, a.text)
+    }
+
+    #[test]
+    fn refusals_before_routing_map_to_400s_and_a_closed_client_gets_nothing() {
+        let code = |h: HeadError| Refusal::Head(h).answer().map(|a| (a.code, a.result));
+        assert_eq!(code(HeadError::Closed), None);
+        assert_eq!(
+            code(HeadError::Truncated),
+            Some((400, DialResult::BadRequest))
+        );
+        assert_eq!(
+            code(HeadError::NotConnect("GET".into())),
+            Some((405, DialResult::BadRequest))
+        );
+        assert_eq!(
+            code(HeadError::TooLarge),
+            Some((431, DialResult::BadRequest))
+        );
+        assert_eq!(
+            Refusal::Forbidden("x".into())
+                .answer()
+                .map(|a| (a.code, a.result)),
+            Some((403, DialResult::Forbidden))
         );
     }
 

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::config::{HostKeyPolicy, NodeConfig, SshConfig};
 use crate::error::TunnelError;
 use crate::known_hosts::{KnownHostsStore, Learned, Verdict};
-use crate::tunnel::SshContext;
+use crate::ssh_context::SshContext;
 
 /// An established, authenticated session.
 pub struct Session {

@@ -15,6 +15,7 @@ use crate::proxy::SharedRoutes;
 use crate::registry::NodeRegistry;
 use crate::sources::{Source, SourceBook, SourceStatus};
 use crate::timestamp::rfc3339;
+use crate::tunnel::TunnelState;
 
 /// The whole status document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,7 +58,7 @@ pub struct NodeStatus {
     /// SSH endpoint, `host:port`.
     pub address: String,
     /// connecting, healthy, unhealthy, draining, backoff or rejected.
-    pub state: String,
+    pub state: TunnelState,
     /// When the current state was entered (RFC 3339, UTC).
     pub since: String,
     /// The most recent failure, if any.
@@ -104,7 +105,7 @@ pub struct NodeStatus {
 impl StatusDocument {
     /// True when every node is healthy (vacuously true with no nodes).
     pub fn all_healthy(&self) -> bool {
-        self.nodes.iter().all(|n| n.state == "healthy")
+        self.nodes.iter().all(|n| n.state == TunnelState::Healthy)
     }
 
     /// The human table printed by `tunneler status`.
@@ -117,7 +118,7 @@ impl StatusDocument {
                 [
                     n.name.clone(),
                     n.address.clone(),
-                    n.state.clone(),
+                    n.state.to_string(),
                     n.since.clone(),
                     format!("{}/{}", n.active_streams, n.total_streams),
                     n.last_error.clone().unwrap_or_else(|| "-".into()),
@@ -223,7 +224,7 @@ impl StatusView {
                     source: Some(e.source),
                     name: t.node.name.clone(),
                     address: t.node.endpoint(),
-                    state: s.state.as_str().to_string(),
+                    state: s.state,
                     since: rfc3339(s.since),
                     last_error: s.last_error.map(|e| e.to_string()),
                     reconnects: ld(&c.reconnects),

@@ -25,15 +25,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::config::{HealthConfig, NodeConfig, ReconnectConfig, SshConfig};
-use crate::error::{channel_open_reason, TunnelError};
-use crate::identity::Identity;
-use crate::known_hosts::KnownHostsStore;
+use crate::config::NodeConfig;
+use crate::error::{channel_open_reason, ByFailClass, TunnelError};
+use crate::probe::Probed;
 use crate::session::{self, ClientHandler, Session};
+use crate::ssh_context::{SharedContext, SshContext};
 
-/// The state a node's tunnel is in, as shown by `tunneler status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// The state a node's tunnel is in, as shown by `tunneler status`. Its
+/// wire names (status document, metrics label, messages) are in
+/// [`TunnelState::ALL`] and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TunnelState {
     /// Connecting or handshaking.
     Connecting,
@@ -52,16 +53,27 @@ pub enum TunnelState {
 }
 
 impl TunnelState {
-    /// The lowercase name used in status output.
+    /// Every state with its wire name.
+    pub const ALL: [(TunnelState, &'static str); 6] = [
+        (TunnelState::Connecting, "connecting"),
+        (TunnelState::Healthy, "healthy"),
+        (TunnelState::Unhealthy, "unhealthy"),
+        (TunnelState::Draining, "draining"),
+        (TunnelState::Backoff, "backoff"),
+        (TunnelState::Rejected, "rejected"),
+    ];
+
+    /// The wire name.
     pub fn as_str(&self) -> &'static str {
-        match self {
-            TunnelState::Connecting => "connecting",
-            TunnelState::Healthy => "healthy",
-            TunnelState::Unhealthy => "unhealthy",
-            TunnelState::Draining => "draining",
-            TunnelState::Backoff => "backoff",
-            TunnelState::Rejected => "rejected",
-        }
+        Self::ALL
+            .iter()
+            .find(|(s, _)| s == self)
+            .map_or("unknown", |(_, n)| n)
+    }
+
+    /// The state a wire name stands for.
+    pub fn from_name(name: &str) -> Option<TunnelState> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
     }
 
     /// True when a session is up (whatever the probe or drain say).
@@ -70,6 +82,33 @@ impl TunnelState {
             self,
             TunnelState::Healthy | TunnelState::Unhealthy | TunnelState::Draining
         )
+    }
+}
+
+impl std::fmt::Display for TunnelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Compares with a wire name, as clients of the status document do.
+impl PartialEq<&str> for TunnelState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for TunnelState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TunnelState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        TunnelState::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown tunnel state {name:?}")))
     }
 }
 
@@ -127,97 +166,6 @@ impl StateInfo {
         }
     }
 }
-
-/// Everything the actors share that does not depend on the node.
-#[derive(Debug)]
-pub struct SshContext {
-    /// SSH settings.
-    pub ssh: SshConfig,
-    /// Backoff settings.
-    pub reconnect: ReconnectConfig,
-    /// The optional active health probe.
-    pub health: Option<HealthConfig>,
-    /// How long a retiring session may keep serving its streams.
-    pub drain_timeout: Duration,
-    /// The loaded client identity. Its `Debug` shows the fingerprint only.
-    pub identity: Arc<Identity>,
-    /// Host keys.
-    pub known_hosts: Arc<KnownHostsStore>,
-    /// russh client settings, built once.
-    pub client_config: Arc<client::Config>,
-    /// The same, also advertising certificate host key algorithms: used for
-    /// nodes an `@cert-authority` line covers.
-    pub client_config_with_certificates: Arc<client::Config>,
-    /// Caps handshakes in flight over all nodes; kept across reloads.
-    pub handshakes: Arc<tokio::sync::Semaphore>,
-}
-
-impl SshContext {
-    /// Builds the shared context and russh settings from validated config.
-    pub fn new(
-        ssh: SshConfig,
-        reconnect: ReconnectConfig,
-        health: Option<HealthConfig>,
-        drain_timeout: Duration,
-        identity: Arc<Identity>,
-        known_hosts: Arc<KnownHostsStore>,
-        handshakes: Arc<tokio::sync::Semaphore>,
-    ) -> SshContext {
-        let build = |certificates: bool| {
-            let preferred = russh::Preferred {
-                // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
-                // it is what `ssh -L` negotiates against OpenSSH by default.
-                cipher: std::borrow::Cow::Borrowed(&[
-                    russh::cipher::AES_128_GCM,
-                    russh::cipher::AES_256_GCM,
-                    russh::cipher::CHACHA20_POLY1305,
-                    russh::cipher::AES_256_CTR,
-                    russh::cipher::AES_128_CTR,
-                ]),
-                ..russh::Preferred::default()
-            };
-            let preferred = if certificates {
-                russh::Preferred {
-                    host_key_certificates: preferred.key.clone(),
-                    ..preferred
-                }
-            } else {
-                preferred
-            };
-            Arc::new(client::Config {
-                keepalive_interval: Some(ssh.keepalive_interval),
-                keepalive_max: ssh.keepalive_max,
-                nodelay: true,
-                window_size: 8 * 1024 * 1024,
-                maximum_packet_size: 65535,
-                // Packets russh queues per channel before its session loop
-                // waits for the relay: 32 x 64 KiB = 2 MiB per held stream,
-                // on top of the relay's own per-stream limit.
-                channel_buffer_size: 32,
-                preferred,
-                ..client::Config::default()
-            })
-        };
-        let client_config = build(false);
-        let client_config_with_certificates = build(true);
-        SshContext {
-            ssh,
-            reconnect,
-            health,
-            drain_timeout,
-            identity,
-            known_hosts,
-            client_config,
-            client_config_with_certificates,
-            handshakes,
-        }
-    }
-}
-
-/// The context as currently configured; a reload swaps it, and each connect
-/// attempt uses the newest one (so a rotated key or changed known_hosts path
-/// applies at the next connect without touching live sessions).
-pub type SharedContext = Arc<arc_swap::ArcSwap<SshContext>>;
 
 /// A connected, authenticated session and the streams riding on it.
 pub struct Conn {
@@ -341,8 +289,8 @@ pub struct Counters {
     pub host_key_mismatches: AtomicU64,
     /// Sessions established (including make-before-break replacements).
     pub opens: AtomicU64,
-    /// Failed session attempts, indexed like `metrics::OPEN_FAIL_REASONS`.
-    pub open_failures: [AtomicU64; 5],
+    /// Failed session attempts, by class.
+    pub open_failures: ByFailClass<AtomicU64>,
     /// Nanoseconds sessions spent held by a slow reader's backpressure
     /// (finished holds).
     pub blocked_ns: AtomicU64,
@@ -357,11 +305,7 @@ impl Counters {
                 self.opens.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                let i = crate::metrics::OPEN_FAIL_REASONS
-                    .iter()
-                    .position(|c| *c == e.class())
-                    .unwrap_or(crate::metrics::OPEN_FAIL_REASONS.len() - 1);
-                self.open_failures[i].fetch_add(1, Ordering::Relaxed);
+                self.open_failures[e.class()].fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -536,7 +480,7 @@ impl NodeTunnel {
         c.opens.load(Ordering::Relaxed)
             + c.open_failures
                 .iter()
-                .map(|a| a.load(Ordering::Relaxed))
+                .map(|(_, _, a)| a.load(Ordering::Relaxed))
                 .sum::<u64>()
     }
 
@@ -838,6 +782,38 @@ impl NodeTunnel {
                 }
             }
         }
+    }
+}
+
+/// The health probe drives a node through this: it dials through the
+/// node's own sessions and reports its verdict back into the node's state.
+impl Probed for Arc<NodeTunnel> {
+    type Stream = russh::ChannelStream<client::Msg>;
+    type Guard = StreamGuard;
+
+    fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    fn connected(&self) -> bool {
+        self.state.borrow().state.is_connected()
+    }
+
+    async fn dial(
+        &self,
+        host: &str,
+        port: u16,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Self::Stream, Self::Guard), TunnelError> {
+        let origin = SocketAddr::from(([127, 0, 0, 1], 0));
+        let open = self
+            .open_channel(host, port, origin, deadline, u64::MAX)
+            .await?;
+        Ok((open.channel.into_stream(), open.guard))
+    }
+
+    fn set_probe_failing(&self, failing: Option<String>) {
+        NodeTunnel::set_probe_failing(self, failing)
     }
 }
 

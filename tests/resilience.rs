@@ -144,6 +144,32 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
     });
 }
 
+/// `[health]` added and removed by a reload applies to running nodes: the
+/// probe task waits on the reload, not on a timer.
+#[test]
+fn a_health_probe_added_and_removed_by_reload_applies_without_a_restart() {
+    require_netns!("a_health_probe_added_and_removed_by_reload_applies_without_a_restart");
+    let cluster = Cluster::new(1);
+    let daemon = Daemon::start_with(&cluster, &ConfigSpec::default());
+    daemon.wait_all_healthy(READY);
+    // Nothing listens on this port on the node: every probe fails.
+    let dead = HTTP_PORT + 10000;
+    cluster.write_config(&ConfigSpec {
+        extra: format!(
+            "\n[health]\nprobe = \"http://127.0.0.1:{dead}/\"\ninterval = \"1s\"\n\
+             timeout = \"500ms\"\nunhealthy_after = 1\n"
+        ),
+        ..ConfigSpec::default()
+    });
+    let (code, body) = daemon.admin("POST", "/v1/reload", None);
+    assert_eq!(code, 200, "{body}");
+    daemon.wait_node_state("node-1", "unhealthy", READY);
+    cluster.write_config(&ConfigSpec::default());
+    let (code, body) = daemon.admin("POST", "/v1/reload", None);
+    assert_eq!(code, 200, "{body}");
+    daemon.wait_node_state("node-1", "healthy", READY);
+}
+
 fn rtt_known(n: &NodeStatus) -> bool {
     n.rtt_ms.is_some_and(|r| r >= 0.0)
 }

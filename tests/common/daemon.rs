@@ -305,51 +305,53 @@ pub fn read_head<S: Read>(s: &mut S) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// Minimal HTTP/1.1 GET over a Unix socket: returns (status code, body).
+/// `GET path` over a Unix socket: returns (status code, body).
 pub fn admin_get(socket: &Path, path: &str) -> Result<(u16, String), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    parse_response(&raw)
+    curl_unix(socket, "GET", path, None, Duration::from_secs(5))
 }
 
-/// Splits a raw HTTP/1.1 response (read to EOF) into status code and body,
-/// undoing chunked transfer encoding.
-fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end in {text:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding") && l.contains("chunked"));
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+/// One HTTP/1.1 request over a Unix socket, made by curl (a real client,
+/// which also undoes chunked transfer encoding): returns (status code,
+/// body). A POST, PUT or DELETE always carries a (JSON) body, empty when
+/// `body` is `None`.
+fn curl_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--path-as-is", "--unix-socket"])
+        .arg(socket)
+        .args(["-X", method, "--max-time"])
+        .arg(timeout.as_secs().to_string())
+        .args(["-w", "\n%{http_code}"]);
+    if body.is_some() || method != "GET" {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(body.unwrap_or(""));
     }
-    out
+    let out = cmd
+        .arg(format!("http://localhost{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running curl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}",
+            socket.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text
+        .rsplit_once('\n')
+        .ok_or_else(|| format!("no status from curl in {text:?}"))?;
+    let code = code
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad status {code:?} from curl"))?;
+    Ok((code, body.to_string()))
 }
 
 /// Runs the tunneler binary with `args` and returns its output.
@@ -469,18 +471,7 @@ pub fn admin_request(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), String> {
-    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    parse_response(&raw)
+    curl_unix(socket, method, path, body, Duration::from_secs(30))
 }
 
 /// The value of the first sample of `name` (exact metric name, e.g.

@@ -1,0 +1,150 @@
+//! What every node's SSH sessions share: settings, the client identity,
+//! host keys and the russh client configuration, built once per config.
+//!
+//! It sits with the session, below the node tunnel: the session reads it
+//! to connect, the tunnel's supervisor and the health probe read it for
+//! their own settings. A reload swaps it in a [`ContextCell`], which also
+//! tells the readers that asked to be woken (the probe waits on that rather
+//! than polling for a `[health]` section).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use russh::client;
+use tokio::sync::watch;
+
+use crate::config::{HealthConfig, ReconnectConfig, SshConfig};
+use crate::identity::Identity;
+use crate::known_hosts::KnownHostsStore;
+
+/// Everything the actors share that does not depend on the node.
+#[derive(Debug)]
+pub struct SshContext {
+    /// SSH settings.
+    pub ssh: SshConfig,
+    /// Backoff settings.
+    pub reconnect: ReconnectConfig,
+    /// The optional active health probe.
+    pub health: Option<HealthConfig>,
+    /// How long a retiring session may keep serving its streams.
+    pub drain_timeout: Duration,
+    /// The loaded client identity. Its `Debug` shows the fingerprint only.
+    pub identity: Arc<Identity>,
+    /// Host keys.
+    pub known_hosts: Arc<KnownHostsStore>,
+    /// russh client settings, built once.
+    pub client_config: Arc<client::Config>,
+    /// The same, also advertising certificate host key algorithms: used for
+    /// nodes an `@cert-authority` line covers.
+    pub client_config_with_certificates: Arc<client::Config>,
+    /// Caps handshakes in flight over all nodes; kept across reloads.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+impl SshContext {
+    /// Builds the shared context and russh settings from validated config.
+    pub fn new(
+        ssh: SshConfig,
+        reconnect: ReconnectConfig,
+        health: Option<HealthConfig>,
+        drain_timeout: Duration,
+        identity: Arc<Identity>,
+        known_hosts: Arc<KnownHostsStore>,
+        handshakes: Arc<tokio::sync::Semaphore>,
+    ) -> SshContext {
+        let build = |certificates: bool| {
+            let preferred = russh::Preferred {
+                // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
+                // it is what `ssh -L` negotiates against OpenSSH by default.
+                cipher: std::borrow::Cow::Borrowed(&[
+                    russh::cipher::AES_128_GCM,
+                    russh::cipher::AES_256_GCM,
+                    russh::cipher::CHACHA20_POLY1305,
+                    russh::cipher::AES_256_CTR,
+                    russh::cipher::AES_128_CTR,
+                ]),
+                ..russh::Preferred::default()
+            };
+            let preferred = if certificates {
+                russh::Preferred {
+                    host_key_certificates: preferred.key.clone(),
+                    ..preferred
+                }
+            } else {
+                preferred
+            };
+            Arc::new(client::Config {
+                keepalive_interval: Some(ssh.keepalive_interval),
+                keepalive_max: ssh.keepalive_max,
+                nodelay: true,
+                window_size: 8 * 1024 * 1024,
+                maximum_packet_size: 65535,
+                // Packets russh queues per channel before its session loop
+                // waits for the relay: 32 x 64 KiB = 2 MiB per held stream,
+                // on top of the relay's own per-stream limit.
+                channel_buffer_size: 32,
+                preferred,
+                ..client::Config::default()
+            })
+        };
+        let client_config = build(false);
+        let client_config_with_certificates = build(true);
+        SshContext {
+            ssh,
+            reconnect,
+            health,
+            drain_timeout,
+            identity,
+            known_hosts,
+            client_config,
+            client_config_with_certificates,
+            handshakes,
+        }
+    }
+}
+
+/// The context as currently configured. A reload stores a new one, and
+/// each connect attempt loads the newest (so a rotated key or a changed
+/// known_hosts path applies at the next connect without touching live
+/// sessions).
+#[derive(Debug)]
+pub struct ContextCell {
+    current: ArcSwap<SshContext>,
+    changed: watch::Sender<()>,
+}
+
+impl ContextCell {
+    /// A cell holding `ctx`.
+    pub fn new(ctx: SshContext) -> ContextCell {
+        ContextCell {
+            current: ArcSwap::from_pointee(ctx),
+            changed: watch::Sender::new(()),
+        }
+    }
+
+    /// The current context, cheaply (lock-free).
+    pub fn load(&self) -> arc_swap::Guard<Arc<SshContext>> {
+        self.current.load()
+    }
+
+    /// The current context, as an owned handle.
+    pub fn load_full(&self) -> Arc<SshContext> {
+        self.current.load_full()
+    }
+
+    /// Replaces the context and wakes every subscriber.
+    pub fn store(&self, ctx: Arc<SshContext>) {
+        self.current.store(ctx);
+        self.changed.send_replace(());
+    }
+
+    /// A receiver that sees every [`store`](Self::store) made after this
+    /// call.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+}
+
+/// The shared handle on the current context.
+pub type SharedContext = Arc<ContextCell>;
