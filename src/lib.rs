@@ -14,11 +14,12 @@
 //!   drain, reconnect), [`backoff`], [`probe`] (the active health probe);
 //! - the proxy: [`proxy`], [`relay`], [`route`], [`tls`], [`sockets`];
 //!   and [`metrics`];
-//! - control: [`registry`] (the live node map), [`sources`] (where nodes
+//! - control: [`config_store`] (the running config and the change lock),
+//!   [`registry`] (the live node map), [`sources`] (where nodes
 //!   come from, how each discovery source is doing), [`node_set`]
 //!   (admitting discovered Nodes), [`reload`] (what a reload applies,
-//!   derived from the config types), [`control`] (the config store and
-//!   every node-set change), [`readiness`];
+//!   derived from the config types), [`control`] (every node-set change),
+//!   [`readiness`];
 //! - discovery: [`discovery`] (the nodes file), [`kube_watch`];
 //! - admin: [`status`] (the status document and its builder),
 //!   [`admin_api`] (the typed wire protocol), [`admin`] (the server),
@@ -35,6 +36,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_store;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
