@@ -40,7 +40,8 @@ use tracing::{info, warn};
 use crate::admin_api::{
     Added, DrainChanged, ErrorBody, Reconnected, Removed, Request as ApiRequest, RequestError,
 };
-use crate::control::{ChangeError, ConfigStore, Control};
+use crate::config_store::ConfigStore;
+use crate::control::{ChangeError, Control};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::status::StatusView;

@@ -22,6 +22,7 @@ use crate::config::{
     check_node_set, check_pod_scope, check_strict_against_discovered, Config, ConfigError,
     NodeConfig,
 };
+use crate::config_store::ConfigStore;
 use crate::identity::Identity;
 use crate::known_hosts::KnownHostsStore;
 use crate::metrics::Metrics;
@@ -32,42 +33,6 @@ use crate::route::RouteTable;
 use crate::sources::{Source, SourceBook};
 use crate::ssh_context::{SharedContext, SshContext};
 use crate::tunnel::{NodeTunnel, TunnelState};
-
-/// The running config, apart from the lock that orders changes to it.
-///
-/// Reads are lock-free loads of the last stored config. Writers (reload,
-/// node add/remove, a discovery sync) hold [`ConfigStore::change`] while
-/// they validate and apply, and store the new config at the end.
-pub struct ConfigStore {
-    current: ArcSwap<Config>,
-    changes: tokio::sync::Mutex<()>,
-}
-
-impl ConfigStore {
-    /// A store holding `config`.
-    pub fn new(config: Config) -> ConfigStore {
-        ConfigStore {
-            current: ArcSwap::from_pointee(config),
-            changes: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    /// The current config (lock-free; a reload in progress is not seen
-    /// until it has applied).
-    pub fn load(&self) -> Arc<Config> {
-        self.current.load_full()
-    }
-
-    /// Orders one change against the others; held while validating and
-    /// applying.
-    pub async fn change(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.changes.lock().await
-    }
-
-    fn store(&self, config: Config) {
-        self.current.store(Arc::new(config));
-    }
-}
 
 /// Why the SSH identity or known_hosts could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,8 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminApi, AdminHandles};
 use crate::config::{Config, ListenAddr};
-use crate::control::{load_context, ConfigStore, Control, ControlParts, KeysError};
+use crate::config_store::ConfigStore;
+use crate::control::{load_context, Control, ControlParts, KeysError};
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::readiness::Readiness;
 use crate::registry::NodeRegistry;

@@ -30,11 +30,11 @@
 //!    stream over one channel; [`tls`] the mTLS listener; [`proxy`] the
 //!    HTTP CONNECT front end; [`metrics`] the Prometheus metrics, read from
 //!    the tunnels' counters at scrape time.
-//! 5. **Control**: [`registry`] the live node map; [`sources`] where nodes
+//! 5. **Control**: [`config_store`] the running config and the change
+//!    lock; [`registry`] the live node map; [`sources`] where nodes
 //!    come from and how each discovery source is doing; [`node_set`] how
 //!    discovered Nodes are admitted; [`reload`] what a reload applies,
-//!    derived from the config types; [`control`] the config store and
-//!    every node-set change; [`readiness`] the ready latch.
+//!    derived from the config types; [`control`] every node-set change; [`readiness`] the ready latch.
 //! 6. **Discovery**: [`discovery`] the nodes file; [`kube_watch`] the
 //!    Kubernetes API source. Both feed [`control`].
 //! 7. **Admin**: [`status`] the status document and its builder;
@@ -54,6 +54,7 @@ pub(crate) mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_store;
 pub mod control;
 pub mod daemon;
 pub mod discovery;

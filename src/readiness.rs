@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::ConfigStore;
+use crate::config_store::ConfigStore;
 use crate::registry::NodeRegistry;
 use crate::tunnel::{NodeTunnel, TunnelState};
 

@@ -6,9 +6,10 @@
 //! names) and compared key by key, so a new config field is compared
 //! without anyone remembering to. What a changed key *means* for a reload
 //! comes from [`EFFECTS`], one row per key or whole section; a unit test
-//! fails when a config key has no row, or a row names no key, and another
-//! checks that the configuration reference marks exactly the `Restart`
-//! keys "Restart.".
+//! fails when a config key has no row, or a row names no key, and others
+//! check that the configuration reference marks exactly the `Restart` keys
+//! "Restart.", and that the example config's comments say "restart" at
+//! exactly those keys.
 
 use serde_json::Value;
 
@@ -259,5 +260,62 @@ mod tests {
             );
         }
         assert!(rows > 30, "config reference table not found ({rows} rows)");
+    }
+
+    /// The example config's comment above a key (or above its section, for
+    /// a row that covers a whole section) says "restart" exactly when a
+    /// reload does not apply the key.
+    #[test]
+    fn the_example_config_says_restart_exactly_at_the_restart_keys() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tunneler.example.toml"),
+        )
+        .unwrap();
+        let says_restart =
+            |block: &[&str]| block.iter().any(|l| l.to_lowercase().contains("restart"));
+        let mut section = String::new();
+        let mut block: Vec<&str> = Vec::new();
+        let mut header_blocks: std::collections::HashMap<String, Vec<&str>> = Default::default();
+        let mut keys = 0;
+        for line in text.lines() {
+            let bare = line.trim_start_matches('#').trim();
+            if line.trim().is_empty() {
+                block.clear();
+            } else if bare.starts_with('[') && bare.ends_with(']') {
+                section = bare.trim_matches(|c| c == '[' || c == ']').to_string();
+                header_blocks.insert(section.clone(), std::mem::take(&mut block));
+            } else if let Some((key, _)) = bare.split_once('=').filter(|(k, _)| {
+                !k.trim().is_empty() && k.trim().chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            }) {
+                let full = format!("{section}.{}", key.trim());
+                let Some((row, effect)) = EFFECTS
+                    .iter()
+                    .filter(|(r, _)| full == *r || full.starts_with(&format!("{r}.")))
+                    .max_by_key(|(r, _)| r.len())
+                else {
+                    panic!("example key {full} has no reload row");
+                };
+                let said = if *row == full {
+                    says_restart(&block)
+                } else {
+                    says_restart(header_blocks.get(*row).map_or(&[][..], |b| &b[..]))
+                };
+                assert_eq!(
+                    said,
+                    *effect == Effect::Restart,
+                    "{full}: a reload's effect is {effect:?}, the example's comment {} restart",
+                    if said {
+                        "mentions a"
+                    } else {
+                        "does not mention a"
+                    }
+                );
+                keys += 1;
+                block.clear();
+            } else {
+                block.push(line);
+            }
+        }
+        assert!(keys > 30, "only {keys} keys found in the example");
     }
 }

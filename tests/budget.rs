@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{metric_value, node_status, report, Cluster, ConfigSpec, Daemon, RAW_ECHO_PORT};
+use common::{find_node, metric_value, report, Cluster, ConfigSpec, Daemon, RAW_ECHO_PORT};
 
 const READY: Duration = Duration::from_secs(20);
 const MIB: usize = 1 << 20;
@@ -56,7 +56,7 @@ fn slow_readers_over_the_budget_are_held_not_reset_and_memory_stays_bounded() {
         let streams: Vec<_> = (0..READERS)
             .map(|i| {
                 let (status, s) = daemon.connect(&target);
-                assert!(status.starts_with("HTTP/1.1 200"), "reader {i}: {status}");
+                assert!(status.starts_with("HTTP/1.1 200"), "reader {i}: {status:?}");
                 s
             })
             .collect();
@@ -90,29 +90,29 @@ fn slow_readers_over_the_budget_are_held_not_reset_and_memory_stays_bounded() {
     });
     let took = started.elapsed();
     let peak = metric(&daemon, "tunneler_relay_buffered_bytes_peak");
-    let status = daemon.status_json();
-    let n = node_status(&status, "node-1").unwrap().clone();
+    let status = daemon.status();
+    let n = find_node(&status, "node-1").unwrap().clone();
     report(&format!(
         "budget: {READERS} readers x {BYTES} B at {RATE} B/s took {took:?}; peak buffered {peak} B \
          (max sampled {}), budget {BUDGET} B; at most {} streams held by the budget at once; \
          node: sessions {} congested {} blocked_seconds {} streams_slowed {}",
         max_buffered.load(Ordering::Relaxed),
         budget_held.load(Ordering::Relaxed),
-        n["sessions"],
-        n["congested_sessions"],
-        n["blocked_seconds"],
-        n["streams_slowed"],
+        n.sessions,
+        n.congested_sessions,
+        n.blocked_seconds,
+        n.streams_slowed,
     ));
     for r in &results {
         assert!(r.is_ok(), "a slow reader lost bytes or was cut: {r:?}");
     }
     assert!(peak <= BUDGET, "peak {peak} over the budget {BUDGET}");
     assert!(peak > 0);
-    assert_eq!(n["reconnects"], 0, "{n}");
+    assert_eq!(n.reconnects, 0, "{n:?}");
     // The node was slowed (its sessions held), not the readers cut.
-    assert!(n["blocked_seconds"].as_f64() > Some(0.0), "{n}");
-    daemon.wait_for("all streams closed", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 0)
+    assert!(n.blocked_seconds > 0.0, "{n:?}");
+    daemon.wait_status("all streams closed", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 0)
     });
     assert_eq!(metric(&daemon, "tunneler_relay_buffered_bytes"), 0);
 }

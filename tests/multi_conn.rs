@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{node_status, Cluster, ConfigSpec, Daemon, ECHO_PORT};
+use common::{find_node, Cluster, ConfigSpec, Daemon, ECHO_PORT};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -52,7 +52,7 @@ fn three_sessions_per_node_carry_streams_and_reconnect() {
     let streams: Vec<_> = (0..30)
         .map(|k| {
             let (status, mut s) = daemon.connect(&target);
-            assert!(status.starts_with("HTTP/1.1 200"), "stream {k}: {status}");
+            assert!(status.starts_with("HTTP/1.1 200"), "stream {k}: {status:?}");
             // One echo, so the node-side connection surely exists.
             let got = common::echo_over(&mut s, &format!("m{k}"));
             assert_eq!(got, format!("node=node-1 local={} echo=m{k}", node.pod_ip));
@@ -72,8 +72,8 @@ fn three_sessions_per_node_carry_streams_and_reconnect() {
             format!("node=node-1 local={} echo=again{k}", node.pod_ip)
         );
     }
-    daemon.wait_for("the 30 streams closed", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 0)
+    daemon.wait_status("the 30 streams closed", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 0)
     });
 
     // A planned reconnect replaces all three sessions, one by one, without
@@ -81,7 +81,7 @@ fn three_sessions_per_node_carry_streams_and_reconnect() {
     let (status, mut long) = daemon.connect(&target);
     assert!(status.starts_with("HTTP/1.1 200"));
     let before = common::echo_over(&mut long, "before");
-    assert!(before.ends_with("echo=before"), "{before}");
+    assert!(before.ends_with("echo=before"), "{before:?}");
     let out = common::tunneler(&[
         "nodes",
         "--socket",
@@ -91,13 +91,13 @@ fn three_sessions_per_node_carry_streams_and_reconnect() {
     ]);
     assert!(out.status.success(), "{}", common::all_output(&out));
     let after = common::echo_over(&mut long, "after");
-    assert!(after.ends_with("echo=after"), "{after}");
-    let status = daemon.status_json();
-    let n = node_status(&status, "node-1").unwrap();
-    assert_eq!(n["state"], "healthy", "{n}");
+    assert!(after.ends_with("echo=after"), "{after:?}");
+    let status = daemon.status();
+    let n = find_node(&status, "node-1").unwrap();
+    assert_eq!(n.state, "healthy", "{n:?}");
     assert_eq!(
-        n["reconnects"], 0,
-        "a planned reconnect loses no session: {n}"
+        n.reconnects, 0,
+        "a planned reconnect loses no session: {n:?}"
     );
 
     // Once the long stream ends, its old session drains away: three

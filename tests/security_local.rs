@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::pki::{issue_cert, make_ca};
 use common::{
-    all_output, free_tcp_port, node_status, read_head, report, tunneler, tunneler_bin, Cluster,
+    all_output, find_node, free_tcp_port, read_head, report, tunneler, tunneler_bin, Cluster,
     ConfigSpec, Daemon, ECHO_PORT, HTTP_PORT,
 };
 use common::{closed_by_peer, http_get_over};
@@ -145,8 +145,8 @@ fn admin_api_refuses_another_uid_unless_it_is_listed() {
     assert!(body.contains("65534"), "the refusal names the uid: {body}");
     let (code, body) = curl_as_nobody(&sock, "POST", "/v1/nodes/node-1/drain");
     assert_eq!(code, 403, "{body}");
-    let status = daemon.status_json();
-    assert_eq!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+    let status = daemon.status();
+    assert_eq!(find_node(&status, "node-1").unwrap().state, "healthy");
     // Root still may.
     let (code, _) = daemon.admin("GET", "/v1/status", None);
     assert_eq!(code, 200);
@@ -294,7 +294,7 @@ fn hundreds_of_idle_clients_do_not_delay_a_real_dial() {
         assert!(got.starts_with("node=node-1 "), "{got}");
         let t = Instant::now();
         let (st, s) = daemon.connect_tcp(&target);
-        assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+        assert!(st.starts_with("HTTP/1.1 200"), "{st:?}");
         let got = common::echo_over(s, &format!("tcp{k}"));
         took.push(t.elapsed());
         assert!(got.starts_with("node=node-1 "), "{got}");
@@ -418,7 +418,7 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     let mut open: Vec<UnixStream> = (0..3)
         .map(|k| {
             let (st, mut s) = daemon.connect(&target);
-            assert!(st.starts_with("HTTP/1.1 200"), "stream {k}: {st}");
+            assert!(st.starts_with("HTTP/1.1 200"), "stream {k}: {st:?}");
             let got = common::echo_over(&mut s, &format!("s{k}"));
             assert!(got.starts_with("node=node-1 "), "{got}");
             s
@@ -428,7 +428,7 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.ip));
     let took = t.elapsed();
     report(&format!("4th stream over the cap: {st:?} after {took:?}"));
-    assert!(st.starts_with("HTTP/1.1 503"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 503"), "{st:?}");
     // "At once": not after waiting out dial_timeout (2 s) for a free slot.
     // The sanity bound stays under that at factor 1.
     common::assert_within(
@@ -446,9 +446,9 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     // The cap is per node.
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.pod_ip), "other-node");
     assert!(got.starts_with("node=node-2 "), "{got}");
-    let status = daemon.status_json();
-    assert_eq!(node_status(&status, "node-1").unwrap()["active_streams"], 3);
-    assert_eq!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+    let status = daemon.status();
+    assert_eq!(find_node(&status, "node-1").unwrap().active_streams, 3);
+    assert_eq!(find_node(&status, "node-1").unwrap().state, "healthy");
 
     // The cap is live config: a reload that raises it lets a 4th through.
     let raised = with_keys(
@@ -463,15 +463,15 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     let (st, fourth) = daemon.connect(&target);
     assert!(
         st.starts_with("HTTP/1.1 200"),
-        "4th stream after raising the cap: {st}"
+        "4th stream after raising the cap: {st:?}"
     );
     let (st, _) = daemon.connect(&target);
-    assert!(st.starts_with("HTTP/1.1 503"), "5th stream: {st}");
+    assert!(st.starts_with("HTTP/1.1 503"), "5th stream: {st:?}");
     drop(fourth);
 
     // Lowered again; then one of the three ends: room for one more.
-    daemon.wait_for("back to 3 streams", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 3)
+    daemon.wait_status("back to 3 streams", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 3)
     });
     let lowered = with_keys(
         &cluster,
@@ -483,7 +483,7 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     let out = daemon.cli(&["reload"]);
     assert!(out.status.success(), "{}", all_output(&out));
     let (st, _) = daemon.connect(&target);
-    assert!(st.starts_with("HTTP/1.1 503"), "cap lowered again: {st}");
+    assert!(st.starts_with("HTTP/1.1 503"), "cap lowered again: {st:?}");
     drop(open.pop());
     let served = common::poll(READY, || {
         daemon.connect(&target).0.starts_with("HTTP/1.1 200")
@@ -532,8 +532,8 @@ fn the_mtls_listener_wants_a_client_certificate_from_its_ca() {
     let daemon = Daemon::start_with(&cluster, &spec);
     daemon.wait_all_healthy(READY);
     report(&format!(
-        "listeners with TLS: {}",
-        daemon.status_json()["listeners"]
+        "listeners with TLS: {:?}",
+        daemon.status().listeners
     ));
     // Without client_names every certificate of the CA gets in, and the
     // daemon says so at start (the cluster CA would let in every kubelet).
@@ -722,7 +722,7 @@ fn node_local_via_loopback_reaches_a_kubelet_on_loopback_only() {
     let mut daemon = Daemon::start(&cluster);
     daemon.wait_all_healthy(READY);
     let (st, _) = daemon.connect(&kubelet);
-    assert!(st.starts_with("HTTP/1.1 502"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 502"), "{st:?}");
     daemon.stop();
 
     let toml = with_keys(
@@ -735,7 +735,7 @@ fn node_local_via_loopback_reaches_a_kubelet_on_loopback_only() {
     daemon.wait_all_healthy(READY);
     for target in [kubelet.clone(), "node-1:10250".to_string()] {
         let (st, s) = daemon.connect(&target);
-        assert!(st.starts_with("HTTP/1.1 200"), "{target}: {st}");
+        assert!(st.starts_with("HTTP/1.1 200"), "{target}: {st:?}");
         let resp = http_get_over(s);
         assert!(resp.contains("kubelet-on-loopback"), "{target}: {resp:?}");
     }
@@ -746,7 +746,7 @@ fn node_local_via_loopback_reaches_a_kubelet_on_loopback_only() {
     let (st, _) = daemon.connect(&format!("{}:10250", node.pod_ip));
     assert!(
         st.starts_with("HTTP/1.1 502"),
-        "pod IP is not node-local: {st}"
+        "pod IP is not node-local: {st:?}"
     );
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "pod");
     assert_eq!(got, format!("node=node-1 local={} echo=pod", node.pod_ip));

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    metric_value, node_status, report, Cluster, ConfigSpec, Daemon, FLOOD_PORT, RAW_ECHO_PORT,
+    find_node, metric_value, report, Cluster, ConfigSpec, Daemon, FLOOD_PORT, RAW_ECHO_PORT,
 };
 
 const READY: Duration = Duration::from_secs(20);
@@ -69,7 +69,10 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
     let (slow, (sessions_seen, ss_seen, echo_took)) = std::thread::scope(|scope| {
         let slow = scope.spawn(|| {
             let (status, s) = daemon.connect(&target);
-            assert!(status.starts_with("HTTP/1.1 200"), "slow CONNECT: {status}");
+            assert!(
+                status.starts_with("HTTP/1.1 200"),
+                "slow CONNECT: {status:?}"
+            );
             let r = common::paced_echo(s, &slow_data, RATE, 2 * MIB, PAUSE);
             done.store(true, Ordering::Relaxed);
             r
@@ -84,15 +87,18 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
             }
         });
         // Once the slow stream congests its session, a new stream.
-        let s = daemon.wait_for("the slow stream's session congested", READY, |s| {
-            node_status(s, "node-1").is_some_and(|n| n["congested_sessions"] == 1)
+        let s = daemon.wait_status("the slow stream's session congested", READY, |s| {
+            find_node(s, "node-1").is_some_and(|n| n.congested_sessions == 1)
         });
-        assert_eq!(node_status(&s, "node-1").unwrap()["sessions"], 1, "{s}");
+        assert_eq!(find_node(&s, "node-1").unwrap().sessions, 1, "{s:?}");
         let (status, e) = daemon.connect(&target);
-        assert!(status.starts_with("HTTP/1.1 200"), "echo CONNECT: {status}");
+        assert!(
+            status.starts_with("HTTP/1.1 200"),
+            "echo CONNECT: {status:?}"
+        );
         let t = Instant::now();
-        let seen = daemon.status_json();
-        let sessions = node_status(&seen, "node-1").unwrap()["sessions"].clone();
+        let seen = daemon.status();
+        let sessions = find_node(&seen, "node-1").unwrap().sessions;
         let ss = cluster.ssh_sessions_to(1);
         common::echo_exact(e, &echo_data).expect("the echo beside a held session");
         let echo_took = t.elapsed();
@@ -102,8 +108,8 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
     let got = slow.expect("the slow stream was cut");
     common::compare_exact(&got, &slow_data).expect("slow stream");
 
-    let status = daemon.status_json();
-    let n = node_status(&status, "node-1").unwrap().clone();
+    let status = daemon.status();
+    let n = find_node(&status, "node-1").unwrap().clone();
     let peak = buffered(&daemon, "tunneler_relay_buffered_bytes_peak");
     let max_buffered = max_buffered.load(Ordering::Relaxed) as usize;
     report(&format!(
@@ -113,12 +119,12 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
          {peak} B (limit {LIMIT} B); daemon RSS idle {rss_idle} KiB, max {} KiB; node: \
          blocked_seconds {}, streams_slowed {}, reconnects {}",
         max_rss.load(Ordering::Relaxed),
-        n["blocked_seconds"],
-        n["streams_slowed"],
-        n["reconnects"],
+        n.blocked_seconds,
+        n.streams_slowed,
+        n.reconnects,
     ));
     // The new stream went to a session of its own.
-    assert_eq!(sessions_seen, 2, "{status}");
+    assert_eq!(sessions_seen, 2, "{status:?}");
     assert_eq!(ss_seen, 2, "TCP sessions to the node beside the held one");
     common::assert_within(
         "the echo opened beside a held session",
@@ -132,16 +138,13 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
     );
     // Held through the pause (longer than the keepalive budget), and no
     // session was lost for it.
-    assert!(
-        n["blocked_seconds"].as_f64().unwrap() >= PAUSE.as_secs_f64() * 0.8,
-        "{n}"
-    );
-    assert_eq!(n["reconnects"], 0, "{n}");
-    assert_eq!(n["state"], "healthy", "{n}");
-    assert_eq!(n["streams_slowed"], 1, "{n}");
+    assert!(n.blocked_seconds >= PAUSE.as_secs_f64() * 0.8, "{n:?}");
+    assert_eq!(n.reconnects, 0, "{n:?}");
+    assert_eq!(n.state, "healthy", "{n:?}");
+    assert_eq!(n.streams_slowed, 1, "{n:?}");
     // The extra session closes once idle (extra_session_idle = 2s).
-    daemon.wait_for("the idle extra session closed", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["sessions"] == 1 && n["active_streams"] == 0)
+    daemon.wait_status("the idle extra session closed", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.sessions == 1 && n.active_streams == 0)
     });
     assert!(
         common::poll(READY, || cluster.ssh_sessions_to(1) == 1),
@@ -164,20 +167,18 @@ fn a_node_lost_while_a_stopped_reader_holds_its_session_is_noticed() {
     daemon.wait_all_healthy(READY);
     // Never read: the flood holds the only session, for good.
     let (status, mut stalled) = daemon.connect(&format!("{}:{FLOOD_PORT}", node.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    daemon.wait_for("the session held", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| {
-            n["congested_sessions"] == 1 && n["blocked_seconds"].as_f64() > Some(0.0)
-        })
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+    daemon.wait_status("the session held", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.congested_sessions == 1 && n.blocked_seconds > 0.0)
     });
     // Silent loss: no FIN, no RST; russh's keepalive cannot run while held.
     cluster.link_down(1);
     let t = Instant::now();
-    let s = daemon.wait_for("the node no longer healthy", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["state"] != "healthy")
+    let s = daemon.wait_status("the node no longer healthy", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.state != "healthy")
     });
     let noticed = t.elapsed();
-    let n = node_status(&s, "node-1").unwrap();
+    let n = find_node(&s, "node-1").unwrap();
     // The held stream ends too: what was queued, then EOF or an error.
     stalled
         .set_read_timeout(Some(Duration::from_secs(15)))
@@ -196,8 +197,8 @@ fn a_node_lost_while_a_stopped_reader_holds_its_session_is_noticed() {
     };
     report(&format!(
         "node lost during a hold: noticed after {noticed:?} (keepalive 1s x 3), state {}, \
-         last_error {}; the held stream ended with {ended}",
-        n["state"], n["last_error"]
+         last_error {:?}; the held stream ended with {ended}",
+        n.state, n.last_error
     ));
     common::assert_within(
         "noticing a node lost during a hold",

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown};
 use std::time::{Duration, Instant};
 
-use common::{node_status, read_head, Cluster, Daemon, Duplex, ECHO_PORT, RAW_ECHO_PORT};
+use common::{find_node, read_head, Cluster, Daemon, Duplex, ECHO_PORT, RAW_ECHO_PORT};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -35,11 +35,11 @@ fn bulk_data_round_trips_intact_on_concurrent_streams() {
                     let target = format!("{}:{RAW_ECHO_PORT}", node.pod_ip);
                     let result = if k % 2 == 0 {
                         let (st, s) = daemon.connect(&target);
-                        assert!(st.starts_with("HTTP/1.1 200"), "stream {k}: {st}");
+                        assert!(st.starts_with("HTTP/1.1 200"), "stream {k}: {st:?}");
                         common::echo_exact(s, &data)
                     } else {
                         let (st, s) = daemon.connect_tcp(&target);
-                        assert!(st.starts_with("HTTP/1.1 200"), "stream {k}: {st}");
+                        assert!(st.starts_with("HTTP/1.1 200"), "stream {k}: {st:?}");
                         common::echo_exact(s, &data)
                     };
                     if let Err(e) = result {
@@ -54,12 +54,10 @@ fn bulk_data_round_trips_intact_on_concurrent_streams() {
     });
 
     // Three streams per node, 1 MiB each way.
-    daemon.wait_for("byte counters", READY, |s| {
+    daemon.wait_status("byte counters", READY, |s| {
         cluster.nodes.iter().all(|n| {
-            node_status(s, &n.name).is_some_and(|n| {
-                n["bytes_in"].as_u64().unwrap_or(0) >= 3 * LEN as u64
-                    && n["bytes_out"].as_u64().unwrap_or(0) >= 3 * LEN as u64
-            })
+            find_node(s, &n.name)
+                .is_some_and(|n| n.bytes_in >= 3 * LEN as u64 && n.bytes_out >= 3 * LEN as u64)
         })
     });
 }
@@ -76,7 +74,7 @@ fn small_writes_arrive_in_order_and_exactly() {
     let target = format!("{}:{RAW_ECHO_PORT}", cluster.node(1).pod_ip);
     let data = common::pattern(200_003, 42);
     let (st, s) = daemon.connect(&target);
-    assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+    assert!(st.starts_with("HTTP/1.1 200"), "{st:?}");
     // Odd-sized writes from 1 to 4093 bytes, each flushed on its own.
     let mut w = s.clone_handle();
     let sent = data.clone();
@@ -108,7 +106,7 @@ fn half_close_and_early_bytes_are_carried() {
     // The client's write side ends: the server sees EOF, answers what it
     // got and closes, and the client reads everything up to EOF.
     let (status, mut s) = daemon.connect(&target);
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     s.write_all(b"one\ntwo\n").unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     let mut rest = String::new();
@@ -153,11 +151,11 @@ fn a_client_that_stops_reading_does_not_stall_other_streams() {
     const PARKED: usize = 2 << 20;
     let parked = common::pattern(PARKED, 7);
     let (status, mut stalled) = daemon.connect(&format!("{}:{RAW_ECHO_PORT}", node.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
     // Send it all and read nothing: the echo piles up in the daemon.
     stalled.write_all(&parked).unwrap();
-    daemon.wait_for("the parked bytes sent to the node", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["bytes_out"].as_u64() >= Some(PARKED as u64))
+    daemon.wait_status("the parked bytes sent to the node", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.bytes_out >= PARKED as u64)
     });
 
     // For longer than keepalive_interval x keepalive_max (3 s), other
@@ -169,7 +167,7 @@ fn a_client_that_stops_reading_does_not_stall_other_streams() {
         let (status, mut s) = daemon.connect(&format!("{}:{ECHO_PORT}", node.pod_ip));
         assert!(
             status.starts_with("HTTP/1.1 200"),
-            "CONNECT while another stream is stalled: {status}"
+            "CONNECT while another stream is stalled: {status:?}"
         );
         let t = Instant::now();
         let got = common::echo_over(&mut s, &format!("k{k}"));
@@ -185,19 +183,19 @@ fn a_client_that_stops_reading_does_not_stall_other_streams() {
     );
     // The stalled stream is the only one left once the echo streams have
     // closed: still open...
-    let status = daemon.wait_for("only the stalled stream open", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 1)
+    let status = daemon.wait_status("only the stalled stream open", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 1)
     });
-    let n = node_status(&status, "node-1").unwrap();
-    assert_eq!(n["state"], "healthy", "{status}");
-    assert_eq!(n["reconnects"], 0, "the session was lost meanwhile: {n}");
+    let n = find_node(&status, "node-1").unwrap();
+    assert_eq!(n.state, "healthy", "{status:?}");
+    assert_eq!(n.reconnects, 0, "the session was lost meanwhile: {n:?}");
     // ...and hands over all it holds, then EOF once we end our side.
     stalled.shutdown(Shutdown::Write).unwrap();
     let got = common::read_to_eof(&mut stalled).expect("read the parked echo");
     common::compare_exact(&got, &parked).unwrap();
     drop(stalled);
-    daemon.wait_for("stalled stream released", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["active_streams"] == 0)
+    daemon.wait_status("stalled stream released", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 0)
     });
 }
 
@@ -215,7 +213,7 @@ fn failed_dials_get_502_with_reason_or_504_on_timeout() {
     // Nothing listens on port 1 of the pod address: sshd reports the
     // refusal. (On the node's own address port 1 is not allowed: 403.)
     let (status, _) = daemon.connect(&format!("{}:1", node.pod_ip));
-    assert!(status.starts_with("HTTP/1.1 502 "), "{status}");
+    assert!(status.starts_with("HTTP/1.1 502 "), "{status:?}");
     assert!(
         status.trim_end().len() > "HTTP/1.1 502 ".len(),
         "502 without a reason phrase: {status:?}"
@@ -227,7 +225,7 @@ fn failed_dials_get_502_with_reason_or_504_on_timeout() {
     let took = t.elapsed();
     assert!(
         status.starts_with("HTTP/1.1 504"),
-        "{status} after {took:?}"
+        "{status:?} after {took:?}"
     );
     // Not before the dial timeout (behaviour); and it does come (a sanity
     // bound, scaled by TUNNELER_TEST_TIME_FACTOR).
@@ -238,8 +236,8 @@ fn failed_dials_get_502_with_reason_or_504_on_timeout() {
     common::assert_within("504 with dial_timeout 2s", took, Duration::from_secs(10));
 
     // The tunnel is unaffected.
-    let status = daemon.status_json();
-    assert_eq!(node_status(&status, "node-1").unwrap()["state"], "healthy");
+    let status = daemon.status();
+    assert_eq!(find_node(&status, "node-1").unwrap().state, "healthy");
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "fine");
     assert_eq!(got, format!("node=node-1 local={} echo=fine", node.pod_ip));
 }
@@ -261,15 +259,15 @@ fn a_hundred_concurrent_streams_on_one_node() {
                 format!("{}:{ECHO_PORT}", node.pod_ip)
             };
             let (status, s) = daemon.connect(&target);
-            assert!(status.starts_with("HTTP/1.1 200"), "stream {k}: {status}");
+            assert!(status.starts_with("HTTP/1.1 200"), "stream {k}: {status:?}");
             s
         })
         .collect();
-    let status = daemon.status_json();
+    let status = daemon.status();
     assert_eq!(
-        node_status(&status, "node-1").unwrap()["active_streams"],
+        find_node(&status, "node-1").unwrap().active_streams,
         100,
-        "{status}"
+        "{status:?}"
     );
     std::thread::scope(|scope| {
         for (k, s) in streams.into_iter().enumerate() {
@@ -281,9 +279,7 @@ fn a_hundred_concurrent_streams_on_one_node() {
             });
         }
     });
-    daemon.wait_for("streams closed", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| {
-            n["active_streams"] == 0 && n["total_streams"].as_u64().unwrap_or(0) >= 100
-        })
+    daemon.wait_status("streams closed", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.active_streams == 0 && n.total_streams >= 100)
     });
 }
