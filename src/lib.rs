@@ -13,30 +13,30 @@
 //! between top-level modules; `tests/layers.rs` runs it under `cargo test`.
 //!
 //! 1. **Leaves** (nothing of ours, or only each other):
-//!    [`error`] typed tunnel errors and their failure classes;
-//!    [`address`] the shape of node addresses and pod CIDRs;
-//!    [`config`] TOML shapes and validated types; [`backoff`] reconnect
-//!    delays with full jitter; [`known_hosts`] host key verification;
-//!    [`sockets`] binding Unix sockets safely; [`keygen`] `tunneler keygen`.
-//! 2. **SSH**: [`identity`] the client key; [`ssh_context`] what every
+//!    `error` typed tunnel errors and their failure classes;
+//!    `address` the shape of node addresses and pod CIDRs;
+//!    `config` TOML shapes and validated types; `backoff` reconnect
+//!    delays with full jitter; `known_hosts` host key verification;
+//!    `sockets` binding Unix sockets safely; `keygen` `tunneler keygen`.
+//! 2. **SSH**: `identity` the client key; `ssh_context` what every
 //!    session shares (settings, keys, russh config) in a cell a reload
-//!    swaps; [`session`] one SSH session's connect, verify, authenticate.
-//! 3. **Node tunnel**: [`probe`] the active health probe, which drives a
-//!    node through its `Probed` trait; [`tunnel`] one supervised node (its
+//!    swaps; `session` one SSH session's connect, verify, authenticate.
+//! 3. **Node tunnel**: `probe` the active health probe, which drives a
+//!    node through its `Probed` trait; `tunnel` one supervised node (its
 //!    sessions, state, drain, reconnect), which implements `Probed` and
 //!    spawns the probe. The runtime shards (one runtime owning a set of
 //!    nodes' tunnels) sit in this layer, beside `tunnel`.
-//! 4. **Data path**: [`route`] the lock-free route table; [`relay`] one
-//!    stream over one channel; [`tls`] the mTLS listener; [`proxy`] the
-//!    HTTP CONNECT front end; [`metrics`] the Prometheus metrics, read from
+//! 4. **Data path**: `route` the lock-free route table; `relay` one
+//!    stream over one channel; `tls` the mTLS listener; `proxy` the
+//!    HTTP CONNECT front end; `metrics` the Prometheus metrics, read from
 //!    the tunnels' counters at scrape time.
-//! 5. **Control**: [`node_set`] how Nodes are admitted into the live set,
-//!    and where a node came from; [`discovery`] the nodes file and the
-//!    `NodeSink` trait every source feeds; [`kube_watch`] the Kubernetes
+//! 5. **Control**: `node_set` how Nodes are admitted into the live set,
+//!    and where a node came from; `discovery` the nodes file and the
+//!    `NodeSink` trait every source feeds; `kube_watch` the Kubernetes
 //!    API source.
-//! 6. **Admin**: [`status`] the status document, [`client`] the admin
-//!    client, [`admin`] the admin API server.
-//! 7. **Composition root**: [`daemon`] wires it all (binds, starts the
+//! 6. **Admin**: `status` the status document, `client` the admin
+//!    client, `admin` the admin API server.
+//! 7. **Composition root**: `daemon` wires it all (binds, starts the
 //!    tunnels, proxy, sources and admin API, reloads, shuts down);
 //!    nothing imports it. (The admin server still takes the whole daemon:
 //!    the one known cycle, listed in `.ci/known-cycles`, while it moves to

@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::node_set::{Source, SourceStatus};
-use crate::tunnel::TunnelState;
+pub use crate::node_set::{Source, SourceStatus};
+/// A node's state, as the document carries it (the tunnel module itself is
+/// private to the crate; clients name the state through here).
+pub use crate::tunnel::TunnelState;
 
 /// The whole status document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
