@@ -32,8 +32,8 @@ use crate::registry::NodeRegistry;
 use crate::route::RouteTable;
 use crate::sockets::{bind_unix_for, BindError};
 use crate::sources::SourceBook;
-use crate::status::StatusView;
 use crate::ssh_context::{ContextCell, SharedContext};
+use crate::status::StatusView;
 
 /// How long shutdown waits for streams and sessions to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

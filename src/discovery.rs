@@ -12,7 +12,6 @@
 //! bad one becomes a rejected [`Candidate`] instead of failing the list.
 //! Only a document that is not a node list at all fails as a whole.
 
-use std::future::Future;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,35 +28,6 @@ use crate::sources::Source;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
 use crate::config::{node_from_spec, NodeSpec};
-
-/// What a discovery source needs from the live node registry: the whole
-/// desired set of its Nodes, and how the source is doing. The registry
-/// implements it, so discovery sits below the registry and never names it.
-pub trait NodeSink: Send + Sync + 'static {
-    /// What a sync did (logged).
-    type Report: std::fmt::Debug + Send;
-    /// Why a sync was refused as a whole (logged and shown in the status).
-    type Error: std::fmt::Display + Send;
-
-    /// The SSH port for Nodes that do not name one.
-    fn default_ssh_port(&self) -> impl Future<Output = u16> + Send;
-
-    /// Makes the source's nodes the ones it lists now.
-    fn sync_source(
-        &self,
-        source: Source,
-        nodes: Vec<Candidate>,
-    ) -> impl Future<Output = Result<Self::Report, Self::Error>> + Send;
-
-    /// Records a successful sync of `source`.
-    fn source_ok(&self, source: Source);
-
-    /// Records a failed sync of `source`; its nodes stay as they were.
-    fn source_failed(&self, source: Source, error: String);
-
-    /// True when `source`'s last attempt failed.
-    fn source_has_error(&self, source: Source) -> bool;
-}
 
 /// `kubectl get nodes -o json`: a `List` (or `NodeList`) of `Node`.
 #[derive(Debug, Deserialize)]

@@ -167,3 +167,36 @@ pub fn channel_open_reason(f: &russh::ChannelOpenFailure) -> String {
         russh::ChannelOpenFailure::Other { code, reason } => format!("code {code}: {reason}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_fail_class_has_its_own_label_and_counter() {
+        let counters = ByFailClass::<std::sync::atomic::AtomicU64>::default();
+        for (i, (class, name)) in FailClass::ALL.iter().enumerate() {
+            assert_eq!(class.index(), i, "{name} sits at its own index");
+            assert_eq!(class.as_str(), *name);
+            counters[*class].fetch_add(i as u64 + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let seen: Vec<(&str, u64)> = counters
+            .iter()
+            .map(|(_, n, v)| (n, v.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("timeout", 1),
+                ("refused", 2),
+                ("host_key", 3),
+                ("auth", 4),
+                ("other", 5)
+            ]
+        );
+        assert_eq!(
+            TunnelError::ConnectRefused("x".into()).class(),
+            FailClass::Refused
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! kube-apiserver's egress traffic (HTTP CONNECT) through them.
 //!
 //! The library holds everything; `main.rs` parses the command line
-//! ([`cli`]) and dispatches to [`daemon::run`] or the admin [`client`].
+//! (`cli`) and dispatches to `daemon::run` or the admin `client`.
 //!
 //! # Module map
 //!
@@ -13,34 +13,35 @@
 //! between top-level modules; `tests/layers.rs` runs it under `cargo test`.
 //!
 //! 1. **Leaves** (nothing of ours, or only each other):
-//!    [`error`] typed tunnel errors and their failure classes;
-//!    [`address`] the shape of node addresses and pod CIDRs;
-//!    [`config`] TOML shapes and validated types; [`timestamp`] times on
-//!    the wire; [`backoff`] reconnect delays with full jitter;
-//!    [`known_hosts`] host key verification; [`sockets`] binding Unix
-//!    sockets safely; [`keygen`] `tunneler keygen`.
-//! 2. **SSH**: [`identity`] the client key; [`ssh_context`] what every
+//!    `error` typed tunnel errors and their failure classes;
+//!    `address` the shape of node addresses and pod CIDRs;
+//!    `config` TOML shapes and validated types; `timestamp` times on
+//!    the wire; `backoff` reconnect delays with full jitter;
+//!    `known_hosts` host key verification; `sockets` binding Unix
+//!    sockets safely; `keygen` `tunneler keygen`.
+//! 2. **SSH**: `identity` the client key; `ssh_context` what every
 //!    session shares (settings, keys, russh config) in a cell a reload
-//!    swaps; [`session`] one SSH session's connect, verify, authenticate.
-//! 3. **Node tunnel**: [`probe`] the active health probe, which drives a
-//!    node through its `Probed` trait; [`tunnel`] one supervised node (its
+//!    swaps; `session` one SSH session's connect, verify, authenticate.
+//! 3. **Node tunnel**: `probe` the active health probe, which drives a
+//!    node through its `Probed` trait; `tunnel` one supervised node (its
 //!    sessions, state, drain, reconnect), which implements `Probed` and
 //!    spawns the probe.
-//! 4. **Data path**: [`route`] the lock-free route table; [`relay`] one
-//!    stream over one channel; [`tls`] the mTLS listener; [`proxy`] the
-//!    HTTP CONNECT front end; [`metrics`] the Prometheus metrics, read from
+//! 4. **Data path**: `route` the lock-free route table; `relay` one
+//!    stream over one channel; `tls` the mTLS listener; `proxy` the
+//!    HTTP CONNECT front end; `metrics` the Prometheus metrics, read from
 //!    the tunnels' counters at scrape time.
-//! 5. **Control**: [`config_store`] the running config and the change
-//!    lock; [`registry`] the live node map; [`sources`] where nodes
-//!    come from and how each discovery source is doing; [`node_set`] how
-//!    discovered Nodes are admitted; [`reload`] what a reload applies,
-//!    derived from the config types; [`control`] every node-set change; [`readiness`] the ready latch.
-//! 6. **Discovery**: [`discovery`] the nodes file; [`kube_watch`] the
-//!    Kubernetes API source. Both feed [`control`].
-//! 7. **Admin**: [`status`] the status document and its builder;
-//!    [`admin_api`] the typed wire protocol; [`admin`] the server, given
-//!    narrow handles; [`client`] the CLI's side; [`cli`] the command line.
-//! 8. **Composition root**: [`daemon`] wires it all (binds, starts the
+//! 5. **Control**: `config_store` the running config and the change
+//!    lock; `registry` the live node map; `sources` where nodes
+//!    come from and how each discovery source is doing; `node_set` how
+//!    discovered Nodes are admitted; `reload` what a reload applies,
+//!    derived from the config types; `control` every node-set change;
+//!    `readiness` the ready latch.
+//! 6. **Discovery**: `discovery` the nodes file; `kube_watch` the
+//!    Kubernetes API source. Both feed `control`.
+//! 7. **Admin**: `status` the status document and its builder;
+//!    `admin_api` the typed wire protocol; `admin` the server, given
+//!    narrow handles; `client` the CLI's side; `cli` the command line.
+//! 8. **Composition root**: `daemon` wires it all (binds, starts the
 //!    tunnels, proxy, sources and admin API, reloads, shuts down); nothing
 //!    but `main.rs` uses it.
 

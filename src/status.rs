@@ -15,7 +15,9 @@ use crate::proxy::SharedRoutes;
 use crate::registry::NodeRegistry;
 use crate::sources::{Source, SourceBook, SourceStatus};
 use crate::timestamp::rfc3339;
-use crate::tunnel::TunnelState;
+/// A node's state, as the document carries it (the tunnel module itself is
+/// private to the crate; clients name the state through here).
+pub use crate::tunnel::TunnelState;
 
 /// The whole status document.
 #[derive(Debug, Clone, Serialize, Deserialize)]

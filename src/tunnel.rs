@@ -1196,3 +1196,19 @@ async fn hold_watchdog(
         return;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnel_states_round_trip_through_their_wire_names() {
+        for (state, name) in TunnelState::ALL {
+            assert_eq!(state.as_str(), name);
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(serde_json::from_str::<TunnelState>(&json).unwrap(), state);
+        }
+        assert!(serde_json::from_str::<TunnelState>("\"sleepy\"").is_err());
+    }
+}
