@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
+use crate::activation::{PassedSockets, Role};
 use crate::admin::AdminApi;
 use crate::config::{
     check_node_set, check_pod_scope, check_strict_against_discovered, Config, ConfigError,
@@ -63,6 +64,9 @@ pub enum StartError {
     /// The TLS listener's certificates could not be loaded.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// A socket passed by the service manager cannot be used.
+    #[error("{0}")]
+    Activation(#[from] crate::activation::ActivationError),
     /// A TCP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     BindTcp {
@@ -202,7 +206,48 @@ pub struct Daemon {
     listeners: Vec<String>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Stops the listeners only (graceful stop): a child of `shutdown`.
+    accepting: CancellationToken,
+    /// Every egress connection: handshakes, dials, streams. A graceful stop
+    /// waits for these (up to the drain timeout) before `shutdown` fires.
+    proxy_tasks: TaskTracker,
     sources: Mutex<BTreeMap<&'static str, SourceStatus>>,
+}
+
+/// A passed Unix listener on the runtime.
+fn unix_from_std(
+    l: std::os::unix::net::UnixListener,
+) -> Result<tokio::net::UnixListener, StartError> {
+    let addr = l
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_default();
+    tokio::net::UnixListener::from_std(l).map_err(|e| {
+        StartError::BindUnix(BindError::Io {
+            path: addr,
+            source: e,
+        })
+    })
+}
+
+/// The passed TCP socket bound to `addr`, else a new one bound there.
+async fn tcp_listener(
+    passed: &mut PassedSockets,
+    addr: std::net::SocketAddr,
+    role: Role,
+    setting: &str,
+) -> Result<tokio::net::TcpListener, StartError> {
+    let bind_error = |source| StartError::BindTcp {
+        addr: addr.to_string(),
+        source,
+    };
+    match passed.take_tcp(addr, role, setting)? {
+        Some(l) => tokio::net::TcpListener::from_std(l).map_err(bind_error),
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_error),
+    }
 }
 
 fn load_context(
@@ -347,10 +392,14 @@ impl Daemon {
     /// Loads keys, binds every socket and starts all actors. Returns once
     /// everything is bound; tasks run on the returned tracker until
     /// `shutdown` fires.
+    /// Listeners whose address a socket in `passed` is bound to use that
+    /// socket (see [`crate::activation`]); any passed socket left over is
+    /// an error, and nothing is started.
     pub async fn start(
         config: Config,
         config_path: Option<PathBuf>,
         shutdown: CancellationToken,
+        mut passed: PassedSockets,
     ) -> Result<(Arc<Daemon>, TaskTracker), StartError> {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(
             config.ssh.max_concurrent_handshakes,
@@ -361,26 +410,36 @@ impl Daemon {
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
         // Each listener with its own pending-handshake budget.
+        // The third element: the path we bound and so remove after serving
+        // (never a passed socket's: the service manager keeps it).
         let mut listeners = Vec::new();
         let budget = config.proxy.max_pending_handshakes;
-        for l in &config.proxy.listen {
-            listeners.push((
-                match l {
-                    ListenAddr::Unix(p) => ProxyListener::Unix(
-                        bind_unix_for(p, config.proxy.socket_group.as_deref())?,
-                        p.clone(),
+        for (i, l) in config.proxy.listen.iter().enumerate() {
+            let setting = format!("proxy.listen[{i}]");
+            listeners.push(match l {
+                ListenAddr::Unix(p) => match passed.take_unix(p, Role::Egress, &setting)? {
+                    Some(l) => (
+                        ProxyListener::Unix(unix_from_std(l)?, p.clone()),
+                        budget,
+                        None,
                     ),
-                    ListenAddr::Tcp(a) => {
-                        ProxyListener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(
-                            |source| StartError::BindTcp {
-                                addr: a.to_string(),
-                                source,
-                            },
-                        )?)
-                    }
+                    None => (
+                        ProxyListener::Unix(
+                            bind_unix_for(p, config.proxy.socket_group.as_deref())?,
+                            p.clone(),
+                        ),
+                        budget,
+                        Some(p.clone()),
+                    ),
                 },
-                budget,
-            ));
+                ListenAddr::Tcp(a) => (
+                    ProxyListener::Tcp(
+                        tcp_listener(&mut passed, *a, Role::Egress, &setting).await?,
+                    ),
+                    budget,
+                    None,
+                ),
+            });
         }
         if let Some(tls) = &config.proxy.tls {
             let acceptor = crate::tls::acceptor(tls)?;
@@ -390,16 +449,21 @@ impl Daemon {
                     "proxy.tls.client_names is empty: every certificate that chains to client_ca_file may use the proxy; if that is the cluster CA, every kubelet's client certificate can"
                 );
             }
-            let l = tokio::net::TcpListener::bind(tls.listen)
-                .await
-                .map_err(|source| StartError::BindTcp {
-                    addr: tls.listen.to_string(),
-                    source,
-                })?;
-            listeners.push((ProxyListener::Tls(l, acceptor), tls.max_pending_handshakes));
+            let l = tcp_listener(&mut passed, tls.listen, Role::Egress, "proxy.tls.listen").await?;
+            listeners.push((
+                ProxyListener::Tls(l, acceptor),
+                tls.max_pending_handshakes,
+                None,
+            ));
         }
-        let admin_listener =
-            bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?;
+        let (admin_listener, admin_unlink) =
+            match passed.take_unix(&config.admin.socket, Role::Admin, "admin.socket")? {
+                Some(l) => (unix_from_std(l)?, None),
+                None => (
+                    bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?,
+                    Some(config.admin.socket.clone()),
+                ),
+            };
 
         let tracker = TaskTracker::new();
         let settings = Arc::new(ArcSwap::from_pointee(ProxySettings::from_config(
@@ -417,13 +481,13 @@ impl Daemon {
         })));
         let metrics_listener = match config.admin.metrics_listen {
             None => None,
-            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
-                StartError::BindTcp {
-                    addr: a.to_string(),
-                    source,
-                }
-            })?),
+            Some(a) => {
+                Some(tcp_listener(&mut passed, a, Role::Metrics, "admin.metrics_listen").await?)
+            }
         };
+        passed.finish()?;
+        let accepting = shutdown.child_token();
+        let proxy_tasks = TaskTracker::new();
         let daemon = Arc::new(Daemon {
             started: Instant::now(),
             config_path,
@@ -433,9 +497,11 @@ impl Daemon {
             routes: Arc::new(ArcSwap::from_pointee(RouteTable::empty())),
             settings: settings.clone(),
             ctx,
-            listeners: listeners.iter().map(|(l, _)| l.url()).collect(),
+            listeners: listeners.iter().map(|(l, _, _)| l.url()).collect(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            accepting: accepting.clone(),
+            proxy_tasks: proxy_tasks.clone(),
             sources: Mutex::new(BTreeMap::new()),
         });
         {
@@ -457,14 +523,27 @@ impl Daemon {
             daemon.routes.clone(),
             settings,
             metrics.dial.clone(),
-            tracker.clone(),
+            proxy_tasks,
             shutdown.child_token(),
-        );
-        for (l, budget) in listeners {
-            tracker.spawn(proxy.clone().serve(l, budget));
+        )
+        .stop_accepting_on(accepting);
+        for (l, budget, unlink) in listeners {
+            let proxy = proxy.clone();
+            tracker.spawn(async move {
+                proxy.serve(l, budget).await;
+                if let Some(path) = unlink {
+                    let _ = std::fs::remove_file(path);
+                }
+            });
         }
         let admin = AdminApi::new(daemon.clone(), tracker.clone(), shutdown.child_token());
-        tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));
+        let admin_path = config.admin.socket.clone();
+        tracker.spawn(async move {
+            admin.serve(admin_listener, admin_path).await;
+            if let Some(path) = admin_unlink {
+                let _ = std::fs::remove_file(path);
+            }
+        });
         if let Some(path) = config.discovery.nodes_file.clone() {
             tracker.spawn(crate::discovery::watch_file(
                 daemon.clone(),
@@ -495,6 +574,13 @@ impl Daemon {
             "tunneler started"
         );
         Ok((daemon, tracker))
+    }
+
+    /// Graceful stop, first step: every egress listener stops accepting.
+    /// Connections already accepted go on; a passed socket stays open (new
+    /// connections queue on it for the next daemon), one we bound is removed.
+    pub fn stop_accepting(&self) {
+        self.accepting.cancel();
     }
 
     fn spawn_tunnel(&self, node: NodeConfig) -> Arc<NodeTunnel> {
@@ -956,15 +1042,22 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until `shutdown` fires, then waits (bounded) for every
-/// task to finish. SIGHUP reloads `config_path`.
+/// Runs the daemon until `shutdown` fires, then stops gracefully: the
+/// listeners stop accepting at once, connections already accepted (their
+/// handshakes, dials and streams) get up to `proxy.drain_timeout` to finish
+/// while the tunnels stay up, then whatever is left is cut and every task
+/// gets [`SHUTDOWN_GRACE`] to end. SIGHUP reloads `config_path`. `passed`
+/// are the sockets the service manager handed in (see [`crate::activation`]).
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
+    passed: PassedSockets,
 ) -> Result<(), StartError> {
     let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
-    let (daemon, tracker) = Daemon::start(config, config_path, shutdown.clone()).await?;
+    // Everything runs under `stop`, which fires only after the drain.
+    let stop = CancellationToken::new();
+    let (daemon, tracker) = Daemon::start(config, config_path, stop.clone(), passed).await?;
     // systemd: READY=1 once the listeners are bound (done) and the first
     // connection attempt to every node has finished, success or not.
     let ready_daemon = daemon.clone();
@@ -981,11 +1074,12 @@ pub async fn run(
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     });
     // WATCHDOG=1 from a loop on the same runtime as the tunnels: if the
-    // runtime wedges, systemd notices and restarts us.
+    // runtime wedges, systemd notices and restarts us. It goes on through
+    // the drain, which may be longer than WatchdogSec.
     let mut usec = 0u64;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
-        let wd_cancel = shutdown.clone();
+        let wd_cancel = stop.clone();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
@@ -1015,14 +1109,37 @@ pub async fn run(
     });
     shutdown.cancelled().await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    info!("shutting down");
+    daemon.stop_accepting();
+    let limit = daemon.changes.lock().await.proxy.drain_timeout;
+    let open = daemon.proxy_tasks.len();
+    info!(
+        open,
+        ?limit,
+        "shutting down: stopped accepting; open connections may finish within the drain timeout"
+    );
+    daemon.proxy_tasks.close();
+    let drained = tokio::time::timeout(limit, daemon.proxy_tasks.wait())
+        .await
+        .is_ok();
+    if !drained {
+        warn!(
+            open = daemon.proxy_tasks.len(),
+            ?limit,
+            "drain timeout: cutting the connections still open"
+        );
+    }
+    stop.cancel();
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    let all_done = async {
+        tracker.wait().await;
+        daemon.proxy_tasks.wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_done)
         .await
         .is_err()
     {
         warn!(grace = ?SHUTDOWN_GRACE, "some tasks did not finish in time; exiting anyway");
     }
-    info!("stopped");
+    info!(drained, "stopped");
     Ok(())
 }

@@ -13,6 +13,8 @@
 //! - [`route`]: the lock-free route table;
 //! - [`proxy`], [`relay`], [`tls`], [`sockets`]: the HTTP CONNECT front end,
 //!   the stream relay, the mTLS listener and safe Unix sockets;
+//!   [`healthy`]: a dial's bounded wait for its tunnel to come up;
+//!   [`activation`]: listeners passed in by systemd (socket activation);
 //! - [`admin`], [`status`], [`client`], [`metrics`]: the admin API, its
 //!   document, its client and the Prometheus metrics;
 //! - [`discovery`], [`kube_watch`]: node sources besides the config, and
@@ -23,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod address;
 pub mod admin;
 pub mod backoff;
@@ -31,6 +34,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod error;
+pub mod healthy;
 pub mod identity;
 pub mod keygen;
 pub mod known_hosts;
