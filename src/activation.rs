@@ -383,6 +383,28 @@ impl PassedSockets {
         Ok(Some(OwnedFd::from(p.socket).into()))
     }
 
+    /// Refuses, before anything is bound, a passed socket bound to none of
+    /// the configured addresses (`unix` paths, `tcp` addresses).
+    pub fn check_known(
+        &self,
+        unix: &[&Path],
+        tcp: &[std::net::SocketAddr],
+    ) -> Result<(), ActivationError> {
+        for p in &self.left {
+            let known = match &p.bound {
+                Bound::Unix(b) => unix.iter().any(|u| same_file(b, u)),
+                Bound::Tcp(a) => tcp.contains(a),
+            };
+            if !known {
+                return Err(ActivationError::Unmatched {
+                    which: p.which.clone(),
+                    addr: p.bound.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses the first passed socket no setting took.
     pub fn finish(self) -> Result<(), ActivationError> {
         match self.left.into_iter().next() {
@@ -508,12 +530,14 @@ mod tests {
         passed.finish().unwrap();
 
         let (_, stray) = unix_listener(dir.path(), "stray.sock");
-        let err = PassedSockets::new(vec![(stray, "egress".into())])
-            .unwrap()
-            .finish()
+        let passed = PassedSockets::new(vec![(stray, "egress".into())]).unwrap();
+        let err = passed
+            .check_known(&[&egress, &admin], &[tcp_addr])
             .unwrap_err();
         assert!(matches!(err, ActivationError::Unmatched { .. }), "{err}");
         assert!(err.to_string().contains("stray.sock"), "{err}");
+        let err = passed.finish().unwrap_err();
+        assert!(matches!(err, ActivationError::Unmatched { .. }), "{err}");
     }
 
     #[test]

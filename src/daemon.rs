@@ -410,6 +410,28 @@ impl Daemon {
         // Bind everything before starting anything, so a bind error leaves
         // nothing running.
         // Each listener with its own pending-handshake budget.
+        let unix_paths: Vec<&Path> = config
+            .proxy
+            .listen
+            .iter()
+            .filter_map(|l| match l {
+                ListenAddr::Unix(p) => Some(p.as_path()),
+                ListenAddr::Tcp(_) => None,
+            })
+            .chain([config.admin.socket.as_path()])
+            .collect();
+        let tcp_addrs: Vec<std::net::SocketAddr> = config
+            .proxy
+            .listen
+            .iter()
+            .filter_map(|l| match l {
+                ListenAddr::Tcp(a) => Some(*a),
+                ListenAddr::Unix(_) => None,
+            })
+            .chain(config.proxy.tls.as_ref().map(|t| t.listen))
+            .chain(config.admin.metrics_listen)
+            .collect();
+        passed.check_known(&unix_paths, &tcp_addrs)?;
         // The third element: the path we bound and so remove after serving
         // (never a passed socket's: the service manager keeps it).
         let mut listeners = Vec::new();

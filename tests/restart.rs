@@ -498,3 +498,116 @@ fn a_stream_open_at_the_drain_timeout_is_cut_and_the_exit_is_clean() {
         Duration::from_secs(12),
     );
 }
+
+/// A daemon started by systemd-socket-activate with sockets it cannot use
+/// does not start: exit 1 and an error naming the socket and why. No
+/// cluster is needed (no nodes); the passed sockets are left as they were.
+#[test]
+fn passed_sockets_it_cannot_use_stop_the_start_with_a_clear_error() {
+    let name = "passed_sockets_it_cannot_use_stop_the_start_with_a_clear_error";
+    if !Path::new(ACTIVATOR).exists() || !Path::new("/usr/bin/ssh-keygen").exists() {
+        common::skip(name, &format!("{ACTIVATOR} or ssh-keygen missing"));
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::ssh_keygen(&dir.join("id_ed25519"), "restart-test");
+    std::fs::write(dir.join("known_hosts"), "").unwrap();
+    let egress = dir.join("egress.sock");
+    let admin = dir.join("admin.sock");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ssh]\nuser = \"root\"\nidentity_file = \"id_ed25519\"\nknown_hosts_file = \"known_hosts\"\n\n\
+             [proxy]\nlisten = [\"unix://{}\"]\n\n[admin]\nsocket = \"{}\"\n",
+            egress.display(),
+            admin.display()
+        ),
+    )
+    .unwrap();
+    // Each case: the sockets to pass with their names, the mode the first
+    // is given before the daemon starts (None: the activator's 0644), and
+    // what the error must say (`DIR` is the temp dir).
+    let cases: [(&[&str], &str, Option<u32>, &str); 3] = [
+        (
+            &["egress.sock", "stray.sock"],
+            "egress:egress",
+            None,
+            "socket activation: passed fd 4 (\"egress\") is bound to unix://DIR/stray.sock, \
+             which no setting names",
+        ),
+        (
+            &["egress.sock"],
+            "admin",
+            None,
+            "socket activation: passed fd 3 (\"admin\") is named \"admin\" but is bound to \
+             unix://DIR/egress.sock, which the config uses for proxy.listen[0] (egress)",
+        ),
+        (
+            &["egress.sock"],
+            "egress",
+            Some(0o666),
+            "socket activation: passed fd 3 (\"egress\") at DIR/egress.sock has mode 666: \
+             any local user may connect to proxy.listen[0]",
+        ),
+    ];
+    for (socks, names, mode, want) in cases {
+        for s in ["egress.sock", "stray.sock"] {
+            let _ = std::fs::remove_file(dir.join(s));
+        }
+        let mut cmd = format!("exec {ACTIVATOR}");
+        for s in socks {
+            cmd.push_str(&format!(" -l {}", dir.join(s).display()));
+        }
+        cmd.push_str(&format!(
+            " --fdname={names} {} run --config {}",
+            common::tunneler_bin(),
+            config.display()
+        ));
+        let guard = common::ChildGuard::spawn(
+            Command::new("/bin/sh")
+                .args(["-c", &cmd])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        );
+        let first = dir.join(socks[0]);
+        assert!(
+            poll(Duration::from_secs(10), || first.exists()),
+            "the activator never listened on {}",
+            first.display()
+        );
+        if let Some(mode) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&first, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        // The activator starts the daemon on the first connection.
+        let _conn = {
+            let mut c = None;
+            assert!(
+                poll(Duration::from_secs(10), || {
+                    c = UnixStream::connect(&first).ok();
+                    c.is_some()
+                }),
+                "the activator never listened on {}",
+                first.display()
+            );
+            c
+        };
+        let out = guard
+            .wait_exit(Duration::from_secs(20))
+            .expect("the daemon started with sockets it cannot use");
+        let stderr =
+            String::from_utf8_lossy(&out.stderr).replace(&dir.display().to_string(), "DIR");
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "want {want:?} in:\n{stderr}");
+        assert!(!admin.exists(), "nothing was bound: {stderr}");
+        assert!(first.exists(), "the passed socket is left in place");
+        if let Some(m) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            let now = std::fs::metadata(&first).unwrap().permissions().mode() & 0o777;
+            assert_eq!(now, m, "the passed socket's mode is left as it was");
+        }
+    }
+}
