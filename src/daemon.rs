@@ -4,7 +4,10 @@
 //! Building (loading keys, binding sockets) happens in [`Daemon::start`] and
 //! fails fast with a clear error; serving runs until the shutdown token fires.
 //! One cancellation tree covers everything: the root token, a child per node
-//! and per stream. Shutdown waits for tracked tasks with a deadline.
+//! and per stream. Shutdown is graceful ([`run`]): the listeners stop first
+//! (a child token of the root), open connections get the drain timeout,
+//! then the root fires and tracked tasks get a deadline. Sockets may come
+//! bound from the service manager ([`crate::activation`]).
 //!
 //! Every change to the node set (API add/remove, reload) goes through one
 //! async lock, is validated as a whole before anything is touched, and ends
