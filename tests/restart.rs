@@ -611,3 +611,94 @@ fn passed_sockets_it_cannot_use_stop_the_start_with_a_clear_error() {
         }
     }
 }
+
+/// The cluster's config with a long dial timeout and `wait_for_healthy`,
+/// so that a wait that should not happen, or one that should, shows.
+fn long_wait_config(cluster: &Cluster) -> String {
+    let toml = cluster.config_toml(&ConfigSpec::default()).replacen(
+        "dial_timeout = \"2s\"\n",
+        "dial_timeout = \"25s\"\nwait_for_healthy = \"20s\"\n",
+        1,
+    );
+    assert!(toml.contains("wait_for_healthy"), "config template changed");
+    toml
+}
+
+/// A dial for a node in backoff (its sshd is down) waits for it instead of
+/// getting 503 at once: the CONNECT is sent while the node cannot be
+/// healthy, sshd comes back only then, and the dial gets 200 and its echo.
+#[test]
+fn a_dial_waits_for_a_node_in_backoff_to_reconnect() {
+    require_netns!("a_dial_waits_for_a_node_in_backoff_to_reconnect");
+    let cluster = Cluster::new(1);
+    let daemon = Daemon::start_toml(&cluster, &long_wait_config(&cluster), &[]);
+    daemon.wait_all_healthy(READY);
+    cluster.kill_sshd(1);
+    daemon.wait_node_state("node-1", "backoff", READY);
+    let n1 = cluster.node(1);
+    let target = format!("{}:{ECHO_PORT}", n1.pod_ip);
+    let egress = daemon.egress.clone();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let dial = std::thread::spawn(move || -> Result<String, String> {
+        let mut s = UnixStream::connect(&egress).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(40))).ok();
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let _ = sent_tx.send(());
+        let head = read_head_checked(&mut s)?;
+        let status = head.lines().next().unwrap_or("").to_string();
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(status);
+        }
+        Ok(common::echo_over(s, "waited"))
+    });
+    sent_rx.recv_timeout(READY).expect("CONNECT sent");
+    let before = daemon.status_json();
+    let state = common::node_status(&before, "node-1").unwrap()["state"].clone();
+    assert_ne!(state, "healthy", "node-1 has no sshd: {before}");
+    let t = Instant::now();
+    cluster.start_sshd(1);
+    let got = dial
+        .join()
+        .unwrap()
+        .expect("the dial waited and got through");
+    assert_eq!(got, format!("node=node-1 local={} echo=waited", n1.pod_ip));
+    report(&format!(
+        "a dial sent while node-1 was {state} answered {:?} after sshd was restarted",
+        t.elapsed()
+    ));
+}
+
+/// A dial for a node whose host key was refused does not wait for it:
+/// only an operator fixes that. With 20 s of `wait_for_healthy` the dial
+/// gets 503 naming the refusal at once, far inside the bound.
+#[test]
+fn a_dial_for_a_node_with_a_refused_host_key_does_not_wait() {
+    require_netns!("a_dial_for_a_node_with_a_refused_host_key_does_not_wait");
+    let cluster = Cluster::new(2);
+    cluster.replace_host_key(2);
+    let daemon = Daemon::start_toml(&cluster, &long_wait_config(&cluster), &[]);
+    daemon.wait_for("node-1 healthy, node-2 rejected", READY, |s| {
+        common::node_status(s, "node-1").is_some_and(|n| n["state"] == "healthy")
+            && common::node_status(s, "node-2").is_some_and(|n| n["state"] == "rejected")
+    });
+    let t = Instant::now();
+    let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).pod_ip));
+    let took = t.elapsed();
+    assert!(
+        status.starts_with("HTTP/1.1 503 Service Unavailable: no healthy tunnel: node node-2 is ")
+            && status.contains("host key verification failed"),
+        "{status}"
+    );
+    assert_within(
+        "a dial for a refused node (wait_for_healthy 20 s)",
+        took,
+        Duration::from_secs(10),
+    );
+    // The healthy node serves meanwhile.
+    let n1 = cluster.node(1);
+    assert_eq!(
+        daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "ok"),
+        format!("node=node-1 local={} echo=ok", n1.pod_ip)
+    );
+}
