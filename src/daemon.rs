@@ -1070,7 +1070,8 @@ impl Daemon {
 /// Runs the daemon until `shutdown` fires, then stops gracefully: the
 /// listeners stop accepting at once, connections already accepted (their
 /// handshakes, dials and streams) get up to `proxy.drain_timeout` to finish
-/// while the tunnels stay up, then whatever is left is cut and every task
+/// while the tunnels stay up (a second SIGTERM or SIGINT ends that wait),
+/// then whatever is left is cut and every task
 /// gets [`SHUTDOWN_GRACE`] to end. SIGHUP reloads `config_path`. `passed`
 /// are the sockets the service manager handed in (see [`crate::activation`]).
 pub async fn run(
@@ -1133,6 +1134,24 @@ pub async fn run(
         }
     });
     shutdown.cancelled().await;
+    // Listening for a second SIGTERM or SIGINT (an impatient operator) ends
+    // the drain; registered before anything says the drain began.
+    let again = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match signals {
+                (Ok(mut term), Ok(mut int)) => tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                },
+                _ => std::future::pending().await,
+            }
+        }
+    };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     daemon.stop_accepting();
     let limit = daemon.changes.lock().await.proxy.drain_timeout;
@@ -1143,9 +1162,13 @@ pub async fn run(
         "shutting down: stopped accepting; open connections may finish within the drain timeout"
     );
     daemon.proxy_tasks.close();
-    let drained = tokio::time::timeout(limit, daemon.proxy_tasks.wait())
-        .await
-        .is_ok();
+    let drained = tokio::select! {
+        r = tokio::time::timeout(limit, daemon.proxy_tasks.wait()) => r.is_ok(),
+        _ = again => {
+            warn!(open = daemon.proxy_tasks.len(), "second signal: not waiting for the drain; cutting the connections still open");
+            true
+        }
+    };
     if !drained {
         warn!(
             open = daemon.proxy_tasks.len(),

@@ -441,7 +441,7 @@ fn sigterm_stops_accepting_and_lets_open_streams_finish() {
         let got = got.lock().unwrap();
         compare_exact(&got, &data).unwrap_or_else(|e| panic!("stream {i}: {e}"));
     }
-    let status = daemon.stop().expect("exit status");
+    let status = daemon.stop_with("0").expect("exit status");
     assert_eq!(status.code(), Some(0), "{status}");
     // Well before the 60 s drain timeout: it exits once the streams ended.
     assert_within(
@@ -479,7 +479,9 @@ fn a_stream_open_at_the_drain_timeout_is_cut_and_the_exit_is_clean() {
         common::echo_over(&mut s, "draining"),
         format!("node=node-1 local={} echo=draining", n1.pod_ip)
     );
-    let status = daemon.stop().expect("exit status");
+    // Waits for the exit without a second SIGTERM (which ends the drain):
+    // `kill -0` only checks the process is there.
+    let status = daemon.stop_with("0").expect("exit status");
     let took = t.elapsed();
     assert_eq!(status.code(), Some(0), "{status}");
     // Cut: the client sees the end of the stream.
@@ -700,5 +702,46 @@ fn a_dial_for_a_node_with_a_refused_host_key_does_not_wait() {
     assert_eq!(
         daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "ok"),
         format!("node=node-1 local={} echo=ok", n1.pod_ip)
+    );
+}
+
+/// A second SIGTERM during the drain ends it: the open stream is cut and
+/// the daemon exits 0 without waiting out its 60 s drain timeout.
+#[test]
+fn a_second_sigterm_ends_the_drain() {
+    require_netns!("a_second_sigterm_ends_the_drain");
+    let cluster = Cluster::new(1);
+    let mut daemon = daemon_with_drain(&cluster, "60s");
+    let n1 = cluster.node(1);
+    let (status, mut s) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    daemon.send_signal("TERM");
+    assert!(
+        poll(Duration::from_secs(10), || daemon
+            .log_tail(40)
+            .contains("shutting down: stopped accepting")),
+        "no graceful stop began: {}",
+        daemon.log_tail(40)
+    );
+    assert_eq!(
+        common::echo_over(&mut s, "draining"),
+        format!("node=node-1 local={} echo=draining", n1.pod_ip)
+    );
+    let t = Instant::now();
+    // Daemon::stop sends the second SIGTERM and waits (10 s at most).
+    let status = daemon.stop().expect("exit status");
+    assert_eq!(status.code(), Some(0), "{status}");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(common::closed_by_peer(&mut s), "the stream was not cut");
+    let log = daemon.log_tail(40);
+    assert!(
+        log.contains("second signal: not waiting for the drain")
+            && !log.contains("drain timeout: cutting"),
+        "{log}"
+    );
+    assert_within(
+        "exit after a second SIGTERM",
+        t.elapsed(),
+        Duration::from_secs(8),
     );
 }
