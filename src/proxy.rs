@@ -12,7 +12,7 @@
 //! | 400 | malformed request |
 //! | 405 | a method other than CONNECT |
 //! | 403 | destination not allowed (not a node, pod or service address, or a port a node address does not allow) |
-//! | 503 | no healthy tunnel for the destination |
+//! | 503 | no healthy tunnel for the destination (after waiting up to `wait_for_healthy` for one coming up, see [`crate::healthy`]) |
 //! | 502 | the node refused the channel (SSH reason in the reason phrase) |
 //! | 504 | `dial_timeout` passed |
 //!
