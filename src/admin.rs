@@ -392,7 +392,8 @@ impl AdminApi {
         }
     }
 
-    /// Serves until cancelled, then removes the socket file.
+    /// Serves until cancelled. The caller removes the socket file if it
+    /// bound it (a socket passed in by the service manager stays).
     pub async fn serve(self, listener: UnixListener, path: PathBuf) {
         info!(socket = %path.display(), "admin API listening");
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
@@ -420,6 +421,5 @@ impl AdminApi {
                 serve_conn(stream, svc, cancel).await;
             });
         }
-        let _ = std::fs::remove_file(&path);
     }
 }

@@ -122,6 +122,7 @@ struct RawProxy {
     service_cidrs: Option<Vec<String>>,
     cluster_cidrs: Option<Vec<String>>,
     dial_timeout: Option<String>,
+    wait_for_healthy: Option<String>,
     drain_timeout: Option<String>,
     handshake_timeout: Option<String>,
     max_pending_handshakes: Option<usize>,
@@ -323,6 +324,11 @@ pub struct ProxyConfig {
     pub cluster_cidrs: Vec<IpNet>,
     /// Bound on a dial: waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
+    /// How long a dial waits for a known tunnel that is not up yet
+    /// (connecting, or in a short backoff) before 503; a service dial waits
+    /// this long for any healthy member. At most `dial_timeout` (default:
+    /// equal to it); 0 answers 503 at once.
+    pub wait_for_healthy: Duration,
     /// How long a removed node or replaced session may keep serving the
     /// streams it already carries before it is closed.
     pub drain_timeout: Duration,
@@ -871,15 +877,34 @@ impl Config {
             Some(n) => n,
             None => 1024,
         };
+        let dial_timeout = parse_duration(
+            "proxy.dial_timeout",
+            p.dial_timeout.as_ref(),
+            Duration::from_secs(5),
+        )?;
+        // Zero is allowed here: no wait, 503 at once.
+        let wait_for_healthy = match p.wait_for_healthy.as_ref() {
+            Some(v) if humantime::parse_duration(v.trim()).is_ok_and(|d| d.is_zero()) => {
+                Duration::ZERO
+            }
+            v => parse_duration("proxy.wait_for_healthy", v, dial_timeout)?,
+        };
+        if wait_for_healthy > dial_timeout {
+            return Err(invalid(
+                "proxy.wait_for_healthy",
+                format!(
+                    "{} is longer than proxy.dial_timeout ({}): the wait is part of the dial",
+                    humantime::format_duration(wait_for_healthy),
+                    humantime::format_duration(dial_timeout)
+                ),
+            ));
+        }
         let proxy = ProxyConfig {
             listen,
             service_cidrs,
             cluster_cidrs,
-            dial_timeout: parse_duration(
-                "proxy.dial_timeout",
-                p.dial_timeout.as_ref(),
-                Duration::from_secs(5),
-            )?,
+            dial_timeout,
+            wait_for_healthy,
             drain_timeout: parse_duration(
                 "proxy.drain_timeout",
                 p.drain_timeout.as_ref(),
@@ -1588,6 +1613,27 @@ pod_cidrs = ["10.244.1.0/24"]
 
     fn err_of(extra: &str) -> String {
         parse(extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn wait_for_healthy_defaults_to_the_dial_timeout_and_stays_inside_it() {
+        let p = |extra: &str| parse(extra).unwrap().proxy;
+        assert_eq!(p("").wait_for_healthy, Duration::from_secs(5));
+        assert_eq!(
+            p("[proxy]\ndial_timeout = \"8s\"\n").wait_for_healthy,
+            Duration::from_secs(8)
+        );
+        let set = p("[proxy]\ndial_timeout = \"8s\"\nwait_for_healthy = \"3s\"\n");
+        assert_eq!(set.wait_for_healthy, Duration::from_secs(3));
+        assert_eq!(
+            p("[proxy]\nwait_for_healthy = \"0s\"\n").wait_for_healthy,
+            Duration::ZERO
+        );
+        assert_eq!(
+            err_of("[proxy]\ndial_timeout = \"2s\"\nwait_for_healthy = \"3s\"\n"),
+            "invalid config: `proxy.wait_for_healthy`: 3s is longer than proxy.dial_timeout (2s): the wait is part of the dial"
+        );
+        assert!(err_of("[proxy]\nwait_for_healthy = \"3\"\n").contains("proxy.wait_for_healthy"));
     }
 
     #[test]

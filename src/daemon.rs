@@ -5,7 +5,10 @@
 //! Building (loading keys, binding sockets) happens in [`start`] and fails
 //! fast with a clear error; serving runs until the shutdown token fires.
 //! One cancellation tree covers everything: the root token, a child per node
-//! and per stream. Shutdown waits for tracked tasks with a deadline.
+//! and per stream. Shutdown is graceful ([`run`]): the listeners stop first
+//! (a child token of the root), open connections get the drain timeout,
+//! then the root fires and tracked tasks get a deadline. Sockets may come
+//! bound from the service manager ([`crate::activation`]).
 //!
 //! The parts: the [`NodeRegistry`] (live nodes), the [`SourceBook`]
 //! (discovery bookkeeping), the [`ConfigStore`] (the running config and
@@ -13,7 +16,7 @@
 //! [`StatusView`] (the status document), [`Readiness`], the proxy and the
 //! admin API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::activation::{PassedSockets, Role};
 use crate::admin::{AdminApi, AdminHandles};
 use crate::config::{Config, ListenAddr};
 use crate::config_store::ConfigStore;
@@ -50,6 +54,9 @@ pub enum StartError {
     /// The TLS listener's certificates could not be loaded.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// A socket passed by the service manager cannot be used.
+    #[error("{0}")]
+    Activation(#[from] crate::activation::ActivationError),
     /// A TCP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     BindTcp {
@@ -68,15 +75,25 @@ pub struct Started {
     pub readiness: Arc<Readiness>,
     /// Every task; shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Stops the listeners only (graceful stop): a child of `shutdown`.
+    pub accepting: CancellationToken,
+    /// Every egress connection: handshakes, dials, streams. A graceful stop
+    /// waits for these (up to the drain timeout) before `shutdown` fires.
+    pub proxy_tasks: TaskTracker,
+    /// The running config (the drain timeout at stop).
+    pub config: Arc<ConfigStore>,
 }
 
 /// Loads keys, binds every socket and starts all actors. Returns once
 /// everything is bound; tasks run on the returned tracker until `shutdown`
-/// fires.
+/// fires. Listeners whose address a socket in `passed` is bound to use that
+/// socket (see [`crate::activation`]); any passed socket left over is an
+/// error, and nothing is started.
 pub async fn start(
     config: Config,
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
+    mut passed: PassedSockets,
 ) -> Result<Started, StartError> {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         config.ssh.max_concurrent_handshakes,
@@ -85,18 +102,23 @@ pub async fn start(
 
     // Bind everything before starting anything, so a bind error leaves
     // nothing running.
-    let listeners = bind_proxy_listeners(&config).await?;
-    let admin_listener = bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?;
-    let metrics_listener =
-        match config.admin.metrics_listen {
-            None => None,
-            Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
-                StartError::BindTcp {
-                    addr: a.to_string(),
-                    source,
-                }
-            })?),
+    check_passed(&config, &passed)?;
+    let listeners = bind_proxy_listeners(&config, &mut passed).await?;
+    let (admin_listener, admin_unlink) =
+        match passed.take_unix(&config.admin.socket, Role::Admin, "admin.socket")? {
+            Some(l) => (unix_from_std(l)?, None),
+            None => (
+                bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?,
+                Some(config.admin.socket.clone()),
+            ),
         };
+    let metrics_listener = match config.admin.metrics_listen {
+        None => None,
+        Some(a) => Some(tcp_listener(&mut passed, a, Role::Metrics, "admin.metrics_listen").await?),
+    };
+    passed.finish()?;
+    let accepting = shutdown.child_token();
+    let proxy_tasks = TaskTracker::new();
 
     let tracker = TaskTracker::new();
     let settings = Arc::new(ArcSwap::from_pointee(ProxySettings::from_config(
@@ -124,7 +146,7 @@ pub async fn start(
     }));
     control.start_config_nodes();
     let status = Arc::new(StatusView::new(
-        listeners.iter().map(|(l, _)| l.url()).collect(),
+        listeners.iter().map(|(l, _, _)| l.url()).collect(),
         registry.clone(),
         sources,
         routes.clone(),
@@ -135,11 +157,20 @@ pub async fn start(
         routes,
         settings,
         metrics.dial.clone(),
-        tracker.clone(),
+        proxy_tasks.clone(),
         shutdown.child_token(),
-    );
-    for (l, budget) in listeners {
-        tracker.spawn(proxy.clone().serve(l, budget));
+    )
+    .stop_accepting_on(accepting.clone());
+    for (l, budget, unlink) in listeners {
+        let proxy = proxy.clone();
+        tracker.spawn(async move {
+            proxy.serve(l, budget).await;
+            // Only a socket we bound: a passed one stays with the service
+            // manager, and new connections queue on it for the next daemon.
+            if let Some(path) = unlink {
+                let _ = std::fs::remove_file(path);
+            }
+        });
     }
     let admin = AdminApi::new(
         AdminHandles {
@@ -147,12 +178,18 @@ pub async fn start(
             status,
             readiness: readiness.clone(),
             metrics: metrics.clone(),
-            config: store,
+            config: store.clone(),
         },
         tracker.clone(),
         shutdown.child_token(),
     );
-    tracker.spawn(admin.serve(admin_listener, config.admin.socket.clone()));
+    let admin_path = config.admin.socket.clone();
+    tracker.spawn(async move {
+        admin.serve(admin_listener, admin_path).await;
+        if let Some(path) = admin_unlink {
+            let _ = std::fs::remove_file(path);
+        }
+    });
     if let Some(path) = config.discovery.nodes_file.clone() {
         tracker.spawn(crate::discovery::watch_file(
             control.clone(),
@@ -186,31 +223,112 @@ pub async fn start(
         control,
         readiness,
         tracker,
+        accepting,
+        proxy_tasks,
+        config: store,
     })
 }
 
-/// Binds the egress listeners, each with its own pending-handshake budget.
-async fn bind_proxy_listeners(config: &Config) -> Result<Vec<(ProxyListener, usize)>, StartError> {
+/// Refuses a passed socket that matches no listener setting, before
+/// anything is bound.
+fn check_passed(config: &Config, passed: &PassedSockets) -> Result<(), StartError> {
+    let unix_paths: Vec<&Path> = config
+        .proxy
+        .listen
+        .iter()
+        .filter_map(|l| match l {
+            ListenAddr::Unix(p) => Some(p.as_path()),
+            ListenAddr::Tcp(_) => None,
+        })
+        .chain([config.admin.socket.as_path()])
+        .collect();
+    let tcp_addrs: Vec<std::net::SocketAddr> = config
+        .proxy
+        .listen
+        .iter()
+        .filter_map(|l| match l {
+            ListenAddr::Tcp(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        })
+        .chain(config.proxy.tls.as_ref().map(|t| t.listen))
+        .chain(config.admin.metrics_listen)
+        .collect();
+    passed.check_known(&unix_paths, &tcp_addrs)?;
+    Ok(())
+}
+
+/// A passed Unix listener on the runtime.
+fn unix_from_std(
+    l: std::os::unix::net::UnixListener,
+) -> Result<tokio::net::UnixListener, StartError> {
+    let addr = l
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+        .unwrap_or_default();
+    tokio::net::UnixListener::from_std(l).map_err(|e| {
+        StartError::BindUnix(BindError::Io {
+            path: addr,
+            source: e,
+        })
+    })
+}
+
+/// The passed TCP socket bound to `addr`, else a new one bound there.
+async fn tcp_listener(
+    passed: &mut PassedSockets,
+    addr: std::net::SocketAddr,
+    role: Role,
+    setting: &str,
+) -> Result<tokio::net::TcpListener, StartError> {
+    let bind_error = |source| StartError::BindTcp {
+        addr: addr.to_string(),
+        source,
+    };
+    match passed.take_tcp(addr, role, setting)? {
+        Some(l) => tokio::net::TcpListener::from_std(l).map_err(bind_error),
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(bind_error),
+    }
+}
+
+/// A listener, its pending-handshake budget, and the path we bound (and so
+/// remove after serving; never a passed socket's).
+type Bound = (ProxyListener, usize, Option<PathBuf>);
+
+/// Binds the egress listeners (or takes the passed ones), each with its own
+/// pending-handshake budget.
+async fn bind_proxy_listeners(
+    config: &Config,
+    passed: &mut PassedSockets,
+) -> Result<Vec<Bound>, StartError> {
     let mut listeners = Vec::new();
     let budget = config.proxy.max_pending_handshakes;
-    for l in &config.proxy.listen {
-        listeners.push((
-            match l {
-                ListenAddr::Unix(p) => ProxyListener::Unix(
-                    bind_unix_for(p, config.proxy.socket_group.as_deref())?,
-                    p.clone(),
+    for (i, l) in config.proxy.listen.iter().enumerate() {
+        let setting = format!("proxy.listen[{i}]");
+        listeners.push(match l {
+            ListenAddr::Unix(p) => match passed.take_unix(p, Role::Egress, &setting)? {
+                Some(l) => (
+                    ProxyListener::Unix(unix_from_std(l)?, p.clone()),
+                    budget,
+                    None,
                 ),
-                ListenAddr::Tcp(a) => {
-                    ProxyListener::Tcp(tokio::net::TcpListener::bind(a).await.map_err(
-                        |source| StartError::BindTcp {
-                            addr: a.to_string(),
-                            source,
-                        },
-                    )?)
-                }
+                None => (
+                    ProxyListener::Unix(
+                        bind_unix_for(p, config.proxy.socket_group.as_deref())?,
+                        p.clone(),
+                    ),
+                    budget,
+                    Some(p.clone()),
+                ),
             },
-            budget,
-        ));
+            ListenAddr::Tcp(a) => (
+                ProxyListener::Tcp(tcp_listener(passed, *a, Role::Egress, &setting).await?),
+                budget,
+                None,
+            ),
+        });
     }
     if let Some(tls) = &config.proxy.tls {
         let acceptor = crate::tls::acceptor(tls)?;
@@ -220,30 +338,42 @@ async fn bind_proxy_listeners(config: &Config) -> Result<Vec<(ProxyListener, usi
                 "proxy.tls.client_names is empty: every certificate that chains to client_ca_file may use the proxy; if that is the cluster CA, every kubelet's client certificate can"
             );
         }
-        let l = tokio::net::TcpListener::bind(tls.listen)
-            .await
-            .map_err(|source| StartError::BindTcp {
-                addr: tls.listen.to_string(),
-                source,
-            })?;
-        listeners.push((ProxyListener::Tls(l, acceptor), tls.max_pending_handshakes));
+        let l = tcp_listener(passed, tls.listen, Role::Egress, "proxy.tls.listen").await?;
+        listeners.push((
+            ProxyListener::Tls(l, acceptor),
+            tls.max_pending_handshakes,
+            None,
+        ));
     }
     Ok(listeners)
 }
 
-/// Runs the daemon until `shutdown` fires, then waits (bounded) for every
-/// task to finish. SIGHUP reloads `config_path`.
+/// Runs the daemon until `shutdown` fires, then stops gracefully: the
+/// listeners stop accepting at once, connections already accepted (their
+/// handshakes, dials and streams) get up to `proxy.drain_timeout` to finish
+/// while the tunnels stay up (a second SIGTERM or SIGINT ends that wait),
+/// then whatever is left is cut and every task gets [`SHUTDOWN_GRACE`] to
+/// end. SIGHUP reloads `config_path`. `passed` are the sockets the service
+/// manager handed in (see [`crate::activation`]).
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
+    passed: PassedSockets,
 ) -> Result<(), StartError> {
     let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
+    // Everything runs under `stop`, which fires only after the drain.
+    let stop = CancellationToken::new();
     let Started {
         control,
         readiness,
         tracker,
-    } = start(config, config_path, shutdown.clone()).await?;
+        accepting,
+        proxy_tasks,
+        config: store,
+    } = start(config, config_path, stop.clone(), passed).await?;
+    let shutdown_signal = shutdown.clone();
+    let shutdown = stop.clone();
     // systemd: READY=1 once the listeners are bound (done) and the first
     // connection attempt to every node has finished, success or not.
     let ready_cancel = shutdown.clone();
@@ -257,7 +387,8 @@ pub async fn run(
         }
     });
     // WATCHDOG=1 from a loop on the same runtime as the tunnels: if the
-    // runtime wedges, systemd notices and restarts us.
+    // runtime wedges, systemd notices and restarts us. It goes on through
+    // the drain, which may be longer than WatchdogSec.
     let mut usec = 0u64;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
@@ -289,16 +420,61 @@ pub async fn run(
             let _ = hup_control.reload().await;
         }
     });
-    shutdown.cancelled().await;
+    shutdown_signal.cancelled().await;
+    // Listening for a second SIGTERM or SIGINT (an impatient operator) ends
+    // the drain; registered before anything says the drain began.
+    let again = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match signals {
+                (Ok(mut term), Ok(mut int)) => tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                },
+                _ => std::future::pending().await,
+            }
+        }
+    };
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    info!("shutting down");
+    accepting.cancel();
+    let limit = store.load().proxy.drain_timeout;
+    let open = proxy_tasks.len();
+    info!(
+        open,
+        ?limit,
+        "shutting down: stopped accepting; open connections may finish within the drain timeout"
+    );
+    proxy_tasks.close();
+    let drained = tokio::select! {
+        r = tokio::time::timeout(limit, proxy_tasks.wait()) => r.is_ok(),
+        _ = again => {
+            warn!(open = proxy_tasks.len(), "second signal: not waiting for the drain; cutting the connections still open");
+            true
+        }
+    };
+    if !drained {
+        warn!(
+            open = proxy_tasks.len(),
+            ?limit,
+            "drain timeout: cutting the connections still open"
+        );
+    }
+    stop.cancel();
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+    let all_done = async {
+        tracker.wait().await;
+        proxy_tasks.wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_done)
         .await
         .is_err()
     {
         warn!(grace = ?SHUTDOWN_GRACE, "some tasks did not finish in time; exiting anyway");
     }
-    info!("stopped");
+    info!(drained, "stopped");
     Ok(())
 }

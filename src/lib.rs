@@ -28,7 +28,9 @@
 //!    spawns the probe.
 //! 4. **Data path**: `route` the lock-free route table; `relay` one
 //!    stream over one channel; `tls` the mTLS listener; `proxy` the
-//!    HTTP CONNECT front end; `metrics` the Prometheus metrics, read from
+//!    HTTP CONNECT front end; `healthy` a dial's bounded wait for its
+//!    tunnel to come up; `activation` listeners passed in by systemd
+//!    (socket activation); `metrics` the Prometheus metrics, read from
 //!    the tunnels' counters at scrape time.
 //! 5. **Control**: `config_store` the running config and the change
 //!    lock; `registry` the live node map; `sources` where nodes
@@ -48,6 +50,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod address;
 pub(crate) mod admin;
 pub mod admin_api;
@@ -60,6 +63,7 @@ pub mod control;
 pub mod daemon;
 pub mod discovery;
 pub(crate) mod error;
+pub(crate) mod healthy;
 pub(crate) mod identity;
 pub mod keygen;
 pub mod known_hosts;

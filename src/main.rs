@@ -94,7 +94,26 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Takes the sockets systemd passed (socket activation), before anything
+/// else could open a descriptor or start a thread.
+fn passed_sockets() -> Result<tunneler::activation::PassedSockets, String> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fds = tunneler::activation::take_listen_fds().map_err(|e| e.to_string())?;
+    let owned = fds
+        .into_iter()
+        .map(|(fd, name)| {
+            // SAFETY: take_listen_fds returned only descriptors that the
+            // service manager passed to this very process (LISTEN_PID) and
+            // that are open sockets; this runs once, first thing, so nothing
+            // else in the process owns or has closed them.
+            (unsafe { OwnedFd::from_raw_fd(fd) }, name)
+        })
+        .collect();
+    tunneler::activation::PassedSockets::new(owned).map_err(|e| e.to_string())
+}
+
 fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
+    let passed = passed_sockets();
     init_logging(log_format);
     // Fatal errors go through tracing only: in json mode every stderr line
     // must be one JSON object, and in text mode the log line reads well.
@@ -102,6 +121,16 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
         tracing::error!("{msg}");
         ExitCode::from(1)
     };
+    let passed = match passed {
+        Ok(p) => p,
+        Err(e) => return fatal(e),
+    };
+    if !passed.is_empty() {
+        tracing::info!(
+            sockets = passed.len(),
+            "socket activation: using the sockets passed by the service manager"
+        );
+    }
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => return fatal(format!("{}: {e}", config_path.display())),
@@ -114,7 +143,7 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
-        match tunneler::daemon::run(config, Some(path), shutdown).await {
+        match tunneler::daemon::run(config, Some(path), shutdown, passed).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fatal(format!("tunneler: {e}")),
         }

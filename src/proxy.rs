@@ -12,7 +12,7 @@
 //! | 400 | malformed request |
 //! | 405 | a method other than CONNECT |
 //! | 403 | destination not allowed (not a node, pod or service address, or a port a node address does not allow) |
-//! | 503 | no healthy tunnel for the destination |
+//! | 503 | no healthy tunnel for the destination (after waiting up to `wait_for_healthy` for one coming up, see [`crate::healthy`]) |
 //! | 502 | the node refused the channel (SSH reason in the reason phrase) |
 //! | 504 | `dial_timeout` passed |
 //!
@@ -81,6 +81,8 @@ impl ProxyListener {
 pub struct ProxySettings {
     /// Bound on waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
+    /// Bound on waiting for a known tunnel to come up (inside `dial_timeout`).
+    pub wait_for_healthy: Duration,
     /// Bound on reading the CONNECT head (and on a TLS handshake).
     pub handshake_timeout: Duration,
     /// Streams per node; past it new dials to the node get 503 at once.
@@ -98,6 +100,7 @@ impl ProxySettings {
     pub fn from_config(p: &crate::config::ProxyConfig) -> ProxySettings {
         ProxySettings {
             dial_timeout: p.dial_timeout,
+            wait_for_healthy: p.wait_for_healthy,
             handshake_timeout: p.handshake_timeout,
             max_streams_per_node: p.max_streams_per_node,
             node_local_via_loopback: p.node_local_via_loopback,
@@ -116,6 +119,8 @@ pub struct EgressProxy {
     settings: Arc<ArcSwap<ProxySettings>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    /// Stops the accept loops only; `cancel` also cuts connections.
+    accepting: CancellationToken,
     next_stream: Arc<AtomicU64>,
     metrics: Arc<DialMetrics>,
 }
@@ -328,10 +333,21 @@ impl EgressProxy {
             routes,
             settings,
             tracker,
+            accepting: cancel.clone(),
             cancel,
             next_stream: Arc::new(AtomicU64::new(1)),
             metrics,
         }
+    }
+
+    /// Makes the listeners stop accepting when `accepting` fires, while
+    /// connections already accepted go on until they end or `cancel` fires
+    /// (a graceful stop). The caller removes a Unix socket it bound after
+    /// [`EgressProxy::serve`] returns; a socket passed in by the service
+    /// manager stays, and new connections queue on it for the next daemon.
+    pub fn stop_accepting_on(mut self, accepting: CancellationToken) -> EgressProxy {
+        self.accepting = accepting;
+        self
     }
 
     /// Serves one listener until cancelled. At most `max_pending` of its
@@ -346,14 +362,14 @@ impl EgressProxy {
         loop {
             let accepted = match &listener {
                 ProxyListener::Unix(l, _) => tokio::select! {
-                    _ = self.cancel.cancelled() => break,
+                    _ = self.accepting.cancelled() => break,
                     r = l.accept() => r.map(|(s, _)| {
                         let peer = SocketAddr::from(([127, 0, 0, 1], 0));
                         (Conn::Unix(s), peer)
                     }),
                 },
                 ProxyListener::Tcp(l) | ProxyListener::Tls(l, _) => tokio::select! {
-                    _ = self.cancel.cancelled() => break,
+                    _ = self.accepting.cancelled() => break,
                     r = l.accept() => r.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
                         (Conn::Tcp(s), a)
@@ -420,9 +436,6 @@ impl EgressProxy {
                     }
                 }
             });
-        }
-        if let ProxyListener::Unix(_, path) = &listener {
-            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -544,6 +557,13 @@ impl EgressProxy {
                 } else {
                     host
                 };
+                let wait_until =
+                    (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
+                if let Err(e) = crate::healthy::wait_for_node(&node, wait_until).await {
+                    info!(node = %node.node.name, error = %e, "dial failed");
+                    self.refuse(started, &mut s, Refusal::Dial(e)).await;
+                    return;
+                }
                 match node
                     .open_channel(&host, target.port, peer, deadline, max)
                     .await
@@ -557,6 +577,9 @@ impl EgressProxy {
                 }
             }
             Route::Pool { host } => {
+                let wait_until =
+                    (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
+                crate::healthy::wait_for_pool(routes.nodes(), wait_until).await;
                 match dial_pool(routes.nodes(), &host, target.port, peer, deadline, max).await {
                     Ok(open) => open,
                     Err(e) => {
