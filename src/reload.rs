@@ -52,6 +52,7 @@ pub const EFFECTS: &[(&str, Effect)] = &[
     ("proxy.service_cidrs", Effect::Live),
     ("proxy.cluster_cidrs", Effect::Live),
     ("proxy.dial_timeout", Effect::Live),
+    ("proxy.wait_for_healthy", Effect::Live),
     ("proxy.drain_timeout", Effect::Live),
     ("proxy.handshake_timeout", Effect::Live),
     ("proxy.max_pending_handshakes", Effect::Restart),
@@ -211,6 +212,7 @@ mod tests {
         let want = [
             ("ssh.connections_per_node", Effect::NewNodes),
             ("proxy.dial_timeout", Effect::Live),
+    ("proxy.wait_for_healthy", Effect::Live),
             ("proxy.socket_group", Effect::Restart),
             ("discovery", Effect::Restart),
             ("node", Effect::Live),
