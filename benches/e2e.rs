@@ -2148,7 +2148,7 @@ fn real_nodes(sz: &Sizes) -> NodesResult {
 /// the connection, plus the daemon's share) until a run has measured it.
 const SIM_NODE_COST_KIB: u64 = 2 << 10;
 /// Memory left to everything else on the machine while simulated nodes run.
-const MEM_RESERVE_KIB: u64 = 4 << 20;
+const MEM_RESERVE_KIB: u64 = 3 << 20;
 
 /// One daemon run against `n` simulated nodes.
 struct SimResult {
@@ -2226,7 +2226,7 @@ fn sim_nodes(sz: &Sizes) -> Vec<SimResult> {
     let mut cost = SIM_NODE_COST_KIB as f64;
     let mut out = Vec::new();
     for &n in &sz.sim_nodes {
-        let need = (n as f64 * cost * 1.25) as u64 + MEM_RESERVE_KIB;
+        let need = (n as f64 * cost * 1.15) as u64 + MEM_RESERVE_KIB;
         let avail = mem_available_kib();
         let (pids, pid_max) = pids_in_use();
         if avail < need {
@@ -2235,7 +2235,7 @@ fn sim_nodes(sz: &Sizes) -> Vec<SimResult> {
                 format!(
                     "needs ~{} MiB available ({:.1} MiB per node + {} MiB reserve), the machine has {} MiB",
                     need >> 10,
-                    cost * 1.25 / 1024.0,
+                    cost * 1.15 / 1024.0,
                     MEM_RESERVE_KIB >> 10,
                     avail >> 10
                 ),
