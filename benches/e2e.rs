@@ -1,10 +1,12 @@
-//! End-to-end benchmark (issue 4): the daemon's CONNECT path against
-//! OpenSSH `ssh -L` and against direct TCP, side by side in one run.
+//! End-to-end benchmark: the daemon's CONNECT path against OpenSSH
+//! `ssh -L` and against direct TCP, side by side in one run, ending with one
+//! table of the performance targets (figure | target | measured | met).
 //!
-//! Run as root: `cargo bench --bench e2e` (about 5 minutes), or
-//! `TUNNELER_BENCH_SMOKE=1 cargo bench --bench e2e` (or `-- --smoke`) for a
-//! tiny run of every measurement that only shows the tool works. Without
-//! root and network namespaces it prints SKIP and exits 0.
+//! Run as root: `cargo bench --bench e2e` (the full run, about 20 minutes
+//! with 5000 simulated nodes), or `TUNNELER_BENCH_SMOKE=1 cargo bench
+//! --bench e2e` (or `-- --smoke`) for a tiny run of every measurement that
+//! only shows the tool works (CI runs it). Without root and network
+//! namespaces it prints SKIP and exits 0.
 //!
 //! Paths, all to the same node namespace built by the integration-test
 //! harness (real OpenSSH sshd, no default route):
@@ -14,14 +16,39 @@
 //! - `daemon tcp` / `daemon unix`: `CONNECT` through the daemon's TCP and
 //!   Unix listeners (the release build of this crate's `tunneler`).
 //!
+//! Sections, in the order they run (`TUNNELER_BENCH_ONLY=a,b` picks some):
+//! - `rtt_ms`: the keepalive round trip `status --json` shows on an idle
+//!   link (default 10 s keepalive), against a direct TCP echo to the node
+//!   after the same idle gap, measured at the same time. It runs first,
+//!   before anything else has used the tunnel;
+//! - `throughput`: one stream of `TUNNELER_BENCH_BYTES` (1 GiB) per path,
+//!   three runs interleaved, with CPU seconds per GB;
+//! - `rtt`: 64-byte round trips on an open stream, p50 and p99;
+//! - `dial`: connect + CONNECT + one round trip, 500 sequential dials, then
+//!   2000 dials with 100 in flight (p99 also against direct TCP's);
+//! - `streams`: 50, 1000 and 10 000 streams held open on one tunnel, then
+//!   echoing on all at once (median of five rounds), RSS per idle stream;
+//! - `slow`: readers slower than their node (see [`slow`]);
+//! - `aggregate`: four nodes of their own, one stream each at once: the one
+//!   daemon against four `ssh -L` processes, one per node;
+//! - `nodes`: 40 node namespaces with one sshd each, then 1000 and 5000
+//!   simulated nodes (`TUNNELER_BENCH_NODES=1000,5000`): distinct addresses
+//!   in 10.201-203.x.0/24 blocks on the `lo` of a few namespaces (1000 per
+//!   sshd, `MaxStartups` above that). Time until all are healthy, daemon
+//!   RSS (per idle tunnel too), and the daemon's CPU over an idle window
+//!   (`/proc/<pid>/stat` utime+stime). sshd costs about 2 MiB per
+//!   connection: a count the machine's `MemAvailable` (or pid limit) cannot
+//!   hold prints n/a with the reason instead of running.
+//!
 //! The servers in the node namespace are this binary re-executed there
 //! (`e2e __serve`): a source that writes as many bytes as asked, and a raw
 //! echo. Every loop and wait is bounded; the harness tears everything down
 //! in `Drop`, also on panic.
 //!
 //! Figures are printed, never asserted (timing belongs here, not in a pass
-//! or fail). Correctness is checked, on every path and every byte: a fast
-//! relay that loses, duplicates or corrupts data must not look good.
+//! or fail); the targets table says met or NOT MET, and that is no error.
+//! Correctness is checked, on every path and every byte: a fast relay that
+//! loses, duplicates or corrupts data must not look good.
 //! - Bulk data is a pseudo-random pattern ([`pattern`]) keyed by a seed the
 //!   client sends with its request, so the node-side source and the client
 //!   derive the same bytes. The client checks every chunk on arrival, and
@@ -62,6 +89,18 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 // Sizes
 // ---------------------------------------------------------------------------
 
+/// Every section, in the order they run (`TUNNELER_BENCH_ONLY` names).
+const SECTIONS: [&str; 8] = [
+    "rtt_ms",
+    "throughput",
+    "rtt",
+    "dial",
+    "streams",
+    "slow",
+    "aggregate",
+    "nodes",
+];
+
 /// How much each measurement does; `smoke` makes everything tiny.
 struct Sizes {
     /// Sections to run (`TUNNELER_BENCH_ONLY`); all when empty.
@@ -75,7 +114,18 @@ struct Sizes {
     streams: Vec<usize>,
     open_concurrency: usize,
     real_nodes: usize,
-    sim_nodes: usize,
+    /// Simulated node counts, one daemon run each (`TUNNELER_BENCH_NODES`).
+    sim_nodes: Vec<usize>,
+    /// Simulated nodes served by one sshd (one namespace each).
+    sim_per_sshd: usize,
+    /// Seconds over which the daemon's idle CPU is read at each count.
+    idle_cpu_secs: u64,
+    /// Runs of the aggregate (4 nodes at once) throughput.
+    agg_runs: usize,
+    /// Rounds of "echo on all at once" per concurrent-stream count.
+    echo_rounds: usize,
+    /// Keepalive round trips read from `status` (`rtt_ms` section).
+    status_rtt_samples: usize,
     /// Seconds of the single 2 MB/s slow reader (`slow`).
     slow_secs: u64,
     /// Seconds of each of the ten slow readers at once.
@@ -101,6 +151,16 @@ impl Sizes {
         {
             sz.bulk_bytes = b;
         }
+        if let Ok(v) = std::env::var("TUNNELER_BENCH_NODES") {
+            let counts: Vec<usize> = v
+                .split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .filter(|n| *n > 0)
+                .collect();
+            if !counts.is_empty() {
+                sz.sim_nodes = counts;
+            }
+        }
         sz
     }
 
@@ -122,7 +182,13 @@ impl Sizes {
                 streams: vec![50],
                 open_concurrency: 10,
                 real_nodes: 3,
-                sim_nodes: 5,
+                sim_nodes: vec![5],
+                // Two sshd namespaces even here, so that path runs in CI.
+                sim_per_sshd: 3,
+                idle_cpu_secs: 3,
+                agg_runs: 1,
+                echo_rounds: 2,
+                status_rtt_samples: 1,
                 slow_secs: 2,
                 slow_many_secs: 2,
                 // Enough bytes to pass the per-stream limit and be held.
@@ -135,13 +201,18 @@ impl Sizes {
                 bulk_bytes: 1 << 30,
                 bulk_runs: 3,
                 rtt_count: 10_000,
-                dial_seq: 1000,
+                dial_seq: 500,
                 dial_total: 2000,
                 dial_in_flight: 100,
-                streams: vec![1000, 10_000],
+                streams: vec![50, 1000, 10_000],
                 open_concurrency: 100,
                 real_nodes: 40,
-                sim_nodes: 1000,
+                sim_nodes: vec![1000, 5000],
+                sim_per_sshd: 1000,
+                idle_cpu_secs: 30,
+                agg_runs: 3,
+                echo_rounds: 5,
+                status_rtt_samples: 6,
                 slow_secs: 60,
                 slow_many_secs: 20,
                 slow_neigh_secs: 30,
@@ -289,6 +360,203 @@ fn fail(what: String) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(what);
+}
+
+// ---------------------------------------------------------------------------
+// The targets table
+// ---------------------------------------------------------------------------
+
+/// The performance targets, in the order the closing table lists them:
+/// (key, section that measures it, figure, target). Sections fill in their
+/// rows with [`record`]; a row no section filled says why.
+const TARGETS: &[(&str, &str, &str, &str)] = &[
+    (
+        "throughput tcp",
+        "throughput",
+        "single-stream throughput, TCP listener",
+        "≥ 1.2× ssh -L",
+    ),
+    (
+        "throughput unix",
+        "throughput",
+        "single-stream throughput, Unix listener",
+        "≥ 1.2× ssh -L",
+    ),
+    (
+        "aggregate tcp",
+        "aggregate",
+        "aggregate throughput, 4 nodes × 1 stream, TCP",
+        "≥ 1.0× 4 ssh -L",
+    ),
+    (
+        "aggregate unix",
+        "aggregate",
+        "aggregate throughput, 4 nodes × 1 stream, Unix",
+        "≥ 1.0× 4 ssh -L",
+    ),
+    (
+        "rtt tcp",
+        "rtt",
+        "64 B round-trip p50, TCP",
+        "≤ 0.9× ssh -L",
+    ),
+    (
+        "rtt unix",
+        "rtt",
+        "64 B round-trip p50, Unix",
+        "≤ 0.9× ssh -L",
+    ),
+    ("dial p50 tcp", "dial", "dial p50, TCP", "≤ 1.0× ssh -L"),
+    ("dial p50 unix", "dial", "dial p50, Unix", "≤ 1.0× ssh -L"),
+    (
+        "dial seq tcp",
+        "dial",
+        "dial p99, sequential dials, TCP",
+        "≤ 2 ms",
+    ),
+    (
+        "dial seq unix",
+        "dial",
+        "dial p99, sequential dials, Unix",
+        "≤ 2 ms",
+    ),
+    (
+        "dial flight tcp",
+        "dial",
+        "dial p99, dials in flight, TCP",
+        "≤ 1.5× direct TCP",
+    ),
+    (
+        "dial flight unix",
+        "dial",
+        "dial p99, dials in flight, Unix",
+        "≤ 1.5× direct TCP",
+    ),
+    (
+        "echo50 tcp",
+        "streams",
+        "50 streams echoing at once, one tunnel, TCP",
+        "≤ 1.0× ssh -L",
+    ),
+    (
+        "echo50 unix",
+        "streams",
+        "50 streams echoing at once, one tunnel, Unix",
+        "≤ 1.0× ssh -L",
+    ),
+    ("rss tunnel", "nodes", "RSS per idle tunnel", "≤ 64 KiB"),
+    (
+        "nodes healthy",
+        "nodes",
+        "5000 simulated nodes: all healthy after",
+        "≤ 30 s",
+    ),
+    (
+        "nodes rss",
+        "nodes",
+        "5000 simulated nodes: daemon RSS",
+        "≤ 400 MiB",
+    ),
+    (
+        "idle cpu",
+        "nodes",
+        "idle CPU at 1000 nodes, keepalive 10 s",
+        "≤ 2 % of one core",
+    ),
+    (
+        "rtt_ms",
+        "rtt_ms",
+        "status rtt_ms, idle link, keepalive 10 s",
+        "≤ direct TCP echo + 1 ms",
+    ),
+];
+
+/// What a section measured for one target, and whether it is met (`None`:
+/// not measurable in this run; `measured` says why).
+struct Outcome {
+    measured: String,
+    met: Option<bool>,
+}
+
+fn outcomes() -> &'static std::sync::Mutex<HashMap<&'static str, Outcome>> {
+    static O: std::sync::OnceLock<std::sync::Mutex<HashMap<&'static str, Outcome>>> =
+        std::sync::OnceLock::new();
+    O.get_or_init(Default::default)
+}
+
+/// Fills in the targets-table row `key` (one of [`TARGETS`]).
+fn record(key: &'static str, measured: String, met: Option<bool>) {
+    assert!(TARGETS.iter().any(|t| t.0 == key), "no target row {key}");
+    outcomes()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, Outcome { measured, met });
+}
+
+/// Records `value / peer` against `limit`: met when the ratio is at most
+/// `limit` (`at_most`) or at least `limit`. `shown` is the value as printed.
+fn record_ratio(
+    key: &'static str,
+    shown: impl Fn(f64) -> String,
+    value: Option<f64>,
+    peer: Option<f64>,
+    peer_label: &str,
+    limit: f64,
+    at_most: bool,
+) {
+    match (value, peer) {
+        (Some(v), Some(p)) if p > 0.0 && v.is_finite() => {
+            let r = v / p;
+            record(
+                key,
+                format!("{} = {r:.2}× {peer_label} ({})", shown(v), shown(p)),
+                Some(if at_most { r <= limit } else { r >= limit }),
+            );
+        }
+        (Some(v), _) => record(
+            key,
+            format!("{}; n/a: no {peer_label} figure", shown(v)),
+            None,
+        ),
+        _ => record(key, "n/a: no samples (see errors)".into(), None),
+    }
+}
+
+/// The closing table: every target with what this run measured.
+fn targets_table(sz: &Sizes, smoke: bool) -> Table {
+    let mut t = Table::new(
+        "Targets (every figure from this run; ratios against the peer measured in the same run)",
+        &["figure", "target", "measured", "met"],
+    );
+    let got = outcomes().lock().unwrap_or_else(|e| e.into_inner());
+    for (key, section, figure, target) in TARGETS {
+        let (measured, met) = match got.get(key) {
+            Some(o) => (
+                o.measured.clone(),
+                match o.met {
+                    Some(true) => "met",
+                    Some(false) => "NOT MET",
+                    None => "n/a",
+                },
+            ),
+            None if !sz.runs(section) => (
+                format!("not run (TUNNELER_BENCH_ONLY lacks {section})"),
+                "-",
+            ),
+            None => ("n/a: not measured (see errors)".to_string(), "n/a"),
+        };
+        t.row(vec![
+            figure.to_string(),
+            target.to_string(),
+            measured,
+            met.to_string(),
+        ]);
+    }
+    if smoke {
+        t.notes
+            .push("SMOKE run: tiny sizes, so these verdicts mean nothing".into());
+    }
+    t
 }
 
 // ---------------------------------------------------------------------------
@@ -875,7 +1143,7 @@ fn start_ssh_forward(
     cmd.arg(format!("root@{ip}"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(cluster.dir.join("ssh-L.log")).unwrap());
+        .stderr(fs::File::create(cluster.dir.join(format!("ssh-L-{ip}.log"))).unwrap());
     let mut guard = ChildGuard(cmd.spawn().expect("spawn ssh -L"));
     let up = common::poll(Duration::from_secs(15), || {
         if let Ok(Some(_)) = guard.0.try_wait() {
@@ -893,7 +1161,7 @@ fn start_ssh_forward(
     assert!(
         up && !exited,
         "ssh -L did not come up: {}",
-        fs::read_to_string(cluster.dir.join("ssh-L.log")).unwrap_or_default()
+        fs::read_to_string(cluster.dir.join(format!("ssh-L-{ip}.log"))).unwrap_or_default()
     );
     (guard, forwards)
 }
@@ -973,6 +1241,20 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
     }
     for (p, v) in &mut cpu {
         cmed.extend(median(v).map(|m| (*p, m)));
+    }
+    for (key, path) in [
+        ("throughput tcp", PathKind::DaemonTcp),
+        ("throughput unix", PathKind::DaemonUnix),
+    ] {
+        record_ratio(
+            key,
+            |v| format!("{:.0} MiB/s", mib(v)),
+            med.get(&path).copied(),
+            med.get(&PathKind::SshL).copied(),
+            "ssh -L",
+            1.2,
+            false,
+        );
     }
     let mut t = Table::new(
         format!(
@@ -1061,7 +1343,60 @@ fn rtt(ep: &Endpoints, sz: &Sizes) -> Table {
         res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
     }
     latency_rows(&mut t, &res);
+    record_latency(&res, ["rtt tcp", "rtt unix"], false, PathKind::SshL, 0.9);
     t
+}
+
+/// Records the daemon's rows of `res` (TCP, then Unix listener) for the
+/// targets `keys`: their p50 (or p99) against `peer`'s, at most `limit`×.
+fn record_latency(res: &[Latency], keys: [&'static str; 2], p99: bool, peer: PathKind, limit: f64) {
+    let pick = |r: &Latency| if p99 { r.2 } else { r.1 };
+    let of = |p: PathKind| {
+        res.iter()
+            .find(|r| r.0 == p)
+            .and_then(pick)
+            .map(|d| d.as_secs_f64())
+    };
+    for (key, path) in keys
+        .into_iter()
+        .zip([PathKind::DaemonTcp, PathKind::DaemonUnix])
+    {
+        record_ratio(
+            key,
+            |v| us(Duration::from_secs_f64(v)),
+            of(path),
+            of(peer),
+            peer.label(),
+            limit,
+            true,
+        );
+    }
+}
+
+/// Records the daemon's sequential-dial p99 (TCP, then Unix listener)
+/// against the absolute bound, with its ratio to `ssh -L` for reference.
+fn record_dial_p99(res: &[Latency], dials: usize, bound: Duration) {
+    let ssh = res.iter().find(|r| r.0 == PathKind::SshL).and_then(|r| r.2);
+    for (key, path) in [
+        ("dial seq tcp", PathKind::DaemonTcp),
+        ("dial seq unix", PathKind::DaemonUnix),
+    ] {
+        match res.iter().find(|r| r.0 == path).and_then(|r| r.2) {
+            Some(d) => record(
+                key,
+                format!(
+                    "{} of {dials} dials ({} ssh -L)",
+                    us(d),
+                    match ssh {
+                        Some(s) => ratio(d.as_secs_f64(), Some(s.as_secs_f64())),
+                        None => NA.into(),
+                    }
+                ),
+                Some(d <= bound),
+            ),
+            None => record(key, "n/a: no samples (see errors)".into(), None),
+        }
+    }
 }
 
 /// (path, p50, p99); `None` where the path produced no samples.
@@ -1148,6 +1483,14 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
         res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
     }
     latency_rows(&mut seq, &res);
+    record_latency(
+        &res,
+        ["dial p50 tcp", "dial p50 unix"],
+        false,
+        PathKind::SshL,
+        1.0,
+    );
+    record_dial_p99(&res, sz.dial_seq, Duration::from_millis(2));
 
     progress("dial latency, in flight");
     let mut par = Table::new(
@@ -1155,7 +1498,14 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
             "Dial as above with {} dials in flight ({} dials)",
             sz.dial_in_flight, sz.dial_total
         ),
-        &["path", "p50", "p99", "p50 vs ssh -L", "p99 vs ssh -L"],
+        &[
+            "path",
+            "p50",
+            "p99",
+            "p50 vs ssh -L",
+            "p99 vs ssh -L",
+            "p99 vs direct",
+        ],
     );
     let mut res = Vec::new();
     for path in PATHS {
@@ -1208,6 +1558,24 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
         res.push((path, percentile(&v, 50.0), percentile(&v, 99.0)));
     }
     latency_rows(&mut par, &res);
+    let direct = res
+        .iter()
+        .find(|r| r.0 == PathKind::Direct)
+        .and_then(|r| r.2)
+        .map(|d| d.as_secs_f64());
+    for (row, r) in par.rows.iter_mut().zip(&res) {
+        row.push(match r.2 {
+            Some(d) => ratio(d.as_secs_f64(), direct),
+            None => NA.into(),
+        });
+    }
+    record_latency(
+        &res,
+        ["dial flight tcp", "dial flight unix"],
+        true,
+        PathKind::Direct,
+        1.5,
+    );
     vec![seq, par]
 }
 
@@ -1226,6 +1594,7 @@ async fn many_streams(
     path: PathKind,
     n: usize,
     open_conc: usize,
+    rounds: usize,
     pid: Option<u32>,
 ) -> ManyResult {
     let rss0 = pid.map(rss_kib);
@@ -1260,30 +1629,35 @@ async fn many_streams(
     // Let the relay settle before reading memory with every stream idle.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss1 = pid.map(rss_kib);
-    // One more round trip on every stream at once.
-    let t1 = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for (mut s, seed) in open.drain(..) {
-        set.spawn(async move {
-            let r = tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s, seed, 1))
-                .await
-                .map_err(|_| io::Error::other("round trip timed out"))
-                .and_then(|r| r);
-            (r, s)
-        });
-    }
-    let mut echoed = Vec::with_capacity(n);
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok((Ok(()), s)) => echoed.push(s),
-            Ok((Err(e), _)) => errors.push(format!("echo on all: {e}")),
-            Err(e) => errors.push(format!("echo task: {e}")),
+    // Rounds of one more round trip on every stream at once; the median
+    // round is the figure.
+    let mut echo_times = Vec::with_capacity(rounds);
+    for round in 0..rounds.max(1) as u64 {
+        let t1 = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (mut s, seed) in open.drain(..) {
+            set.spawn(async move {
+                let r = tokio::time::timeout(IO_TIMEOUT, round_trip_async(&mut s, seed, 1 + round))
+                    .await
+                    .map_err(|_| io::Error::other("round trip timed out"))
+                    .and_then(|r| r);
+                (r, s, seed)
+            });
         }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok((Ok(()), s, seed)) => open.push((s, seed)),
+                Ok((Err(e), _, _)) => errors.push(format!("echo on all: {e}")),
+                Err(e) => errors.push(format!("echo task: {e}")),
+            }
+        }
+        echo_times.push(t1.elapsed());
     }
-    let echo_time = t1.elapsed();
+    echo_times.sort();
+    let echo_time = echo_times[echo_times.len() / 2];
     // Every stream must then close cleanly, with nothing extra.
     let mut set = tokio::task::JoinSet::new();
-    for mut s in echoed {
+    for (mut s, _) in open {
         set.spawn(async move { finish_echo_async(&mut s).await });
     }
     let mut ok = 0;
@@ -1333,8 +1707,8 @@ fn concurrency(
         progress(&format!("{n} concurrent streams"));
         let mut t = Table::new(
             format!(
-                "{n} concurrent streams over one tunnel (opened {} at a time, each echoes once, then all echo at once)",
-                sz.open_concurrency
+                "{n} concurrent streams over one tunnel (opened {} at a time, each echoes once, then all echo at once: median of {} rounds)",
+                sz.open_concurrency, sz.echo_rounds
             ),
             &[
                 "path",
@@ -1349,7 +1723,14 @@ fn concurrency(
         let mut res = Vec::new();
         for path in PATHS {
             let pid = path_pid(path, daemon, ssh);
-            let r = rt.block_on(many_streams(ep, path, n, sz.open_concurrency, pid));
+            let r = rt.block_on(many_streams(
+                ep,
+                path,
+                n,
+                sz.open_concurrency,
+                sz.echo_rounds,
+                pid,
+            ));
             if r.ok != n || !r.errors.is_empty() {
                 let list: Vec<String> = r
                     .errors
@@ -1358,9 +1739,10 @@ fn concurrency(
                     .map(|(e, k)| format!("{k}× {e}"))
                     .collect();
                 fail(format!(
-                    "{n} concurrent streams, {}: {} of {n} opened, echoed twice and closed cleanly; {}",
+                    "{n} concurrent streams, {}: {} of {n} opened, echoed {} times and closed cleanly; {}",
                     path.label(),
                     r.ok,
+                    1 + sz.echo_rounds,
                     list.join("; ")
                 ));
             }
@@ -1389,12 +1771,315 @@ fn concurrency(
                     .unwrap_or_else(|| "-".into()),
             ]);
         }
-        t.notes
-            .push("ok: streams that opened, echoed (checked) twice and then closed cleanly".into());
+        if n == 50 {
+            let echo = |p: PathKind| {
+                res.iter()
+                    .find(|r| r.0 == p)
+                    .filter(|r| r.1.ok == n)
+                    .map(|r| r.1.echo_time.as_secs_f64())
+            };
+            for (key, path) in [
+                ("echo50 tcp", PathKind::DaemonTcp),
+                ("echo50 unix", PathKind::DaemonUnix),
+            ] {
+                record_ratio(
+                    key,
+                    |v| format!("{:.1} ms", v * 1e3),
+                    echo(path),
+                    echo(PathKind::SshL),
+                    "ssh -L",
+                    1.0,
+                    true,
+                );
+            }
+        }
+        t.notes.push(format!(
+            "ok: streams that opened, echoed (checked) {} times and then closed cleanly",
+            1 + sz.echo_rounds
+        ));
         t.notes.push("RSS/stream: VmRSS of the daemon or of ssh -L's ssh with all streams open and idle, minus before, divided by the count".into());
         tables.push(t);
     }
     (tables, per_stream)
+}
+
+// ---------------------------------------------------------------------------
+// Keepalive round trip in the status (`rtt_ms`)
+// ---------------------------------------------------------------------------
+
+/// The keepalive interval [`bench_toml`] sets: the production default.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// `rtt_ms` of the daemon's first node in `status --json`.
+fn first_node_rtt_ms(admin: &std::path::Path) -> Option<f64> {
+    let (code, body) = common::admin_get(admin, "/v1/status").ok()?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["nodes"].get(0)?["rtt_ms"].as_f64()
+}
+
+/// What an operator reads as the node's round trip on an idle link, against
+/// what the same link really takes after the same idle gap: a direct TCP
+/// echo to the node, one round trip every keepalive interval, run at the
+/// same time. Runs first, while nothing else has used the tunnel.
+///
+/// Each new `rtt_ms` value is one keepalive ping; the value already there
+/// when the section starts is not counted.
+fn status_rtt(ep: &Endpoints, sz: &Sizes, admin: &std::path::Path) -> Table {
+    let n = sz.status_rtt_samples;
+    progress(&format!(
+        "status rtt_ms on an idle link: {n} keepalive round trips, {}s apart",
+        KEEPALIVE.as_secs()
+    ));
+    let (pings, direct) = std::thread::scope(|sc| {
+        let direct = sc.spawn(|| -> io::Result<Vec<Duration>> {
+            let seed = next_seed();
+            let mut s = ep.dial(PathKind::Direct, ECHO_PORT)?;
+            round_trip(&mut s, seed, 0)?;
+            let mut v = Vec::with_capacity(n);
+            for i in 0..n as u64 {
+                std::thread::sleep(KEEPALIVE);
+                let t0 = Instant::now();
+                round_trip(&mut s, seed, 1 + i)?;
+                v.push(t0.elapsed());
+            }
+            finish_echo(&mut s)?;
+            Ok(v)
+        });
+        let deadline = Instant::now() + KEEPALIVE * (n as u32 + 2) + Duration::from_secs(5);
+        let mut last = first_node_rtt_ms(admin);
+        let mut pings = Vec::with_capacity(n);
+        while pings.len() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(v) = first_node_rtt_ms(admin) {
+                // A ping the section saw happen, not the one before it.
+                if last.is_some_and(|l| l != v) {
+                    pings.push(Duration::from_secs_f64(v / 1e3));
+                }
+                last = Some(v);
+            }
+        }
+        let direct = direct
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("bench thread panicked")));
+        (pings, direct)
+    });
+    if pings.len() < n {
+        fail(format!(
+            "rtt_ms: {} of {n} keepalive round trips showed in the status within {} intervals",
+            pings.len(),
+            n + 2
+        ));
+    }
+    let direct = direct.unwrap_or_else(|e| {
+        fail(format!("rtt_ms, direct TCP echo: {e}"));
+        Vec::new()
+    });
+    let (mut pings, mut direct) = (pings, direct);
+    pings.sort();
+    direct.sort();
+    let mut t = Table::new(
+        format!(
+            "Round trip after {} s idle: the status's rtt_ms (keepalive {} s, one node, no streams) against a direct TCP echo to the node after the same gap",
+            KEEPALIVE.as_secs(),
+            KEEPALIVE.as_secs()
+        ),
+        &["what", "samples", "p50", "min", "max", "p50 vs direct"],
+    );
+    let d50 = percentile(&direct, 50.0);
+    for (what, v) in [("status rtt_ms", &pings), ("direct TCP echo", &direct)] {
+        let cell = |d: Option<Duration>| d.map(us).unwrap_or_else(|| NA.into());
+        t.row(vec![
+            what.into(),
+            v.len().to_string(),
+            cell(percentile(v, 50.0)),
+            cell(v.first().copied()),
+            cell(v.last().copied()),
+            match percentile(v, 50.0) {
+                Some(p) => ratio(p.as_secs_f64(), d50.map(|d| d.as_secs_f64())),
+                None => NA.into(),
+            },
+        ]);
+    }
+    match (percentile(&pings, 50.0), d50) {
+        (Some(p), Some(d)) => {
+            let gap = p.as_secs_f64() - d.as_secs_f64();
+            record(
+                "rtt_ms",
+                format!(
+                    "p50 {} vs direct {} ({:+.2} ms, {} samples)",
+                    us(p),
+                    us(d),
+                    gap * 1e3,
+                    pings.len()
+                ),
+                Some(gap <= 1e-3),
+            );
+        }
+        _ => record("rtt_ms", "n/a: no samples (see errors)".into(), None),
+    }
+    t.notes.push("both include this machine's cost of waking from idle; the target is rtt_ms within 1 ms of the direct echo".into());
+    t
+}
+
+// ---------------------------------------------------------------------------
+// Aggregate throughput (`aggregate`): four nodes, one stream each, at once
+// ---------------------------------------------------------------------------
+
+/// Nodes of the aggregate run, one stream each.
+const AGG_NODES: usize = 4;
+
+/// One stream from each of [`AGG_NODES`] nodes at once: the daemon's one
+/// process against one `ssh -L` process per node (which may spread over
+/// every core). Every byte of every stream is checked.
+fn aggregate(sz: &Sizes) -> Table {
+    progress(&format!("aggregate: building {AGG_NODES} node namespaces"));
+    let cluster = Cluster::with_options(
+        AGG_NODES,
+        ClusterOptions {
+            servers: false,
+            ..ClusterOptions::default()
+        },
+    );
+    let _servers: Vec<ChildGuard> = cluster.nodes.iter().map(|n| start_servers(&n.ns)).collect();
+    let daemon = Daemon::start_toml(&cluster, &bench_toml(&cluster, &ConfigSpec::default()), &[]);
+    daemon.wait_all_healthy(Duration::from_secs(30));
+    let mut ssh = Vec::new();
+    let mut eps = Vec::new();
+    for node in &cluster.nodes {
+        let (g, forwards) = start_ssh_forward(&cluster, node.ip, &[SOURCE_PORT]);
+        ssh.push(g);
+        eps.push(Endpoints {
+            node_ip: node.ip,
+            forwards,
+            daemon_tcp: daemon.tcp_listener(),
+            daemon_unix: daemon.egress.clone(),
+        });
+    }
+    let dpid = daemon.pid();
+    let ssh_pids: Vec<u32> = ssh.iter().map(|g| g.0.id()).collect();
+    let bytes = sz.bulk_bytes;
+    let total = (AGG_NODES as u64 * bytes) as f64;
+    progress(&format!(
+        "aggregate throughput: {AGG_NODES} nodes × 1 stream of {} MiB at once",
+        bytes >> 20
+    ));
+    let mut rates: HashMap<PathKind, Vec<f64>> = HashMap::new();
+    let mut slowest: HashMap<PathKind, Vec<f64>> = HashMap::new();
+    let mut cpu: HashMap<PathKind, Vec<f64>> = HashMap::new();
+    for _ in 0..sz.agg_runs {
+        for path in PATHS {
+            let pids = match path {
+                PathKind::Direct => Vec::new(),
+                PathKind::SshL => ssh_pids.clone(),
+                PathKind::DaemonTcp | PathKind::DaemonUnix => vec![dpid],
+            };
+            let c0: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let t0 = Instant::now();
+            let res: Vec<io::Result<Duration>> = std::thread::scope(|sc| {
+                let hs: Vec<_> = eps
+                    .iter()
+                    .map(|ep| sc.spawn(move || bulk_once(ep, path, bytes)))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(io::Error::other("bench thread panicked")))
+                    })
+                    .collect()
+            });
+            let wall = t0.elapsed().as_secs_f64();
+            let c1: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+            let mut ok = true;
+            let mut slow = f64::INFINITY;
+            for (i, r) in res.into_iter().enumerate() {
+                match r {
+                    Ok(d) => slow = slow.min(bytes as f64 / d.as_secs_f64()),
+                    Err(e) => {
+                        ok = false;
+                        fail(format!(
+                            "aggregate throughput, {}, node {}: {e}",
+                            path.label(),
+                            i + 1
+                        ));
+                    }
+                }
+            }
+            if ok {
+                rates.entry(path).or_default().push(total / wall);
+                slowest.entry(path).or_default().push(slow);
+                if !pids.is_empty() {
+                    cpu.entry(path).or_default().push((c1 - c0) / (total / 1e9));
+                }
+            }
+        }
+    }
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let med =
+        |m: &mut HashMap<PathKind, Vec<f64>>, p: PathKind| m.get_mut(&p).and_then(|v| median(v));
+    let ssh_rate = med(&mut rates, PathKind::SshL);
+    let ssh_cpu = med(&mut cpu, PathKind::SshL);
+    let mut t = Table::new(
+        format!(
+            "Aggregate throughput: {AGG_NODES} nodes × 1 stream of {} MiB, all at once, {} run(s), median; ssh -L is one process per node",
+            bytes >> 20,
+            sz.agg_runs
+        ),
+        &[
+            "path",
+            "runs ok",
+            "MiB/s (all)",
+            "Gbit/s",
+            "vs 4 ssh -L",
+            "slowest stream MiB/s",
+            "CPU s/GB",
+            "vs 4 ssh -L",
+        ],
+    );
+    for path in PATHS {
+        let runs = rates.get(&path).map_or(0, Vec::len);
+        let Some(r) = med(&mut rates, path) else {
+            let mut row = vec![path.label().into(), format!("0/{}", sz.agg_runs)];
+            row.resize(8, NA.into());
+            t.row(row);
+            continue;
+        };
+        let c = med(&mut cpu, path);
+        t.row(vec![
+            path.label().into(),
+            format!("{runs}/{}", sz.agg_runs),
+            format!("{:.0}", mib(r)),
+            format!("{:.2}", r * 8.0 / 1e9),
+            ratio(r, ssh_rate),
+            med(&mut slowest, path)
+                .map(|s| format!("{:.0}", mib(s)))
+                .unwrap_or_else(|| NA.into()),
+            c.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
+            c.map(|c| ratio(c, ssh_cpu)).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    for (key, path) in [
+        ("aggregate tcp", PathKind::DaemonTcp),
+        ("aggregate unix", PathKind::DaemonUnix),
+    ] {
+        record_ratio(
+            key,
+            |v| format!("{:.2} Gbit/s", v * 8.0 / 1e9),
+            med(&mut rates, path),
+            ssh_rate,
+            "4 ssh -L",
+            1.0,
+            false,
+        );
+    }
+    t.notes.push("MiB/s (all): the bytes of the four streams over the time from the first dial to the last stream's EOF; every byte checked on arrival, EOF right after the last".into());
+    t.notes.push("CPU s/GB: utime+stime of the daemon, or of the four ssh processes together, per 10^9 bytes relayed".into());
+    drop(ssh);
+    let mut daemon = daemon;
+    daemon.stop();
+    t
 }
 
 // ---------------------------------------------------------------------------
@@ -1419,7 +2104,9 @@ fn time_to_healthy(
                 return (Some(t0.elapsed()), healthy);
             }
         }
-        std::thread::sleep(Duration::from_millis(25));
+        // The status of thousands of nodes is megabytes: poll it less often
+        // so that the polling does not slow what it measures.
+        std::thread::sleep(Duration::from_millis((n as u64 / 20).clamp(25, 250)));
     }
     (None, healthy)
 }
@@ -1457,26 +2144,154 @@ fn real_nodes(sz: &Sizes) -> NodesResult {
     }
 }
 
-/// The simulated nodes: `n` addresses in one namespace behind one sshd.
-/// Returns the result and the RSS of the same daemon with no nodes.
-fn sim_nodes(sz: &Sizes) -> (NodesResult, u64) {
-    let n = sz.sim_nodes;
-    progress(&format!("building one namespace with {n} addresses"));
+/// Memory one simulated node costs the machine (sshd's two processes for
+/// the connection, plus the daemon's share) until a run has measured it.
+const SIM_NODE_COST_KIB: u64 = 2 << 10;
+/// Memory left to everything else on the machine while simulated nodes run.
+const MEM_RESERVE_KIB: u64 = 3 << 20;
+
+/// One daemon run against `n` simulated nodes.
+struct SimResult {
+    n: usize,
+    /// sshd processes (one namespace each) serving them.
+    sshds: usize,
+    /// Why the run did not happen (not enough memory or pids).
+    skipped: Option<String>,
+    healthy_after: Option<Duration>,
+    healthy: usize,
+    /// Daemon VmRSS with every node healthy and idle, at the end of the
+    /// idle-CPU window.
+    rss_kib: u64,
+    /// VmRSS of the same daemon with no nodes.
+    base_rss_kib: u64,
+    /// Daemon CPU over the idle window, as a fraction of one core.
+    idle_cpu: Option<f64>,
+    /// Nodes still healthy at the end of the idle window.
+    healthy_at_end: usize,
+    /// Drop of the machine's MemAvailable from before the daemon started
+    /// to all nodes healthy: sshd and daemon together.
+    machine_kib: Option<u64>,
+}
+
+impl SimResult {
+    fn skipped(n: usize, why: String) -> SimResult {
+        progress(&format!("{n} simulated nodes: skipped, {why}"));
+        SimResult {
+            n,
+            sshds: 0,
+            skipped: Some(why),
+            healthy_after: None,
+            healthy: 0,
+            rss_kib: 0,
+            base_rss_kib: 0,
+            idle_cpu: None,
+            healthy_at_end: 0,
+            machine_kib: None,
+        }
+    }
+
+    fn per_tunnel_kib(&self) -> f64 {
+        (self.rss_kib as f64 - self.base_rss_kib as f64) / self.n as f64
+    }
+}
+
+/// `MemAvailable` of the machine in KiB.
+fn mem_available_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Processes and threads of the whole machine, and the pid limit.
+fn pids_in_use() -> (u64, u64) {
+    let used = fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let max = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|m| m.trim().parse().ok())
+        .unwrap_or(32768);
+    (used, max)
+}
+
+/// Every count of simulated nodes in turn, each with a cluster and a daemon
+/// of its own. A count the machine cannot hold (memory for the sshd
+/// connections, pids) is skipped with the reason, not attempted.
+fn sim_nodes(sz: &Sizes) -> Vec<SimResult> {
+    let mut cost = SIM_NODE_COST_KIB as f64;
+    let mut out = Vec::new();
+    for &n in &sz.sim_nodes {
+        let need = (n as f64 * cost * 1.15) as u64 + MEM_RESERVE_KIB;
+        let avail = mem_available_kib();
+        let (pids, pid_max) = pids_in_use();
+        if avail < need {
+            out.push(SimResult::skipped(
+                n,
+                format!(
+                    "needs ~{} MiB available ({:.1} MiB per node + {} MiB reserve), the machine has {} MiB",
+                    need >> 10,
+                    cost * 1.15 / 1024.0,
+                    MEM_RESERVE_KIB >> 10,
+                    avail >> 10
+                ),
+            ));
+            continue;
+        }
+        if pids + 2 * n as u64 + 2000 > pid_max {
+            out.push(SimResult::skipped(
+                n,
+                format!(
+                    "needs {} pids (2 sshd processes per node), {pids} of {pid_max} in use",
+                    2 * n
+                ),
+            ));
+            continue;
+        }
+        let r = sim_run(sz, n);
+        if let Some(used) = r.machine_kib.filter(|_| r.healthy == n) {
+            cost = (used as f64 / n as f64).max(SIM_NODE_COST_KIB as f64 / 2.0);
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// `n` simulated nodes: addresses in 10.201-203.s.0/24 blocks (inside
+/// 10.200.0.0/14) on the `lo` of a few namespaces, each namespace's sshd
+/// listening on all of them, with `MaxStartups` above its share.
+fn sim_run(sz: &Sizes, n: usize) -> SimResult {
+    let sshds = n
+        .div_ceil(sz.sim_per_sshd.max(1))
+        .clamp(1, common::MAX_BARE_NODES);
+    let per = n.div_ceil(sshds);
+    progress(&format!(
+        "{n} simulated nodes: building {sshds} namespace(s), {per} addresses each"
+    ));
     let mut cluster = Cluster::with_options(
-        1,
+        sshds,
         ClusterOptions {
             servers: false,
             sshd_listen_any: true,
-            max_startups: format!("{}", n + 100),
+            max_startups: format!("{}", per + 100),
         },
     );
-    let ips = cluster.add_local_addresses(1, n);
-    cluster.add_known_hosts(1, &ips);
+    let mut ips = Vec::with_capacity(n);
+    for i in 1..=sshds {
+        let mine = cluster.add_local_addresses(i, per.min(n - ips.len()));
+        cluster.add_known_hosts(i, &mine);
+        ips.extend(mine);
+    }
+    // No service CIDR: the harness's 10.202.s.0/24 holds simulated nodes.
     let none = ConfigSpec {
         nodes: Some(vec![]),
+        service_cidrs: Some(vec![]),
         ..ConfigSpec::default()
     };
-    progress("baseline daemon with no nodes");
     let base = {
         let d = Daemon::start_toml(&cluster, &bench_toml(&cluster, &none), &[]);
         std::thread::sleep(Duration::from_secs(1));
@@ -1492,19 +2307,68 @@ fn sim_nodes(sz: &Sizes) -> (NodesResult, u64) {
     let spec = ConfigSpec { extra, ..none };
     progress(&format!("{n} simulated nodes: starting the daemon"));
     let toml = bench_toml(&cluster, &spec);
+    let mem0 = mem_available_kib();
     let t0 = Instant::now();
     let d = Daemon::start_toml(&cluster, &toml, &[]);
-    let (after, healthy) = time_to_healthy(&d, t0, n, Duration::from_secs(180));
-    std::thread::sleep(Duration::from_secs(2));
-    let r = NodesResult {
-        label: format!("{n} simulated nodes: addresses in one namespace, one sshd"),
+    let limit = Duration::from_secs(60) + Duration::from_millis(40 * n as u64);
+    let (after, healthy) = time_to_healthy(&d, t0, n, limit);
+    let machine_kib = after.map(|_| mem0.saturating_sub(mem_available_kib()));
+    if after.is_none() {
+        fail(format!(
+            "{n} simulated nodes: only {healthy} healthy within {limit:?}"
+        ));
+    }
+    // Idle: every tunnel up, no streams, only the keepalives.
+    let settle = Duration::from_secs(2);
+    std::thread::sleep(settle);
+    let pid = d.pid();
+    let idle_cpu = after.map(|_| {
+        progress(&format!(
+            "{n} simulated nodes: idle CPU over {} s",
+            sz.idle_cpu_secs
+        ));
+        let (c0, w0) = (cpu_seconds(pid), Instant::now());
+        std::thread::sleep(Duration::from_secs(sz.idle_cpu_secs));
+        (cpu_seconds(pid) - c0) / w0.elapsed().as_secs_f64()
+    });
+    let rss = rss_kib(pid);
+    let healthy_at_end = d
+        .try_status()
+        .ok()
+        .and_then(|s| s["nodes"].as_array().cloned())
+        .map_or(0, |v| v.iter().filter(|x| x["state"] == "healthy").count());
+    progress(&format!("{n} simulated nodes: tearing down"));
+    drop(d);
+    // The sshd sessions end with the daemon's connections; wait (bounded)
+    // so the teardown has only the listeners left to kill.
+    let nss: Vec<String> = cluster.nodes.iter().map(|x| x.ns.clone()).collect();
+    common::poll(Duration::from_secs(30), || {
+        nss.iter().all(|ns| {
+            Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map_or(true, |o| {
+                    o.stdout
+                        .split(|b| *b == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .count()
+                        <= 1
+                })
+        })
+    });
+    drop(cluster);
+    SimResult {
         n,
+        sshds,
+        skipped: None,
         healthy_after: after,
         healthy,
-        rss_kib: rss_kib(d.pid()),
-    };
-    progress("tearing down the simulated nodes");
-    (r, base)
+        rss_kib: rss,
+        base_rss_kib: base,
+        idle_cpu,
+        healthy_at_end,
+        machine_kib,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2253,40 +3117,142 @@ mod slow {
 // main
 // ---------------------------------------------------------------------------
 
-fn nodes_table(real: &NodesResult, sim: &NodesResult, base_rss: u64) -> Table {
+fn nodes_table(sz: &Sizes, real: &NodesResult, sims: &[SimResult], ssh_rss: Option<u64>) -> Table {
     let mut nodes = Table::new(
-        "Nodes: time from daemon start until all are healthy (production timing defaults)",
+        "Nodes: time from daemon start until all are healthy (production timing defaults: keepalive 10 s)",
         &[
             "nodes",
             "all healthy after",
             "healthy",
             "daemon RSS",
             "RSS/tunnel",
+            "idle CPU",
+            "machine memory",
         ],
     );
-    for r in [real, sim] {
-        if r.healthy_after.is_none() {
-            fail(format!(
-                "{}: only {} of {} nodes healthy before the deadline",
-                r.label, r.healthy, r.n
-            ));
+    if real.healthy_after.is_none() {
+        fail(format!(
+            "{}: only {} of {} nodes healthy before the deadline",
+            real.label, real.healthy, real.n
+        ));
+    }
+    nodes.row(vec![
+        real.label.clone(),
+        real.healthy_after
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "not reached".into()),
+        format!("{}/{}", real.healthy, real.n),
+        format!("{} KiB", real.rss_kib),
+        "-".into(),
+        "-".into(),
+        "-".into(),
+    ]);
+    for r in sims {
+        let label = format!(
+            "{} simulated nodes, {} sshd{}",
+            r.n,
+            r.sshds,
+            if r.sshds == 1 { "" } else { "s" }
+        );
+        if let Some(why) = &r.skipped {
+            let mut row = vec![label, format!("n/a: {why}")];
+            row.resize(7, NA.into());
+            nodes.row(row);
+            continue;
         }
         nodes.row(vec![
-            r.label.clone(),
+            label,
             r.healthy_after
                 .map(|d| format!("{:.2} s", d.as_secs_f64()))
                 .unwrap_or_else(|| "not reached".into()),
-            format!("{}/{}", r.healthy, r.n),
-            format!("{} KiB", r.rss_kib),
-            format!(
-                "{:.1} KiB",
-                (r.rss_kib as f64 - base_rss as f64) / r.n as f64
-            ),
+            format!("{}/{} ({} at end)", r.healthy, r.n, r.healthy_at_end),
+            format!("{:.1} MiB", r.rss_kib as f64 / 1024.0),
+            format!("{:.1} KiB", r.per_tunnel_kib()),
+            r.idle_cpu
+                .map(|c| format!("{:.2} %", c * 100.0))
+                .unwrap_or_else(|| NA.into()),
+            r.machine_kib
+                .map(|k| format!("{:.0} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| NA.into()),
         ]);
     }
-    nodes.notes.push(format!(
-        "RSS/tunnel: (daemon VmRSS with the nodes healthy and idle - {base_rss} KiB of the same daemon with no nodes) / nodes"
-    ));
+    nodes.notes.push("simulated nodes: distinct addresses in 10.201-203.x.0/24 blocks on the lo of a few namespaces, each namespace's sshd (MaxStartups above its share) answering on all of them; one daemon for all".into());
+    nodes.notes.push("RSS/tunnel: (daemon VmRSS with the nodes healthy and idle - VmRSS of the same daemon with no nodes) / nodes. idle CPU: the daemon's utime+stime over the idle window after all were healthy, % of one core. machine memory: drop of MemAvailable from daemon start to all healthy (sshd's processes and the daemon)".into());
+
+    // The targets: per idle tunnel at the largest count that ran, and the
+    // healthy time, RSS and idle CPU at the counts the targets name.
+    let ran: Vec<&SimResult> = sims.iter().filter(|r| r.healthy_after.is_some()).collect();
+    match ran.iter().max_by_key(|r| r.n) {
+        Some(r) => {
+            let k = r.per_tunnel_kib();
+            record(
+                "rss tunnel",
+                format!(
+                    "{k:.1} KiB at {} nodes{}",
+                    r.n,
+                    match ssh_rss {
+                        Some(s) => format!(
+                            " ({} one ssh -L process, {s} KiB)",
+                            ratio(k, Some(s as f64))
+                        ),
+                        None => String::new(),
+                    }
+                ),
+                Some(k <= 64.0),
+            );
+        }
+        None => record(
+            "rss tunnel",
+            "n/a: no simulated-node run completed".into(),
+            None,
+        ),
+    }
+    let at = |n: usize| sims.iter().find(|r| r.n == n);
+    let missing = |n: usize| -> String {
+        match at(n) {
+            Some(SimResult {
+                skipped: Some(why), ..
+            }) => format!("n/a: {why}"),
+            Some(_) => "n/a: not all nodes became healthy (see errors)".into(),
+            None => format!(
+                "n/a: this run simulated {:?} nodes, not {n}",
+                sims.iter().map(|r| r.n).collect::<Vec<_>>()
+            ),
+        }
+    };
+    match at(5000).filter(|r| r.healthy_after.is_some()) {
+        Some(r) => {
+            let secs = r.healthy_after.map_or(0.0, |d| d.as_secs_f64());
+            record(
+                "nodes healthy",
+                format!("{secs:.1} s ({:.2}× the target)", secs / 30.0),
+                Some(secs <= 30.0),
+            );
+            let mib = r.rss_kib as f64 / 1024.0;
+            record(
+                "nodes rss",
+                format!("{mib:.0} MiB ({:.2}× the target)", mib / 400.0),
+                Some(mib <= 400.0),
+            );
+        }
+        None => {
+            record("nodes healthy", missing(5000), None);
+            record("nodes rss", missing(5000), None);
+        }
+    }
+    match at(1000).and_then(|r| r.idle_cpu) {
+        Some(c) => record(
+            "idle cpu",
+            format!(
+                "{:.2} % of one core over {} s ({:.2}× the target)",
+                c * 100.0,
+                sz.idle_cpu_secs,
+                c / 0.02
+            ),
+            Some(c <= 0.02),
+        ),
+        None => record("idle cpu", missing(1000), None),
+    }
     nodes
 }
 
@@ -2294,16 +3260,20 @@ fn nodes_table(real: &NodesResult, sim: &NodesResult, base_rss: u64) -> Table {
 /// `idle_tunnel_rss` is (daemon, ssh) VmRSS with one idle tunnel each.
 fn memory_table(
     sz: &Sizes,
-    per_tunnel: f64,
-    idle_tunnel_rss: (u64, u64),
+    per_tunnel: Option<f64>,
+    idle_tunnel_rss: Option<(u64, u64)>,
     per_stream: &HashMap<PathKind, f64>,
 ) -> Table {
     let mut mem = Table::new("Memory summary", &["what", "daemon", "ssh -L", "vs ssh -L"]);
+    let ssh_tunnel = idle_tunnel_rss.map(|r| r.1 as f64);
+    let cell = |v: Option<f64>| v.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into());
     mem.row(vec![
         "per idle tunnel (KiB)".into(),
-        format!("{per_tunnel:.1}"),
-        format!("{}", idle_tunnel_rss.1),
-        ratio(per_tunnel, Some(idle_tunnel_rss.1 as f64)),
+        cell(per_tunnel),
+        cell(ssh_tunnel),
+        per_tunnel
+            .map(|k| ratio(k, ssh_tunnel))
+            .unwrap_or_else(|| "-".into()),
     ]);
     let ds = per_stream
         .get(&PathKind::DaemonUnix)
@@ -2312,13 +3282,13 @@ fn memory_table(
     let ss = per_stream.get(&PathKind::SshL).copied();
     mem.row(vec![
         "per idle stream (KiB)".into(),
-        ds.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
-        ss.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into()),
+        cell(ds),
+        cell(ss),
         ds.map(|k| ratio(k, ss)).unwrap_or_else(|| "-".into()),
     ]);
     mem.notes.push(format!(
-        "per idle tunnel: daemon from the simulated-node run; ssh -L is one whole `ssh -N -L` process per node (its VmRSS when idle; the daemon with 1 tunnel had {} KiB)",
-        idle_tunnel_rss.0
+        "per idle tunnel: daemon from the largest simulated-node run; ssh -L is one whole `ssh -N -L` process per node (its VmRSS when idle; the daemon with 1 tunnel had {} KiB)",
+        idle_tunnel_rss.map_or_else(|| NA.to_string(), |r| r.0.to_string())
     ));
     mem.notes.push(format!(
         "per idle stream: from the largest concurrent-stream run ({}), daemon over the Unix listener",
@@ -2327,52 +3297,11 @@ fn memory_table(
     mem
 }
 
-fn ssh_version() -> String {
-    Command::new("/usr/bin/ssh")
-        .arg("-V")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("__serve") {
-        serve::main(&args[2..]);
-        return;
-    }
-    started();
-    let smoke = args.iter().any(|a| a == "--smoke")
-        || std::env::var("TUNNELER_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
-    if !common::can_run("e2e bench") {
-        println!("SKIP e2e bench: needs root, network namespaces, OpenSSH sshd and ssh-keygen");
-        return;
-    }
-    let nofile = raise_nofile();
-    // The daemons inherit this: per-stream debug logging would be measured.
-    std::env::set_var("RUST_LOG", "warn");
-    let sz = Sizes::new(smoke);
-    if !smoke && nofile < 2 * 10_000 + 100 {
-        eprintln!("warning: open-files limit is {nofile}; 10 000 streams may fail");
-    }
-
-    let mut out = String::new();
-    out.push_str(&format!(
-        "tunneler e2e benchmark ({}) — {} cores, {}, open-files limit {nofile}\ndaemon binary: {}\n",
-        if smoke {
-            "SMOKE: tiny sizes, figures meaningless"
-        } else {
-            "full"
-        },
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        ssh_version(),
-        common::tunneler_bin(),
-    ));
-    out.push_str("Ratios are value / ssh -L: above 1 is better for throughput, below 1 is better for times, CPU and memory.\n");
-
-    // One node with the bench servers: every stream measurement.
+/// Every section on the one stream node: a node namespace with the bench
+/// servers, the daemon, and `ssh -L` beside it. Returns the tables, the
+/// RSS per idle stream of each path, and (daemon, ssh) VmRSS with one idle
+/// tunnel each.
+fn one_node(sz: &Sizes) -> (Vec<Table>, HashMap<PathKind, f64>, (u64, u64)) {
     progress("building the stream node");
     let cluster = Cluster::with_options(1, ClusterOptions::default());
     let node_ip = cluster.node(1).ip;
@@ -2414,23 +3343,27 @@ fn main() {
     progress(&format!("daemon pid {dpid}, ssh -L pid {spid}"));
 
     let mut tables = Vec::new();
+    // First, while the tunnel has carried nothing yet.
+    if sz.runs("rtt_ms") {
+        tables.push(status_rtt(&ep, sz, &daemon.admin));
+    }
     if sz.runs("throughput") {
-        tables.push(throughput(&ep, &sz, dpid, spid));
+        tables.push(throughput(&ep, sz, dpid, spid));
     }
     if sz.runs("rtt") {
-        tables.push(rtt(&ep, &sz));
+        tables.push(rtt(&ep, sz));
     }
     if sz.runs("dial") {
-        tables.extend(dials(&ep, &sz, &rt));
+        tables.extend(dials(&ep, sz, &rt));
     }
     let mut per_stream = HashMap::new();
     if sz.runs("streams") {
-        let (ct, ps) = concurrency(&ep, &sz, &rt, dpid, spid);
+        let (ct, ps) = concurrency(&ep, sz, &rt, dpid, spid);
         tables.extend(ct);
         per_stream = ps;
     }
     if sz.runs("slow") {
-        tables.extend(slow::on_node(&ep, &sz, &daemon, spid));
+        tables.extend(slow::on_node(&ep, sz, &daemon, spid));
     }
     // SIGTERM, not SIGKILL: a profiling wrapper (TUNNELER_TEST_BIN) then
     // gets to write its output.
@@ -2439,19 +3372,87 @@ fn main() {
     drop(daemon);
     if sz.runs("slow") {
         // Needs a daemon of its own (one session per node) on the same node.
-        tables.extend(slow::shared_session(&cluster, &ep, &sz));
+        tables.extend(slow::shared_session(&cluster, &ep, sz));
     }
-    drop(ssh);
-    drop(_servers);
-    drop(cluster);
+    (tables, per_stream, idle_tunnel_rss)
+}
 
+fn ssh_version() -> String {
+    Command::new("/usr/bin/ssh")
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__serve") {
+        serve::main(&args[2..]);
+        return;
+    }
+    started();
+    let smoke = args.iter().any(|a| a == "--smoke")
+        || std::env::var("TUNNELER_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if !common::can_run("e2e bench") {
+        println!("SKIP e2e bench: needs root, network namespaces, OpenSSH sshd and ssh-keygen");
+        return;
+    }
+    let nofile = raise_nofile();
+    // The daemons inherit this: per-stream debug logging would be measured.
+    std::env::set_var("RUST_LOG", "warn");
+    let sz = Sizes::new(smoke);
+    if let Some(bad) = sz.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
+        eprintln!(
+            "TUNNELER_BENCH_ONLY: no section {bad:?}; sections: {}",
+            SECTIONS.join(",")
+        );
+        std::process::exit(2);
+    }
+    if !smoke && nofile < 2 * 10_000 + 100 {
+        eprintln!("warning: open-files limit is {nofile}; 10 000 streams may fail");
+    }
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "tunneler e2e benchmark ({}) — {} cores, {}, open-files limit {nofile}\ndaemon binary: {}\n",
+        if smoke {
+            "SMOKE: tiny sizes, figures meaningless"
+        } else {
+            "full"
+        },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        ssh_version(),
+        common::tunneler_bin(),
+    ));
+    out.push_str("Ratios are value / peer (ssh -L unless the column names another): above 1 is better for throughput, below 1 is better for times, CPU and memory.\n");
+
+    let mut tables = Vec::new();
+    let mut per_stream = HashMap::new();
+    let mut idle_tunnel_rss = None;
+    if SECTIONS[..6].iter().any(|s| sz.runs(s)) {
+        let (t, ps, itr) = one_node(&sz);
+        tables.extend(t);
+        per_stream = ps;
+        idle_tunnel_rss = Some(itr);
+    }
+    if sz.runs("aggregate") {
+        tables.push(aggregate(&sz));
+    }
     if sz.runs("nodes") {
         let real = real_nodes(&sz);
-        let (sim, base_rss) = sim_nodes(&sz);
-        tables.push(nodes_table(&real, &sim, base_rss));
-        let per_tunnel = (sim.rss_kib as f64 - base_rss as f64) / sim.n as f64;
+        let sims = sim_nodes(&sz);
+        tables.push(nodes_table(&sz, &real, &sims, idle_tunnel_rss.map(|r| r.1)));
+        let per_tunnel = sims
+            .iter()
+            .filter(|r| r.healthy_after.is_some())
+            .max_by_key(|r| r.n)
+            .map(SimResult::per_tunnel_kib);
         tables.push(memory_table(&sz, per_tunnel, idle_tunnel_rss, &per_stream));
     }
+    tables.push(targets_table(&sz, smoke));
 
     for t in &tables {
         out.push_str(&t.render());
@@ -2472,6 +3473,5 @@ fn main() {
     }
     println!("{out}");
     // Everything with a Drop (namespaces, daemons, servers) is gone by now.
-    drop(rt);
     std::process::exit(1);
 }

@@ -55,6 +55,8 @@ pub struct Cluster {
     /// Further slots whose address blocks [`Cluster::add_local_addresses`]
     /// borrowed; released after everything else.
     extra_slots: Vec<Slot>,
+    /// Address blocks [`Cluster::add_local_addresses`] has handed out.
+    local_blocks: usize,
     bridge: String,
     opts: ClusterOptions,
 }
@@ -120,6 +122,7 @@ impl Cluster {
             tmp: Some(tmp),
             slot: Some(slot),
             extra_slots: Vec::new(),
+            local_blocks: 0,
             bridge: format!("tnlbr{n}"),
             opts,
         };
@@ -479,7 +482,8 @@ impl Cluster {
     /// cluster's slot `s`, then of further slots acquired for the purpose.
     /// Each block is one address with its prefix on the node's `lo` (which
     /// makes the whole block local) and one host route via the node's SSH
-    /// address, so the host keeps a single neighbour entry.
+    /// address, so the host keeps a single neighbour entry. Calls for
+    /// several nodes each get blocks of their own.
     pub fn add_local_addresses(&mut self, i: usize, count: usize) -> Vec<Ipv4Addr> {
         assert!(
             !self.opts.servers,
@@ -487,50 +491,49 @@ impl Cluster {
         );
         let (ns, gw) = (self.node(i).ns.clone(), self.node(i).ip);
         let mut out = Vec::with_capacity(count);
-        let mut slots = vec![self.n];
-        let mut k = 0;
         while out.len() < count {
-            if k == slots.len() {
-                let extra = Slot::acquire();
-                slots.push(extra.n);
-                self.extra_slots.push(extra);
+            // Each block goes to one namespace only: a later call (for
+            // another node) starts at the next unused block.
+            let k = self.local_blocks / 3;
+            let b = [201u8, 202, 203][self.local_blocks % 3];
+            self.local_blocks += 1;
+            if k > self.extra_slots.len() {
+                self.extra_slots.push(Slot::acquire());
             }
-            let s = slots[k];
-            k += 1;
-            for b in [201u8, 202, 203] {
+            let s = if k == 0 {
+                self.n
+            } else {
+                self.extra_slots[k - 1].n
+            };
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("10.{b}.{s}.1/24"),
+                    "dev",
+                    "lo",
+                ],
+            );
+            run(
+                "ip",
+                &[
+                    "route",
+                    "add",
+                    &format!("10.{b}.{s}.0/24"),
+                    "via",
+                    &gw.to_string(),
+                    "dev",
+                    &self.bridge,
+                ],
+            );
+            for host in 1..=254u8 {
                 if out.len() >= count {
                     break;
                 }
-                run(
-                    "ip",
-                    &[
-                        "-n",
-                        &ns,
-                        "addr",
-                        "add",
-                        &format!("10.{b}.{s}.1/24"),
-                        "dev",
-                        "lo",
-                    ],
-                );
-                run(
-                    "ip",
-                    &[
-                        "route",
-                        "add",
-                        &format!("10.{b}.{s}.0/24"),
-                        "via",
-                        &gw.to_string(),
-                        "dev",
-                        &self.bridge,
-                    ],
-                );
-                for host in 1..=254u8 {
-                    if out.len() >= count {
-                        break;
-                    }
-                    out.push(Ipv4Addr::new(10, b, s as u8, host));
-                }
+                out.push(Ipv4Addr::new(10, b, s as u8, host));
             }
         }
         out
