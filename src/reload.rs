@@ -212,7 +212,6 @@ mod tests {
         let want = [
             ("ssh.connections_per_node", Effect::NewNodes),
             ("proxy.dial_timeout", Effect::Live),
-    ("proxy.wait_for_healthy", Effect::Live),
             ("proxy.socket_group", Effect::Restart),
             ("discovery", Effect::Restart),
             ("node", Effect::Live),
@@ -292,7 +291,11 @@ mod tests {
                 let full = format!("{section}.{}", key.trim());
                 let Some((row, effect)) = EFFECTS
                     .iter()
-                    .filter(|(r, _)| full == *r || full.starts_with(&format!("{r}.")))
+                    .filter(|(r, _)| {
+                        full == *r
+                            || full.starts_with(&format!("{r}."))
+                            || full.starts_with(&format!("{r}_"))
+                    })
                     .max_by_key(|(r, _)| r.len())
                 else {
                     panic!("example key {full} has no reload row");
