@@ -7,7 +7,8 @@
 //!   of node addresses and pod CIDRs;
 //! - [`tunnel`]: one supervised node (its sessions, state, drain, reconnect),
 //!   [`session`]: one SSH session's connect, verify and authenticate,
-//!   [`backoff`]: reconnect delays with full jitter;
+//!   [`backoff`]: reconnect delays with full jitter; `readahead`: the
+//!   read-ahead buffer under russh on the SSH socket;
 //! - [`known_hosts`]: host key verification; [`identity`]: the client key;
 //! - [`probe`]: the optional active health probe;
 //! - [`route`]: the lock-free route table;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod node_set;
 pub mod probe;
 pub mod proxy;
+pub(crate) mod readahead;
 pub mod relay;
 pub mod route;
 pub mod session;

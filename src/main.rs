@@ -142,17 +142,28 @@ enum NodesAction {
 
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    let noise = tracing_subscriber::filter::filter_fn(|meta| {
+        !tunneler::session::is_russh_packet_size_complaint(meta)
+    });
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(noise)
+            .init(),
         LogFormat::Json => builder
             .json()
             .with_current_span(true)
             .with_span_list(true)
+            .finish()
+            .with(noise)
             .init(),
     }
 }
