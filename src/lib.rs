@@ -21,7 +21,8 @@
 //!    sockets safely; `keygen` `tunneler keygen`.
 //! 2. **SSH**: `identity` the client key; `ssh_context` what every
 //!    session shares (settings, keys, russh config) in a cell a reload
-//!    swaps; `session` one SSH session's connect, verify, authenticate.
+//!    swaps; `readahead` the read-ahead buffer under russh on the SSH
+//!    socket; `session` one SSH session's connect, verify, authenticate.
 //! 3. **Node tunnel**: `probe` the active health probe, which drives a
 //!    node through its `Probed` trait; `tunnel` one supervised node (its
 //!    sessions, state, drain, reconnect), which implements `Probed` and
@@ -42,7 +43,8 @@
 //!    Kubernetes API source. Both feed `control`.
 //! 7. **Admin**: `status` the status document and its builder;
 //!    `admin_api` the typed wire protocol; `admin` the server, given
-//!    narrow handles; `client` the CLI's side; `cli` the command line.
+//!    narrow handles; `client` the CLI's side; `cli` the command line;
+//!    `logging` the subscriber `tunneler run` installs.
 //! 8. **Composition root**: `daemon` wires it all (binds, starts the
 //!    tunnels, proxy, sources and admin API, reloads, shuts down); nothing
 //!    but `main.rs` uses it.
@@ -67,6 +69,7 @@ pub(crate) mod healthy;
 pub(crate) mod identity;
 pub mod keygen;
 pub mod known_hosts;
+pub mod logging;
 pub(crate) mod kube_watch;
 pub(crate) mod metrics;
 pub mod node_set;
@@ -76,6 +79,7 @@ pub(crate) mod readiness;
 pub(crate) mod registry;
 pub(crate) mod relay;
 pub(crate) mod reload;
+pub(crate) mod readahead;
 pub mod route;
 pub(crate) mod session;
 pub mod sockets;

@@ -12,23 +12,6 @@ use tunneler::cli::{Cli, Command, LogFormat};
 use tunneler::client;
 use tunneler::config::Config;
 
-fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
-}
-
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,7 +97,7 @@ fn passed_sockets() -> Result<tunneler::activation::PassedSockets, String> {
 
 fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
     let passed = passed_sockets();
-    init_logging(log_format);
+    tunneler::logging::init(log_format);
     // Fatal errors go through tracing only: in json mode every stderr line
     // must be one JSON object, and in text mode the log line reads well.
     let fatal = |msg: String| {

@@ -262,7 +262,8 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     };
 
     let handshake = async {
-        let mut handle = client::connect_stream(client_config, tcp, handler)
+        let stream = crate::readahead::ReadAhead::new(tcp);
+        let mut handle = client::connect_stream(client_config, stream, handler)
             .await
             .map_err(|e| {
                 if let Some(hk) = host_key_error
@@ -309,6 +310,20 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
             watch,
         }),
     }
+}
+
+/// Whether a log event is russh's complaint about a `maximum_packet_size`
+/// above 65535, so the subscriber can drop it.
+///
+/// russh 0.65 logs it at `error!` on every connect, from its `client`
+/// module (target `russh::client`), though it reads packets up to 256 KiB
+/// and we ask for that size on purpose. The event comes through `log`, so
+/// only its target and level are known before it is recorded; nothing else
+/// in that module logs at error level for what we use (the other errors
+/// there are about port forwarding and global requests we never send).
+/// russh's other modules (`russh::client::encrypted`, ...) are untouched.
+pub fn is_russh_packet_size_complaint(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == "russh::client" && *meta.level() == tracing::Level::ERROR
 }
 
 /// Kernel TCP keepalive with the SSH keepalive's figures, plus a user

@@ -79,7 +79,7 @@ impl SshContext {
                 keepalive_max: ssh.keepalive_max,
                 nodelay: true,
                 window_size: 8 * 1024 * 1024,
-                maximum_packet_size: 65535,
+                maximum_packet_size: ssh.maximum_packet_size,
                 // Packets russh queues per channel before its session loop
                 // waits for the relay: 32 x 64 KiB = 2 MiB per held stream,
                 // on top of the relay's own per-stream limit.
