@@ -2332,11 +2332,9 @@ fn sim_run(sz: &Sizes, n: usize) -> SimResult {
         (cpu_seconds(pid) - c0) / w0.elapsed().as_secs_f64()
     });
     let rss = rss_kib(pid);
-    let healthy_at_end = d
-        .try_status()
-        .ok()
-        .and_then(|s| s["nodes"].as_array().cloned())
-        .map_or(0, |v| v.iter().filter(|x| x["state"] == "healthy").count());
+    let healthy_at_end = d.try_status().ok().map_or(0, |s| {
+        s.nodes.iter().filter(|x| x.state == "healthy").count()
+    });
     progress(&format!("{n} simulated nodes: tearing down"));
     drop(d);
     // The sshd sessions end with the daemon's connections; wait (bounded)

@@ -31,4 +31,3 @@ pub fn init(format: LogFormat) {
             .init(),
     }
 }
-
