@@ -31,6 +31,7 @@ use crate::known_hosts::KnownHostsStore;
 use crate::node_set::{Candidate, Rejection};
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::route::RouteTable;
+use crate::shard::Shards;
 use crate::sockets::{bind_unix_for, BindError};
 use crate::status::{rfc3339, AmbiguousAddress, NodeStatus, StatusDocument};
 use crate::tunnel::{NodeTunnel, SharedContext, SshContext, TunnelState};
@@ -63,6 +64,9 @@ pub enum StartError {
     /// The TLS listener's certificates could not be loaded.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The shard threads could not be started.
+    #[error("cannot start the shard threads: {0}")]
+    Shards(std::io::Error),
     /// A TCP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     BindTcp {
@@ -203,6 +207,7 @@ pub struct Daemon {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     sources: Mutex<BTreeMap<&'static str, SourceStatus>>,
+    shards: Arc<Shards>,
 }
 
 fn load_context(
@@ -267,6 +272,7 @@ impl Daemon {
                     congested_sessions: g.congested_sessions as u64,
                     blocked_seconds: g.blocked_seconds,
                     streams_slowed: g.streams_slowed,
+                    shard: Some(t.shard().id()),
                 }
             })
             .collect();
@@ -346,11 +352,14 @@ impl Daemon {
 
     /// Loads keys, binds every socket and starts all actors. Returns once
     /// everything is bound; tasks run on the returned tracker until
-    /// `shutdown` fires.
+    /// `shutdown` fires. Each node, with its sessions and streams, runs on
+    /// one of `shards`; everything else on the caller's runtime, which
+    /// becomes the control runtime.
     pub async fn start(
         config: Config,
         config_path: Option<PathBuf>,
         shutdown: CancellationToken,
+        shards: Arc<Shards>,
     ) -> Result<(Arc<Daemon>, TaskTracker), StartError> {
         let handshakes = Arc::new(tokio::sync::Semaphore::new(
             config.ssh.max_concurrent_handshakes,
@@ -407,14 +416,17 @@ impl Daemon {
         )));
         let nodes: Arc<Mutex<BTreeMap<String, NodeEntry>>> = Arc::new(Mutex::new(BTreeMap::new()));
         let for_metrics = nodes.clone();
-        let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(move || {
-            for_metrics
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .map(|e| e.tunnel.clone())
-                .collect()
-        })));
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            Arc::new(move || {
+                for_metrics
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .map(|e| e.tunnel.clone())
+                    .collect()
+            }),
+            Some(shards.clone()),
+        ));
         let metrics_listener = match config.admin.metrics_listen {
             None => None,
             Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|source| {
@@ -437,6 +449,7 @@ impl Daemon {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             sources: Mutex::new(BTreeMap::new()),
+            shards: shards.clone(),
         });
         {
             let mut nodes = daemon.nodes.lock().unwrap_or_else(|e| e.into_inner());
@@ -491,6 +504,7 @@ impl Daemon {
         }
         info!(
             nodes = config.nodes.len(),
+            shards = shards.len(),
             admin = %config.admin.socket.display(),
             "tunneler started"
         );
@@ -503,6 +517,7 @@ impl Daemon {
             self.ctx.clone(),
             self.shutdown.child_token(),
             &self.tracker,
+            self.shards.place(),
         )
     }
 
@@ -935,6 +950,11 @@ impl Daemon {
                 .warnings
                 .push("admin.metrics_listen changed: takes effect after a restart".into());
         }
+        if new.runtime != current.runtime {
+            report
+                .warnings
+                .push("runtime.shards changed: takes effect after a restart".into());
+        }
         if new.discovery != current.discovery {
             report
                 .warnings
@@ -964,7 +984,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
-    let (daemon, tracker) = Daemon::start(config, config_path, shutdown.clone()).await?;
+    // The shard threads outlive everything below: tasks on a shard only
+    // progress while its thread runs, and the graceful drain needs them.
+    let shards = Arc::new(Shards::start(config.runtime.shards).map_err(StartError::Shards)?);
+    let (daemon, tracker) =
+        Daemon::start(config, config_path, shutdown.clone(), shards.clone()).await?;
     // systemd: READY=1 once the listeners are bound (done) and the first
     // connection attempt to every node has finished, success or not.
     let ready_daemon = daemon.clone();
@@ -980,19 +1004,25 @@ pub async fn run(
         info!("ready: listeners bound, first connection attempts finished");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     });
-    // WATCHDOG=1 from a loop on the same runtime as the tunnels: if the
-    // runtime wedges, systemd notices and restarts us.
+    // WATCHDOG=1 from the control runtime, only while every shard runs a
+    // no-op task in time: if any runtime wedges, systemd notices and
+    // restarts us.
     let mut usec = 0u64;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
         let wd_cancel = shutdown.clone();
+        let wd_shards = shards.clone();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     _ = wd_cancel.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                if wd_shards.responsive(every).await {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    warn!("a shard thread did not answer in time; withholding the watchdog ping");
+                }
             }
         });
     }
@@ -1023,6 +1053,7 @@ pub async fn run(
     {
         warn!(grace = ?SHUTDOWN_GRACE, "some tasks did not finish in time; exiting anyway");
     }
+    shards.stop(Duration::from_secs(2));
     info!("stopped");
     Ok(())
 }

@@ -17,6 +17,8 @@
 //!   document, its client and the Prometheus metrics;
 //! - [`discovery`], [`kube_watch`]: node sources besides the config, and
 //!   [`node_set`]: how their Nodes are admitted one at a time;
+//! - [`shard`]: the runtime model: one thread per shard, each node and
+//!   its streams owned by one shard;
 //! - [`daemon`]: wiring, live node-set changes, reload and shutdown;
 //! - [`keygen`], [`error`]: `tunneler keygen`, and typed tunnel errors.
 
@@ -42,6 +44,7 @@ pub mod proxy;
 pub mod relay;
 pub mod route;
 pub mod session;
+pub mod shard;
 pub mod sockets;
 pub mod status;
 pub mod tls;
