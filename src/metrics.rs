@@ -331,7 +331,12 @@ fn encode_shards(
 ) -> Result<(), std::fmt::Error> {
     let shard = |l: &crate::shard::ShardLoad| vec![("shard", l.shard.to_string())];
     let nodes: Vec<_> = loads.iter().map(|l| (shard(l), l.nodes as f64)).collect();
-    gauge_family(enc, "tunneler_shard_nodes", "Nodes placed on the shard", &nodes)?;
+    gauge_family(
+        enc,
+        "tunneler_shard_nodes",
+        "Nodes placed on the shard",
+        &nodes,
+    )?;
     let active: Vec<_> = loads
         .iter()
         .map(|l| (shard(l), l.active_streams as f64))

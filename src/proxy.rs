@@ -357,8 +357,9 @@ impl EgressProxy {
                         let limit = this.settings.load().handshake_timeout;
                         // The span names the peer in the verifier's log line
                         // about a refused client certificate.
-                        let handshake = tokio::time::timeout(limit, acceptor.accept(MovableTcp::Attached(s)))
-                            .instrument(info_span!("tls_client", %peer));
+                        let handshake =
+                            tokio::time::timeout(limit, acceptor.accept(MovableTcp::Attached(s)))
+                                .instrument(info_span!("tls_client", %peer));
                         let tls = tokio::select! {
                             _ = this.cancel.cancelled() => return,
                             r = handshake => r,

@@ -379,7 +379,8 @@ impl Shards {
     /// process exit); calling it again does nothing.
     pub fn stop(&self, limit: Duration) {
         self.stop.cancel();
-        let mut threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         if threads.is_empty() {
             return;
         }
@@ -539,9 +540,9 @@ impl Movable for tokio_rustls::server::TlsStream<MovableTcp> {
     fn attach(d: DetachedTls) -> io::Result<Self> {
         let mut tls = *d.0;
         tls.get_mut().0.swap(|io| match io {
-            MovableTcp::Detached(s) => Ok(MovableTcp::Attached(tokio::net::TcpStream::from_std(
-                s,
-            )?)),
+            MovableTcp::Detached(s) => {
+                Ok(MovableTcp::Attached(tokio::net::TcpStream::from_std(s)?))
+            }
             _ => Err(io::Error::other("TLS connection attached twice")),
         })?;
         Ok(tls)
@@ -601,10 +602,7 @@ mod tests {
                     .shard()
                     .spawn(&tracker, async move {
                         let _s = stream_started();
-                        (
-                            current(),
-                            std::thread::current().name().map(str::to_string),
-                        )
+                        (current(), std::thread::current().name().map(str::to_string))
                     })
                     .await
                     .expect("task");

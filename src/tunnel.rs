@@ -785,7 +785,8 @@ impl NodeTunnel {
             return false;
         }
         // Its own root: the extra outlives the dial that started it.
-        let span = info_span!(parent: None, "node", node = %self.node.name, shard = self.shard().id());
+        let span =
+            info_span!(parent: None, "node", node = %self.node.name, shard = self.shard().id());
         self.shard().spawn(
             &self.tracker,
             extra_session(self.clone(), slot)
