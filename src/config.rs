@@ -241,20 +241,21 @@ pub struct RuntimeConfig {
 
 impl RuntimeConfig {
     fn validate(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
-        let shards =
-            match raw.shards {
-                Some(n) if (1..=MAX_SHARDS).contains(&n) => n,
-                Some(n) => return Err(invalid(
+        let shards = match raw.shards {
+            Some(n) if (1..=MAX_SHARDS).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
                     "runtime.shards",
                     format!(
                         "{n}: must be between 1 and {MAX_SHARDS} (default: the available cores)"
                     ),
-                )),
-                None => std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-                    .clamp(1, MAX_SHARDS),
-            };
+                ))
+            }
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, MAX_SHARDS),
+        };
         Ok(RuntimeConfig { shards })
     }
 }
