@@ -91,8 +91,16 @@ struct RawConfig {
     admin: RawAdmin,
     health: Option<RawHealth>,
     discovery: Option<RawDiscovery>,
+    #[serde(default)]
+    runtime: RawRuntime,
     #[serde(default, rename = "node")]
     nodes: Vec<NodeSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    shards: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,9 +244,44 @@ pub struct Config {
     pub health: Option<HealthConfig>,
     /// Node sources besides the static list.
     pub discovery: DiscoveryConfig,
+    /// Threads and runtimes.
+    pub runtime: RuntimeConfig,
     /// Statically configured nodes (`[[node]]`, hence the serialized name).
     #[serde(rename = "node")]
     pub nodes: Vec<NodeConfig>,
+}
+
+/// The most shards `runtime.shards` may ask for: more threads than that
+/// only cost memory and wake-ups on any machine we run on.
+pub const MAX_SHARDS: usize = 256;
+
+/// Threads and runtimes (see `shard`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuntimeConfig {
+    /// Shard threads, each owning the nodes placed on it. Defaults to the
+    /// available cores. Restart.
+    pub shards: usize,
+}
+
+impl RuntimeConfig {
+    fn validate(raw: RawRuntime) -> Result<RuntimeConfig, ConfigError> {
+        let shards = match raw.shards {
+            Some(n) if (1..=MAX_SHARDS).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "runtime.shards",
+                    format!(
+                        "{n}: must be between 1 and {MAX_SHARDS} (default: the available cores)"
+                    ),
+                ))
+            }
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, MAX_SHARDS),
+        };
+        Ok(RuntimeConfig { shards })
+    }
 }
 
 /// SSH client settings.
@@ -973,6 +1016,7 @@ impl Config {
             relay: validate_relay(p.relay_buffer_budget, p.relay_stream_buffer_limit)?,
         };
         let health = raw.health.map(validate_health).transpose()?;
+        let runtime = RuntimeConfig::validate(raw.runtime)?;
         let discovery = match raw.discovery {
             None => DiscoveryConfig::default(),
             Some(d) => {
@@ -1076,6 +1120,7 @@ impl Config {
             admin,
             health,
             discovery,
+            runtime,
             nodes,
         })
     }
@@ -1746,6 +1791,33 @@ pod_cidrs = ["10.244.1.0/24"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("user"), "{e}");
+    }
+
+    #[test]
+    fn runtime_shards_default_to_the_cores_and_are_bounded() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(parse("").unwrap().runtime.shards, cores.min(MAX_SHARDS));
+        assert_eq!(parse("[runtime]\nshards = 3\n").unwrap().runtime.shards, 3);
+        assert_eq!(
+            parse(&format!("[runtime]\nshards = {MAX_SHARDS}\n"))
+                .unwrap()
+                .runtime
+                .shards,
+            MAX_SHARDS
+        );
+        for bad in ["0", "257"] {
+            let e = parse(&format!("[runtime]\nshards = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("runtime.shards") && e.contains("between 1 and 256"),
+                "{e}"
+            );
+        }
+        let e = parse("[runtime]\nshards = -1\n").unwrap_err().to_string();
+        assert!(e.contains("shards"), "{e}");
+        let e = parse("[runtime]\nthreads = 2\n").unwrap_err().to_string();
+        assert!(e.contains("threads"), "{e}");
     }
 
     #[test]

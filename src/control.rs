@@ -30,6 +30,7 @@ use crate::node_set::Candidate;
 use crate::proxy::{ProxySettings, SharedRoutes};
 use crate::registry::{NodeEntry, NodeRegistry};
 use crate::route::RouteTable;
+use crate::shard::Shards;
 use crate::sources::{Source, SourceBook};
 use crate::ssh_context::{SharedContext, SshContext};
 use crate::tunnel::{NodeTunnel, TunnelState};
@@ -163,6 +164,7 @@ pub struct Control {
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    shards: Arc<Shards>,
 }
 
 /// What a [`Control`] is built from.
@@ -187,6 +189,9 @@ pub struct ControlParts {
     pub tracker: TaskTracker,
     /// The root token; each node gets a child.
     pub shutdown: CancellationToken,
+    /// Where each node's tunnel runs (placed when it starts, kept for its
+    /// life).
+    pub shards: Arc<Shards>,
 }
 
 impl Control {
@@ -203,6 +208,7 @@ impl Control {
             metrics,
             tracker,
             shutdown,
+            shards,
         } = parts;
         Control {
             config_path,
@@ -215,6 +221,7 @@ impl Control {
             metrics,
             tracker,
             shutdown,
+            shards,
         }
     }
 
@@ -262,6 +269,7 @@ impl Control {
             self.ctx.clone(),
             self.shutdown.child_token(),
             &self.tracker,
+            self.shards.place(),
         )
     }
 

@@ -34,6 +34,7 @@ use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
 use crate::readiness::Readiness;
 use crate::registry::NodeRegistry;
 use crate::route::RouteTable;
+use crate::shard::Shards;
 use crate::sockets::{bind_unix_for, BindError};
 use crate::sources::SourceBook;
 use crate::ssh_context::{ContextCell, SharedContext};
@@ -54,6 +55,9 @@ pub enum StartError {
     /// The TLS listener's certificates could not be loaded.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The shard threads could not be started.
+    #[error("cannot start the shard threads: {0}")]
+    Shards(std::io::Error),
     /// A socket passed by the service manager cannot be used.
     #[error("{0}")]
     Activation(#[from] crate::activation::ActivationError),
@@ -88,12 +92,15 @@ pub struct Started {
 /// everything is bound; tasks run on the returned tracker until `shutdown`
 /// fires. Listeners whose address a socket in `passed` is bound to use that
 /// socket (see [`crate::activation`]); any passed socket left over is an
-/// error, and nothing is started.
+/// error, and nothing is started. Each node, with its sessions and
+/// streams, runs on one of `shards`; everything else on the caller's
+/// runtime, which becomes the control runtime.
 pub async fn start(
     config: Config,
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
     mut passed: PassedSockets,
+    shards: Arc<Shards>,
 ) -> Result<Started, StartError> {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         config.ssh.max_concurrent_handshakes,
@@ -126,9 +133,10 @@ pub async fn start(
     )));
     let registry = Arc::new(NodeRegistry::new());
     let for_metrics = registry.clone();
-    let metrics = Arc::new(crate::metrics::Metrics::new(Arc::new(move || {
-        for_metrics.tunnels()
-    })));
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        Arc::new(move || for_metrics.tunnels()),
+        Some(shards.clone()),
+    ));
     let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let sources = Arc::new(SourceBook::new(metrics.clone()));
     let store = Arc::new(ConfigStore::new(config.clone()));
@@ -143,6 +151,7 @@ pub async fn start(
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        shards: shards.clone(),
     }));
     control.start_config_nodes();
     let status = Arc::new(StatusView::new(
@@ -216,6 +225,7 @@ pub async fn start(
     }
     info!(
         nodes = config.nodes.len(),
+        shards = shards.len(),
         admin = %config.admin.socket.display(),
         "tunneler started"
     );
@@ -364,6 +374,9 @@ pub async fn run(
     let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
     // Everything runs under `stop`, which fires only after the drain.
     let stop = CancellationToken::new();
+    // The shard threads outlive everything below: tasks on a shard only
+    // progress while its thread runs, and the graceful drain needs them.
+    let shards = Arc::new(Shards::start(config.runtime.shards).map_err(StartError::Shards)?);
     let Started {
         control,
         readiness,
@@ -371,7 +384,7 @@ pub async fn run(
         accepting,
         proxy_tasks,
         config: store,
-    } = start(config, config_path, stop.clone(), passed).await?;
+    } = start(config, config_path, stop.clone(), passed, shards.clone()).await?;
     let shutdown_signal = shutdown.clone();
     let shutdown = stop.clone();
     // systemd: READY=1 once the listeners are bound (done) and the first
@@ -386,20 +399,26 @@ pub async fn run(
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
     });
-    // WATCHDOG=1 from a loop on the same runtime as the tunnels: if the
-    // runtime wedges, systemd notices and restarts us. It goes on through
-    // the drain, which may be longer than WatchdogSec.
+    // WATCHDOG=1 from the control runtime, only while every shard runs a
+    // no-op task in time: if any runtime wedges, systemd notices and
+    // restarts us. It goes on through the drain, which may be longer than
+    // WatchdogSec.
     let mut usec = 0u64;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let every = Duration::from_micros(usec / 2);
         let wd_cancel = shutdown.clone();
+        let wd_shards = shards.clone();
         tracker.spawn(async move {
             loop {
                 tokio::select! {
                     _ = wd_cancel.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                if wd_shards.responsive(every).await {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    warn!("a shard thread did not answer in time; withholding the watchdog ping");
+                }
             }
         });
     }
@@ -475,6 +494,7 @@ pub async fn run(
     {
         warn!(grace = ?SHUTDOWN_GRACE, "some tasks did not finish in time; exiting anyway");
     }
+    shards.stop(Duration::from_secs(2));
     info!(drained, "stopped");
     Ok(())
 }

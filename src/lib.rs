@@ -26,7 +26,8 @@
 //! 3. **Node tunnel**: `probe` the active health probe, which drives a
 //!    node through its `Probed` trait; `tunnel` one supervised node (its
 //!    sessions, state, drain, reconnect), which implements `Probed` and
-//!    spawns the probe.
+//!    spawns the probe; `shard` the runtime model: one thread per shard,
+//!    each owning its nodes' sessions and every relay of their streams.
 //! 4. **Data path**: `route` the lock-free route table; `relay` one
 //!    stream over one channel; `tls` the mTLS listener; `proxy` the
 //!    HTTP CONNECT front end; `healthy` a dial's bounded wait for its
@@ -82,6 +83,7 @@ pub(crate) mod relay;
 pub(crate) mod reload;
 pub mod route;
 pub(crate) mod session;
+pub mod shard;
 pub mod sockets;
 pub mod sources;
 pub(crate) mod ssh_context;

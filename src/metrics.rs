@@ -102,6 +102,7 @@ pub type TunnelSource = Arc<dyn Fn() -> Vec<Arc<NodeTunnel>> + Send + Sync>;
 
 struct NodeCollector {
     tunnels: TunnelSource,
+    shards: Option<Arc<crate::shard::Shards>>,
     discovery_last_success: Arc<AtomicI64>,
     discovery_errors: Arc<AtomicU64>,
     discovery_rejected: DiscoveryRejected,
@@ -162,6 +163,7 @@ impl Collector for NodeCollector {
         let mut congested = Vec::new();
         let mut blocked: Vec<(Vec<(&str, String)>, f64)> = Vec::new();
         let mut slowed = Vec::new();
+        let mut shard = Vec::new();
         let mut states = TunnelState::ALL.map(|(s, _)| (s, 0u64));
         for t in &tunnels {
             let s = t.state();
@@ -189,6 +191,7 @@ impl Collector for NodeCollector {
             congested.push((node(t), g.congested_sessions as f64));
             blocked.push((node(t), g.blocked_seconds));
             slowed.push((node(t), g.streams_slowed));
+            shard.push((node(t), t.shard().id() as f64));
             if let Some(e) = states.iter_mut().find(|(st, _)| *st == s.state) {
                 e.1 += 1;
             }
@@ -268,6 +271,15 @@ impl Collector for NodeCollector {
             "Streams whose client fell behind by half proxy.relay_stream_buffer_limit (slowed, never reset)",
             &slowed,
         )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_node_shard",
+            "The shard (thread) that runs the node's sessions and streams",
+            &shard,
+        )?;
+        if let Some(shards) = &self.shards {
+            encode_shards(&mut enc, &shards.loads())?;
+        }
         let by_state: Vec<(Vec<(&str, String)>, f64)> = states
             .iter()
             .map(|(s, n)| (vec![("state", s.as_str().to_string())], *n as f64))
@@ -326,6 +338,46 @@ impl Collector for NodeCollector {
     }
 }
 
+/// Per shard: its nodes and the streams its thread relays; and how often
+/// work of a node ran off its shard (must stay 0).
+fn encode_shards(
+    enc: &mut DescriptorEncoder,
+    loads: &[crate::shard::ShardLoad],
+) -> Result<(), std::fmt::Error> {
+    let shard = |l: &crate::shard::ShardLoad| vec![("shard", l.shard.to_string())];
+    let nodes: Vec<_> = loads.iter().map(|l| (shard(l), l.nodes as f64)).collect();
+    gauge_family(
+        enc,
+        "tunneler_shard_nodes",
+        "Nodes placed on the shard",
+        &nodes,
+    )?;
+    let active: Vec<_> = loads
+        .iter()
+        .map(|l| (shard(l), l.active_streams as f64))
+        .collect();
+    gauge_family(
+        enc,
+        "tunneler_shard_active_streams",
+        "Client streams the shard's thread relays now",
+        &active,
+    )?;
+    let total: Vec<_> = loads.iter().map(|l| (shard(l), l.total_streams)).collect();
+    counter_family(
+        enc,
+        "tunneler_shard_streams",
+        "Client streams the shard's thread relayed since start",
+        &total,
+    )?;
+    let m = enc.encode_descriptor(
+        "tunneler_shard_misplaced",
+        "Times work of a node (a task, a relay, a russh callback) ran outside its shard's thread; must stay 0",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(crate::shard::misplaced_total()).encode(m)
+}
+
 /// The relay's buffer budget: what is held for slow clients, the most ever
 /// held at once, and the streams reset to keep it.
 fn encode_relay(
@@ -360,8 +412,9 @@ fn encode_relay(
 }
 
 impl Metrics {
-    /// Builds the registry. `tunnels` lists the current tunnels at scrape.
-    pub fn new(tunnels: TunnelSource) -> Metrics {
+    /// Builds the registry. `tunnels` lists the current tunnels at scrape;
+    /// `shards`, when given, adds the per-shard series.
+    pub fn new(tunnels: TunnelSource, shards: Option<Arc<crate::shard::Shards>>) -> Metrics {
         let mut registry = Registry::default();
         let dials = Family::<ResultLabels, Counter>::default();
         let durations = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
@@ -388,6 +441,7 @@ impl Metrics {
         let ambiguous_addresses = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(NodeCollector {
             tunnels,
+            shards,
             discovery_last_success: discovery_last_success.clone(),
             discovery_errors: discovery_errors.clone(),
             discovery_rejected: discovery_rejected.clone(),

@@ -20,6 +20,13 @@
 //! not yet sent a complete head (on the mTLS listener, the TLS handshake
 //! counts too). Past it, that listener turns new connections away at once;
 //! a flood on one listener never makes another answer 503.
+//!
+//! Threads: accept, the TLS handshake and the head run on the control
+//! runtime. Once a stream is routed to a node, the client connection moves
+//! to that node's shard (see `shard`), with any bytes read past the head;
+//! the channel open, the reply and the relay run there, beside the node's
+//! SSH session. A pool dial picks its node first, then moves; a retry on a
+//! node of another shard moves again.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +36,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -40,6 +47,7 @@ use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
 use crate::relay::{relay, RelayBudget, RelayEnd, RelayLimits};
 use crate::route::{NodePorts, Route, RouteTable};
+use crate::shard::{Movable, MovableTcp};
 use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
@@ -422,8 +430,9 @@ impl EgressProxy {
                         let limit = this.settings.load().handshake_timeout;
                         // The span names the peer in the verifier's log line
                         // about a refused client certificate.
-                        let handshake = tokio::time::timeout(limit, acceptor.accept(s))
-                            .instrument(info_span!("tls_client", %peer));
+                        let handshake =
+                            tokio::time::timeout(limit, acceptor.accept(MovableTcp::Attached(s)))
+                                .instrument(info_span!("tls_client", %peer));
                         let tls = tokio::select! {
                             _ = this.cancel.cancelled() => return,
                             r = handshake => r,
@@ -440,10 +449,13 @@ impl EgressProxy {
     }
 
     /// Handles one client connection: read the head, route, dial, relay.
-    pub async fn handle<S>(&self, mut s: S, peer: SocketAddr, id: u64, permit: OwnedSemaphorePermit)
-    where
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    pub async fn handle<S: Movable>(
+        &self,
+        mut s: S,
+        peer: SocketAddr,
+        id: u64,
+        permit: OwnedSemaphorePermit,
+    ) {
         let mut buf = BytesMut::with_capacity(512);
         let limit = self.settings.load().handshake_timeout;
         let head = tokio::time::timeout(limit, async {
@@ -502,21 +514,21 @@ impl EgressProxy {
         reply(w, a.code, &a.text).await;
     }
 
-    async fn dial_and_relay<S>(
+    /// Routes the stream (on the control runtime, where its head was read)
+    /// and moves it to the shard of the node that will carry it; refusals
+    /// that need no node are answered here.
+    async fn dial_and_relay<S: Movable>(
         &self,
         mut s: S,
         peer: SocketAddr,
         target: Target,
         first: Bytes,
         started: tokio::time::Instant,
-    ) where
-        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
+    ) {
         let settings = self.settings.load_full();
         let deadline = tokio::time::Instant::now() + settings.dial_timeout;
-        let max = settings.max_streams_per_node;
         let routes = self.routes.load_full();
-        let open = match routes.lookup(&target.host) {
+        let dial = match routes.lookup(&target.host) {
             Route::Forbidden => {
                 debug!("destination not allowed");
                 self.refuse(
@@ -557,6 +569,9 @@ impl EgressProxy {
                 } else {
                     host
                 };
+                // A node still connecting (at start, or after a lost
+                // session) is waited for, up to wait_for_healthy, before
+                // the connection moves to its shard.
                 let wait_until =
                     (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
                 if let Err(e) = crate::healthy::wait_for_node(&node, wait_until).await {
@@ -564,25 +579,29 @@ impl EgressProxy {
                     self.refuse(started, &mut s, Refusal::Dial(e)).await;
                     return;
                 }
-                match node
-                    .open_channel(&host, target.port, peer, deadline, max)
-                    .await
-                {
-                    Ok(open) => open,
-                    Err(e) => {
-                        info!(node = %node.node.name, error = %e, "dial failed");
-                        self.refuse(started, &mut s, Refusal::Dial(e)).await;
-                        return;
-                    }
+                Dial {
+                    node,
+                    host,
+                    pool: None,
                 }
             }
             Route::Pool { host } => {
                 let wait_until =
                     (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
                 crate::healthy::wait_for_pool(routes.nodes(), wait_until).await;
-                match dial_pool(routes.nodes(), &host, target.port, peer, deadline, max).await {
-                    Ok(open) => open,
-                    Err(e) => {
+                let mut pool = Pool {
+                    routes: routes.clone(),
+                    tried: Vec::new(),
+                    reasons: Vec::new(),
+                };
+                match pool.next() {
+                    Some(node) => Dial {
+                        node,
+                        host,
+                        pool: Some(pool),
+                    },
+                    None => {
+                        let e = pool.exhausted(&host);
                         info!(error = %e, "pool dial failed");
                         self.refuse(started, &mut s, Refusal::Dial(e)).await;
                         return;
@@ -590,8 +609,96 @@ impl EgressProxy {
                 }
             }
         };
+        self.move_to_shard(
+            s,
+            Pending {
+                dial,
+                port: target.port,
+                peer,
+                first,
+                started,
+                deadline,
+                settings,
+            },
+        );
+    }
+
+    /// Hands the client connection to the shard of the node it is routed
+    /// to: taken off this runtime's reactor here, registered there. The
+    /// dial, the reply and the relay all run on that shard.
+    fn move_to_shard<S: Movable>(&self, s: S, pending: Pending) {
+        let shard = pending.dial.node.shard().clone();
+        let detached = match s.detach() {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "cannot move the connection to its node's shard; closing it");
+                return;
+            }
+        };
+        let this = self.clone();
+        shard.spawn(
+            &self.tracker,
+            async move {
+                match S::attach(detached) {
+                    Ok(s) => this.on_shard(s, pending).await,
+                    Err(e) => {
+                        warn!(error = %e, "cannot take the connection over on the node's shard; closing it")
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// On the node's shard: open the channel, reply 200, relay. A pool
+    /// dial that fails on its tunnel tries another node once, moving again
+    /// when that node lives on another shard.
+    async fn on_shard<S: Movable>(&self, mut s: S, mut p: Pending) {
+        loop {
+            let node = p.dial.node.clone();
+            let opened = node
+                .open_channel(
+                    &p.dial.host,
+                    p.port,
+                    p.peer,
+                    p.deadline,
+                    p.settings.max_streams_per_node,
+                )
+                .await;
+            let e = match opened {
+                Ok(open) => return self.relay_stream(s, open, &p).await,
+                Err(e) => e,
+            };
+            let retry = match &mut p.dial.pool {
+                Some(pool) => pool.failed_on(&node, e, &p.dial.host),
+                None => Err(e),
+            };
+            match retry {
+                Ok(next) => {
+                    let here = crate::shard::current() == Some(next.shard().id());
+                    p.dial.node = next;
+                    if !here {
+                        return self.move_to_shard(s, p);
+                    }
+                }
+                Err(e) => {
+                    if p.dial.pool.is_some() {
+                        info!(error = %e, "pool dial failed");
+                    } else {
+                        info!(node = %node.node.name, error = %e, "dial failed");
+                    }
+                    self.refuse(p.started, &mut s, Refusal::Dial(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The 200 reply and the relay, on the stream's shard.
+    async fn relay_stream<S: Movable>(&self, mut s: S, open: OpenStream, p: &Pending) {
+        let _counted = crate::shard::stream_started();
         self.metrics
-            .record(DialResult::Ok, started.elapsed().as_secs_f64());
+            .record(DialResult::Ok, p.started.elapsed().as_secs_f64());
         let OpenStream { channel, guard } = open;
         let tunnel = guard.tunnel().clone();
         if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -608,13 +715,13 @@ impl EgressProxy {
         debug!(node = %tunnel.node.name, "stream open");
         let end = relay(
             s,
-            first,
+            p.first.clone(),
             channel,
             &tunnel.counters,
             guard.session(),
             self.cancel.child_token(),
             RelayBudget::global(),
-            &settings.relay,
+            &p.settings.relay,
         )
         .await;
         drop(guard);
@@ -625,58 +732,93 @@ impl EgressProxy {
     }
 }
 
+/// A routed stream on its way to (or on) its node's shard.
+struct Pending {
+    dial: Dial,
+    port: u16,
+    peer: SocketAddr,
+    /// Bytes the client sent past its request head.
+    first: Bytes,
+    started: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+    settings: Arc<ProxySettings>,
+}
+
+/// Where a stream is dialled: the node, the host on its side, and for a
+/// service-CIDR dial the pool it may retry in.
+struct Dial {
+    node: Arc<NodeTunnel>,
+    host: String,
+    pool: Option<Pool>,
+}
+
 /// Service-CIDR dials: the less loaded of two random tunnels among those
 /// that are healthy (not draining, not failing their probe); a tunnel-side
 /// failure is retried once on another. When every candidate fails, the
 /// error lists why.
-async fn dial_pool(
-    nodes: &[Arc<NodeTunnel>],
-    host: &str,
-    port: u16,
-    peer: SocketAddr,
-    deadline: tokio::time::Instant,
-    max: u64,
-) -> Result<OpenStream, TunnelError> {
-    let mut tried: Vec<usize> = Vec::new();
-    let mut reasons: Vec<String> = Vec::new();
-    for _ in 0..2 {
+struct Pool {
+    routes: Arc<RouteTable<Arc<NodeTunnel>>>,
+    tried: Vec<usize>,
+    reasons: Vec<String>,
+}
+
+impl Pool {
+    /// The next candidate, at most two in all.
+    fn next(&mut self) -> Option<Arc<NodeTunnel>> {
+        if self.tried.len() >= 2 {
+            return None;
+        }
+        let nodes = self.routes.nodes();
         let healthy: Vec<usize> = (0..nodes.len())
-            .filter(|i| !tried.contains(i) && nodes[*i].pool_eligible())
+            .filter(|i| !self.tried.contains(i) && nodes[*i].pool_eligible())
             .collect();
-        let Some(pick) = pick_two(&healthy, |i| {
+        let pick = pick_two(&healthy, |i| {
             nodes[i].counters.active_streams.load(Ordering::Relaxed)
-        }) else {
-            break;
-        };
-        tried.push(pick);
-        let node = &nodes[pick];
-        match node.open_channel(host, port, peer, deadline, max).await {
-            Ok(open) => return Ok(open),
-            Err(e @ TunnelError::ChannelOpenTimeout(_)) => return Err(e),
-            Err(e) if e.is_tunnel_side() => {
+        })?;
+        self.tried.push(pick);
+        Some(nodes[pick].clone())
+    }
+
+    /// After `node` failed with `e`: the next node to try, or the error to
+    /// answer with.
+    fn failed_on(
+        &mut self,
+        node: &NodeTunnel,
+        e: TunnelError,
+        host: &str,
+    ) -> Result<Arc<NodeTunnel>, TunnelError> {
+        match e {
+            e @ TunnelError::ChannelOpenTimeout(_) => Err(e),
+            e if e.is_tunnel_side() => {
                 info!(node = %node.node.name, error = %e, "pool dial failed on this tunnel; trying another");
-                reasons.push(format!("{}: {e}", node.node.name));
+                self.reasons.push(format!("{}: {e}", node.node.name));
+                self.next().ok_or_else(|| self.exhausted(host))
             }
-            Err(e) => return Err(e),
+            e => Err(e),
         }
     }
-    if reasons.is_empty() {
+
+    /// Why no candidate is left.
+    fn exhausted(&self, host: &str) -> TunnelError {
+        if !self.reasons.is_empty() {
+            return TunnelError::NotConnected(format!(
+                "every candidate tunnel failed: {}",
+                self.reasons.join("; ")
+            ));
+        }
+        let nodes = self.routes.nodes();
         let mut states: Vec<String> = nodes
             .iter()
             .map(|n| format!("{} {}", n.node.name, n.state().state.as_str()))
             .collect();
         states.truncate(10);
-        return Err(TunnelError::NotConnected(format!(
+        TunnelError::NotConnected(format!(
             "none of {} node(s) can take service address {host}{}{}",
             nodes.len(),
             if states.is_empty() { "" } else { ": " },
             states.join(", ")
-        )));
+        ))
     }
-    Err(TunnelError::NotConnected(format!(
-        "every candidate tunnel failed: {}",
-        reasons.join("; ")
-    )))
 }
 
 /// Power of two choices: two distinct random candidates, the less loaded wins.

@@ -69,6 +69,7 @@ pub const EFFECTS: &[(&str, Effect)] = &[
     ("admin.ready_min_healthy", Effect::Live),
     ("health", Effect::Live),
     ("discovery", Effect::Restart),
+    ("runtime", Effect::Restart),
     ("node", Effect::Live),
 ];
 

@@ -58,6 +58,9 @@ pub struct ClientHandler {
     host_key_error: Arc<Mutex<Option<TunnelError>>>,
     /// Filled with the disconnect reason when the session ends.
     end_reason: Arc<Mutex<Option<String>>>,
+    /// The shard the session was opened on: russh runs these callbacks in
+    /// its session task, which must stay there (checked, see `shard`).
+    shard: Option<usize>,
     _ended: DropGuard,
 }
 
@@ -114,6 +117,7 @@ impl client::Handler for ClientHandler {
         &mut self,
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
+        crate::shard::check(self.shard);
         let file = self.known_hosts.current();
         let names = self.names();
         let port = self.node.port;
@@ -185,6 +189,7 @@ impl client::Handler for ClientHandler {
         &mut self,
         reason: DisconnectReason<Self::Error>,
     ) -> Result<(), Self::Error> {
+        crate::shard::check(self.shard);
         let text = match &reason {
             DisconnectReason::ReceivedDisconnect(info) => {
                 format!(
@@ -244,6 +249,7 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
         policy: ctx.ssh.host_key_policy,
         host_key_error: host_key_error.clone(),
         end_reason: end_reason.clone(),
+        shard: crate::shard::current(),
         _ended: ended.clone().drop_guard(),
     };
 

@@ -102,6 +102,10 @@ pub struct NodeStatus {
     /// since start (they were slowed, not reset).
     #[serde(default)]
     pub streams_slowed: u64,
+    /// The shard (thread) that runs the node's sessions and streams; it
+    /// keeps it for its whole life.
+    #[serde(default)]
+    pub shard: Option<usize>,
 }
 
 impl StatusDocument {
@@ -112,8 +116,16 @@ impl StatusDocument {
 
     /// The human table printed by `tunneler status`.
     pub fn table(&self) -> String {
-        let headers = ["NAME", "ADDRESS", "STATE", "SINCE", "STREAMS", "LAST ERROR"];
-        let rows: Vec<[String; 6]> = self
+        let headers = [
+            "NAME",
+            "ADDRESS",
+            "STATE",
+            "SINCE",
+            "SHARD",
+            "STREAMS",
+            "LAST ERROR",
+        ];
+        let rows: Vec<[String; 7]> = self
             .nodes
             .iter()
             .map(|n| {
@@ -122,6 +134,7 @@ impl StatusDocument {
                     n.address.clone(),
                     n.state.to_string(),
                     n.since.clone(),
+                    n.shard.map_or_else(|| "-".into(), |s| s.to_string()),
                     format!("{}/{}", n.active_streams, n.total_streams),
                     n.last_error.clone().unwrap_or_else(|| "-".into()),
                 ]
@@ -129,14 +142,14 @@ impl StatusDocument {
             .collect();
         let mut widths = headers.map(str::len);
         for r in &rows {
-            for (i, c) in r.iter().enumerate().take(5) {
+            for (i, c) in r.iter().enumerate().take(6) {
                 widths[i] = widths[i].max(c.len());
             }
         }
         let mut out = String::new();
-        let line = |cells: [&str; 6], out: &mut String| {
+        let line = |cells: [&str; 7], out: &mut String| {
             for (i, c) in cells.iter().enumerate() {
-                if i < 5 {
+                if i < 6 {
                     out.push_str(&format!("{c:<w$}  ", w = widths[i]));
                 } else {
                     out.push_str(c);
@@ -147,7 +160,7 @@ impl StatusDocument {
         line(headers, &mut out);
         for r in &rows {
             line(
-                [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]].map(|s| s.as_str()),
+                [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]].map(|s| s.as_str()),
                 &mut out,
             );
         }
@@ -241,6 +254,7 @@ impl StatusView {
                     congested_sessions: g.congested_sessions as u64,
                     blocked_seconds: g.blocked_seconds,
                     streams_slowed: g.streams_slowed,
+                    shard: Some(t.shard().id()),
                 }
             })
             .collect();

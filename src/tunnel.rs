@@ -379,6 +379,8 @@ pub struct NodeTunnel {
     pub counters: Counters,
     cancel: CancellationToken,
     commands: Vec<mpsc::Sender<Command>>,
+    /// The shard that runs everything of this node, for its whole life.
+    placement: crate::shard::NodePlacement,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -392,12 +394,15 @@ impl std::fmt::Debug for NodeTunnel {
 
 impl NodeTunnel {
     /// Creates the handle and starts the supervising actor (and the health
-    /// probe, when configured) on `tracker`. Both stop when `cancel` fires.
+    /// probe, when configured) on `tracker`, on the node's shard: every
+    /// task of the node runs there (see `shard`). Both stop when `cancel`
+    /// fires.
     pub fn spawn(
         node: NodeConfig,
         ctx: SharedContext,
         cancel: CancellationToken,
         tracker: &TaskTracker,
+        placement: crate::shard::NodePlacement,
     ) -> Arc<NodeTunnel> {
         let n = ctx.load().ssh.connections_per_node.max(1);
         let max = ctx.load().ssh.max_connections_per_node.max(n);
@@ -432,21 +437,32 @@ impl NodeTunnel {
             counters: Counters::default(),
             cancel,
             commands,
+            placement,
         });
-        let span = info_span!("node", node = %tunnel.node.name);
+        let shard = tunnel.shard().clone();
+        let span = info_span!("node", node = %tunnel.node.name, shard = shard.id());
         for (slot, rx) in receivers.into_iter().enumerate() {
             let slot_span = if n > 1 {
                 tracing::info_span!(parent: &span, "conn", slot)
             } else {
                 span.clone()
             };
-            tracker.spawn(
+            shard.spawn(
+                tracker,
                 supervise(tunnel.clone(), slot, ctx.clone(), rx, tracker.clone())
                     .instrument(slot_span),
             );
         }
-        tracker.spawn(crate::probe::run(tunnel.clone(), ctx).instrument(span));
+        shard.spawn(
+            tracker,
+            crate::probe::run(tunnel.clone(), ctx).instrument(span),
+        );
         tunnel
+    }
+
+    /// The shard that runs this node's sessions and streams.
+    pub fn shard(&self) -> &crate::shard::ShardHandle {
+        self.placement.shard()
     }
 
     /// A snapshot of the current state.
@@ -713,8 +729,10 @@ impl NodeTunnel {
             return false;
         }
         // Its own root: the extra outlives the dial that started it.
-        let span = info_span!(parent: None, "node", node = %self.node.name);
-        self.tracker.spawn(
+        let span =
+            info_span!(parent: None, "node", node = %self.node.name, shard = self.shard().id());
+        self.shard().spawn(
+            &self.tracker,
             extra_session(self.clone(), slot)
                 .instrument(tracing::info_span!(parent: &span, "extra", slot)),
         );
@@ -1065,7 +1083,8 @@ async fn supervise(
                                 ended.clone(),
                             );
                             up_at = Instant::now();
-                            tracker.spawn(
+                            tunnel.shard().spawn(
+                                &tracker,
                                 retire(
                                     old,
                                     old_ended,
@@ -1159,7 +1178,9 @@ fn install(
     let t = tunnel.clone();
     let c = conn.clone();
     let every = ctx.ssh.keepalive_interval;
-    tracker.spawn(
+    let shard = tunnel.shard();
+    shard.spawn(
+        tracker,
         async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
@@ -1171,7 +1192,8 @@ fn install(
     if let Some(watch) = watch {
         let c = conn.clone();
         let cancel = tunnel.cancel.clone();
-        tracker.spawn(
+        shard.spawn(
+            tracker,
             async move {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
