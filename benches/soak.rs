@@ -344,6 +344,15 @@ struct Death {
     error: String,
 }
 
+/// A dial to a node outside any window that explains it.
+struct DialFailure {
+    at: Duration,
+    node: usize,
+    error: String,
+    /// A fault it overlapped that does not explain it (for reports).
+    overlapped: Option<FaultKind>,
+}
+
 #[derive(Default)]
 struct Stats {
     /// Bytes written by clients (echo streams and short dials).
@@ -369,8 +378,8 @@ struct Stats {
     reloads_ok: AtomicU64,
     /// Expected dial failures by fault and reply.
     dial_expected: Mutex<BTreeMap<(FaultKind, String), u64>>,
-    /// Unexpected dial failures: when, node, error, fault overlapped.
-    dial_unexpected: Mutex<Vec<(Duration, usize, String, Option<FaultKind>)>>,
+    /// Unexpected dial failures.
+    dial_unexpected: Mutex<Vec<DialFailure>>,
     deaths: Mutex<Vec<Death>>,
     /// Failures of the harness's own actions (fault steps, reloads) and any
     /// other correctness error.
@@ -424,12 +433,16 @@ impl Ctx {
                     "[{:7.1}s] UNEXPECTED dial failure to node-{node}: {error}",
                     self.t0.elapsed().as_secs_f64()
                 );
-                self.stats.dial_unexpected.lock().unwrap().push((
-                    self.t0.elapsed(),
-                    node,
-                    error,
-                    over,
-                ));
+                self.stats
+                    .dial_unexpected
+                    .lock()
+                    .unwrap()
+                    .push(DialFailure {
+                        at: self.t0.elapsed(),
+                        node,
+                        error,
+                        overlapped: over,
+                    });
             }
         }
     }
@@ -689,7 +702,7 @@ async fn dialer(ctx: Arc<Ctx>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let limit = Arc::new(tokio::sync::Semaphore::new(1000));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut j = Jitter(0x5eed_0f_d1a1);
+    let mut j = Jitter(0x005e_ed0f_d1a1);
     let mut k = 0usize;
     loop {
         tokio::select! {
@@ -1737,12 +1750,14 @@ fn report(
         "  failed, node healthy (must be 0): {}",
         unexpected.len()
     );
-    for (t, node, e, over) in unexpected.iter().take(20) {
+    for f in unexpected.iter().take(20) {
         let _ = writeln!(
             out,
-            "    at {:.1}s node-{node}: {e} (overlapping: {})",
-            t.as_secs_f64(),
-            over.map(|k| k.label()).unwrap_or("no fault")
+            "    at {:.1}s node-{}: {} (overlapping: {})",
+            f.at.as_secs_f64(),
+            f.node,
+            f.error,
+            f.overlapped.map(|k| k.label()).unwrap_or("no fault")
         );
     }
     if !unexpected.is_empty() {
