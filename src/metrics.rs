@@ -103,6 +103,7 @@ pub type TunnelSource = Arc<dyn Fn() -> Vec<Arc<NodeTunnel>> + Send + Sync>;
 struct NodeCollector {
     tunnels: TunnelSource,
     shards: Option<Arc<crate::shard::Shards>>,
+    runtimes: Vec<tokio::runtime::Handle>,
     discovery_last_success: Arc<AtomicI64>,
     discovery_errors: Arc<AtomicU64>,
     discovery_rejected: DiscoveryRejected,
@@ -334,6 +335,12 @@ impl Collector for NodeCollector {
                 self.ambiguous_addresses.load(Ordering::Relaxed) as f64,
             )],
         )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_runtime_tasks",
+            "Tokio tasks alive now, summed over the daemon's runtimes; under steady load it stays flat, a slow climb is a task leak",
+            &[(Vec::new(), runtime_tasks(&self.runtimes) as f64)],
+        )?;
         encode_relay(&mut enc, crate::relay::RelayBudget::global().stats())
     }
 }
@@ -378,6 +385,19 @@ fn encode_shards(
     ConstCounter::new(crate::shard::misplaced_total()).encode(m)
 }
 
+/// Tokio tasks alive now on all of `runtimes`, summed.
+///
+/// A list rather than one handle because the data plane may run as several
+/// runtimes (one per thread), and a leaked task on any of them must show.
+/// Read at scrape time from the runtime's own counter, so the hot path pays
+/// nothing for it.
+pub fn runtime_tasks(runtimes: &[tokio::runtime::Handle]) -> u64 {
+    runtimes
+        .iter()
+        .map(|h| h.metrics().num_alive_tasks() as u64)
+        .sum()
+}
+
 /// The relay's buffer budget: what is held for slow clients, the most ever
 /// held at once, and the streams reset to keep it.
 fn encode_relay(
@@ -414,7 +434,24 @@ fn encode_relay(
 impl Metrics {
     /// Builds the registry. `tunnels` lists the current tunnels at scrape;
     /// `shards`, when given, adds the per-shard series.
+    /// `tunneler_runtime_tasks` counts the tasks of the runtime this is
+    /// called on (the control runtime) and of every shard's.
     pub fn new(tunnels: TunnelSource, shards: Option<Arc<crate::shard::Shards>>) -> Metrics {
+        let mut runtimes: Vec<tokio::runtime::Handle> =
+            tokio::runtime::Handle::try_current().into_iter().collect();
+        if let Some(s) = &shards {
+            runtimes.extend(s.handles());
+        }
+        Metrics::with_runtimes(tunnels, shards, runtimes)
+    }
+
+    /// [`Metrics::new`], with `tunneler_runtime_tasks` summed over
+    /// `runtimes`: every runtime the daemon runs tasks on.
+    pub fn with_runtimes(
+        tunnels: TunnelSource,
+        shards: Option<Arc<crate::shard::Shards>>,
+        runtimes: Vec<tokio::runtime::Handle>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         let dials = Family::<ResultLabels, Counter>::default();
         let durations = Family::<ResultLabels, Histogram>::new_with_constructor(|| {
@@ -442,6 +479,7 @@ impl Metrics {
         registry.register_collector(Box::new(NodeCollector {
             tunnels,
             shards,
+            runtimes,
             discovery_last_success: discovery_last_success.clone(),
             discovery_errors: discovery_errors.clone(),
             discovery_rejected: discovery_rejected.clone(),
@@ -521,5 +559,74 @@ mod classic_tests {
             "# HELP a_dials_total Dials.\n# TYPE a_dials_total counter\na_dials_total{r=\"ok\"} 3\n\
              # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Polls `runtime_tasks` (a task is counted out once the runtime has
+    /// released it, just after its join handle resolves) until it is `want`.
+    async fn settles_at(handles: &[tokio::runtime::Handle], want: u64) -> u64 {
+        let mut got = runtime_tasks(handles);
+        for _ in 0..200 {
+            if got == want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            got = runtime_tasks(handles);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn runtime_tasks_counts_live_tasks_and_drops_finished_ones() {
+        let here = vec![tokio::runtime::Handle::current()];
+        let before = runtime_tasks(&here);
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let g = gate.clone();
+                tokio::spawn(async move { g.notified().await })
+            })
+            .collect();
+        assert_eq!(runtime_tasks(&here), before + 3);
+        gate.notify_waiters();
+        tokio::task::yield_now().await;
+        gate.notify_waiters();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(settles_at(&here, before).await, before);
+    }
+
+    #[test]
+    fn runtime_tasks_sums_every_runtime_and_reaches_the_exposition() {
+        let rt = || {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (rt(), rt());
+        // Spawned but never driven: alive until their runtime is dropped.
+        for _ in 0..2 {
+            a.spawn(std::future::pending::<()>());
+        }
+        for _ in 0..4 {
+            b.spawn(std::future::pending::<()>());
+        }
+        let both = vec![a.handle().clone(), b.handle().clone()];
+        assert_eq!(runtime_tasks(&both[..1]), 2);
+        assert_eq!(runtime_tasks(&both), 6);
+
+        let m = Metrics::with_runtimes(Arc::new(Vec::new), None, both);
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("tunneler_runtime_tasks "))
+            .unwrap_or_else(|| panic!("no tunneler_runtime_tasks in {text}"));
+        assert_eq!(line, "tunneler_runtime_tasks 6.0", "{text}");
     }
 }

@@ -331,6 +331,11 @@ impl Shards {
         Ok(shards)
     }
 
+    /// The shards' runtime handles (for the task count).
+    pub fn handles(&self) -> Vec<Handle> {
+        self.shards.iter().map(|s| s.handle.clone()).collect()
+    }
+
     /// How many shards there are.
     pub fn len(&self) -> usize {
         self.shards.len()
