@@ -144,3 +144,39 @@ pub enum NodesAction {
         name: String,
     },
 }
+
+/// `tunneler check-config`: validates the file; exit code 0 or 1.
+pub fn check_config(config: &std::path::Path) -> u8 {
+    match crate::config::Config::load(config) {
+        Ok(c) => {
+            let (nodes, listeners) = (c.nodes.len(), c.proxy.listen.len());
+            println!(
+                "{}: OK ({nodes} node(s), {listeners} listener(s))",
+                config.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", config.display());
+            1
+        }
+    }
+}
+
+/// `tunneler keygen`: writes a new key pair and prints the
+/// authorized_keys line; exit code 0 or 1.
+pub fn keygen(out: &std::path::Path, comment: &str) -> u8 {
+    match crate::keygen::generate(out, comment) {
+        Ok(g) => {
+            let (private, public) = (g.private.display(), g.public.display());
+            eprintln!("wrote {private} (mode 0600) and {public}");
+            eprintln!("add this line to ~tunneler/.ssh/authorized_keys on every node:");
+            println!("{}", g.authorized_keys_line);
+            0
+        }
+        Err(e) => {
+            eprintln!("keygen: {e}");
+            1
+        }
+    }
+}

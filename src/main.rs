@@ -15,6 +15,12 @@ use tunneler::config::Config;
 /// A current-thread runtime on the calling thread. For `run` it is the
 /// control runtime (admin, discovery, reload, accept and CONNECT heads);
 /// nodes and their streams run on the daemon's shard threads.
+/// mimalloc returns freed memory to the system as it goes; glibc's malloc
+/// kept what bursts of streams had freed in its per-thread arenas, and the
+/// daemon's RSS crept up over hours of churn (docs/soak.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -49,33 +55,8 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "tunneler", out);
             0
         }
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(c) => {
-                let (nodes, listeners) = (c.nodes.len(), c.proxy.listen.len());
-                println!(
-                    "{}: OK ({nodes} node(s), {listeners} listener(s))",
-                    config.display()
-                );
-                0
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", config.display());
-                1
-            }
-        },
-        Command::Keygen { out, comment } => match tunneler::keygen::generate(&out, &comment) {
-            Ok(g) => {
-                let (private, public) = (g.private.display(), g.public.display());
-                eprintln!("wrote {private} (mode 0600) and {public}");
-                eprintln!("add this line to ~tunneler/.ssh/authorized_keys on every node:");
-                println!("{}", g.authorized_keys_line);
-                0
-            }
-            Err(e) => {
-                eprintln!("keygen: {e}");
-                1
-            }
-        },
+        Command::CheckConfig { config } => tunneler::cli::check_config(&config),
+        Command::Keygen { out, comment } => tunneler::cli::keygen(&out, &comment),
     };
     ExitCode::from(code)
 }
