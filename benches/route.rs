@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tunneler::config::NodeConfig;
-use tunneler::route::{Route, RouteTable};
+use tunneler::proxy::route::{Route, RouteTable};
 
 const NODES: u32 = 10_000;
 

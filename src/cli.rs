@@ -166,7 +166,7 @@ pub fn check_config(config: &std::path::Path) -> u8 {
 /// `tunneler keygen`: writes a new key pair and prints the
 /// authorized_keys line; exit code 0 or 1.
 pub fn keygen(out: &std::path::Path, comment: &str) -> u8 {
-    match crate::keygen::generate(out, comment) {
+    match crate::ssh::keygen::generate(out, comment) {
         Ok(g) => {
             let (private, public) = (g.private.display(), g.public.display());
             eprintln!("wrote {private} (mode 0600) and {public}");

@@ -8,7 +8,7 @@
 //! and per stream. Shutdown is graceful ([`run`]): the listeners stop first
 //! (a child token of the root), open connections get the drain timeout,
 //! then the root fires and tracked tasks get a deadline. Sockets may come
-//! bound from the service manager ([`crate::activation`]).
+//! bound from the service manager ([`crate::proxy::activation`]).
 //!
 //! The parts: the [`NodeRegistry`] (live nodes), the [`SourceBook`]
 //! (discovery bookkeeping), the [`ConfigStore`] (the running config and
@@ -25,20 +25,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::activation::{PassedSockets, Role};
+use crate::admin::status::StatusView;
 use crate::admin::{AdminApi, AdminHandles};
 use crate::config::{Config, ListenAddr};
-use crate::config_store::ConfigStore;
+use crate::control::config_store::ConfigStore;
+use crate::control::readiness::Readiness;
+use crate::control::registry::NodeRegistry;
+use crate::control::sources::SourceBook;
 use crate::control::{load_context, Control, ControlParts, KeysError};
+use crate::proxy::activation::{PassedSockets, Role};
+use crate::proxy::route::RouteTable;
+use crate::proxy::sockets::{bind_unix_for, BindError};
 use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
-use crate::readiness::Readiness;
-use crate::registry::NodeRegistry;
-use crate::route::RouteTable;
 use crate::shard::Shards;
-use crate::sockets::{bind_unix_for, BindError};
-use crate::sources::SourceBook;
-use crate::ssh_context::{ContextCell, SharedContext};
-use crate::status::StatusView;
+use crate::ssh::context::{ContextCell, SharedContext};
 
 /// How long shutdown waits for streams and sessions to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -54,13 +54,13 @@ pub enum StartError {
     BindUnix(#[from] BindError),
     /// The TLS listener's certificates could not be loaded.
     #[error("{0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::proxy::tls::TlsError),
     /// The shard threads could not be started.
     #[error("cannot start the shard threads: {0}")]
     Shards(std::io::Error),
     /// A socket passed by the service manager cannot be used.
     #[error("{0}")]
-    Activation(#[from] crate::activation::ActivationError),
+    Activation(#[from] crate::proxy::activation::ActivationError),
     /// A TCP listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     BindTcp {
@@ -91,7 +91,7 @@ pub struct Started {
 /// Loads keys, binds every socket and starts all actors. Returns once
 /// everything is bound; tasks run on the returned tracker until `shutdown`
 /// fires. Listeners whose address a socket in `passed` is bound to use that
-/// socket (see [`crate::activation`]); any passed socket left over is an
+/// socket (see [`crate::proxy::activation`]); any passed socket left over is an
 /// error, and nothing is started. Each node, with its sessions and
 /// streams, runs on one of `shards`; everything else on the caller's
 /// runtime, which becomes the control runtime.
@@ -208,7 +208,7 @@ pub async fn start(
         ));
     }
     if let Some(kube) = config.discovery.kubernetes.clone() {
-        tracker.spawn(crate::kube_watch::run(
+        tracker.spawn(crate::discovery::kube_watch::run(
             control.clone(),
             kube,
             config.discovery.address_types.clone(),
@@ -341,7 +341,7 @@ async fn bind_proxy_listeners(
         });
     }
     if let Some(tls) = &config.proxy.tls {
-        let acceptor = crate::tls::acceptor(tls)?;
+        let acceptor = crate::proxy::tls::acceptor(tls)?;
         if tls.client_names.is_empty() {
             warn!(
                 client_ca_file = %tls.client_ca_file.display(),
@@ -364,7 +364,7 @@ async fn bind_proxy_listeners(
 /// while the tunnels stay up (a second SIGTERM or SIGINT ends that wait),
 /// then whatever is left is cut and every task gets [`SHUTDOWN_GRACE`] to
 /// end. SIGHUP reloads `config_path`. `passed` are the sockets the service
-/// manager handed in (see [`crate::activation`]).
+/// manager handed in (see [`crate::proxy::activation`]).
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,

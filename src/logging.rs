@@ -14,7 +14,7 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let noise = tracing_subscriber::filter::filter_fn(|meta| {
-        !crate::session::is_russh_packet_size_complaint(meta)
+        !crate::ssh::session::is_russh_packet_size_complaint(meta)
     });
     match format {
         LogFormat::Text => builder

@@ -1,15 +1,15 @@
 //! The `tunneler` binary: parse the command line and dispatch. The
 //! commands live in the library: [`tunneler::daemon`] runs the daemon (this
 //! file only adds logging, the runtime and the signal handler around it),
-//! [`tunneler::client`] talks to a running one.
+//! [`tunneler::admin::client`] talks to a running one.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tunneler::admin::client;
 use tunneler::cli::{Cli, Command, LogFormat};
-use tunneler::client;
 use tunneler::config::Config;
 
 /// A current-thread runtime on the calling thread. For `run` it is the
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         ),
         Command::Reload { socket, config } => client::admin_socket(socket, config).map_or_else(
             |c| c,
-            |s| client::run_request(&s, tunneler::admin_api::Request::Reload),
+            |s| client::run_request(&s, tunneler::admin::api::Request::Reload),
         ),
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -63,9 +63,9 @@ fn main() -> ExitCode {
 
 /// Takes the sockets systemd passed (socket activation), before anything
 /// else could open a descriptor or start a thread.
-fn passed_sockets() -> Result<tunneler::activation::PassedSockets, String> {
+fn passed_sockets() -> Result<tunneler::proxy::activation::PassedSockets, String> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let fds = tunneler::activation::take_listen_fds().map_err(|e| e.to_string())?;
+    let fds = tunneler::proxy::activation::take_listen_fds().map_err(|e| e.to_string())?;
     let owned = fds
         .into_iter()
         .map(|(fd, name)| {
@@ -76,7 +76,7 @@ fn passed_sockets() -> Result<tunneler::activation::PassedSockets, String> {
             (unsafe { OwnedFd::from_raw_fd(fd) }, name)
         })
         .collect();
-    tunneler::activation::PassedSockets::new(owned).map_err(|e| e.to_string())
+    tunneler::proxy::activation::PassedSockets::new(owned).map_err(|e| e.to_string())
 }
 
 fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {

@@ -341,7 +341,10 @@ impl Collector for NodeCollector {
             "Tokio tasks alive now, summed over the daemon's runtimes; under steady load it stays flat, a slow climb is a task leak",
             &[(Vec::new(), runtime_tasks(&self.runtimes) as f64)],
         )?;
-        encode_relay(&mut enc, crate::relay::RelayBudget::global().stats())
+        encode_relay(
+            &mut enc,
+            crate::tunnel::relay::RelayBudget::global().stats(),
+        )
     }
 }
 
@@ -402,7 +405,7 @@ pub fn runtime_tasks(runtimes: &[tokio::runtime::Handle]) -> u64 {
 /// held at once, and the streams reset to keep it.
 fn encode_relay(
     enc: &mut DescriptorEncoder,
-    b: crate::relay::BudgetStats,
+    b: crate::tunnel::relay::BudgetStats,
 ) -> Result<(), std::fmt::Error> {
     for (name, help, v) in [
         (

@@ -13,7 +13,7 @@ use common::{
     all_output, find_node, node_names, report, Cluster, ConfigSpec, Daemon, Source, StatusDocument,
     ECHO_PORT,
 };
-use tunneler::admin_api::{DrainChanged, ReloadReport};
+use tunneler::admin::api::{DrainChanged, ReloadReport};
 
 const READY: Duration = Duration::from_secs(20);
 

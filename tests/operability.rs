@@ -13,7 +13,7 @@ use common::{
     ConfigSpec, Daemon, Source, StatusDocument, ECHO_PORT,
 };
 use serde_json::Value;
-use tunneler::sources::SourceStatus;
+use tunneler::control::sources::SourceStatus;
 
 const READY: Duration = Duration::from_secs(20);
 

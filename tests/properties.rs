@@ -4,7 +4,7 @@
 //! - a validated config printed back to TOML parses to the same config.
 //!
 //! known_hosts pattern matching is checked against a reference matcher in
-//! `src/known_hosts.rs` (it needs private functions).
+//! `src/ssh/known_hosts.rs` (it needs private functions).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
@@ -12,7 +12,7 @@ use std::path::Path;
 use ipnet::IpNet;
 use proptest::prelude::*;
 use tunneler::config::{check_node_set, Config, HostKeyPolicy, ListenAddr, NodeConfig};
-use tunneler::route::{Route, RouteTable};
+use tunneler::proxy::route::{Route, RouteTable};
 
 // ---------------------------------------------------------------------------
 // Route table vs brute force
@@ -586,7 +586,7 @@ proptest! {
         dests in proptest::collection::vec(destination(), 1..60),
     ) {
         use tunneler::discovery::candidate_from_value;
-        use tunneler::node_set::{admit, Context};
+        use tunneler::control::node_set::{admit, Context};
 
         let services: Vec<IpNet> = vec!["10.96.0.0/16".parse().unwrap()];
         let cluster: Vec<IpNet> = if with_cluster {

@@ -19,8 +19,8 @@ use common::{
     StatusDocument, ECHO_PORT,
 };
 use serde_json::{json, Value};
-use tunneler::sources::SourceStatus;
-use tunneler::status::AmbiguousAddress;
+use tunneler::admin::status::AmbiguousAddress;
+use tunneler::control::sources::SourceStatus;
 
 const READY: Duration = Duration::from_secs(20);
 

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
 use tunneler::config::NodeConfig;
 use tunneler::proxy::{parse_authority, parse_head, Parsed, MAX_HEADER_BYTES};
-use tunneler::route::{Route, RouteTable};
+use tunneler::proxy::route::{Route, RouteTable};
 
 fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
     NodeConfig {

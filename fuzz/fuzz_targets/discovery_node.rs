@@ -9,11 +9,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
-use tunneler::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
+use tunneler::config::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
 use tunneler::config::NodeConfig;
 use tunneler::discovery::candidate_from_value;
-use tunneler::node_set::{admit, Context};
-use tunneler::route::{Route, RouteTable};
+use tunneler::control::node_set::{admit, Context};
+use tunneler::proxy::route::{Route, RouteTable};
 
 fn live() -> NodeConfig {
     NodeConfig {
@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(a.nodes.len() + a.rejected.len() == 1);
         for n in &a.nodes {
             for c in &n.pod_cidrs {
-                assert!(tunneler::address::check_pod_scope(*c, &cluster).is_ok());
+                assert!(tunneler::config::address::check_pod_scope(*c, &cluster).is_ok());
             }
         }
         let all: Vec<&NodeConfig> = live.iter().chain(&a.nodes).collect();

@@ -46,9 +46,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use tunneler::sources::Source;
+pub use tunneler::admin::status::{NodeStatus, StatusDocument};
 #[allow(unused_imports)]
-pub use tunneler::status::{NodeStatus, StatusDocument};
+pub use tunneler::control::sources::Source;
 
 mod cluster;
 mod daemon;

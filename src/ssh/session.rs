@@ -20,8 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::{HostKeyPolicy, NodeConfig, SshConfig};
 use crate::error::TunnelError;
-use crate::known_hosts::{KnownHostsStore, Learned, Verdict};
-use crate::ssh_context::SshContext;
+use crate::ssh::context::SshContext;
+use crate::ssh::known_hosts::{KnownHostsStore, Learned, Verdict};
 
 /// An established, authenticated session.
 pub struct Session {
@@ -268,7 +268,7 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     };
 
     let handshake = async {
-        let stream = crate::readahead::ReadAhead::new(tcp);
+        let stream = crate::ssh::readahead::ReadAhead::new(tcp);
         let mut handle = client::connect_stream(client_config, stream, handler)
             .await
             .map_err(|e| {

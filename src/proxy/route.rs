@@ -31,7 +31,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::address::{canonical_ip, canonical_net};
+use crate::config::address::{canonical_ip, canonical_net};
 use crate::config::NodeConfig;
 
 /// Where a target goes.

@@ -15,8 +15,8 @@ use russh::client;
 use tokio::sync::watch;
 
 use crate::config::{HealthConfig, ReconnectConfig, SshConfig};
-use crate::identity::Identity;
-use crate::known_hosts::KnownHostsStore;
+use crate::ssh::identity::Identity;
+use crate::ssh::known_hosts::KnownHostsStore;
 
 /// Everything the actors share that does not depend on the node.
 #[derive(Debug)]

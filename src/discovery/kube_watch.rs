@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::KubeSource;
+use crate::control::node_set::Candidate;
+use crate::control::sources::Source;
 use crate::control::Control;
 use crate::discovery::candidate_from_node;
-use crate::node_set::Candidate;
-use crate::sources::Source;
 
 async fn client(source: &KubeSource) -> Result<Client, String> {
     let config = match source {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::config::NodeConfig;
-use crate::sources::Source;
+use crate::control::sources::Source;
 use crate::tunnel::NodeTunnel;
 
 /// One live node.

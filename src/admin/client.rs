@@ -1,6 +1,6 @@
 //! The admin API's client: `tunneler status`, `tunneler nodes ...` and
 //! `tunneler reload`. It speaks the typed protocol of
-//! [`admin_api`](crate::admin_api) over the admin Unix socket.
+//! [`admin_api`](crate::admin::api) over the admin Unix socket.
 //!
 //! Exit codes, for scripts: 0 success (for `status`: every node healthy),
 //! 1 an error answer (or, for `status`, a node not healthy), 2 the daemon
@@ -13,10 +13,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 
-use crate::admin_api::{ErrorBody, NodeSpec, Request};
+use crate::admin::api::{ErrorBody, NodeSpec, Request};
+use crate::admin::status::StatusDocument;
 use crate::cli::NodesAction;
 use crate::config::{Config, DEFAULT_ADMIN_SOCKET};
-use crate::status::StatusDocument;
 
 /// Why the admin API could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,7 @@
 //! The admin API: HTTP/JSON on a local Unix socket (mode 0600).
 //!
 //! Endpoints:
-//! - `GET /v1/status`: the [`StatusDocument`](crate::status::StatusDocument).
+//! - `GET /v1/status`: the [`StatusDocument`](crate::admin::status::StatusDocument).
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200 once `admin.ready_min_healthy` nodes are healthy,
 //!   else 503; the body says how many are.
@@ -14,7 +14,7 @@
 //! - `POST /v1/reload`: re-read the config file and apply the difference.
 //!
 //! Errors are `{"error": "..."}` with a 4xx code; a refused change changes
-//! nothing. The paths and bodies are typed in [`admin_api`](crate::admin_api),
+//! nothing. The paths and bodies are typed in [`admin_api`](crate::admin::api),
 //! which the client shares.
 //!
 //! The server holds narrow handles, not the daemon: the node-set changer
@@ -22,6 +22,10 @@
 //! store (for the uid check) and a shutdown token. `curl --unix-socket /run/tunneler/admin.sock
 //! http://localhost/v1/status` works, and `tunneler status` is a client of
 //! the same endpoint.
+
+pub mod api;
+pub mod client;
+pub mod status;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,14 +41,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin_api::{
+use crate::admin::api::{
     Added, DrainChanged, ErrorBody, Reconnected, Removed, Request as ApiRequest, RequestError,
 };
-use crate::config_store::ConfigStore;
+use crate::admin::status::StatusView;
+use crate::control::config_store::ConfigStore;
+use crate::control::readiness::Readiness;
 use crate::control::{ChangeError, Control};
 use crate::metrics::Metrics;
-use crate::readiness::Readiness;
-use crate::status::StatusView;
 
 /// Admin connections served at once; more wait in the accept queue.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;

@@ -7,9 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::admin::status::StatusDocument;
 pub use crate::config::NodeSpec;
 pub use crate::control::{ReloadReport, SyncReport};
-pub use crate::status::StatusDocument;
 
 /// The HTTP methods the API uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::registry::NodeRegistry;
+use crate::control::sources::{Source, SourceBook, SourceStatus};
 use crate::proxy::SharedRoutes;
-use crate::registry::NodeRegistry;
-use crate::sources::{Source, SourceBook, SourceStatus};
 use crate::timestamp::rfc3339;
 /// A node's state, as the document carries it (the tunnel module itself is
 /// private to the crate; clients name the state through here).

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config_store::ConfigStore;
-use crate::registry::NodeRegistry;
+use crate::control::config_store::ConfigStore;
+use crate::control::registry::NodeRegistry;
 use crate::tunnel::{NodeTunnel, TunnelState};
 
 /// Readiness of the daemon; cheap to share.

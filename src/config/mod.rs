@@ -6,6 +6,8 @@
 //! into domain types (`Duration`, `IpNet`, absolute `PathBuf`s) and rejects
 //! anything inconsistent. Code after validation never has to re-check config.
 
+pub mod address;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
+use crate::config::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
 
 /// Where `tunneler run` looks for its config unless `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tunneler/tunneler.toml";
@@ -922,8 +924,8 @@ impl Config {
         let mut cluster_cidrs = Vec::new();
         for (i, c) in p.cluster_cidrs.unwrap_or_default().iter().enumerate() {
             let key = format!("proxy.cluster_cidrs[{i}]");
-            let net = crate::address::canonical_net(parse_cidr(&key, c)?);
-            if let Some(why) = crate::address::forbidden_net(net) {
+            let net = crate::config::address::canonical_net(parse_cidr(&key, c)?);
+            if let Some(why) = crate::config::address::forbidden_net(net) {
                 return Err(invalid(key, why));
             }
             if let Some(s) = service_cidrs
@@ -1347,7 +1349,7 @@ pub fn check_pod_scope(
     cluster_cidrs: &[IpNet],
 ) -> Result<(), ConfigError> {
     for (j, c) in node.pod_cidrs.iter().enumerate() {
-        crate::address::check_pod_scope(canonical_net(*c), cluster_cidrs)
+        crate::config::address::check_pod_scope(canonical_net(*c), cluster_cidrs)
             .map_err(|e| invalid(format!("{key}.pod_cidrs[{j}]"), e))?;
     }
     Ok(())

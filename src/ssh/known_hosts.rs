@@ -457,16 +457,17 @@ mod tests {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
     const K2: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILM+rvN+ot98qgEN796jTiQfZfG1KaT0PtFDJ/XFSqti";
-    const CA: &str = include_str!("../tests/fixtures/known_hosts/ca.pub");
-    const CA2: &str = include_str!("../tests/fixtures/known_hosts/ca2.pub");
-    const HOST: &str = include_str!("../tests/fixtures/known_hosts/host.pub");
-    const CERT_OK: &str = include_str!("../tests/fixtures/known_hosts/host-cert-valid.pub");
-    const CERT_USER: &str = include_str!("../tests/fixtures/known_hosts/user-cert.pub");
-    const CERT_EXPIRED: &str = include_str!("../tests/fixtures/known_hosts/host-cert-expired.pub");
+    const CA: &str = include_str!("../../tests/fixtures/known_hosts/ca.pub");
+    const CA2: &str = include_str!("../../tests/fixtures/known_hosts/ca2.pub");
+    const HOST: &str = include_str!("../../tests/fixtures/known_hosts/host.pub");
+    const CERT_OK: &str = include_str!("../../tests/fixtures/known_hosts/host-cert-valid.pub");
+    const CERT_USER: &str = include_str!("../../tests/fixtures/known_hosts/user-cert.pub");
+    const CERT_EXPIRED: &str =
+        include_str!("../../tests/fixtures/known_hosts/host-cert-expired.pub");
     const CERT_OTHER_CA: &str =
-        include_str!("../tests/fixtures/known_hosts/host-cert-other-ca.pub");
+        include_str!("../../tests/fixtures/known_hosts/host-cert-other-ca.pub");
     const CERT_NO_PRINCIPAL: &str =
-        include_str!("../tests/fixtures/known_hosts/host-cert-no-principal.pub");
+        include_str!("../../tests/fixtures/known_hosts/host-cert-no-principal.pub");
     /// 2026-01-01, inside the "always:forever" window.
     const NOW: u64 = 1_767_225_600;
 

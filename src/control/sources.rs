@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::node_set::Rejection;
 use crate::metrics::Metrics;
-use crate::node_set::Rejection;
 
 /// Where a node came from. Reload manages `Config` nodes only; nodes added
 /// through the API survive a reload unless the config names them too.

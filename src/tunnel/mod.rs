@@ -10,6 +10,10 @@
 //! while the old one serves, switches new streams to it, and lets the old one
 //! drain (bounded by the drain timeout) before disconnecting it.
 
+pub(crate) mod backoff;
+pub(crate) mod probe;
+pub(crate) mod relay;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,12 +28,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::backoff::Backoff;
 use crate::config::NodeConfig;
 use crate::error::{channel_open_reason, ByFailClass, TunnelError};
-use crate::probe::Probed;
-use crate::session::{self, ClientHandler, Session};
-use crate::ssh_context::{SharedContext, SshContext};
+use crate::ssh::context::{SharedContext, SshContext};
+use crate::ssh::session::{self, ClientHandler, Session};
+use crate::tunnel::backoff::Backoff;
+use crate::tunnel::probe::Probed;
 
 /// The state a node's tunnel is in, as shown by `tunneler status`. Its
 /// wire names (status document, metrics label, messages) are in
@@ -455,7 +459,7 @@ impl NodeTunnel {
         }
         shard.spawn(
             tracker,
-            crate::probe::run(tunnel.clone(), ctx).instrument(span),
+            crate::tunnel::probe::run(tunnel.clone(), ctx).instrument(span),
         );
         tunnel
     }

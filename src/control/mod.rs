@@ -8,6 +8,13 @@
 //! the route table are snapshots, so a status request, a scrape or an
 //! admin uid check never waits behind a reload's key loading.
 
+pub mod config_store;
+pub mod node_set;
+pub(crate) mod readiness;
+pub(crate) mod registry;
+pub(crate) mod reload;
+pub mod sources;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,17 +29,17 @@ use crate::config::{
     check_node_set, check_pod_scope, check_strict_against_discovered, Config, ConfigError,
     NodeConfig,
 };
-use crate::config_store::ConfigStore;
-use crate::identity::Identity;
-use crate::known_hosts::KnownHostsStore;
+use crate::control::config_store::ConfigStore;
+use crate::control::node_set::Candidate;
+use crate::control::registry::{NodeEntry, NodeRegistry};
+use crate::control::sources::{Source, SourceBook};
 use crate::metrics::Metrics;
-use crate::node_set::Candidate;
+use crate::proxy::route::RouteTable;
 use crate::proxy::{ProxySettings, SharedRoutes};
-use crate::registry::{NodeEntry, NodeRegistry};
-use crate::route::RouteTable;
 use crate::shard::Shards;
-use crate::sources::{Source, SourceBook};
-use crate::ssh_context::{SharedContext, SshContext};
+use crate::ssh::context::{SharedContext, SshContext};
+use crate::ssh::identity::Identity;
+use crate::ssh::known_hosts::KnownHostsStore;
 use crate::tunnel::{NodeTunnel, TunnelState};
 
 /// Why the SSH identity or known_hosts could not be loaded.
@@ -432,9 +439,9 @@ impl Control {
         let current = pick(&|s| s == source);
         let strict = pick(&|s| !s.is_discovery());
         let other_discovered = pick(&|s| s != source && s.is_discovery());
-        let admission = crate::node_set::admit(
+        let admission = crate::control::node_set::admit(
             candidates,
-            &crate::node_set::Context {
+            &crate::control::node_set::Context {
                 current: &current,
                 strict: &strict,
                 other_discovered: &other_discovered,
@@ -593,7 +600,7 @@ impl Control {
         let new_ctx = load_context(&new, self.ctx.load().handshakes.clone())?;
 
         // Apply.
-        let warnings = crate::reload::diff(&current, &new)
+        let warnings = crate::control::reload::diff(&current, &new)
             .iter()
             .filter_map(|c| c.warning())
             .collect();

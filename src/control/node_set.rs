@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, HashSet};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::address::{canonical_ip, canonical_net};
+use crate::config::address::{canonical_ip, canonical_net};
 use crate::config::{check_pod_scope, NodeConfig};
 
 /// One Node as a source read it: its name (as written, for the report) and

@@ -214,7 +214,7 @@ mod tests {
     fn reads_subject_cn_and_dns_sans_of_a_real_certificate() {
         // openssl req -x509 -subj "/O=system:nodes/CN=kube-apiserver-egress"
         //   -addext "subjectAltName=DNS:egress.tunneler.local,IP:127.0.0.1"
-        let der = include_bytes!("../fuzz/corpus/client_cert_names/seed-ec-cn-and-san.der");
+        let der = include_bytes!("../../fuzz/corpus/client_cert_names/seed-ec-cn-and-san.der");
         assert_eq!(
             certificate_names(der),
             Some(v(&["kube-apiserver-egress", "egress.tunneler.local"])),

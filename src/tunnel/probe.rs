@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{HealthConfig, ProbeTarget};
 use crate::error::TunnelError;
-use crate::ssh_context::SharedContext;
+use crate::ssh::context::SharedContext;
 
 /// What the probe needs from one node.
 pub trait Probed: Send + Sync + 'static {

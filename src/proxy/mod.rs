@@ -12,7 +12,7 @@
 //! | 400 | malformed request |
 //! | 405 | a method other than CONNECT |
 //! | 403 | destination not allowed (not a node, pod or service address, or a port a node address does not allow) |
-//! | 503 | no healthy tunnel for the destination (after waiting up to `wait_for_healthy` for one coming up, see [`crate::healthy`]) |
+//! | 503 | no healthy tunnel for the destination (after waiting up to `wait_for_healthy` for one coming up, see [`crate::proxy::healthy`]) |
 //! | 502 | the node refused the channel (SSH reason in the reason phrase) |
 //! | 504 | `dial_timeout` passed |
 //!
@@ -27,6 +27,12 @@
 //! the channel open, the reply and the relay run there, beside the node's
 //! SSH session. A pool dial picks its node first, then moves; a retry on a
 //! node of another shard moves again.
+
+pub mod activation;
+pub(crate) mod healthy;
+pub mod route;
+pub mod sockets;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,9 +51,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
-use crate::relay::{relay, RelayBudget, RelayEnd, RelayLimits};
-use crate::route::{NodePorts, Route, RouteTable};
+use crate::proxy::route::{NodePorts, Route, RouteTable};
 use crate::shard::{Movable, MovableTcp};
+use crate::tunnel::relay::{relay, RelayBudget, RelayEnd, RelayLimits};
 use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
@@ -574,7 +580,7 @@ impl EgressProxy {
                 // the connection moves to its shard.
                 let wait_until =
                     (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
-                if let Err(e) = crate::healthy::wait_for_node(&node, wait_until).await {
+                if let Err(e) = crate::proxy::healthy::wait_for_node(&node, wait_until).await {
                     info!(node = %node.node.name, error = %e, "dial failed");
                     self.refuse(started, &mut s, Refusal::Dial(e)).await;
                     return;
@@ -588,7 +594,7 @@ impl EgressProxy {
             Route::Pool { host } => {
                 let wait_until =
                     (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
-                crate::healthy::wait_for_pool(routes.nodes(), wait_until).await;
+                crate::proxy::healthy::wait_for_pool(routes.nodes(), wait_until).await;
                 let mut pool = Pool {
                     routes: routes.clone(),
                     tried: Vec::new(),

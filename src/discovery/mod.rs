@@ -12,6 +12,8 @@
 //! bad one becomes a rejected [`Candidate`] instead of failing the list.
 //! Only a document that is not a node list at all fails as a whole.
 
+pub(crate) mod kube_watch;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
+use crate::control::node_set::Candidate;
+use crate::control::sources::Source;
 use crate::control::Control;
-use crate::node_set::Candidate;
-use crate::sources::Source;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
 use crate::config::{node_from_spec, NodeSpec};
