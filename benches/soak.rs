@@ -1517,10 +1517,7 @@ fn run(plan: Plan) -> i32 {
     );
     let daemon = Daemon::start_toml(&cluster, &toml, &[]);
     daemon.wait_all_healthy(Duration::from_secs(60));
-    let listed = daemon.status_json()["nodes"]
-        .as_array()
-        .map(Vec::len)
-        .unwrap_or(0);
+    let listed = daemon.status().nodes.len();
     assert_eq!(listed, plan.nodes, "every node listed and healthy");
 
     // Baseline: fds and tasks once two readings a second apart agree.

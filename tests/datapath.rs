@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{node_status, Cluster, Daemon, RAW_ECHO_PORT};
+use common::{find_node, Cluster, Daemon, RAW_ECHO_PORT};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -64,8 +64,8 @@ fn an_idle_session_sends_one_keepalive_request_per_period() {
     let daemon = Daemon::start(&cluster);
     daemon.wait_all_healthy(READY);
     let ip = cluster.node(1).ip;
-    daemon.wait_for("a keepalive round trip", READY, |s| {
-        node_status(s, "node-1").is_some_and(|n| n["rtt_ms"].is_number())
+    daemon.wait_status("a keepalive round trip", READY, |s| {
+        find_node(s, "node-1").is_some_and(|n| n.rtt_ms.is_some())
     });
     let window = Duration::from_secs(9);
     let before = data_segs_out(ip);
@@ -86,6 +86,6 @@ fn an_idle_session_sends_one_keepalive_request_per_period() {
         sent >= (secs / 0.75 / 2.0) as u64,
         "{sent} requests in {secs:.1} s: the keepalive ping stopped"
     );
-    let rtt = node_status(&daemon.status_json(), "node-1").unwrap()["rtt_ms"].as_f64();
+    let rtt = find_node(&daemon.status(), "node-1").and_then(|n| n.rtt_ms);
     assert!(rtt.is_some(), "no round trip in status after {secs:.1} s");
 }

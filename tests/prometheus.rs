@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_tcp_port, metric_value, node_status, ChildGuard, Cluster, ConfigSpec, Daemon};
+use common::{free_tcp_port, metric_value, ChildGuard, Cluster, ConfigSpec, Daemon};
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(20);
@@ -445,8 +445,8 @@ fn a_real_prometheus_scrapes_the_daemon() {
     // A node whose sshd dies: down, and one lost session counted.
     wait_value(prom, "tunneler_reconnects_total{node=\"node-2\"}", 0.0);
     cluster.kill_sshd(2);
-    daemon.wait_for("node-2 down", READY, |s| {
-        node_status(s, "node-2").is_some_and(|n| n["state"] != "healthy")
+    daemon.wait_status("node-2 down", READY, |s| {
+        common::find_node(s, "node-2").is_some_and(|n| n.state != "healthy")
     });
     wait_value(prom, "tunneler_tunnel_up{node=\"node-2\"}", 0.0);
     wait_value(prom, "tunneler_reconnects_total{node=\"node-2\"}", 1.0);

@@ -655,9 +655,9 @@ fn a_dial_waits_for_a_node_in_backoff_to_reconnect() {
         Ok(common::echo_over(s, "waited"))
     });
     sent_rx.recv_timeout(READY).expect("CONNECT sent");
-    let before = daemon.status_json();
-    let state = common::node_status(&before, "node-1").unwrap()["state"].clone();
-    assert_ne!(state, "healthy", "node-1 has no sshd: {before}");
+    let before = daemon.status();
+    let state = common::find_node(&before, "node-1").unwrap().state;
+    assert_ne!(state, "healthy", "node-1 has no sshd: {before:?}");
     let t = Instant::now();
     cluster.start_sshd(1);
     let got = dial
@@ -680,9 +680,9 @@ fn a_dial_for_a_node_with_a_refused_host_key_does_not_wait() {
     let cluster = Cluster::new(2);
     cluster.replace_host_key(2);
     let daemon = Daemon::start_toml(&cluster, &long_wait_config(&cluster), &[]);
-    daemon.wait_for("node-1 healthy, node-2 rejected", READY, |s| {
-        common::node_status(s, "node-1").is_some_and(|n| n["state"] == "healthy")
-            && common::node_status(s, "node-2").is_some_and(|n| n["state"] == "rejected")
+    daemon.wait_status("node-1 healthy, node-2 rejected", READY, |s| {
+        common::find_node(s, "node-1").is_some_and(|n| n.state == "healthy")
+            && common::find_node(s, "node-2").is_some_and(|n| n.state == "rejected")
     });
     let t = Instant::now();
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).pod_ip));

@@ -265,7 +265,7 @@ fn a_new_node_fills_the_gap_a_removed_one_left() {
     assert_eq!(before, [0, 1, 0]);
     let (code, body) = daemon.admin("DELETE", "/v1/nodes/node-1", None);
     assert_eq!(code, 200, "{body}");
-    daemon.wait_for("node-1 gone from the shard", READY, |_| {
+    daemon.wait_status("node-1 gone from the shard", READY, |_| {
         metric_value(&daemon.metrics(), "tunneler_shard_nodes", &[("shard", "0")]) == Some(1.0)
     });
     let n4 = cluster.node(4);

@@ -70,15 +70,6 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("admin status: {e}"))
     }
 
-    /// `GET /v1/status` as raw JSON, for tests of the wire form itself
-    /// (and those not yet moved to [`Daemon::status`]).
-    pub fn status_json(&self) -> Value {
-        let body = self
-            .try_status_body()
-            .unwrap_or_else(|e| panic!("admin status: {e}"));
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("bad json ({e}): {body}"))
-    }
-
     /// Polls the typed status until `cond` holds; panics with the last
     /// status after `timeout`.
     pub fn wait_status(
@@ -100,28 +91,6 @@ impl Daemon {
             ),
             Err(e) => panic!("timed out after {timeout:?} waiting for {what}; last status: {e}"),
         }
-    }
-
-    /// Polls the raw JSON status until `cond` holds (see
-    /// [`Daemon::status_json`]); prefer [`Daemon::wait_status`].
-    pub fn wait_for(&self, what: &str, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
-        let ok = poll(timeout, || match self.try_status_body() {
-            Ok(body) => {
-                last = serde_json::from_str(&body).unwrap_or(Value::String(body));
-                cond(&last)
-            }
-            Err(e) => {
-                last = Value::String(e);
-                false
-            }
-        });
-        assert!(
-            ok,
-            "timed out after {timeout:?} waiting for {what}; last status:\n{}",
-            serde_json::to_string_pretty(&last).unwrap()
-        );
-        last
     }
 
     /// Waits until every listed node is healthy.
@@ -247,14 +216,6 @@ pub fn find_node<'a>(status: &'a StatusDocument, name: &str) -> Option<&'a NodeS
 /// The names of the nodes in `status`, in its order (sorted by name).
 pub fn node_names(status: &StatusDocument) -> Vec<String> {
     status.nodes.iter().map(|n| n.name.clone()).collect()
-}
-
-/// The raw JSON status entry for node `name` (see [`Daemon::status_json`]).
-pub fn node_status<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
-    status["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["name"] == name)
 }
 
 /// Writes `line` to an established tunnel and reads one answer line.
