@@ -69,11 +69,11 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, ClusterOptions, ConfigSpec, Daemon};
+use common::{ChildGuard, Cluster, ClusterOptions, ConfigSpec, Daemon};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Port of the byte source in the node namespace.
@@ -533,31 +533,20 @@ mod serve {
     }
 }
 
-/// A child process killed (and reaped) on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts the bench servers in `ns` and waits for their "ready".
 fn start_servers(ns: &str) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(exe)
-        .args(["__serve", &SOURCE_PORT.to_string(), &ECHO_PORT.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn bench servers");
-    let mut out = child.stdout.take().unwrap();
+    let mut guard = ChildGuard::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(exe)
+            .args(["__serve", &SOURCE_PORT.to_string(), &ECHO_PORT.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let mut out = guard.child().stdout.take().unwrap();
     let mut line = [0u8; 6];
     let ok = out.read_exact(&mut line).is_ok() && &line == b"ready\n";
-    let guard = ChildGuard(child);
     assert!(ok, "bench servers in {ns} did not start");
     guard
 }
@@ -1038,9 +1027,9 @@ fn start_ssh_forward(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(cluster.dir.join(format!("ssh-L-{ip}.log"))).unwrap());
-    let mut guard = ChildGuard(cmd.spawn().expect("spawn ssh -L"));
+    let mut guard = ChildGuard::spawn(&mut cmd);
     let up = common::poll(Duration::from_secs(15), || {
-        if let Ok(Some(_)) = guard.0.try_wait() {
+        if let Ok(Some(_)) = guard.child().try_wait() {
             return true;
         }
         forwards.values().all(|l| {
@@ -1051,7 +1040,7 @@ fn start_ssh_forward(
             .is_ok()
         })
     });
-    let exited = matches!(guard.0.try_wait(), Ok(Some(_)));
+    let exited = matches!(guard.child().try_wait(), Ok(Some(_)));
     assert!(
         up && !exited,
         "ssh -L did not come up: {}",
@@ -1853,7 +1842,7 @@ fn aggregate(sz: &Sizes) -> Table {
         });
     }
     let dpid = daemon.pid();
-    let ssh_pids: Vec<u32> = ssh.iter().map(|g| g.0.id()).collect();
+    let ssh_pids: Vec<u32> = ssh.iter().map(|g| g.id()).collect();
     let bytes = sz.bulk_bytes;
     let total = (AGG_NODES as u64 * bytes) as f64;
     progress(&format!(
@@ -3224,7 +3213,7 @@ fn one_node(sz: &Sizes) -> (Vec<Table>, HashMap<PathKind, f64>, (u64, u64)) {
         daemon_tcp: daemon.tcp_listener(),
         daemon_unix: daemon.egress.clone(),
     };
-    let (dpid, spid) = (daemon.pid(), ssh.0.id());
+    let (dpid, spid) = (daemon.pid(), ssh.id());
     let idle_tunnel_rss = (rss_kib(dpid), rss_kib(spid));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -78,12 +78,12 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, ClusterOptions, ConfigSpec, Daemon};
+use common::{ChildGuard, Cluster, ClusterOptions, ConfigSpec, Daemon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
@@ -913,30 +913,19 @@ mod serve {
     }
 }
 
-/// A child process killed (and reaped) on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_servers(ns: &str) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(exe)
-        .arg("__serve")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn soak servers");
-    let mut out = child.stdout.take().unwrap();
+    let mut guard = ChildGuard::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(exe)
+            .arg("__serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()),
+    );
+    let mut out = guard.child().stdout.take().unwrap();
     let mut line = [0u8; 6];
     let ok = out.read_exact(&mut line).is_ok() && &line == b"ready\n";
-    let guard = ChildGuard(child);
     assert!(ok, "soak servers in {ns} did not start");
     guard
 }
