@@ -300,26 +300,14 @@ impl Collector for NodeCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(self.discovery_errors.load(Ordering::Relaxed)).encode(m)?;
-        let rejected: Vec<(Vec<(&str, String)>, f64)> = self
-            .discovery_rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(src, n)| (vec![("source", src.to_string())], *n as f64))
-            .collect();
+        let rejected = by_source(&self.discovery_rejected);
         gauge_family(
             &mut enc,
             "tunneler_discovery_rejected_nodes",
             "Discovered Nodes rejected now (left out, or kept at their last good config), by source",
             &rejected,
         )?;
-        let failing: Vec<(Vec<(&str, String)>, f64)> = self
-            .discovery_failing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(src, n)| (vec![("source", src.to_string())], *n as f64))
-            .collect();
+        let failing = by_source(&self.discovery_failing);
         gauge_family(
             &mut enc,
             "tunneler_discovery_source_failing",
@@ -399,6 +387,15 @@ pub fn runtime_tasks(runtimes: &[tokio::runtime::Handle]) -> u64 {
         .iter()
         .map(|h| h.metrics().num_alive_tasks() as u64)
         .sum()
+}
+
+/// Rows of a gauge labelled by discovery source.
+fn by_source(map: &DiscoveryRejected) -> Vec<(Vec<(&'static str, String)>, f64)> {
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(src, n)| (vec![("source", src.to_string())], *n as f64))
+        .collect()
 }
 
 /// The relay's buffer budget: what is held for slow clients, the most ever
