@@ -399,6 +399,13 @@ pub async fn run(
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
     });
+    // Freed memory back to the system after streams came and went.
+    let trim_shards = shards.clone();
+    tracker.spawn(crate::memory::trim_loop(
+        crate::memory::TRIM_EVERY,
+        move || trim_shards.loads().iter().map(|l| l.total_streams).sum(),
+        shutdown.clone(),
+    ));
     // WATCHDOG=1 from the control runtime, only while every shard runs a
     // no-op task in time: if any runtime wedges, systemd notices and
     // restarts us. It goes on through the drain, which may be longer than

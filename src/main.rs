@@ -15,12 +15,6 @@ use tunneler::config::Config;
 /// A current-thread runtime on the calling thread. For `run` it is the
 /// control runtime (admin, discovery, reload, accept and CONNECT heads);
 /// nodes and their streams run on the daemon's shard threads.
-/// mimalloc returns freed memory to the system as it goes; glibc's malloc
-/// kept what bursts of streams had freed in its per-thread arenas, and the
-/// daemon's RSS crept up over hours of churn (docs/soak.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

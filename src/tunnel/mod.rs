@@ -1029,7 +1029,10 @@ async fn supervise(
         debug!(endpoint = %tunnel.node.endpoint(), "connecting");
         let attempt = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = session::connect(&tunnel.node, &ctx) => r,
+            // Boxed: the handshake's state machine is large and only lives
+            // while connecting; inline, every idle node's task would keep
+            // room for it for the node's whole life.
+            r = Box::pin(session::connect(&tunnel.node, &ctx)) => r,
         };
         tunnel.counters.count_attempt(&attempt);
         if let Some(reply) = pending.take() {
@@ -1069,7 +1072,7 @@ async fn supervise(
                             let _ = reply.send(Err(TunnelError::NotConnected("node is shutting down".into())));
                             continue;
                         }
-                        r = session::connect(&tunnel.node, &fresh) => r,
+                        r = Box::pin(session::connect(&tunnel.node, &fresh)) => r,
                     };
                     tunnel.counters.count_attempt(&next);
                     match next {

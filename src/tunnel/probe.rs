@@ -118,10 +118,13 @@ pub async fn run<N: Probed>(node: N, ctx: SharedContext) {
             failures = 0;
             continue;
         }
-        let outcome = match tokio::time::timeout(cfg.timeout, probe_once(&node, &cfg)).await {
-            Ok(r) => r,
-            Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
-        };
+        // Boxed: the HTTP client's state is needed only while probing, not
+        // in every idle node's task between probes.
+        let outcome =
+            match tokio::time::timeout(cfg.timeout, Box::pin(probe_once(&node, &cfg))).await {
+                Ok(r) => r,
+                Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
+            };
         match outcome {
             Ok(()) => {
                 if failures >= cfg.unhealthy_after {
