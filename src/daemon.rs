@@ -36,7 +36,7 @@ use crate::control::{load_context, Control, ControlParts, KeysError};
 use crate::proxy::activation::{PassedSockets, Role};
 use crate::proxy::route::RouteTable;
 use crate::proxy::sockets::{bind_unix_for, BindError};
-use crate::proxy::{EgressProxy, ProxyListener, ProxySettings, SharedRoutes};
+use crate::proxy::{EgressProxy, HeadBudget, ProxyListener, ProxySettings, SharedRoutes};
 use crate::shard::Shards;
 use crate::ssh::context::{ContextCell, SharedContext};
 
@@ -58,6 +58,9 @@ pub enum StartError {
     /// The shard threads could not be started.
     #[error("cannot start the shard threads: {0}")]
     Shards(std::io::Error),
+    /// A bound listener could not be handed to the shard threads.
+    #[error("cannot hand a listener to the shard threads: {0}")]
+    Listener(std::io::Error),
     /// A socket passed by the service manager cannot be used.
     #[error("{0}")]
     Activation(#[from] crate::proxy::activation::ActivationError),
@@ -170,10 +173,30 @@ pub async fn start(
         shutdown.child_token(),
     )
     .stop_accepting_on(accepting.clone());
+    // Every shard accepts on every listener (a clone of the socket each),
+    // so a stream whose node lives on the shard that accepted it is read,
+    // routed, dialled and relayed on that one thread with no hand-off.
     for (l, budget, unlink) in listeners {
-        let proxy = proxy.clone();
+        let url = l.url();
+        let budget = HeadBudget::new(budget);
+        let detached = l.detach().map_err(StartError::Listener)?;
+        let mut serving = Vec::with_capacity(shards.len());
+        for shard in shards.all() {
+            let mine = detached.try_clone().map_err(StartError::Listener)?;
+            let (proxy, budget) = (proxy.clone(), budget.clone());
+            serving.push(shard.spawn(&tracker, async move {
+                match mine.attach() {
+                    Ok(l) => proxy.serve(l, budget).await,
+                    Err(e) => warn!(error = %e, "a shard cannot accept on a listener"),
+                }
+            }));
+        }
+        drop(detached);
+        info!(listener = %url, shards = serving.len(), "egress proxy listening");
         tracker.spawn(async move {
-            proxy.serve(l, budget).await;
+            for s in serving {
+                let _ = s.await;
+            }
             // Only a socket we bound: a passed one stays with the service
             // manager, and new connections queue on it for the next daemon.
             if let Some(path) = unlink {

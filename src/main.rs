@@ -13,7 +13,7 @@ use tunneler::cli::{Cli, Command, LogFormat};
 use tunneler::config::Config;
 
 /// A current-thread runtime on the calling thread. For `run` it is the
-/// control runtime (admin, discovery, reload, accept and CONNECT heads);
+/// control runtime (admin, discovery, reload, metrics);
 /// nodes and their streams run on the daemon's shard threads.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()

@@ -28,14 +28,16 @@
 //!   hold watchdog, channel opens and every relay of its streams. The
 //!   per-packet path (socket → russh → channel → relay → client socket)
 //!   thereby never leaves one thread.
-//! - The control runtime (admin API, discovery, metrics, reload, the
-//!   listeners' accept loops and CONNECT-head parsing) is another thread.
-//!   It reaches shards by message (spawning a task on a shard's handle,
-//!   cancelling a token, a command channel) or through shared atomics, never
-//!   by holding a lock a shard's hot path takes.
-//! - A client connection moves to its node's shard once, after its head is
-//!   parsed and routed: [`Movable::detach`] deregisters it from the control
-//!   runtime's reactor, a task on the shard re-registers it there
+//! - The control runtime (admin API, discovery, metrics, reload) is
+//!   another thread. It reaches shards by message (spawning a task on a
+//!   shard's handle, cancelling a token, a command channel) or through
+//!   shared atomics, never by holding a lock a shard's hot path takes.
+//! - Every shard accepts on every listener (a clone of the socket each)
+//!   and reads and routes the CONNECT heads it accepted. A stream whose
+//!   node lives on the accepting shard never leaves it.
+//! - Any other client connection moves to its node's shard once, after its
+//!   head is parsed and routed: [`Movable::detach`] deregisters it from the
+//!   accepting shard's reactor, a task on the shard re-registers it there
 //!   ([`Movable::attach`]). One hand-off per stream, none per packet. A TLS
 //!   client moves with its whole TLS state: its IO is a [`MovableTcp`],
 //!   swapped from a registered socket to a plain one and back underneath
@@ -334,6 +336,11 @@ impl Shards {
     /// The shards' runtime handles (for the task count).
     pub fn handles(&self) -> Vec<Handle> {
         self.shards.iter().map(|s| s.handle.clone()).collect()
+    }
+
+    /// Every shard, by index.
+    pub fn all(&self) -> &[ShardHandle] {
+        &self.shards
     }
 
     /// How many shards there are.

@@ -90,6 +90,67 @@ impl ProxyListener {
     }
 }
 
+/// A listener taken off its runtime, to be served from several threads:
+/// each shard accepts on its own clone of the same socket.
+pub enum DetachedListener {
+    /// A Unix socket.
+    Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
+    /// A TCP socket.
+    Tcp(std::net::TcpListener),
+    /// A TCP socket that requires TLS with a client certificate (mTLS).
+    Tls(std::net::TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+impl ProxyListener {
+    /// Takes the listener off the current runtime's reactor.
+    pub fn detach(self) -> std::io::Result<DetachedListener> {
+        Ok(match self {
+            ProxyListener::Unix(l, p) => DetachedListener::Unix(l.into_std()?, p),
+            ProxyListener::Tcp(l) => DetachedListener::Tcp(l.into_std()?),
+            ProxyListener::Tls(l, a) => DetachedListener::Tls(l.into_std()?, a),
+        })
+    }
+}
+
+impl DetachedListener {
+    /// Another handle on the same listening socket.
+    pub fn try_clone(&self) -> std::io::Result<DetachedListener> {
+        Ok(match self {
+            DetachedListener::Unix(l, p) => DetachedListener::Unix(l.try_clone()?, p.clone()),
+            DetachedListener::Tcp(l) => DetachedListener::Tcp(l.try_clone()?),
+            DetachedListener::Tls(l, a) => DetachedListener::Tls(l.try_clone()?, a.clone()),
+        })
+    }
+
+    /// Registers it with the current runtime (the shard that will accept).
+    pub fn attach(self) -> std::io::Result<ProxyListener> {
+        Ok(match self {
+            DetachedListener::Unix(l, p) => ProxyListener::Unix(UnixListener::from_std(l)?, p),
+            DetachedListener::Tcp(l) => ProxyListener::Tcp(TcpListener::from_std(l)?),
+            DetachedListener::Tls(l, a) => ProxyListener::Tls(TcpListener::from_std(l)?, a),
+        })
+    }
+}
+
+/// One listener's budget of connections still in their TLS handshake or
+/// CONNECT head, shared by every thread that accepts on it.
+#[derive(Debug, Clone)]
+pub struct HeadBudget {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl HeadBudget {
+    /// At most `max` (at least 1) connections before their head at once.
+    pub fn new(max: usize) -> HeadBudget {
+        let max = max.max(1);
+        HeadBudget {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+}
+
 /// Settings the proxy needs at serve time.
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -364,15 +425,19 @@ impl EgressProxy {
         self
     }
 
-    /// Serves one listener until cancelled. At most `max_pending` of its
-    /// connections may be in their TLS handshake or CONNECT head at once;
-    /// the budget is this listener's own. Accept errors (EMFILE...) are
-    /// logged and retried after a short pause; they never end the listener.
-    pub async fn serve(self, listener: ProxyListener, max_pending: usize) {
+    /// Serves one listener until cancelled. Several threads may serve the
+    /// same listening socket (one clone each), sharing `budget`: at most
+    /// that many of its connections may be in their TLS handshake or
+    /// CONNECT head at once. Accept errors (EMFILE...) are logged and
+    /// retried after a short pause; they never end the listener.
+    pub async fn serve(self, listener: ProxyListener, budget: HeadBudget) {
         let url = listener.url();
         // Connections that have not yet sent a complete head hold a permit.
-        let pending = Arc::new(Semaphore::new(max_pending.max(1)));
-        info!(listener = %url, max_pending, "egress proxy listening");
+        let HeadBudget {
+            permits: pending,
+            max: max_pending,
+        } = budget;
+        debug!(listener = %url, max_pending, shard = ?crate::shard::current(), "accepting");
         loop {
             let accepted = match &listener {
                 ProxyListener::Unix(l, _) => tokio::select! {
@@ -520,9 +585,9 @@ impl EgressProxy {
         reply(w, a.code, &a.text).await;
     }
 
-    /// Routes the stream (on the control runtime, where its head was read)
-    /// and moves it to the shard of the node that will carry it; refusals
-    /// that need no node are answered here.
+    /// Routes the stream (on the shard that accepted it and read its head)
+    /// and, unless that is already the shard of the node that will carry
+    /// it, moves it there; refusals that need no node are answered here.
     async fn dial_and_relay<S: Movable>(
         &self,
         mut s: S,
@@ -615,18 +680,21 @@ impl EgressProxy {
                 }
             }
         };
-        self.move_to_shard(
-            s,
-            Pending {
-                dial,
-                port: target.port,
-                peer,
-                first,
-                started,
-                deadline,
-                settings,
-            },
-        );
+        let pending = Pending {
+            dial,
+            port: target.port,
+            peer,
+            first,
+            started,
+            deadline,
+            settings,
+        };
+        // Accepted on the node's own shard: no hand-off at all.
+        if crate::shard::current() == Some(pending.dial.node.shard().id()) {
+            self.on_shard(s, pending).await
+        } else {
+            self.move_to_shard(s, pending)
+        }
     }
 
     /// Hands the client connection to the shard of the node it is routed
