@@ -367,6 +367,13 @@ fn encode_shards(
         "Client streams the shard's thread relayed since start",
         &total,
     )?;
+    let moved: Vec<_> = loads.iter().map(|l| (shard(l), l.moved_in)).collect();
+    counter_family(
+        enc,
+        "tunneler_shard_moved_in",
+        "Client connections accepted on another shard and moved to this one, the node's (one hand-off each; the others never change thread)",
+        &moved,
+    )?;
     let m = enc.encode_descriptor(
         "tunneler_shard_misplaced",
         "Times work of a node (a task, a relay, a russh callback) ran outside its shard's thread; must stay 0",

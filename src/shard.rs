@@ -13,7 +13,7 @@
 //!
 //! # The model
 //!
-//! - [`Shards::start`] starts N threads named `tunneler-shard-<i>`, each
+//! - [`Shards::start`] starts N threads named `shard-<i>`, each
 //!   blocking on a current-thread runtime until [`Shards::stop`]. Tasks
 //!   spawned on a shard's [`Handle`] only make progress while that thread
 //!   sits in `block_on`, so the shard threads outlive the daemon's graceful
@@ -86,6 +86,8 @@ pub struct ShardStats {
     active_streams: AtomicU64,
     /// Client streams relayed by this shard's thread since start.
     total_streams: AtomicU64,
+    /// Client connections accepted on another shard and moved here.
+    moved_in: AtomicU64,
 }
 
 /// A snapshot of one shard's figures.
@@ -99,6 +101,9 @@ pub struct ShardLoad {
     pub active_streams: u64,
     /// Client streams its thread relayed since start.
     pub total_streams: u64,
+    /// Client connections accepted on another shard and moved here since
+    /// start (the rest of its streams were accepted on it).
+    pub moved_in: u64,
 }
 
 struct Current {
@@ -186,6 +191,12 @@ impl ShardHandle {
         self.id
     }
 
+    /// Counts a client connection moved here from the shard that
+    /// accepted it.
+    pub fn count_moved_in(&self) {
+        self.stats.moved_in.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Runs `task` on this shard, tracked by `tracker`. Every poll checks
     /// that it runs on this shard's thread (see [`check`]).
     pub fn spawn<F>(&self, tracker: &TaskTracker, task: F) -> JoinHandle<F::Output>
@@ -208,6 +219,7 @@ impl ShardHandle {
             nodes: self.stats.nodes.load(Ordering::Relaxed),
             active_streams: self.stats.active_streams.load(Ordering::Relaxed),
             total_streams: self.stats.total_streams.load(Ordering::Relaxed),
+            moved_in: self.stats.moved_in.load(Ordering::Relaxed),
         }
     }
 }
@@ -296,7 +308,9 @@ impl Shards {
             let thread_stop = stop.clone();
             let done = done_tx.clone();
             let thread = std::thread::Builder::new()
-                .name(format!("tunneler-shard-{id}"))
+                // Short: the kernel keeps 15 bytes of a thread name, and
+                // "tunneler-shard-0" showed as "tunneler-shard-" for all.
+                .name(format!("shard-{id}"))
                 .spawn(move || {
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -619,7 +633,7 @@ mod tests {
                     .await
                     .expect("task");
                 assert_eq!(here, Some(want));
-                assert_eq!(name, Some(format!("tunneler-shard-{want}")));
+                assert_eq!(name, Some(format!("shard-{want}")));
             }
             assert!(shards.responsive(Duration::from_secs(5)).await);
         });

@@ -48,18 +48,29 @@ fn streams_by_shard(daemon: &Daemon) -> [u64; 2] {
     })
 }
 
-/// The daemon's threads named like shard threads (the kernel keeps 15
-/// bytes of a name: "tunneler-shard-").
+/// The daemon's threads named like shard threads.
 fn shard_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|c| c.trim().starts_with("tunneler-shard"))
+        .filter(|c| c.trim().starts_with("shard-"))
         .count()
 }
 
+/// Connections each shard took over from the shard that accepted them.
+fn moved_in_by_shard(daemon: &Daemon) -> [u64; 2] {
+    let m = daemon.metrics();
+    [0, 1].map(|s| {
+        metric(
+            &m,
+            "tunneler_shard_moved_in_total",
+            &[("shard", &s.to_string())],
+        ) as u64
+    })
+}
+
 /// CONNECT plus `payload` in one write, so the bytes past the head are read
-/// on the control thread with the head and must travel with the hand-off;
+/// on the accepting shard with the head and must travel with a hand-off;
 /// then half-close and expect the 200 followed by the exact echo.
 fn pipelined_echo(daemon: &Daemon, target: &str, payload: &[u8]) -> Result<(), String> {
     let mut s = UnixStream::connect(&daemon.egress).map_err(|e| e.to_string())?;
@@ -230,6 +241,21 @@ fn nodes_and_their_streams_stay_on_their_shard() {
     }
     assert_eq!(streams_by_shard(&daemon), expected, "after TLS streams");
 
+    // Both shards accept. A stream accepted on its node's shard stays
+    // there, the others move once: with two nodes on each shard some of
+    // the streams above took each way (a shard that accepted everything
+    // would still see half its streams' nodes on the other shard).
+    let moved = moved_in_by_shard(&daemon);
+    let all: u64 = expected.iter().sum();
+    let moved_all: u64 = moved.iter().sum();
+    assert!(
+        moved_all > 0 && moved_all < all,
+        "hand-offs {moved:?} of {all} streams {expected:?}"
+    );
+    for s in 0..2 {
+        assert!(moved[s] <= expected[s], "shard {s}: {moved:?} {expected:?}");
+    }
+
     // Nothing of any node ran off its shard; every stream has ended.
     let m = daemon.metrics();
     assert_eq!(metric(&m, "tunneler_shard_misplaced_total", &[]), 0.0);
@@ -241,7 +267,7 @@ fn nodes_and_their_streams_stay_on_their_shard() {
     });
     assert!(idle, "streams still counted:\n{}", daemon.metrics());
     report(&format!(
-        "shards: nodes {shard:?}, streams per shard {expected:?}"
+        "shards: nodes {shard:?}, streams per shard {expected:?}, moved in {moved:?}"
     ));
 }
 

@@ -709,6 +709,7 @@ impl EgressProxy {
                 return;
             }
         };
+        shard.count_moved_in();
         let this = self.clone();
         shard.spawn(
             &self.tracker,
