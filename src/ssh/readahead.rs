@@ -19,7 +19,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -36,6 +36,11 @@ pub trait ReadinessSource: AsyncRead + AsyncWrite + Unpin {
     /// Reads without blocking into `buf`'s spare capacity (so the buffer
     /// needs no zero-fill); `WouldBlock` clears the readiness.
     fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize>;
+    /// Clears the read readiness without a syscall, after a read that
+    /// returned less than it asked for: on an edge-triggered reactor that
+    /// already shows the socket drained (tokio's own `poll_read` does the
+    /// same), and data that arrives later raises a new edge.
+    fn clear_read_ready(&self);
 }
 
 impl ReadinessSource for tokio::net::TcpStream {
@@ -45,6 +50,12 @@ impl ReadinessSource for tokio::net::TcpStream {
     fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         tokio::net::TcpStream::try_read_buf(self, buf)
     }
+    fn clear_read_ready(&self) {
+        // `try_io` clears the readiness when its closure says WouldBlock.
+        let _ = self.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+    }
 }
 
 impl ReadinessSource for tokio::net::UnixStream {
@@ -53,6 +64,12 @@ impl ReadinessSource for tokio::net::UnixStream {
     }
     fn try_read_buf(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
         tokio::net::UnixStream::try_read_buf(self, buf)
+    }
+    fn clear_read_ready(&self) {
+        // `try_io` clears the readiness when its closure says WouldBlock.
+        let _ = self.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
     }
 }
 
@@ -120,25 +137,42 @@ impl<S: ReadinessSource> AsyncRead for ReadAhead<S> {
                 return read;
             }
             loop {
-                if let Err(e) = ready!(this.inner.poll_read_ready(cx)) {
-                    this.release();
-                    return Poll::Ready(Err(e));
+                match this.inner.poll_read_ready(cx) {
+                    // Drained and the socket has nothing more: drop the
+                    // buffer before waiting, so a quiet socket holds none.
+                    Poll::Pending => {
+                        this.release();
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.release();
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Ready(Ok(())) => {}
                 }
                 this.pos = 0;
                 this.buf.clear();
                 if this.buf.capacity() < this.capacity {
                     this.buf = Vec::with_capacity(this.capacity);
                 }
+                let asked = this.buf.capacity();
                 match this.inner.try_read_buf(&mut this.buf) {
                     // EOF: nothing more will come, keep nothing.
                     Ok(0) => {
                         this.release();
                         return Poll::Ready(Ok(()));
                     }
-                    Ok(_) => break,
-                    // Drained and the socket has nothing more: drop the
-                    // buffer before waiting, so a quiet socket holds none.
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.release(),
+                    Ok(n) => {
+                        // A short read drained the socket: the next look
+                        // waits for new data instead of reading EAGAIN
+                        // (one syscall fewer per burst of packets).
+                        if n < asked {
+                            this.inner.clear_read_ready();
+                        }
+                        break;
+                    }
+                    // Readiness is cleared; the next look waits.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         this.release();
                         return Poll::Ready(Err(e));
@@ -280,6 +314,34 @@ mod tests {
         bounded(r.read_exact(&mut got)).await;
         assert!(got == big);
         assert_eq!(r.allocated(), 0, "a read bigger than the buffer used it");
+    }
+
+    /// A short read clears the readiness without a syscall; data arriving
+    /// afterwards, at once or later, must still wake the reader.
+    #[tokio::test]
+    async fn data_after_a_short_read_still_wakes_the_reader() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut r = ReadAhead::with_capacity(1000, a);
+        for round in 0..50u64 {
+            let msg = pattern(10 + round as usize, round);
+            b.write_all(&msg).await.unwrap();
+            let mut got = vec![0u8; msg.len()];
+            bounded(r.read_exact(&mut got)).await;
+            assert_eq!(got, msg, "round {round}");
+            // The next read starts before its data is written.
+            let next = pattern(7, round + 100);
+            let writer = async {
+                if round % 2 == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                b.write_all(&next).await
+            };
+            let mut seven = [0u8; 7];
+            let (w, rd) = tokio::join!(writer, bounded(r.read_exact(&mut seven)));
+            w.unwrap();
+            assert_eq!(rd, 7);
+            assert_eq!(&seven[..], &next[..], "round {round}");
+        }
     }
 
     /// Writes (plain and vectored), flush and shutdown reach the socket
