@@ -343,6 +343,10 @@ const MAX_BATCH: usize = 64;
 /// Read size from the client; one SSH packet's worth or so.
 const CLIENT_READ_SIZE: usize = 64 * 1024;
 
+/// Client reads smaller than this are copied into their own buffer
+/// rather than split off the read buffer (see the `up` loop).
+const COPY_BELOW: usize = 16 * 1024;
+
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -413,7 +417,18 @@ where
                     return;
                 }
                 Ok(n) => {
-                    let chunk = buf.split_to(n).freeze();
+                    // A big read leaves as its own buffer, no copy. A small
+                    // one is copied out so `buf` stays whole: split, its
+                    // tail is shared with the chunk russh still holds, and
+                    // the next `reserve` would allocate a fresh 64 KiB for
+                    // every small message.
+                    let chunk = if n < COPY_BELOW {
+                        let c = Bytes::copy_from_slice(&buf[..n]);
+                        buf.clear();
+                        c
+                    } else {
+                        buf.split_to(n).freeze()
+                    };
                     let sent = tokio::select! {
                         _ = stop.cancelled() => return,
                         r = write_half.data_bytes(chunk) => r,
