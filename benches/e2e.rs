@@ -2270,8 +2270,11 @@ mod slow {
 
     /// The default `proxy.relay_stream_buffer_limit`; `bench_toml` keeps it.
     const STREAM_LIMIT: u64 = 8 << 20;
-    /// russh's per-channel queue: 32 packets of at most 64 KiB.
+    /// russh's per-channel queue: at most 2 MiB of packets
+    /// (`ssh::context::channel_queue_packets`).
     const RUSSH_QUEUE: u64 = 2 << 20;
+    /// One packet of the default `ssh.maximum_packet_size`.
+    const PACKET: u64 = 256 << 10;
     /// Allowance on top of the per-stream figures (allocator, kernel, noise).
     const SLACK: u64 = 16 << 20;
     /// The slow reader's pace, bytes per second.
@@ -2667,7 +2670,7 @@ mod slow {
                 "within",
             ],
         );
-        let bound = MANY as u64 * (STREAM_LIMIT + RUSSH_QUEUE + (64 << 10)) + SLACK;
+        let bound = MANY as u64 * (STREAM_LIMIT + RUSSH_QUEUE + PACKET) + SLACK;
         for (i, (p, rs)) in SLOW_PATHS.iter().zip(res).enumerate() {
             let mut ok = 0;
             let mut slowest = Duration::ZERO;

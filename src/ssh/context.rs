@@ -80,10 +80,7 @@ impl SshContext {
                 nodelay: true,
                 window_size: 8 * 1024 * 1024,
                 maximum_packet_size: ssh.maximum_packet_size,
-                // Packets russh queues per channel before its session loop
-                // waits for the relay: 32 x 64 KiB = 2 MiB per held stream,
-                // on top of the relay's own per-stream limit.
-                channel_buffer_size: 32,
+                channel_buffer_size: channel_queue_packets(ssh.maximum_packet_size),
                 preferred,
                 ..client::Config::default()
             })
@@ -148,3 +145,31 @@ impl ContextCell {
 
 /// The shared handle on the current context.
 pub type SharedContext = Arc<ContextCell>;
+
+/// Bytes russh may queue per channel before its session loop waits for
+/// the relay, on top of the relay's own per-stream limit.
+pub const CHANNEL_QUEUE_BYTES: usize = 2 << 20;
+
+/// russh's per-channel queue counts packets, not bytes: as many packets of
+/// the largest size we accept as fit in [`CHANNEL_QUEUE_BYTES`] (32 of
+/// 64 KiB, 8 of 256 KiB), at least 4 and at most 32. A fixed 32 would let
+/// 256 KiB packets queue 8 MiB per held stream.
+pub fn channel_queue_packets(maximum_packet_size: u32) -> usize {
+    (CHANNEL_QUEUE_BYTES / (maximum_packet_size.max(1) as usize)).clamp(4, 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_channel_queue_holds_at_most_2_mib() {
+        assert_eq!(channel_queue_packets(65_536), 32);
+        assert_eq!(channel_queue_packets(262_144), 8);
+        assert_eq!(channel_queue_packets(32_768), 32);
+        assert_eq!(channel_queue_packets(1 << 20), 4);
+        for size in [32_768u32, 65_536, 100_000, 262_144] {
+            assert!(channel_queue_packets(size) * size as usize <= CHANNEL_QUEUE_BYTES);
+        }
+    }
+}
