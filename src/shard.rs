@@ -191,6 +191,11 @@ impl ShardHandle {
         self.id
     }
 
+    /// Whether this is the calling thread's shard.
+    pub fn is_current(&self) -> bool {
+        current() == Some(self.id)
+    }
+
     /// Counts a client connection moved here from the shard that
     /// accepted it.
     pub fn count_moved_in(&self) {

@@ -36,16 +36,15 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_value(text, name, labels).unwrap_or_else(|| panic!("no {name}{labels:?} in:\n{text}"))
 }
 
-/// Streams each shard's thread relayed since start, as the metrics say.
-fn streams_by_shard(daemon: &Daemon) -> [u64; 2] {
+/// One per-shard counter, for shards 0 and 1, as the metrics say.
+fn per_shard(daemon: &Daemon, name: &str) -> [u64; 2] {
     let m = daemon.metrics();
-    [0, 1].map(|s| {
-        metric(
-            &m,
-            "tunneler_shard_streams_total",
-            &[("shard", &s.to_string())],
-        ) as u64
-    })
+    [0, 1].map(|s| metric(&m, name, &[("shard", &s.to_string())]) as u64)
+}
+
+/// Streams each shard's thread relayed since start.
+fn streams_by_shard(daemon: &Daemon) -> [u64; 2] {
+    per_shard(daemon, "tunneler_shard_streams_total")
 }
 
 /// The daemon's threads named like shard threads.
@@ -59,14 +58,7 @@ fn shard_threads(pid: u32) -> usize {
 
 /// Connections each shard took over from the shard that accepted them.
 fn moved_in_by_shard(daemon: &Daemon) -> [u64; 2] {
-    let m = daemon.metrics();
-    [0, 1].map(|s| {
-        metric(
-            &m,
-            "tunneler_shard_moved_in_total",
-            &[("shard", &s.to_string())],
-        ) as u64
-    })
+    per_shard(daemon, "tunneler_shard_moved_in_total")
 }
 
 /// CONNECT plus `payload` in one write, so the bytes past the head are read

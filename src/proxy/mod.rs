@@ -690,7 +690,7 @@ impl EgressProxy {
             settings,
         };
         // Accepted on the node's own shard: no hand-off at all.
-        if crate::shard::current() == Some(pending.dial.node.shard().id()) {
+        if pending.dial.node.shard().is_current() {
             self.on_shard(s, pending).await
         } else {
             self.move_to_shard(s, pending)
@@ -750,7 +750,7 @@ impl EgressProxy {
             };
             match retry {
                 Ok(next) => {
-                    let here = crate::shard::current() == Some(next.shard().id());
+                    let here = next.shard().is_current();
                     p.dial.node = next;
                     if !here {
                         return self.move_to_shard(s, p);
