@@ -317,7 +317,8 @@ mod tests {
     }
 
     /// A short read clears the readiness without a syscall; data arriving
-    /// afterwards, at once or later, must still wake the reader.
+    /// afterwards, at once or later, must still wake the reader, and a
+    /// full read must not clear it.
     #[tokio::test]
     async fn data_after_a_short_read_still_wakes_the_reader() {
         let (a, mut b) = UnixStream::pair().unwrap();
@@ -342,6 +343,18 @@ mod tests {
             assert_eq!(rd, 7);
             assert_eq!(&seven[..], &next[..], "round {round}");
         }
+        // A read that fills the buffer proves nothing about the socket:
+        // its readiness must stay, or the rest waits for an edge that never
+        // comes. 2500 bytes through a 1000-byte buffer, 100 at a time.
+        let big = pattern(2500, 7);
+        b.write_all(&big).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < big.len() {
+            let mut piece = [0u8; 100];
+            bounded(r.read_exact(&mut piece)).await;
+            got.extend_from_slice(&piece);
+        }
+        assert!(got == big, "bytes after a full read");
     }
 
     /// Writes (plain and vectored), flush and shutdown reach the socket
