@@ -26,8 +26,9 @@
 //! - `rtt`: 64-byte round trips on an open stream, p50 and p99;
 //! - `dial`: connect + CONNECT + one round trip, 500 sequential dials, then
 //!   2000 dials with 100 in flight (p99 also against direct TCP's);
-//! - `streams`: 50, 1000 and 10 000 streams held open on one tunnel, then
-//!   echoing on all at once (median of five rounds), RSS per idle stream;
+//! - `streams`: 50, 1000 and 10 000 streams (`TUNNELER_BENCH_STREAMS`) held
+//!   open on one tunnel, then echoing on all at once (median of five
+//!   rounds, more for small counts: 101 for 50), RSS per idle stream;
 //! - `slow`: readers slower than their node (see [`slow`]);
 //! - `aggregate`: four nodes of their own, one stream each at once: the one
 //!   daemon against four `ssh -L` processes, one per node;
@@ -136,6 +137,18 @@ struct Sizes {
     cp_bytes: u64,
 }
 
+/// A comma-separated list of positive counts from the environment, if set
+/// and not empty.
+fn counts_from_env(var: &str) -> Option<Vec<usize>> {
+    let v = std::env::var(var).ok()?;
+    let counts: Vec<usize> = v
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .collect();
+    (!counts.is_empty()).then_some(counts)
+}
+
 impl Sizes {
     fn new(smoke: bool) -> Sizes {
         let mut sz = Sizes::preset(smoke);
@@ -151,20 +164,25 @@ impl Sizes {
         {
             sz.bulk_bytes = b;
         }
-        if let Ok(v) = std::env::var("TUNNELER_BENCH_NODES") {
-            let counts: Vec<usize> = v
-                .split(',')
-                .filter_map(|n| n.trim().parse().ok())
-                .filter(|n| *n > 0)
-                .collect();
-            if !counts.is_empty() {
-                sz.sim_nodes = counts;
-            }
+        if let Some(counts) = counts_from_env("TUNNELER_BENCH_NODES") {
+            sz.sim_nodes = counts;
+        }
+        if let Some(counts) = counts_from_env("TUNNELER_BENCH_STREAMS") {
+            sz.streams = counts;
         }
         sz
     }
 
     /// Whether section `name` runs.
+    /// Rounds of "echo on all at once" for `n` streams: a round of 50
+    /// streams takes about 2 ms, so five of them made a median that moved
+    /// by half between runs; small counts get more rounds, up to 101, for
+    /// about 5000 stream round trips in all.
+    fn echo_rounds_for(&self, n: usize) -> usize {
+        let more = (5000 / n.max(1)) | 1;
+        self.echo_rounds.max(more.min(101))
+    }
+
     fn runs(&self, name: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|o| o == name)
     }
@@ -939,8 +957,17 @@ impl Table {
     }
 }
 
+/// One progress line on stderr. It also carries the system uptime, the
+/// clock of `perf record` and `perf sched` (close to CLOCK_MONOTONIC), so a
+/// profile of a whole run can be cut into the sections and paths these
+/// lines mark.
 fn progress(msg: &str) {
-    eprintln!("[e2e {:>7.1}s] {msg}", started().elapsed().as_secs_f64());
+    let up = std::fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let up = up.split_whitespace().next().unwrap_or("?");
+    eprintln!(
+        "[e2e {:>7.1}s up {up}] {msg}",
+        started().elapsed().as_secs_f64()
+    );
 }
 
 fn started() -> &'static Instant {
@@ -1344,6 +1371,7 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
     );
     let mut res = Vec::new();
     for path in PATHS {
+        progress(&format!("dial latency, sequential: {}", path.label()));
         let mut v = Vec::with_capacity(sz.dial_seq);
         let mut failed = 0;
         for _ in 0..sz.dial_seq {
@@ -1392,6 +1420,7 @@ fn dials(ep: &Endpoints, sz: &Sizes, rt: &tokio::runtime::Runtime) -> Vec<Table>
     );
     let mut res = Vec::new();
     for path in PATHS {
+        progress(&format!("dial latency, in flight: {}", path.label()));
         let per_task = sz.dial_total / sz.dial_in_flight;
         let (v, failed, last) = rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();
@@ -1588,10 +1617,11 @@ fn concurrency(
     let mut per_stream = HashMap::new();
     for &n in &sz.streams {
         progress(&format!("{n} concurrent streams"));
+        let rounds = sz.echo_rounds_for(n);
         let mut t = Table::new(
             format!(
                 "{n} concurrent streams over one tunnel (opened {} at a time, each echoes once, then all echo at once: median of {} rounds)",
-                sz.open_concurrency, sz.echo_rounds
+                sz.open_concurrency, rounds
             ),
             &[
                 "path",
@@ -1605,15 +1635,9 @@ fn concurrency(
         );
         let mut res = Vec::new();
         for path in PATHS {
+            progress(&format!("{n} concurrent streams: {}", path.label()));
             let pid = path_pid(path, daemon, ssh);
-            let r = rt.block_on(many_streams(
-                ep,
-                path,
-                n,
-                sz.open_concurrency,
-                sz.echo_rounds,
-                pid,
-            ));
+            let r = rt.block_on(many_streams(ep, path, n, sz.open_concurrency, rounds, pid));
             if r.ok != n || !r.errors.is_empty() {
                 let list: Vec<String> = r
                     .errors
@@ -1625,7 +1649,7 @@ fn concurrency(
                     "{n} concurrent streams, {}: {} of {n} opened, echoed {} times and closed cleanly; {}",
                     path.label(),
                     r.ok,
-                    1 + sz.echo_rounds,
+                    1 + rounds,
                     list.join("; ")
                 ));
             }
@@ -1678,7 +1702,7 @@ fn concurrency(
         }
         t.notes.push(format!(
             "ok: streams that opened, echoed (checked) {} times and then closed cleanly",
-            1 + sz.echo_rounds
+            1 + rounds
         ));
         t.notes.push("RSS/stream: VmRSS of the daemon or of ssh -L's ssh with all streams open and idle, minus before, divided by the count".into());
         tables.push(t);
