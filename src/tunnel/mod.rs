@@ -191,6 +191,9 @@ pub struct SessionLoad {
     pub slow: AtomicUsize,
     /// Drains waiting now, and since when at least one has.
     held: Mutex<(usize, Option<Instant>)>,
+    /// Notified when a hold begins, so that the session's watchdog sleeps
+    /// until then instead of waking on a timer for every idle session.
+    hold_started: Notify,
     /// Cancelled when the session is torn down: its relays stop, so a
     /// disconnect never waits on a loop one of them parks.
     closing: CancellationToken,
@@ -215,6 +218,8 @@ impl SessionLoad {
         h.0 += 1;
         if h.0 == 1 {
             h.1 = Some(Instant::now());
+            // Stores a permit if the watchdog is not waiting yet.
+            self.hold_started.notify_one();
         }
     }
 
@@ -1220,6 +1225,8 @@ fn install(
 /// session's relays (that unparks the loop, which then reads the error and
 /// ends) and shut the socket. Owns the second handle on the socket and
 /// drops it when the session ends, so the socket closes with russh's.
+/// A session that is not held costs no wake-up here: with thousands of
+/// idle nodes, a timer per session would double the keepalive's.
 async fn hold_watchdog(
     conn: Arc<Conn>,
     watch: std::net::TcpStream,
@@ -1229,19 +1236,26 @@ async fn hold_watchdog(
     loop {
         tokio::select! {
             _ = ended.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = conn.load.hold_started.notified() => {}
         }
-        if !conn.load.is_held() {
-            continue;
+        // A permit left from a hold that has already ended finds nothing.
+        while conn.load.is_held() {
+            tokio::select! {
+                _ = ended.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if !conn.load.is_held() {
+                break;
+            }
+            let err = match watch.take_error() {
+                Ok(None) => continue,
+                Ok(Some(e)) | Err(e) => e,
+            };
+            warn!(error = %err, "the node stopped answering while a slow reader held the session; closing it");
+            conn.load.closing.cancel();
+            let _ = watch.shutdown(std::net::Shutdown::Both);
+            return;
         }
-        let err = match watch.take_error() {
-            Ok(None) => continue,
-            Ok(Some(e)) | Err(e) => e,
-        };
-        warn!(error = %err, "the node stopped answering while a slow reader held the session; closing it");
-        conn.load.closing.cancel();
-        let _ = watch.shutdown(std::net::Shutdown::Both);
-        return;
     }
 }
 
