@@ -1122,8 +1122,12 @@ fn throughput(ep: &Endpoints, sz: &Sizes, daemon: u32, ssh: u32) -> Table {
     let mut rates: HashMap<PathKind, Vec<f64>> = HashMap::new();
     let mut cpu: HashMap<PathKind, Vec<f64>> = HashMap::new();
     // Paths interleaved per run so that noise from other load spreads out.
-    for _ in 0..sz.bulk_runs {
+    for run in 1..=sz.bulk_runs {
         for path in PATHS {
+            progress(&format!(
+                "single-stream throughput, run {run}: {}",
+                path.label()
+            ));
             let pid = path_pid(path, daemon, ssh);
             let c0 = pid.map(cpu_seconds);
             match bulk_once(ep, path, sz.bulk_bytes) {
@@ -1226,6 +1230,7 @@ fn rtt(ep: &Endpoints, sz: &Sizes) -> Table {
     );
     let mut res: Vec<Latency> = Vec::new();
     for path in PATHS {
+        progress(&format!("round-trip latency: {}", path.label()));
         let mut v = Vec::with_capacity(sz.rtt_count);
         let mut run = || -> io::Result<()> {
             let seed = next_seed();
