@@ -173,7 +173,6 @@ impl Sizes {
         sz
     }
 
-    /// Whether section `name` runs.
     /// Rounds of "echo on all at once" for `n` streams: a round of 50
     /// streams takes about 2 ms, so five of them made a median that moved
     /// by half between runs; small counts get more rounds, up to 101, for
@@ -183,6 +182,7 @@ impl Sizes {
         self.echo_rounds.max(more.min(101))
     }
 
+    /// Whether section `name` runs.
     fn runs(&self, name: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|o| o == name)
     }
