@@ -85,7 +85,8 @@ def main():
         total = collections.Counter()
         for (g, _), n in c.items():
             total[g] += n
-        print(f"{label}  ({end - start:.2f} s)")
+        span = f"{end - start:.2f} s" if end != float("inf") else "to the end of the profile"
+        print(f"{label}  ({span})")
         for g, n in total.most_common(a.top):
             if g == "swapper":
                 continue
