@@ -347,6 +347,23 @@ const CLIENT_READ_SIZE: usize = 64 * 1024;
 /// rather than split off the read buffer (see the `up` loop).
 const COPY_BELOW: usize = 16 * 1024;
 
+/// Takes the `n` bytes just read into `buf` as one chunk for the channel.
+///
+/// A big read leaves as its own buffer, no copy. A small one is copied out
+/// so `buf` stays whole: split, its tail is shared with the chunk russh
+/// still holds, and the next `reserve` would allocate a fresh 64 KiB for
+/// every small message; and the small chunk, while queued, would keep that
+/// whole allocation alive.
+fn take_read(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n < COPY_BELOW {
+        let c = Bytes::copy_from_slice(&buf[..n]);
+        buf.clear();
+        c
+    } else {
+        buf.split_to(n).freeze()
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -417,18 +434,7 @@ where
                     return;
                 }
                 Ok(n) => {
-                    // A big read leaves as its own buffer, no copy. A small
-                    // one is copied out so `buf` stays whole: split, its
-                    // tail is shared with the chunk russh still holds, and
-                    // the next `reserve` would allocate a fresh 64 KiB for
-                    // every small message.
-                    let chunk = if n < COPY_BELOW {
-                        let c = Bytes::copy_from_slice(&buf[..n]);
-                        buf.clear();
-                        c
-                    } else {
-                        buf.split_to(n).freeze()
-                    };
+                    let chunk = take_read(&mut buf, n);
                     let sent = tokio::select! {
                         _ = stop.cancelled() => return,
                         r = write_half.data_bytes(chunk) => r,
@@ -580,6 +586,44 @@ mod tests {
 
     const KIB: usize = 1024;
     const MIB: usize = 1024 * KIB;
+
+    /// Fills `buf` (capacity `CLIENT_READ_SIZE`) with `n` bytes of a
+    /// pattern, as a client read would, and takes them.
+    fn read_and_take(buf: &mut BytesMut, n: usize) -> Bytes {
+        buf.reserve(CLIENT_READ_SIZE);
+        buf.extend((0..n).map(|i| (i % 251) as u8));
+        take_read(buf, n)
+    }
+
+    /// A small read is copied out and the read buffer stays whole, so the
+    /// next read reuses its allocation; a read of `COPY_BELOW` or more
+    /// leaves as the buffer itself, without a copy. Bytes are the same
+    /// either way; what differs is memory: a split small chunk would pin
+    /// the whole 64 KiB buffer while it waits in russh's queue.
+    #[test]
+    fn small_reads_are_copied_and_big_reads_leave_without_a_copy() {
+        for n in [1, 100, COPY_BELOW - 1] {
+            let mut buf = BytesMut::with_capacity(CLIENT_READ_SIZE);
+            let cap = buf.capacity();
+            let start = buf.as_ptr();
+            let chunk = read_and_take(&mut buf, n);
+            assert_eq!(chunk.len(), n);
+            assert!(chunk.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+            assert_ne!(chunk.as_ptr(), start, "{n} bytes: not copied");
+            assert!(buf.is_empty());
+            assert_eq!(buf.as_ptr(), start, "{n} bytes: the read buffer moved");
+            assert_eq!(buf.capacity(), cap, "{n} bytes: the read buffer shrank");
+        }
+        for n in [COPY_BELOW, COPY_BELOW + 1, CLIENT_READ_SIZE] {
+            let mut buf = BytesMut::with_capacity(CLIENT_READ_SIZE);
+            let start = buf.as_ptr();
+            let chunk = read_and_take(&mut buf, n);
+            assert_eq!(chunk.len(), n);
+            assert!(chunk.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+            assert_eq!(chunk.as_ptr(), start, "{n} bytes: copied");
+            assert!(buf.is_empty());
+        }
+    }
 
     /// Admits `n`, failing the test rather than hanging it if that waits.
     async fn admitted(a: &Account<'_>, n: usize, stop: &CancellationToken) -> bool {
