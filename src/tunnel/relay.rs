@@ -344,7 +344,7 @@ const MAX_BATCH: usize = 64;
 const CLIENT_READ_SIZE: usize = 64 * 1024;
 
 /// Client reads smaller than this are copied into their own buffer
-/// rather than split off the read buffer (see the `up` loop).
+/// rather than split off the read buffer (see [`take_read`]).
 const COPY_BELOW: usize = 16 * 1024;
 
 /// Takes the `n` bytes just read into `buf` as one chunk for the channel.
