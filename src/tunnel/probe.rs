@@ -17,6 +17,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
@@ -172,16 +173,123 @@ async fn probe_once<N: Probed>(node: &N, cfg: &HealthConfig) -> Result<(), Probe
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     // The connection task is driven here, beside the request: it ends with
     // this probe, and the stream (and its guard) with it.
+    let response = sender.send_request(request);
+    tokio::pin!(response);
     let status = tokio::select! {
-        r = sender.send_request(request) => r?.status(),
+        r = &mut response => r?.status(),
         r = conn => {
             r?;
-            return Err(ProbeError::Closed);
+            // A server that answers and closes at once can have its
+            // response and its EOF read in one poll: the connection then
+            // ends in the very poll that handed the response over, and the
+            // response is already waiting. Only without one is it closed.
+            match response.as_mut().now_or_never() {
+                Some(r) => r?.status(),
+                None => return Err(ProbeError::Closed),
+            }
         }
     };
     if status.is_success() {
         Ok(())
     } else {
         Err(ProbeError::Status(status.as_u16()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProbeTarget;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// A node whose probe target is an in-memory server that reads the
+    /// request, then writes `answer` and closes in one go, so the client
+    /// reads the response and the EOF together. No real node can make
+    /// that order certain; this fake can.
+    struct AnswersAndCloses {
+        answer: &'static [u8],
+        cancel: CancellationToken,
+    }
+
+    impl Probed for AnswersAndCloses {
+        type Stream = DuplexStream;
+        type Guard = ();
+        fn cancelled(&self) -> &CancellationToken {
+            &self.cancel
+        }
+        fn connected(&self) -> bool {
+            true
+        }
+        async fn dial(
+            &self,
+            _host: &str,
+            _port: u16,
+            _deadline: tokio::time::Instant,
+        ) -> Result<(DuplexStream, ()), TunnelError> {
+            let (client, mut server) = tokio::io::duplex(64 * 1024);
+            let answer = self.answer;
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match server.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = server.write_all(answer).await;
+                // Dropping `server` is the EOF, behind the answer.
+            });
+            Ok((client, ()))
+        }
+        fn set_probe_failing(&self, _: Option<String>) {}
+    }
+
+    fn http_probe() -> HealthConfig {
+        HealthConfig {
+            probe: ProbeTarget::Http {
+                host: "127.0.0.1".into(),
+                port: 8080,
+                path: "/healthz".into(),
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            unhealthy_after: 1,
+        }
+    }
+
+    async fn probe(answer: &'static [u8]) -> Result<(), ProbeError> {
+        let node = AnswersAndCloses {
+            answer,
+            cancel: CancellationToken::new(),
+        };
+        tokio::time::timeout(Duration::from_secs(5), probe_once(&node, &http_probe()))
+            .await
+            .expect("probe hung")
+    }
+
+    /// A 200 followed at once by the server's close passes, every time:
+    /// the close must not win over the response read with it.
+    #[tokio::test]
+    async fn a_response_read_together_with_the_close_passes() {
+        for _ in 0..50 {
+            let r =
+                probe(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+            assert!(r.is_ok(), "{r:?}");
+        }
+    }
+
+    /// The other answers keep their verdicts: a 503 is a failing status,
+    /// and a close with no response at all fails (hyper reports it as an
+    /// incomplete message, or the connection ends first: `Closed`).
+    #[tokio::test]
+    async fn a_bad_status_fails_and_a_bare_close_is_closed() {
+        let r = probe(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(matches!(r, Err(ProbeError::Status(503))), "{r:?}");
+        let r = probe(b"").await;
+        assert!(
+            matches!(r, Err(ProbeError::Closed | ProbeError::Http(_))),
+            "{r:?}"
+        );
     }
 }
