@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::tunnel::relay::StreamEnd;
 use crate::tunnel::{NodeTunnel, TunnelState};
 
 /// Dial results, as the `result` label.
@@ -164,6 +165,9 @@ impl Collector for NodeCollector {
         let mut congested = Vec::new();
         let mut blocked: Vec<(Vec<(&str, String)>, f64)> = Vec::new();
         let mut slowed = Vec::new();
+        let mut ended = Vec::new();
+        let mut late = Vec::new();
+        let mut abandoned = Vec::new();
         let mut shard = Vec::new();
         let mut states = TunnelState::ALL.map(|(s, _)| (s, 0u64));
         for t in &tunnels {
@@ -192,6 +196,13 @@ impl Collector for NodeCollector {
             congested.push((node(t), g.congested_sessions as f64));
             blocked.push((node(t), g.blocked_seconds));
             slowed.push((node(t), g.streams_slowed));
+            for (how, name) in StreamEnd::ALL {
+                let mut l = node(t);
+                l.push(("how", name.to_string()));
+                ended.push((l, ld(&c.ended[how.index()])));
+            }
+            late.push((node(t), ld(&c.late_opens_closed)));
+            abandoned.push((node(t), ld(&c.abandoned_opens) as f64));
             shard.push((node(t), t.shard().id() as f64));
             if let Some(e) = states.iter_mut().find(|(st, _)| *st == s.state) {
                 e.1 += 1;
@@ -271,6 +282,24 @@ impl Collector for NodeCollector {
             "tunneler_streams_slowed",
             "Streams whose client fell behind by half proxy.relay_stream_buffer_limit (slowed, never reset)",
             &slowed,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_streams_ended",
+            "Streams ended, by how: node_closed and client_closed end cleanly; session_lost, drain_cut, shutdown_cut and error are cut, and the client's connection is reset",
+            &ended,
+        )?;
+        counter_family(
+            &mut enc,
+            "tunneler_late_channel_opens_closed",
+            "Channels the node confirmed after their dial had given up (dial timeout, or the client left), closed on arrival",
+            &late,
+        )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_abandoned_channel_opens",
+            "Channel opens given up by their dial and not answered by the node yet; each counts against proxy.max_streams_per_node",
+            &abandoned,
         )?;
         gauge_family(
             &mut enc,

@@ -454,6 +454,21 @@ pub trait Movable: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
     /// Registers it with the current runtime's reactor; must run inside
     /// the runtime that will drive it.
     fn attach(d: Self::Detached) -> io::Result<Self>;
+    /// Ends the connection so that the client reads a failure, not an end
+    /// of data: a stream cut short must never look complete. On TCP that
+    /// is a reset (`SO_LINGER` 0, then close), which also discards what
+    /// the client had not received yet. On TLS the same, and no
+    /// `close_notify`. A Unix stream socket has no reset: the client reads
+    /// `ECONNRESET` only if bytes it sent are still unread here, else EOF
+    /// (docs/operations.md says what each listener shows).
+    fn cut(self);
+}
+
+/// Resets a TCP connection on close. Zero linger never blocks the close.
+fn reset_on_close(s: &tokio::net::TcpStream) {
+    if let Err(e) = s.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot set SO_LINGER 0; the client gets a FIN instead of a reset");
+    }
 }
 
 impl Movable for tokio::net::TcpStream {
@@ -465,6 +480,9 @@ impl Movable for tokio::net::TcpStream {
     fn attach(d: std::net::TcpStream) -> io::Result<Self> {
         tokio::net::TcpStream::from_std(d)
     }
+    fn cut(self) {
+        reset_on_close(&self);
+    }
 }
 
 impl Movable for tokio::net::UnixStream {
@@ -474,6 +492,11 @@ impl Movable for tokio::net::UnixStream {
     }
     fn attach(d: std::os::unix::net::UnixStream) -> io::Result<Self> {
         tokio::net::UnixStream::from_std(d)
+    }
+    fn cut(self) {
+        // Closed without shutting down and without reading what the client
+        // sent since the relay stopped: unread bytes make the kernel report
+        // ECONNRESET, the only failure a Unix stream socket can carry.
     }
 }
 
@@ -577,6 +600,12 @@ impl Movable for tokio_rustls::server::TlsStream<MovableTcp> {
             _ => Err(io::Error::other("TLS connection attached twice")),
         })?;
         Ok(tls)
+    }
+    fn cut(self) {
+        // Dropped without `shutdown`, so rustls never sends close_notify.
+        if let MovableTcp::Attached(s) = &self.get_ref().0 {
+            reset_on_close(s);
+        }
     }
 }
 

@@ -42,7 +42,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -53,7 +53,7 @@ use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
 use crate::proxy::route::{NodePorts, Route, RouteTable};
 use crate::shard::{Movable, MovableTcp};
-use crate::tunnel::relay::{relay, RelayBudget, RelayEnd, RelayLimits};
+use crate::tunnel::relay::{relay, RelayBudget, RelayLimits, Relayed};
 use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
@@ -321,13 +321,39 @@ fn phrase(s: &str) -> String {
         .collect()
 }
 
-async fn reply<W: AsyncWrite + Unpin>(w: &mut W, code: u16, text: &str) {
+/// How long a refused client gets to close its side after our reply.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How much a refused client may still send while we wait for its close.
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Writes a refusal and closes, lingering: TCP turns a close with the
+/// client's bytes still unread into a reset, which discards a reply not
+/// yet sent and can reach the client before the reply it could have read.
+/// So after the reply and our FIN, what the client sends is read and
+/// dropped until it closes, for at most [`LINGER`] and [`LINGER_BYTES`].
+async fn reply<W: AsyncRead + AsyncWrite + Unpin>(w: &mut W, code: u16, text: &str) {
     let head = format!(
         "HTTP/1.1 {code} {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         phrase(text)
     );
-    let _ = w.write_all(head.as_bytes()).await;
-    let _ = w.shutdown().await;
+    if w.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    if w.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match w.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// Why a CONNECT is refused. [`Refusal::answer`] is the one place that
@@ -477,7 +503,9 @@ impl EgressProxy {
                 self.tracker.spawn(async move {
                     let text =
                         "Service Unavailable: too many connections waiting to send their request";
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    // The reply lingers for the client's close (see
+                    // `reply`): its request, unread, would reset it.
+                    let _ = tokio::time::timeout(LINGER * 2, async {
                         match &mut conn {
                             Conn::Unix(s) => reply(s, 503, text).await,
                             Conn::Tcp(s) => reply(s, 503, text).await,
@@ -555,6 +583,9 @@ impl EgressProxy {
                 return;
             }
             Ok(Err(e)) => {
+                // The reply lingers for the client's close; that is no
+                // longer a pending head.
+                drop(permit);
                 self.refuse(started, &mut s, Refusal::Head(e)).await;
                 return;
             }
@@ -571,7 +602,7 @@ impl EgressProxy {
     }
 
     /// Records a refused dial in the metrics, then sends the error reply.
-    async fn refuse<W: AsyncWrite + Unpin>(
+    async fn refuse<W: AsyncRead + AsyncWrite + Unpin>(
         &self,
         started: tokio::time::Instant,
         w: &mut W,
@@ -776,10 +807,13 @@ impl EgressProxy {
             .record(DialResult::Ok, p.started.elapsed().as_secs_f64());
         let OpenStream { channel, guard } = open;
         let tunnel = guard.tunnel().clone();
-        if s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
-            .is_err()
-        {
+        let ok = async {
+            s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await?;
+            // A TLS writer may hold the record until flushed.
+            s.flush().await
+        };
+        if ok.await.is_err() {
             // Drop the read half first: the session loop may be parked on
             // this channel's queue, and the close goes through that loop.
             let (read_half, write_half) = channel.split();
@@ -788,7 +822,7 @@ impl EgressProxy {
             return;
         }
         debug!(node = %tunnel.node.name, "stream open");
-        let end = relay(
+        let Relayed { end, client } = relay(
             s,
             p.first.clone(),
             channel,
@@ -800,10 +834,13 @@ impl EgressProxy {
         )
         .await;
         drop(guard);
-        if end == RelayEnd::ClientGone {
-            debug!(node = %tunnel.node.name, "client went away before the node finished; channel closed");
+        if end.is_cut() {
+            client.cut();
+            info!(node = %tunnel.node.name, how = %end, "stream cut before the node side ended it; the client's connection was reset");
+        } else {
+            drop(client);
+            debug!(node = %tunnel.node.name, how = %end, "stream closed");
         }
-        debug!(node = %tunnel.node.name, ?end, "stream closed");
     }
 }
 

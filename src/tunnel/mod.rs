@@ -174,6 +174,8 @@ impl StateInfo {
 /// A connected, authenticated session and the streams riding on it.
 pub struct Conn {
     handle: Handle<ClientHandler>,
+    /// Fires when the session has ended, whoever ended it.
+    ended: CancellationToken,
     streams: AtomicU64,
     idle: Notify,
     load: Arc<SessionLoad>,
@@ -305,6 +307,14 @@ pub struct Counters {
     pub blocked_ns: AtomicU64,
     /// Streams whose client fell behind by half the per-stream limit.
     pub streams_slowed: AtomicU64,
+    /// Streams ended, by how (indexed as [`relay::StreamEnd::ALL`]).
+    pub ended: [AtomicU64; relay::StreamEnd::ALL.len()],
+    /// Channels whose open the node confirmed after its dial had given up
+    /// (timed out, or its waiter went away), closed on arrival.
+    pub late_opens_closed: AtomicU64,
+    /// Channel opens abandoned by their dial and not answered yet; each
+    /// still counts as a stream of the node until it is answered.
+    pub abandoned_opens: AtomicU64,
 }
 
 impl Counters {
@@ -648,22 +658,46 @@ impl NodeTunnel {
             tunnel: self.clone(),
             conn: conn.clone(),
         };
-        let open = conn.handle.channel_open_direct_tcpip(
-            host,
-            port as u32,
-            originator.ip().to_string(),
-            originator.port() as u32,
+        let (tx, mut rx) = oneshot::channel();
+        let opener = open_owned(
+            self.clone(),
+            conn,
+            guard,
+            host.to_string(),
+            port,
+            originator,
+            tx,
         );
-        match tokio::time::timeout_at(deadline, open).await {
-            Err(_) => Err(TunnelError::ChannelOpenTimeout(deadline - started)),
-            Ok(Ok(channel)) => {
+        self.shard().spawn(&self.tracker, opener.in_current_span());
+        let answer = match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // The opener sees the closed receiver and closes whatever
+                // the node confirms later; an answer that raced the
+                // deadline is closed the same way.
+                rx.close();
+                if let Ok(Ok(late)) = rx.try_recv() {
+                    let tunnel = self.clone();
+                    self.shard().spawn(
+                        &self.tracker,
+                        async move { close_late(&tunnel, late).await }.in_current_span(),
+                    );
+                }
+                return Err(TunnelError::ChannelOpenTimeout(deadline - started));
+            }
+        };
+        match answer {
+            Ok(Ok(open)) => {
                 self.counters.total_streams.fetch_add(1, Ordering::Relaxed);
-                Ok(OpenStream { channel, guard })
+                Ok(open)
             }
             Ok(Err(russh::Error::ChannelOpenFailure(f))) => {
                 Err(TunnelError::ChannelRefused(channel_open_reason(&f)))
             }
             Ok(Err(e)) => Err(TunnelError::Session(e.to_string())),
+            Err(_) => Err(TunnelError::Session(
+                "the session ended while the channel was opening".into(),
+            )),
         }
     }
 
@@ -842,6 +876,80 @@ impl Probed for Arc<NodeTunnel> {
     fn set_probe_failing(&self, failing: Option<String>) {
         NodeTunnel::set_probe_failing(self, failing)
     }
+}
+
+/// Opens a channel on `conn` in a task of its own, so that the open
+/// outlives a dial that gives up on it: russh cannot cancel an open
+/// (dropping its future leaves the request queued, and a later
+/// confirmation would leave a channel open on the node that nobody reads
+/// or closes). The answer goes to `reply`; when nobody waits for it any
+/// more, a confirmed channel is closed at once and counted. The stream's
+/// guard stays held until then, so a slow-confirming node's abandoned
+/// opens count against its stream cap. Ends early only when the session
+/// ends or the node stops (the channel dies with the session then).
+async fn open_owned(
+    tunnel: Arc<NodeTunnel>,
+    conn: Arc<Conn>,
+    guard: StreamGuard,
+    host: String,
+    port: u16,
+    originator: SocketAddr,
+    mut reply: oneshot::Sender<Result<OpenStream, russh::Error>>,
+) {
+    let open = conn.handle.channel_open_direct_tcpip(
+        host,
+        port as u32,
+        originator.ip().to_string(),
+        originator.port() as u32,
+    );
+    tokio::pin!(open);
+    let mut abandoned = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut open => break r,
+            _ = reply.closed(), if !abandoned => {
+                abandoned = true;
+                tunnel.counters.abandoned_opens.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = conn.ended.cancelled() => break Err(russh::Error::Disconnect),
+            _ = tunnel.cancel.cancelled() => break Err(russh::Error::Disconnect),
+        }
+    };
+    if abandoned {
+        tunnel
+            .counters
+            .abandoned_opens
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+    let answer = result.map(|channel| OpenStream { channel, guard });
+    if let Err(Ok(late)) = reply.send(answer) {
+        close_late(&tunnel, late).await;
+    }
+}
+
+/// Closes a channel the node confirmed after its dial gave up. Nobody
+/// reads it: its read half goes first, so the session loop can never park
+/// on it, and the close waits for the session's queue as long as the
+/// session lives (a session held by a slow reader delays it, never loses
+/// it). The stream's guard is released once the close is sent.
+async fn close_late(tunnel: &NodeTunnel, late: OpenStream) {
+    let OpenStream { channel, guard } = late;
+    tunnel
+        .counters
+        .late_opens_closed
+        .fetch_add(1, Ordering::Relaxed);
+    info!(
+        node = %tunnel.node.name,
+        "the node confirmed a channel after its dial gave up; closing it"
+    );
+    let (read_half, write_half) = channel.split();
+    drop(read_half);
+    tokio::select! {
+        _ = write_half.close() => {}
+        _ = guard.conn.ended.cancelled() => {}
+        _ = tunnel.cancel.cancelled() => {}
+    }
+    drop(guard);
 }
 
 /// Disconnects a replaced session once its streams are done (or the drain
@@ -1180,6 +1288,7 @@ fn install(
 ) -> Arc<Conn> {
     let conn = Arc::new(Conn {
         handle,
+        ended: ended.clone(),
         streams: AtomicU64::new(0),
         idle: Notify::new(),
         load: Arc::new(SessionLoad::default()),

@@ -287,6 +287,12 @@ pub fn assert_within(what: &str, measured: Duration, bound: Duration) {
 /// when the test panics, so no `tunneler run` outlives its test.
 pub struct ChildGuard(Option<Child>);
 
+impl From<Child> for ChildGuard {
+    fn from(child: Child) -> ChildGuard {
+        ChildGuard(Some(child))
+    }
+}
+
 impl ChildGuard {
     /// Spawns `cmd` under the guard.
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
