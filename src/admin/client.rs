@@ -156,6 +156,8 @@ pub fn nodes_request(action: NodesAction) -> Request {
             internal_ips: (!internal_ips.is_empty()).then_some(internal_ips),
             pod_cidrs,
             hostnames,
+            dns_names: Vec::new(),
+            host_addresses: Vec::new(),
             kubelet_port: None,
         }),
         NodesAction::Remove { name } => Request::RemoveNode(name),
