@@ -14,8 +14,11 @@
 //!   `HTTP/x.y NNN reason`, then MIME headers up to the blank line;
 //! - only status 200 counts;
 //! - if any byte is already buffered after the reply's headers, the dial
-//!   fails with "unexpected N bytes of buffered data". So a target that
-//!   speaks first can fail kube-apiserver's dial through any CONNECT proxy.
+//!   fails with "unexpected N bytes of buffered data". Over the Unix socket
+//!   a target that speaks first fails the dial whenever its first bytes
+//!   arrive before the reply is read; over TLS each read returns one
+//!   record at most (as Go's `tls.Conn` does), so only bytes in the
+//!   reply's own record count.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -103,7 +106,16 @@ impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Conn::Unix(s) => s.read(buf),
-            Conn::Tls(s) => s.read(buf),
+            // Go's tls.Conn.Read returns what is left of one record, never
+            // more: the reply and a greeting in records of their own are
+            // never in one read.
+            Conn::Tls(s) => {
+                let chunk = std::io::BufRead::fill_buf(s.as_mut())?;
+                let n = chunk.len().min(buf.len());
+                buf[..n].copy_from_slice(&chunk[..n]);
+                std::io::BufRead::consume(s.as_mut(), n);
+                Ok(n)
+            }
         }
     }
 }
