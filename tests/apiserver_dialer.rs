@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::apiserver::{self, DialError, Transport};
+use common::apiserver::{
+    self, read_response_head, sni_for, DialError, GoBufReader, Transport, MAX_REPLY_BYTES,
+};
 use common::pki::{issue_cert, make_ca};
 use common::{free_tcp_port, Cluster, ConfigSpec, Daemon};
 
@@ -30,6 +32,7 @@ struct Setup {
     daemon: Daemon,
     tls: PathBuf,
     mtls: Transport,
+    servers: Vec<std::process::Child>,
 }
 
 fn setup() -> Setup {
@@ -70,8 +73,7 @@ fn setup() -> Setup {
         ..ConfigSpec::default()
     };
     let p = |f: &str| tls.join(f).to_str().unwrap().to_string();
-    // Children of the namespace: the cluster's teardown kills them.
-    let _ = cluster.spawn_in_node(
+    let s_server = cluster.spawn_in_node(
         1,
         "s_server.log",
         "openssl",
@@ -97,7 +99,7 @@ fn setup() -> Setup {
             b => (*b as char).to_string(),
         })
         .collect();
-    let greeter = format!(
+    let greeter_py = format!(
         "import socket, threading\n\
          s = socket.socket()\n\
          s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
@@ -112,7 +114,7 @@ fn setup() -> Setup {
          \x20   c, _ = s.accept()\n\
          \x20   threading.Thread(target=serve, args=(c,), daemon=True).start()\n"
     );
-    let _ = cluster.spawn_in_node(1, "greeter.log", "/usr/bin/python3", &["-c", &greeter]);
+    let greeter = cluster.spawn_in_node(1, "greeter.log", "/usr/bin/python3", &["-c", &greeter_py]);
     for (port, what) in [(TLS_PORT, "s_server"), (GREETER_PORT, "greeter")] {
         assert!(
             cluster.wait_listening_in_node(1, &pod.to_string(), port, Duration::from_secs(10)),
@@ -132,6 +134,18 @@ fn setup() -> Setup {
         daemon,
         tls,
         mtls,
+        servers: vec![s_server, greeter],
+    }
+}
+
+impl Drop for Setup {
+    /// The node-side servers go first (the cluster's teardown would kill
+    /// them too), and are reaped.
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -172,7 +186,7 @@ fn kube_apiservers_dialer_gets_200_on_both_listeners_then_tls_to_the_node() {
         Transport::Mtls { url, .. } => url.clone(),
         Transport::Unix(_) => unreachable!(),
     };
-    assert_eq!(apiserver::sni_for(&url), None, "an IP URL sends no SNI");
+    assert_eq!(sni_for(&url), None, "an IP URL sends no SNI");
     for (what, transport) in [("unix", s.daemon.apiserver()), ("mtls", s.mtls.clone())] {
         for k in 0..3 {
             // 200 with no byte buffered after it, or dial fails.
@@ -232,4 +246,84 @@ fn a_greeting_from_the_node_fails_kube_apiservers_dial_over_the_unix_socket() {
     let mut got = vec![0u8; GREETING.len()];
     raw.read_exact(&mut got).expect("greeting");
     assert_eq!(got, GREETING);
+}
+
+// The dialer itself, without a daemon: its reading of replies as Go
+// reads them.
+
+/// A reader that hands out its chunks one read at a time, as a socket
+/// does with separate segments.
+struct Chunks(Vec<Vec<u8>>);
+
+impl Read for Chunks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.0.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.0.remove(0);
+        let n = c.len().min(buf.len());
+        if n < c.len() {
+            self.0.insert(0, c.split_off(n));
+        }
+        buf[..n].copy_from_slice(&c[..n]);
+        Ok(n)
+    }
+}
+
+fn head_of(chunks: &[&[u8]]) -> (Result<(u16, String), DialError>, usize) {
+    let mut br = GoBufReader::new(Chunks(chunks.iter().map(|c| c.to_vec()).collect()));
+    let r = read_response_head(&mut br);
+    (r, br.buffered())
+}
+
+#[test]
+fn the_reply_is_read_as_go_reads_it() {
+    let (r, left) = head_of(&[b"HTTP/1.1 200 Connection established\r\n\r\n"]);
+    assert_eq!(r.unwrap().0, 200);
+    assert_eq!(left, 0);
+    // Bytes in the same read as the head stay buffered.
+    let (r, left) = head_of(&[b"HTTP/1.1 200 OK\r\n\r\nSSH-2.0-x\r\n"]);
+    assert_eq!(r.unwrap().0, 200);
+    assert_eq!(left, 11);
+    // ...but not bytes of a later read.
+    let (_, left) = head_of(&[b"HTTP/1.1 200 OK\r\n\r\n", b"later"]);
+    assert_eq!(left, 0);
+    let (r, _) = head_of(&[b"HTTP/1.1 403 Forbidden: x\r\nContent-Length: 0\r\n\r\n"]);
+    let (code, status) = r.unwrap();
+    assert_eq!((code, status.as_str()), (403, "403 Forbidden: x"));
+    for bad in [
+        &b"HTTP/1.1200 OK\r\n\r\n"[..],
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/11 200 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n X: y\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+    ] {
+        assert!(
+            matches!(head_of(&[bad]).0, Err(DialError::Malformed(_))),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    assert!(matches!(
+        head_of(&[b"HTTP/1.1 200 OK\r\n"]).0,
+        Err(DialError::Read(_))
+    ));
+    // A long header line spans several buffers; past 1 MiB it fails.
+    let mut long = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 10_000));
+    long.extend_from_slice(b"\r\n\r\n");
+    assert_eq!(head_of(&[&long]).0.unwrap().0, 200);
+    let mut huge = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', MAX_REPLY_BYTES));
+    assert!(matches!(head_of(&[&huge]).0, Err(DialError::TooLarge)));
+}
+
+#[test]
+fn sni_is_the_url_host_and_none_for_an_ip() {
+    assert_eq!(sni_for("https://127.0.0.1:8132"), None);
+    assert_eq!(sni_for("https://[::1]:8132"), None);
+    assert_eq!(
+        sni_for("https://egress.example:8132/x").as_deref(),
+        Some("egress.example")
+    );
 }

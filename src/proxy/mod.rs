@@ -906,8 +906,9 @@ impl Pool {
             .collect();
         states.truncate(10);
         TunnelError::NotConnected(format!(
-            "none of {} node(s) can take pool address {host}{}{}",
+            "none of {} node(s) can take {} {host}{}{}",
             nodes.len(),
+            self.routes.pool_kind(host),
             if states.is_empty() { "" } else { ": " },
             states.join(", ")
         ))

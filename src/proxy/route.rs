@@ -406,6 +406,15 @@ impl<T: Clone> RouteTable<T> {
         }
     }
 
+    /// What a pool target is, for messages: `service address` inside a
+    /// service CIDR, else `pod address` (a pod network).
+    pub fn pool_kind(&self, host: &str) -> &'static str {
+        match host.parse::<IpAddr>() {
+            Ok(ip) if !self.services.iter().any(|s| s.contains(&canonical_ip(ip))) => "pod address",
+            _ => "service address",
+        }
+    }
+
     /// An empty table (no nodes, no services): everything is forbidden.
     pub fn empty() -> RouteTable<T> {
         RouteTable::build(std::iter::empty(), &[])
@@ -748,6 +757,8 @@ mod tests {
         // A block no Node names: any node may carry it.
         assert_eq!(t.lookup("10.244.77.5"), pool("10.244.77.5"));
         assert_eq!(t.lookup("::ffff:10.244.77.5"), pool("10.244.77.5"));
+        assert_eq!(t.pool_kind("10.244.77.5"), "pod address");
+        assert_eq!(t.pool_kind("10.96.0.1"), "service address");
         // A mapped pod network is compared in its IPv4 form.
         assert_eq!(t.lookup("100.64.3.4"), pool("100.64.3.4"));
         // Claimed addresses still go to their owner.

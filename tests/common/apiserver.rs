@@ -258,7 +258,7 @@ pub fn dial_after(transport: &Transport, addr: &str, pause: Duration) -> Result<
 /// Go's `bufio.Reader` of [`GO_BUFIO_SIZE`] bytes over a reader limited to
 /// [`MAX_REPLY_BYTES`]: each fill reads what the socket has, up to the
 /// free space, so bytes that came with the reply's head stay buffered.
-struct GoBufReader<R> {
+pub struct GoBufReader<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
@@ -267,7 +267,8 @@ struct GoBufReader<R> {
 }
 
 impl<R: Read> GoBufReader<R> {
-    fn new(inner: R) -> Self {
+    /// A reader over `inner`, empty.
+    pub fn new(inner: R) -> Self {
         GoBufReader {
             inner,
             buf: vec![0; GO_BUFIO_SIZE],
@@ -277,7 +278,8 @@ impl<R: Read> GoBufReader<R> {
         }
     }
 
-    fn buffered(&self) -> usize {
+    /// Bytes read from `inner` and not yet consumed.
+    pub fn buffered(&self) -> usize {
         self.end - self.start
     }
 
@@ -337,7 +339,7 @@ impl<R: Read> GoBufReader<R> {
 
 /// `http.ReadResponse`'s reading of the status line and headers; the
 /// status code and `Status` (code and reason).
-fn read_response_head<R: Read>(br: &mut GoBufReader<R>) -> Result<(u16, String), DialError> {
+pub fn read_response_head<R: Read>(br: &mut GoBufReader<R>) -> Result<(u16, String), DialError> {
     let line = String::from_utf8_lossy(&br.read_line()?).into_owned();
     let (proto, status) = line
         .split_once(' ')
@@ -399,87 +401,5 @@ fn valid_http_version(v: &str) -> bool {
     match v.strip_prefix("HTTP/").map(str::as_bytes) {
         Some([m, b'.', n]) => m.is_ascii_digit() && n.is_ascii_digit(),
         _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A reader that hands out its chunks one read at a time, as a socket
-    /// does with separate segments.
-    struct Chunks(Vec<Vec<u8>>);
-
-    impl Read for Chunks {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            if self.0.is_empty() {
-                return Ok(0);
-            }
-            let mut c = self.0.remove(0);
-            let n = c.len().min(buf.len());
-            if n < c.len() {
-                self.0.insert(0, c.split_off(n));
-            }
-            buf[..n].copy_from_slice(&c[..n]);
-            Ok(n)
-        }
-    }
-
-    fn head_of(chunks: &[&[u8]]) -> (Result<(u16, String), DialError>, usize) {
-        let mut br = GoBufReader::new(Chunks(chunks.iter().map(|c| c.to_vec()).collect()));
-        let r = read_response_head(&mut br);
-        (r, br.buffered())
-    }
-
-    #[test]
-    fn the_reply_is_read_as_go_reads_it() {
-        let (r, left) = head_of(&[b"HTTP/1.1 200 Connection established\r\n\r\n"]);
-        assert_eq!(r.unwrap().0, 200);
-        assert_eq!(left, 0);
-        // Bytes in the same read as the head stay buffered.
-        let (r, left) = head_of(&[b"HTTP/1.1 200 OK\r\n\r\nSSH-2.0-x\r\n"]);
-        assert_eq!(r.unwrap().0, 200);
-        assert_eq!(left, 11);
-        // ...but not bytes of a later read.
-        let (_, left) = head_of(&[b"HTTP/1.1 200 OK\r\n\r\n", b"later"]);
-        assert_eq!(left, 0);
-        let (r, _) = head_of(&[b"HTTP/1.1 403 Forbidden: x\r\nContent-Length: 0\r\n\r\n"]);
-        let (code, status) = r.unwrap();
-        assert_eq!((code, status.as_str()), (403, "403 Forbidden: x"));
-        for bad in [
-            &b"HTTP/1.1200 OK\r\n\r\n"[..],
-            b"HTTP/1.1 20 OK\r\n\r\n",
-            b"HTTP/11 200 OK\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\n X: y\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
-        ] {
-            assert!(
-                matches!(head_of(&[bad]).0, Err(DialError::Malformed(_))),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-        assert!(matches!(
-            head_of(&[b"HTTP/1.1 200 OK\r\n"]).0,
-            Err(DialError::Read(_))
-        ));
-        // A long header line spans several buffers; past 1 MiB it fails.
-        let mut long = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
-        long.extend(std::iter::repeat_n(b'a', 10_000));
-        long.extend_from_slice(b"\r\n\r\n");
-        assert_eq!(head_of(&[&long]).0.unwrap().0, 200);
-        let mut huge = b"HTTP/1.1 200 OK\r\nX: ".to_vec();
-        huge.extend(std::iter::repeat_n(b'a', MAX_REPLY_BYTES));
-        assert!(matches!(head_of(&[&huge]).0, Err(DialError::TooLarge)));
-    }
-
-    #[test]
-    fn sni_is_the_url_host_and_none_for_an_ip() {
-        assert_eq!(sni_for("https://127.0.0.1:8132"), None);
-        assert_eq!(sni_for("https://[::1]:8132"), None);
-        assert_eq!(
-            sni_for("https://egress.example:8132/x").as_deref(),
-            Some("egress.example")
-        );
     }
 }
