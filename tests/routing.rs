@@ -603,4 +603,8 @@ fn every_node_name_type_routes_and_a_shared_name_routes_to_neither() {
             nodes: vec!["node-2".into(), "node-3".into()],
         }]
     );
+    assert_eq!(
+        common::metric_value(&daemon.metrics(), "tunneler_ambiguous_addresses", &[]),
+        Some(1.0)
+    );
 }

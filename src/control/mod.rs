@@ -299,7 +299,7 @@ impl Control {
             }
         }
         self.metrics.ambiguous_addresses.store(
-            table.ambiguous().len() as u64,
+            (table.ambiguous().len() + table.ambiguous_names().len()) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
         self.routes.store(Arc::new(table));
