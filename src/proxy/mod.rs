@@ -845,10 +845,10 @@ struct Dial {
     pool: Option<Pool>,
 }
 
-/// Pool dials (service CIDRs and pod networks): the less loaded of two random tunnels among those
-/// that are healthy (not draining, not failing their probe); a tunnel-side
-/// failure is retried once on another. When every candidate fails, the
-/// error lists why.
+/// Pool dials (service CIDRs and pod networks): the less loaded of two
+/// random tunnels among those that are healthy (not draining, not failing
+/// their probe); a tunnel-side failure is retried once on another. When
+/// every candidate fails, the error lists why.
 struct Pool {
     routes: Arc<RouteTable<Arc<NodeTunnel>>>,
     tried: Vec<usize>,
