@@ -29,6 +29,8 @@ fn table() -> RouteTable<u32> {
                 .parse()
                 .unwrap()],
             hostnames: Vec::new(),
+            dns_names: Vec::new(),
+            host_addresses: Vec::new(),
             kubelet_port: None,
         })
         .collect();

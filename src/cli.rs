@@ -122,6 +122,14 @@ pub enum NodesAction {
         /// Further name that routes to this node (repeatable).
         #[arg(long = "hostname")]
         hostnames: Vec<String>,
+        /// DNS name (InternalDNS, ExternalDNS) that routes to this node
+        /// (repeatable).
+        #[arg(long = "dns-name")]
+        dns_names: Vec<String>,
+        /// The node's own address inside the pod range, such as a CNI
+        /// tunnel address: held to the node port policy (repeatable).
+        #[arg(long = "host-address")]
+        host_addresses: Vec<String>,
     },
     /// Remove a node: out of routing at once, closed after its streams drain.
     Remove {

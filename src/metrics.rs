@@ -346,7 +346,7 @@ impl Collector for NodeCollector {
         gauge_family(
             &mut enc,
             "tunneler_ambiguous_addresses",
-            "Internal IPs that more than one node claims; they are not routed by IP",
+            "Internal IPs and node names that more than one node claims; they route to none of them",
             &[(
                 Vec::new(),
                 self.ambiguous_addresses.load(Ordering::Relaxed) as f64,

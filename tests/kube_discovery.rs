@@ -366,3 +366,108 @@ kubeconfig = "kubeconfig"
     let v = wait_status(&sock, "status", |_| true);
     assert_eq!(names(&v), ["k-2", "k-3"]);
 }
+
+/// One CONNECT over the daemon's Unix listener; the reply's status line.
+fn connect_status(sock: &Path, target: &str) -> String {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The watch reads what the nodes file reads: a Calico tunnel annotation
+/// holds dials to that address to the node port policy (decided before
+/// any tunnel is needed, so this works without one), and an InternalDNS
+/// name routes to its node (503 here, no tunnel: but not 403).
+#[test]
+fn kubernetes_watch_reads_calico_tunnel_annotations_and_dns_names() {
+    let mut k1 = node("k-1", "10.211.0.21", "10.210.1.0/24");
+    k1["metadata"]["annotations"] =
+        json!({"projectcalico.org/IPv4VXLANTunnelAddr": "10.210.200.1"});
+    k1["status"]["addresses"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "InternalDNS", "address": "ip-10-211-0-21.ec2.internal"}));
+    let api = FakeApi::start(vec![k1, node("k-2", "10.211.0.22", "10.210.2.0/24")]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(d.join("id"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(d.join("known_hosts"), "").unwrap();
+    std::fs::write(
+        d.join("kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n",
+            api.port
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("t.toml"),
+        r#"
+[ssh]
+user = "x"
+identity_file = "id"
+known_hosts_file = "known_hosts"
+port = 1
+connect_timeout = "1s"
+[reconnect]
+initial_backoff = "1s"
+max_backoff = "2s"
+[proxy]
+listen = ["unix://egress.sock"]
+pod_network_cidrs = ["10.210.0.0/16"]
+wait_for_healthy = "0s"
+[admin]
+socket = "admin.sock"
+[discovery]
+address_types = ["ExternalDNS"]
+[discovery.kubernetes]
+kubeconfig = "kubeconfig"
+"#,
+    )
+    .unwrap();
+    let log = std::fs::File::create(d.join("log")).unwrap();
+    let _daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_tunneler"))
+            .args(["run", "--config"])
+            .arg(d.join("t.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let sock = d.join("admin.sock");
+    wait_status(&sock, "the listed nodes", |v| names(v) == ["k-1", "k-2"]);
+    let egress = d.join("egress.sock");
+
+    let line = connect_status(&egress, "10.210.200.1:22");
+    assert!(
+        line.starts_with("HTTP/1.1 403")
+            && line.contains("node \"k-1\"")
+            && line.contains("proxy.node_ports"),
+        "{line}"
+    );
+    // The kubelet port passes the policy; the pool has no tunnel up.
+    let line = connect_status(&egress, "10.210.200.1:10250");
+    assert!(line.starts_with("HTTP/1.1 503"), "{line}");
+    // Any other pool address keeps every port.
+    let line = connect_status(&egress, "10.210.200.2:22");
+    assert!(line.starts_with("HTTP/1.1 503"), "{line}");
+    let line = connect_status(&egress, "IP-10-211-0-21.EC2.Internal.:10250");
+    assert!(
+        line.starts_with("HTTP/1.1 503") && line.contains("k-1"),
+        "{line}"
+    );
+}

@@ -47,6 +47,8 @@ fn raw_node(i: usize) -> impl Strategy<Value = NodeConfig> {
             internal_ips: ips,
             pod_cidrs: pods,
             hostnames: Vec::new(),
+            dns_names: Vec::new(),
+            host_addresses: Vec::new(),
             kubelet_port: None,
         })
 }

@@ -1,6 +1,10 @@
 //! End-to-end routing through real sshd in network namespaces: every kind of
 //! CONNECT target reaches exactly the node that owns it, real clients (curl)
 //! work through both listeners, and bad requests get the documented status.
+//! Where a test stands in for kube-apiserver it dials with
+//! `common::apiserver`, which behaves as kube-apiserver's egress dialer
+//! does byte for byte (one write, Go's reply parsing, no byte buffered
+//! after the 200).
 
 mod common;
 
@@ -20,13 +24,13 @@ fn routes_by_node_ip_name_and_pod_ip_to_the_owning_node() {
     for node in &cluster.nodes {
         let name = &node.name;
         // Node internal IP (defaults to the address).
-        let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.ip), "by-ip");
+        let got = daemon.apiserver_echo(&format!("{}:{ECHO_PORT}", node.ip), "by-ip");
         assert_eq!(got, format!("node={name} local={} echo=by-ip", node.ip));
         // Node name: the target is the node's first internal IP.
-        let got = daemon.echo(&format!("{name}:{ECHO_PORT}"), "by-name");
+        let got = daemon.apiserver_echo(&format!("{name}:{ECHO_PORT}"), "by-name");
         assert_eq!(got, format!("node={name} local={} echo=by-name", node.ip));
         // An address inside the node's pod CIDR.
-        let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "by-pod");
+        let got = daemon.apiserver_echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "by-pod");
         assert_eq!(
             got,
             format!("node={name} local={} echo=by-pod", node.pod_ip)
@@ -34,7 +38,7 @@ fn routes_by_node_ip_name_and_pod_ip_to_the_owning_node() {
         // An IPv6 literal inside the node's IPv6 pod CIDR.
         match node.pod_ip6 {
             Some(ip6) => {
-                let got = daemon.echo(&format!("[{ip6}]:{ECHO_PORT}"), "by-pod6");
+                let got = daemon.apiserver_echo(&format!("[{ip6}]:{ECHO_PORT}"), "by-pod6");
                 assert_eq!(got, format!("node={name} local={ip6} echo=by-pod6"));
             }
             None => common::skip(
@@ -64,8 +68,8 @@ fn routes_by_node_ip_name_and_pod_ip_to_the_owning_node() {
                 let node = cluster.node(k % 3 + 1);
                 let daemon = &daemon;
                 scope.spawn(move || {
-                    let got =
-                        daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), &format!("c{k}"));
+                    let got = daemon
+                        .apiserver_echo(&format!("{}:{ECHO_PORT}", node.pod_ip), &format!("c{k}"));
                     assert_eq!(
                         got,
                         format!("node={} local={} echo=c{k}", node.name, node.pod_ip)
@@ -101,7 +105,7 @@ fn service_ips_use_the_pool_of_healthy_nodes() {
 
     let anycast = cluster.anycast_service_ip();
     for k in 0..8 {
-        let got = daemon.echo(&format!("{anycast}:{ECHO_PORT}"), &format!("svc{k}"));
+        let got = daemon.apiserver_echo(&format!("{anycast}:{ECHO_PORT}"), &format!("svc{k}"));
         assert!(
             got == format!("node=node-1 local={anycast} echo=svc{k}")
                 || got == format!("node=node-2 local={anycast} echo=svc{k}"),
@@ -114,16 +118,17 @@ fn service_ips_use_the_pool_of_healthy_nodes() {
 
     let own = cluster.node(2).service_ip;
     for k in 0..4 {
-        let got = daemon.echo(&format!("{own}:{ECHO_PORT}"), &format!("own{k}"));
+        let got = daemon.apiserver_echo(&format!("{own}:{ECHO_PORT}"), &format!("own{k}"));
         assert_eq!(got, format!("node=node-2 local={own} echo=own{k}"));
-        let got = daemon.echo(&format!("{anycast}:{ECHO_PORT}"), &format!("any{k}"));
+        let got = daemon.apiserver_echo(&format!("{anycast}:{ECHO_PORT}"), &format!("any{k}"));
         assert_eq!(got, format!("node=node-2 local={anycast} echo=any{k}"));
     }
 
     // Node 1's own service address does not exist on node 2, so node 2's
     // sshd refuses the channel: 502 with the SSH reason.
-    let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).service_ip));
-    assert!(status.starts_with("HTTP/1.1 502"), "{status:?}");
+    let (code, status) =
+        daemon.apiserver_refusal(&format!("{}:{ECHO_PORT}", cluster.node(1).service_ip));
+    assert_eq!(code, 502, "{status}");
 }
 
 #[test]
@@ -224,16 +229,16 @@ fn bad_requests_get_400_403_405() {
     daemon.wait_all_healthy(READY);
 
     // Outside every node, pod and service range (TEST-NET-1, never dialled).
-    let (status, _) = daemon.connect("192.0.2.1:80");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
+    let (code, status) = daemon.apiserver_refusal("192.0.2.1:80");
+    assert_eq!(code, 403, "{status}");
     let (status, _) = daemon.connect_tcp("192.0.2.1:80");
     assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
     // An unknown name.
-    let (status, _) = daemon.connect("no-such-node:10250");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
+    let (code, status) = daemon.apiserver_refusal("no-such-node:10250");
+    assert_eq!(code, 403, "{status}");
     // An IPv6 literal parses, but is in no range.
-    let (status, _) = daemon.connect("[fd00::1]:10250");
-    assert!(status.starts_with("HTTP/1.1 403"), "{status:?}");
+    let (code, status) = daemon.apiserver_refusal("[fd00::1]:10250");
+    assert_eq!(code, 403, "{status}");
 
     let head = daemon.raw_request(b"\x16\x03\x01\x02\x00garbage\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 400"), "{head:?}");
@@ -244,7 +249,7 @@ fn bad_requests_get_400_403_405() {
 
     // The daemon still serves after all that.
     let node = cluster.node(1);
-    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "still");
+    let got = daemon.apiserver_echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "still");
     assert_eq!(got, format!("node=node-1 local={} echo=still", node.pod_ip));
 }
 
@@ -274,7 +279,7 @@ fn keygen_key_and_authorized_keys_line_work_against_sshd() {
     );
     daemon.wait_all_healthy(READY);
     let node = cluster.node(1);
-    let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.ip), "keygen");
+    let got = daemon.apiserver_echo(&format!("{}:{ECHO_PORT}", node.ip), "keygen");
     assert_eq!(got, format!("node=node-1 local={} echo=keygen", node.ip));
 }
 
@@ -293,8 +298,9 @@ fn sigterm_stops_the_daemon_cleanly() {
     let mut daemon = Daemon::start_toml(&cluster, &toml, &[]);
     daemon.wait_all_healthy(READY);
     // One open tunnel must not hold up shutdown past the drain timeout.
-    let (status, _stream) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(1).ip));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status:?}");
+    let _stream = daemon
+        .apiserver_dial(&format!("{}:{ECHO_PORT}", cluster.node(1).ip))
+        .unwrap_or_else(|e| panic!("{e}"));
     let exit = daemon.stop().expect("daemon exit status");
     assert!(exit.success(), "exit after SIGTERM: {exit}");
 }
@@ -313,8 +319,292 @@ fn restart_after_a_hard_kill_and_sigint() {
     let mut second = Daemon::start(&cluster);
     second.wait_all_healthy(READY);
     let node = cluster.node(1);
-    let got = second.echo(&format!("{}:{ECHO_PORT}", node.ip), "again");
+    let got = second.apiserver_echo(&format!("{}:{ECHO_PORT}", node.ip), "again");
     assert_eq!(got, format!("node=node-1 local={} echo=again", node.ip));
     let exit = second.stop_with("INT").expect("exit status");
     assert!(exit.success(), "exit after SIGINT: {exit}");
+}
+
+/// `[proxy]` of `cluster`'s default config with `lines` added at its top.
+fn with_proxy_keys(toml: &str, lines: &str) -> String {
+    toml.replacen("[proxy]\n", &format!("[proxy]\n{lines}\n"), 1)
+}
+
+/// Streams each node has carried so far, by name.
+fn carried(daemon: &Daemon) -> std::collections::BTreeMap<String, u64> {
+    daemon
+        .status()
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.total_streams))
+        .collect()
+}
+
+/// A pod of a pod network that no Node describes (a Calico block, a
+/// Cilium cluster-pool range) lives on node-2, and every node namespace
+/// routes it to node-2. Without `pod_network_cidrs` it is refused with a
+/// reason that names the key; with the key (added by a reload) it is
+/// reached through whichever node the pool picks, also with node-2
+/// drained, when the pool cannot pick node-2 at all. An address outside
+/// every range stays refused.
+#[test]
+fn a_pod_network_no_node_describes_is_reached_through_the_pool() {
+    require_netns!("a_pod_network_no_node_describes_is_reached_through_the_pool");
+    let cluster = Cluster::new(3);
+    let n = cluster.n;
+    // Node pod CIDRs are 10.201.n.16/28 to .48/28: .200 is in no block.
+    let pod: std::net::Ipv4Addr = format!("10.201.{n}.200").parse().unwrap();
+    cluster.add_pod_network_address(2, pod);
+    let base = cluster.config_toml(&ConfigSpec::default());
+    let mut daemon = Daemon::start_toml(&cluster, &base, &[]);
+    daemon.wait_all_healthy(READY);
+    let target = format!("{pod}:{ECHO_PORT}");
+
+    let (code, status) = daemon.apiserver_refusal(&target);
+    assert_eq!(code, 403, "{status}");
+    assert!(
+        status.contains("proxy.pod_network_cidrs") && status.contains("proxy.service_cidrs"),
+        "{status}"
+    );
+
+    // Live on reload.
+    let with_key = with_proxy_keys(&base, &format!("pod_network_cidrs = [\"10.201.{n}.0/24\"]"));
+    std::fs::write(&daemon.config, &with_key).unwrap();
+    let (code, body) = daemon.admin("POST", "/v1/reload", None);
+    assert_eq!(code, 200, "{body}");
+
+    let want = |k: &str| format!("node=node-2 local={pod} echo={k}");
+    let before = carried(&daemon);
+    for k in 0..10 {
+        let line = format!("undrained{k}");
+        assert_eq!(daemon.apiserver_echo(&target, &line), want(&line));
+    }
+    daemon.wait_status("no active streams", READY, |s| {
+        s.nodes.iter().all(|n| n.active_streams == 0)
+    });
+    let after = carried(&daemon);
+    let total: u64 = after.iter().map(|(k, v)| v - before[k]).sum();
+    assert_eq!(total, 10, "{before:?} -> {after:?}");
+
+    let (code, body) = daemon.admin("POST", "/v1/nodes/node-2/drain", None);
+    assert_eq!(code, 200, "{body}");
+    let before = carried(&daemon);
+    for k in 0..10 {
+        let line = format!("drained{k}");
+        assert_eq!(daemon.apiserver_echo(&target, &line), want(&line));
+    }
+    daemon.wait_status("no active streams", READY, |s| {
+        s.nodes.iter().all(|n| n.active_streams == 0)
+    });
+    let after = carried(&daemon);
+    assert_eq!(
+        after["node-2"], before["node-2"],
+        "a drained node carried a pool dial"
+    );
+    assert_eq!(
+        after["node-1"] + after["node-3"] - before["node-1"] - before["node-3"],
+        10,
+        "{before:?} -> {after:?}"
+    );
+
+    // A claimed address still goes to its owner, and one in no range is
+    // refused with the keys to change.
+    let owned = cluster.node(3).pod_ip;
+    assert_eq!(
+        daemon.apiserver_echo(&format!("{owned}:{ECHO_PORT}"), "owned"),
+        format!("node=node-3 local={owned} echo=owned")
+    );
+    let outside = format!("10.203.{n}.5:{ECHO_PORT}");
+    let (code, status) = daemon.apiserver_refusal(&outside);
+    assert_eq!(code, 403, "{status}");
+    assert!(
+        status.contains("proxy.pod_network_cidrs") && status.contains("proxy.service_cidrs"),
+        "{status}"
+    );
+    let exit = daemon.stop().expect("daemon exit status");
+    assert!(exit.success(), "{exit}");
+}
+
+/// A `kubectl get nodes -o json` Node for node `i` with extra addresses,
+/// annotations and a kubelet port.
+fn k8s_node(
+    cluster: &Cluster,
+    i: usize,
+    addresses: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+    kubelet_port: Option<u16>,
+) -> serde_json::Value {
+    let n = cluster.node(i);
+    let mut node = cluster.k8s_node_json(i, &[n.pod_cidr.as_str()]);
+    for (kind, address) in addresses {
+        node["status"]["addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({ "type": kind, "address": address }));
+    }
+    for (k, v) in annotations {
+        node["metadata"]["annotations"][*k] = serde_json::Value::from(*v);
+    }
+    if let Some(p) = kubelet_port {
+        node["status"]["daemonEndpoints"] = serde_json::json!({ "kubeletEndpoint": { "Port": p } });
+    }
+    node
+}
+
+fn nodes_file_config(cluster: &Cluster, proxy: &str, node_ports: Option<Vec<u16>>) -> String {
+    let spec = ConfigSpec {
+        nodes: Some(vec![]),
+        extra: "\n[discovery]\nnodes_file = \"nodes.json\"\n".into(),
+        node_ports,
+        ..ConfigSpec::default()
+    };
+    with_proxy_keys(&cluster.config_toml(&spec), proxy)
+}
+
+/// Calico's tunnel address of a node lies in the pod network; calico-node
+/// publishes it as a Node annotation. A dial to it is held to the node
+/// port policy although the pool (any node) carries it: 403 on the SSH
+/// port and on a port not listed, the kubelet port passes. A pod address
+/// beside it keeps every port.
+#[test]
+fn a_calico_tunnel_address_keeps_the_node_port_policy() {
+    require_netns!("a_calico_tunnel_address_keeps_the_node_port_policy");
+    let cluster = Cluster::new(3);
+    let n = cluster.n;
+    let tunnel: std::net::Ipv4Addr = format!("10.201.{n}.201").parse().unwrap();
+    let pod: std::net::Ipv4Addr = format!("10.201.{n}.202").parse().unwrap();
+    cluster.add_pod_network_address(2, tunnel);
+    cluster.add_pod_network_address(2, pod);
+    // The kubelet port is the echo server's, and node_ports lists nothing.
+    let items = (1..=3)
+        .map(|i| {
+            let ann = if i == 2 {
+                vec![("projectcalico.org/IPv4IPIPTunnelAddr", format!("{tunnel}"))]
+            } else {
+                vec![]
+            };
+            let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            k8s_node(&cluster, i, &[], &ann, Some(ECHO_PORT))
+        })
+        .collect();
+    std::fs::write(
+        cluster.dir.join("nodes.json"),
+        Cluster::k8s_node_list(items),
+    )
+    .unwrap();
+    let toml = nodes_file_config(
+        &cluster,
+        &format!("pod_network_cidrs = [\"10.201.{n}.0/24\"]"),
+        Some(vec![]),
+    );
+    let daemon = Daemon::start_toml(&cluster, &toml, &[]);
+    daemon.wait_status("three healthy nodes", READY, |s| {
+        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == "healthy")
+    });
+
+    let (code, status) = daemon.apiserver_refusal(&format!("{tunnel}:22"));
+    assert_eq!(code, 403, "{status}");
+    assert!(
+        status.contains("SSH port of node \"node-2\"") && status.contains("proxy.node_ports"),
+        "{status}"
+    );
+    let (code, status) = daemon.apiserver_refusal(&format!("{tunnel}:{HTTP_PORT}"));
+    assert_eq!(code, 403, "{status}");
+    assert!(status.contains("proxy.node_ports"), "{status}");
+    assert_eq!(
+        daemon.apiserver_echo(&format!("{tunnel}:{ECHO_PORT}"), "kubelet"),
+        format!("node=node-2 local={tunnel} echo=kubelet")
+    );
+    // A pod beside it: any port.
+    let conn = daemon
+        .apiserver_dial(&format!("{pod}:{HTTP_PORT}"))
+        .unwrap_or_else(|e| panic!("pod dial: {e}"));
+    assert!(
+        common::http_get_over(conn).ends_with("node=node-2\n"),
+        "pod HTTP answer"
+    );
+}
+
+/// Every Node address type routes to its node: `InternalDNS` and
+/// `ExternalDNS` names, in any case and with a trailing dot, like the
+/// node's name and `Hostname`. A DNS name two Nodes claim routes to
+/// neither, as a shared IP does, and the status lists it.
+#[test]
+fn every_node_name_type_routes_and_a_shared_name_routes_to_neither() {
+    require_netns!("every_node_name_type_routes_and_a_shared_name_routes_to_neither");
+    let cluster = Cluster::new(3);
+    let n = cluster.n;
+    let internal_dns = format!("ip-10-200-{n}-11.ec2.internal");
+    let items = vec![
+        k8s_node(
+            &cluster,
+            1,
+            &[
+                ("InternalDNS", internal_dns.as_str()),
+                ("ExternalDNS", "node-1.example.com."),
+            ],
+            &[],
+            None,
+        ),
+        k8s_node(
+            &cluster,
+            2,
+            &[("InternalDNS", "shared.example.internal")],
+            &[],
+            None,
+        ),
+        k8s_node(
+            &cluster,
+            3,
+            &[("ExternalDNS", "Shared.Example.Internal")],
+            &[],
+            None,
+        ),
+    ];
+    std::fs::write(
+        cluster.dir.join("nodes.json"),
+        Cluster::k8s_node_list(items),
+    )
+    .unwrap();
+    let daemon = Daemon::start_toml(&cluster, &nodes_file_config(&cluster, "", None), &[]);
+    let status = daemon.wait_status("three healthy nodes", READY, |s| {
+        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == "healthy")
+    });
+
+    let ip1 = cluster.node(1).ip;
+    for name in [
+        internal_dns.clone(),
+        internal_dns.to_uppercase(),
+        format!("{internal_dns}."),
+        "node-1.example.com".to_string(),
+        "NODE-1.Example.COM.".to_string(),
+        "node-1.".to_string(),
+    ] {
+        assert_eq!(
+            daemon.apiserver_echo(&format!("{name}:{ECHO_PORT}"), "dns"),
+            format!("node=node-1 local={ip1} echo=dns"),
+            "{name}"
+        );
+    }
+    let ip3 = cluster.node(3).ip;
+    assert_eq!(
+        daemon.apiserver_echo(&format!("NODE-3.:{ECHO_PORT}"), "name"),
+        format!("node=node-3 local={ip3} echo=name")
+    );
+    for name in ["shared.example.internal", "SHARED.example.internal."] {
+        let (code, status) = daemon.apiserver_refusal(&format!("{name}:{ECHO_PORT}"));
+        assert_eq!(code, 403, "{status}");
+        assert!(status.contains("node-2, node-3"), "{status}");
+    }
+    assert_eq!(
+        status.ambiguous_addresses,
+        vec![tunneler::admin::status::AmbiguousAddress {
+            address: "shared.example.internal".into(),
+            nodes: vec!["node-2".into(), "node-3".into()],
+        }]
+    );
+    assert_eq!(
+        common::metric_value(&daemon.metrics(), "tunneler_ambiguous_addresses", &[]),
+        Some(1.0)
+    );
 }

@@ -19,6 +19,8 @@ fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
         internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
         pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
         hostnames: Vec::new(),
+        dns_names: Vec::new(),
+        host_addresses: Vec::new(),
         kubelet_port: None,
     }
 }

@@ -23,6 +23,8 @@ fn live() -> NodeConfig {
         internal_ips: vec!["10.0.0.1".parse().unwrap()],
         pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
         hostnames: Vec::new(),
+        dns_names: Vec::new(),
+        host_addresses: Vec::new(),
         kubelet_port: None,
     }
 }

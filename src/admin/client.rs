@@ -149,6 +149,8 @@ pub fn nodes_request(action: NodesAction) -> Request {
             internal_ips,
             pod_cidrs,
             hostnames,
+            dns_names,
+            host_addresses,
         } => Request::AddNode(NodeSpec {
             name,
             address,
@@ -156,6 +158,8 @@ pub fn nodes_request(action: NodesAction) -> Request {
             internal_ips: (!internal_ips.is_empty()).then_some(internal_ips),
             pod_cidrs,
             hostnames,
+            dns_names,
+            host_addresses,
             kubelet_port: None,
         }),
         NodesAction::Remove { name } => Request::RemoveNode(name),

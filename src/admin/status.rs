@@ -35,7 +35,8 @@ pub struct StatusDocument {
     #[serde(default)]
     pub sources: Vec<SourceStatus>,
     /// Internal IPs that more than one node claims. They are not routed
-    /// by IP; their nodes still route by name and pod CIDR.
+    /// by IP; their nodes still route by name and pod CIDR. Names (DNS names
+    /// two Nodes share) are listed here too, and route to none of them.
     #[serde(default)]
     pub ambiguous_addresses: Vec<AmbiguousAddress>,
 }
@@ -43,7 +44,8 @@ pub struct StatusDocument {
 /// One address claimed by several nodes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AmbiguousAddress {
-    /// The address, in canonical form (IPv4-mapped IPv6 as IPv4).
+    /// The address, in canonical form (IPv4-mapped IPv6 as IPv4), or a
+    /// name (lowercase, no trailing dot).
     pub address: String,
     /// The nodes that claim it, sorted.
     pub nodes: Vec<String>,
@@ -264,16 +266,28 @@ impl StatusView {
             listeners: self.listeners.clone(),
             nodes,
             sources: self.sources.snapshot(),
-            ambiguous_addresses: self
-                .routes
-                .load()
-                .ambiguous()
-                .iter()
-                .map(|(ip, nodes)| AmbiguousAddress {
-                    address: ip.to_string(),
-                    nodes: nodes.clone(),
-                })
-                .collect(),
+            ambiguous_addresses: {
+                // Shared names are listed beside shared IPs: both answer
+                // forbidden for the same reason.
+                let routes = self.routes.load();
+                routes
+                    .ambiguous()
+                    .iter()
+                    .map(|(ip, nodes)| AmbiguousAddress {
+                        address: ip.to_string(),
+                        nodes: nodes.clone(),
+                    })
+                    .chain(
+                        routes
+                            .ambiguous_names()
+                            .iter()
+                            .map(|(name, nodes)| AmbiguousAddress {
+                                address: name.clone(),
+                                nodes: nodes.clone(),
+                            }),
+                    )
+                    .collect()
+            },
         }
     }
 }

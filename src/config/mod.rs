@@ -140,6 +140,7 @@ struct RawProxy {
     listen: Option<Vec<String>>,
     service_cidrs: Option<Vec<String>>,
     cluster_cidrs: Option<Vec<String>>,
+    pod_network_cidrs: Option<Vec<String>>,
     dial_timeout: Option<String>,
     wait_for_healthy: Option<String>,
     drain_timeout: Option<String>,
@@ -222,6 +223,16 @@ pub struct NodeSpec {
     /// Further names that route to the node.
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// DNS names of the node (`InternalDNS`, `ExternalDNS`) that route to
+    /// it. Unlike `hostnames`, a DNS name two discovered Nodes share is not
+    /// a conflict: it routes to neither, as a shared address does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// Addresses of the node's own host network inside the pod range (a
+    /// CNI's tunnel or router address). They route nowhere by themselves;
+    /// a dial to one is held to the node port policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_addresses: Vec<String>,
     /// The kubelet's port on the node, when not 10250.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubelet_port: Option<u16>,
@@ -379,6 +390,11 @@ pub struct ProxyConfig {
     /// one of them. Empty means unset: then a pod CIDR may be no wider
     /// than `address::MAX_POD_PREFIX_V4` / `_V6`.
     pub cluster_cidrs: Vec<IpNet>,
+    /// Ranges routable from every node whose addresses Node objects do not
+    /// assign (Calico blocks, Cilium cluster-pool, a VPC's pod subnets): an
+    /// address inside one that no node's pod CIDR claims is dialed through
+    /// the pool, like a service address.
+    pub pod_network_cidrs: Vec<IpNet>,
     /// Bound on a dial: waiting for a connecting tunnel plus the channel open.
     pub dial_timeout: Duration,
     /// How long a dial waits for a known tunnel that is not up yet
@@ -535,6 +551,15 @@ pub struct NodeConfig {
     /// Further names that route to this node (a Kubernetes `Hostname`
     /// address that differs from the node name).
     pub hostnames: Vec<String>,
+    /// DNS names that route to this node (Kubernetes `InternalDNS` and
+    /// `ExternalDNS` addresses), lowercase, without a trailing dot. A name
+    /// several nodes claim routes to none of them.
+    pub dns_names: Vec<String>,
+    /// The node's own host addresses inside the pod range (a CNI's tunnel
+    /// address, such as Calico's `projectcalico.org/IPv4IPIPTunnelAddr`).
+    /// They never route a dial anywhere; a dial to one, through whichever
+    /// node, may use only the ports the node's own addresses allow.
+    pub host_addresses: Vec<IpAddr>,
     /// The kubelet's port on this node, when known (Kubernetes reports it in
     /// `status.daemonEndpoints.kubeletEndpoint.Port`); `None` means the
     /// default, 10250. Dials to the node's own addresses may use this port.
@@ -733,9 +758,17 @@ fn parse_cidr(key: &str, s: &str) -> Result<IpNet, ConfigError> {
     Ok(net)
 }
 
+/// A host name as routes compare it: without surrounding space, in ASCII
+/// lower case and without one trailing dot (`Node-3.` is `node-3`), the
+/// way DNS treats those spellings.
+pub fn normalize_name(name: &str) -> String {
+    let n = name.trim();
+    n.strip_suffix('.').unwrap_or(n).to_ascii_lowercase()
+}
+
 /// `localhost` and `*.localhost` (RFC 6761) resolve to loopback: as a node
 /// name they would route a client's `CONNECT localhost:...` to a node.
-fn is_localhost(name: &str) -> bool {
+pub fn is_localhost(name: &str) -> bool {
     let n = name.trim_end_matches('.').to_ascii_lowercase();
     n == "localhost" || n.ends_with(".localhost")
 }
@@ -936,6 +969,42 @@ impl Config {
             }
             cluster_cidrs.push(net);
         }
+        let mut pod_network_cidrs: Vec<IpNet> = Vec::new();
+        for (i, c) in p.pod_network_cidrs.unwrap_or_default().iter().enumerate() {
+            let key = format!("proxy.pod_network_cidrs[{i}]");
+            let net = canonical_net(parse_cidr(&key, c)?);
+            if let Some(why) = forbidden_net(net) {
+                return Err(invalid(key, why));
+            }
+            if let Some(s) = service_cidrs
+                .iter()
+                .find(|s| s.contains(&net.network()) || net.contains(&s.network()))
+            {
+                return Err(invalid(key, format!("{net} overlaps the service CIDR {s}")));
+            }
+            // The cluster CIDRs bound what any pod range may claim; a pod
+            // network wider than them would reopen what they close.
+            if !cluster_cidrs.is_empty()
+                && !cluster_cidrs
+                    .iter()
+                    .any(|cc| cc.contains(&net.network()) && cc.contains(&net.broadcast()))
+            {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{net} is not inside proxy.cluster_cidrs ({})",
+                        cluster_cidrs
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            if !pod_network_cidrs.contains(&net) {
+                pod_network_cidrs.push(net);
+            }
+        }
         let max_pending_handshakes = match p.max_pending_handshakes {
             Some(0) => {
                 return Err(invalid(
@@ -972,6 +1041,7 @@ impl Config {
             listen,
             service_cidrs,
             cluster_cidrs,
+            pod_network_cidrs,
             dial_timeout,
             wait_for_healthy,
             drain_timeout: parse_duration(
@@ -1311,7 +1381,7 @@ fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig
     }
     let mut hostnames = Vec::new();
     for (j, h) in n.hostnames.iter().enumerate() {
-        let h = h.trim().to_ascii_lowercase();
+        let h = normalize_name(h);
         if !valid_node_name(&h) {
             return Err(invalid(
                 format!("{key}.hostnames[{j}]"),
@@ -1328,6 +1398,38 @@ fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig
             hostnames.push(h);
         }
     }
+    let mut dns_names = Vec::new();
+    for (j, h) in n.dns_names.iter().enumerate() {
+        let h = normalize_name(h);
+        if !valid_node_name(&h) {
+            return Err(invalid(
+                format!("{key}.dns_names[{j}]"),
+                format!("{h:?} is not a valid DNS name"),
+            ));
+        }
+        if is_localhost(&h) {
+            return Err(invalid(
+                format!("{key}.dns_names[{j}]"),
+                format!("{h:?} names this host's loopback, never a node"),
+            ));
+        }
+        if h != n.name && !hostnames.contains(&h) && !dns_names.contains(&h) {
+            dns_names.push(h);
+        }
+    }
+    let mut host_addresses = Vec::new();
+    for (j, s) in n.host_addresses.iter().enumerate() {
+        let ip: IpAddr = s.trim().parse().map_err(|_| {
+            invalid(
+                format!("{key}.host_addresses[{j}]"),
+                format!("{s:?} is not an IP address"),
+            )
+        })?;
+        let ip = canonical_ip(ip);
+        if !host_addresses.contains(&ip) {
+            host_addresses.push(ip);
+        }
+    }
     Ok(NodeConfig {
         name: n.name,
         address,
@@ -1335,6 +1437,8 @@ fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig
         internal_ips,
         pod_cidrs,
         hostnames,
+        dns_names,
+        host_addresses,
         kubelet_port: n.kubelet_port,
     })
 }
@@ -1369,6 +1473,7 @@ pub fn check_strict_against_discovered(
             let names = |x: &NodeConfig| {
                 std::iter::once(x.name.clone())
                     .chain(x.hostnames.iter().cloned())
+                    .chain(x.dns_names.iter().cloned())
                     .collect::<Vec<_>>()
             };
             let theirs = names(d);
@@ -1466,6 +1571,16 @@ pub fn check_node_set(nodes: &[NodeConfig], service_cidrs: &[IpNet]) -> Result<(
             }
         }
     }
+    for (i, n) in nodes.iter().enumerate() {
+        for h in &n.dns_names {
+            if !names.insert(h.as_str()) {
+                return Err(invalid(
+                    format!("node[{i}].dns_names"),
+                    format!("{h:?} is already a name, host name or DNS name of another node"),
+                ));
+            }
+        }
+    }
     // A node address wins over pod and service routes, so one inside
     // another node's pod CIDR or a service CIDR would take those over.
     for (i, n) in nodes.iter().enumerate() {
@@ -1537,6 +1652,8 @@ pub(crate) fn test_node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
         internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
         pod_cidrs: pods.iter().map(|s| s.parse().unwrap()).collect(),
         hostnames: Vec::new(),
+        dns_names: Vec::new(),
+        host_addresses: Vec::new(),
         kubelet_port: None,
     }
 }
@@ -1935,6 +2052,80 @@ pod_cidrs = ["10.244.1.0/24"]
                 && e.contains("10.0.0.11 is already an internal IP of node \"a\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pod_network_cidrs_lie_inside_the_cluster_cidrs_and_outside_the_services() {
+        let with = |cluster: &str, nets: &str| {
+            parse(&format!(
+                "[proxy]\nservice_cidrs = [\"10.96.0.0/12\"]\ncluster_cidrs = [{cluster}]\npod_network_cidrs = [{nets}]\n"
+            ))
+        };
+        let c = with(
+            "\"10.244.0.0/16\"",
+            "\"10.244.0.0/17\", \"::ffff:10.244.128.0/113\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.pod_network_cidrs,
+            vec![
+                "10.244.0.0/17".parse::<IpNet>().unwrap(),
+                "10.244.128.0/17".parse().unwrap()
+            ]
+        );
+        // Unset cluster CIDRs bound nothing.
+        let c = with("", "\"100.64.0.0/10\"").unwrap();
+        assert_eq!(c.proxy.pod_network_cidrs.len(), 1);
+        let e = with("\"10.244.0.0/16\"", "\"10.244.0.0/15\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("proxy.pod_network_cidrs[0]")
+                && e.contains("not inside proxy.cluster_cidrs"),
+            "{e}"
+        );
+        let e = with("", "\"10.96.0.0/16\"").unwrap_err().to_string();
+        assert!(
+            e.contains("proxy.pod_network_cidrs[0]") && e.contains("service CIDR 10.96.0.0/12"),
+            "{e}"
+        );
+        let e = with("", "\"127.0.0.0/8\"").unwrap_err().to_string();
+        assert!(e.contains("proxy.pod_network_cidrs[0]"), "{e}");
+        let e = with("", "\"10.244.0.1/16\"").unwrap_err().to_string();
+        assert!(e.contains("host bits"), "{e}");
+    }
+
+    #[test]
+    fn dns_names_and_host_addresses_of_a_node() {
+        let node = |extra: &str| {
+            parse(&format!(
+                "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\n{extra}\n"
+            ))
+        };
+        let c = node("dns_names = [\"IP-10-0-0-1.EC2.Internal.\", \"a\", \"ip-10-0-0-1.ec2.internal\"]\nhost_addresses = [\"::ffff:10.244.7.1\"]").unwrap();
+        assert_eq!(
+            c.nodes[0].dns_names,
+            vec!["ip-10-0-0-1.ec2.internal".to_string()]
+        );
+        assert_eq!(
+            c.nodes[0].host_addresses,
+            vec!["10.244.7.1".parse::<IpAddr>().unwrap()]
+        );
+        let e = node("dns_names = [\"a_b\"]").unwrap_err().to_string();
+        assert!(e.contains("node[0].dns_names[0]"), "{e}");
+        let e = node("dns_names = [\"x.localhost\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loopback"), "{e}");
+        let e = node("host_addresses = [\"nope\"]").unwrap_err().to_string();
+        assert!(e.contains("node[0].host_addresses[0]"), "{e}");
+        let e = parse(
+            "[[node]]\nname = \"a\"\naddress = \"10.0.0.1\"\ndns_names = [\"n.example\"]\n\
+             [[node]]\nname = \"b\"\naddress = \"10.0.0.2\"\ndns_names = [\"n.example.\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("node[1].dns_names"), "{e}");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::config::{
     check_node_set, check_pod_scope, check_strict_against_discovered, Config, ConfigError,
-    NodeConfig,
+    NodeConfig, ProxyConfig,
 };
 use crate::control::config_store::ConfigStore;
 use crate::control::node_set::Candidate;
@@ -267,7 +267,7 @@ impl Control {
                 );
             }
         });
-        self.rebuild_routes(&config.proxy.service_cidrs);
+        self.rebuild_routes(&config.proxy);
     }
 
     fn spawn_tunnel(&self, node: NodeConfig) -> Arc<NodeTunnel> {
@@ -280,20 +280,26 @@ impl Control {
         )
     }
 
-    fn rebuild_routes(&self, service_cidrs: &[ipnet::IpNet]) {
+    fn rebuild_routes(&self, proxy: &ProxyConfig) {
         let nodes = self.registry.snapshot();
         let table = RouteTable::build(
             nodes.values().map(|e| (&e.tunnel.node, e.tunnel.clone())),
-            service_cidrs,
-        );
+            &proxy.service_cidrs,
+        )
+        .with_pod_networks(&proxy.pod_network_cidrs);
         let before = self.routes.load();
+        for (name, who) in table.ambiguous_names() {
+            if before.ambiguous_names().get(name) != Some(who) {
+                warn!(%name, nodes = ?who, "name claimed by several nodes: not routed for any of them");
+            }
+        }
         for (ip, who) in table.ambiguous() {
             if before.ambiguous().get(ip) != Some(who) {
                 warn!(address = %ip, nodes = ?who, "address claimed by several nodes: not routed by IP for any of them");
             }
         }
         self.metrics.ambiguous_addresses.store(
-            table.ambiguous().len() as u64,
+            (table.ambiguous().len() + table.ambiguous_names().len()) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
         self.routes.store(Arc::new(table));
@@ -368,7 +374,7 @@ impl Control {
                 },
             )
         });
-        self.rebuild_routes(&config.proxy.service_cidrs);
+        self.rebuild_routes(&config.proxy);
         info!(node = %node.name, "node added through the admin API");
         Ok(())
     }
@@ -394,7 +400,7 @@ impl Control {
                 .remove(name)
                 .ok_or_else(|| ChangeError::NotFound(name.to_string()))
         })?;
-        self.rebuild_routes(&config.proxy.service_cidrs);
+        self.rebuild_routes(&config.proxy);
         self.retire(entry.tunnel, config.proxy.drain_timeout);
         info!(node = %name, "node removed; draining its streams");
         Ok(())
@@ -467,7 +473,7 @@ impl Control {
 
         let (mut report, retired) = self.apply_desired(source, &admission.nodes);
         report.rejected = admission.rejected.len();
-        self.rebuild_routes(&config.proxy.service_cidrs);
+        self.rebuild_routes(&config.proxy);
         for t in retired {
             self.retire(t, config.proxy.drain_timeout);
         }
@@ -608,7 +614,7 @@ impl Control {
         self.settings
             .store(Arc::new(ProxySettings::from_config(&new.proxy)));
         let (nodes, retired) = self.apply_desired(Source::Config, &new.nodes);
-        self.rebuild_routes(&new.proxy.service_cidrs);
+        self.rebuild_routes(&new.proxy);
         for t in retired {
             self.retire(t, new.proxy.drain_timeout);
         }

@@ -14,7 +14,8 @@
 //!   so its routes, until it is fixed or deleted;
 //! - an internal IP that two discovered Nodes claim (a shared ExternalIP
 //!   behind NAT) is not a conflict: both join, and the route table treats
-//!   the address as ambiguous (routed by IP for neither).
+//!   the address as ambiguous (routed by IP for neither). The same holds
+//!   for a DNS name (`InternalDNS`, `ExternalDNS`) two of them claim.
 //!
 //! Who wins a conflict is decided by state, not by luck: a live node keeps
 //! what it has (its reservation is placed first), and newcomers are
@@ -133,6 +134,24 @@ fn conflict<'a>(
                 "the name {h:?} is already the name or a host name of {what} {:?}",
                 o.name
             ));
+        }
+        // A DNS name two discovered Nodes share is ambiguous, not a
+        // conflict (the route table routes it to neither); one that a
+        // config or API node has is refused, as for internal IPs.
+        if what == "config or API node" {
+            let theirs = |h: &str| names(o).any(|x| x == h) || o.dns_names.iter().any(|x| x == h);
+            if let Some(h) = n.dns_names.iter().find(|h| theirs(h)) {
+                return Some(format!(
+                    "the DNS name {h:?} is already a name of {what} {:?}",
+                    o.name
+                ));
+            }
+            if let Some(h) = names(n).find(|h| o.dns_names.iter().any(|x| x == h)) {
+                return Some(format!(
+                    "the name {h:?} is already a DNS name of {what} {:?}",
+                    o.name
+                ));
+            }
         }
         for ip in &n.internal_ips {
             let ip = canonical_ip(*ip);
@@ -406,5 +425,30 @@ mod tests {
         );
         assert!(a.nodes.is_empty());
         assert!(a.rejected[0].reason.contains("more than once"));
+    }
+
+    #[test]
+    fn a_shared_dns_name_joins_both_unless_a_strict_node_has_it() {
+        let mut a = node("a", &["10.0.0.1"], &[]);
+        a.dns_names = vec!["lb.example.com".into()];
+        let mut b = node("b", &["10.0.0.2"], &[]);
+        b.dns_names = vec!["lb.example.com".into(), "s".into()];
+        let adm = admit(vec![ok(a.clone()), ok(b.clone())], &cx(&[], &[]));
+        assert_eq!(names_of(&adm), ["a", "b"]);
+        assert!(adm.rejected.is_empty(), "{adm:?}");
+        // A config or API node's name (or DNS name) cannot be shared.
+        let mut s = node("s", &["10.0.0.9"], &[]);
+        s.dns_names = vec!["strict.example.com".into()];
+        let mut c = node("c", &["10.0.0.3"], &[]);
+        c.dns_names = vec!["strict.example.com".into()];
+        let strict = [s];
+        let adm = admit(vec![ok(a), ok(b), ok(c)], &cx(&[], &strict));
+        assert_eq!(names_of(&adm), ["a"]);
+        let why: Vec<&str> = adm.rejected.iter().map(|r| r.reason.as_str()).collect();
+        assert!(
+            why[0].contains("\"s\"") && why[0].contains("config or API node"),
+            "{why:?}"
+        );
+        assert!(why[1].contains("strict.example.com"), "{why:?}");
     }
 }

@@ -52,6 +52,7 @@ pub const EFFECTS: &[(&str, Effect)] = &[
     ("proxy.listen", Effect::Restart),
     ("proxy.service_cidrs", Effect::Live),
     ("proxy.cluster_cidrs", Effect::Live),
+    ("proxy.pod_network_cidrs", Effect::Live),
     ("proxy.dial_timeout", Effect::Live),
     ("proxy.wait_for_healthy", Effect::Live),
     ("proxy.drain_timeout", Effect::Live),

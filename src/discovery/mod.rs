@@ -29,7 +29,7 @@ use crate::control::sources::Source;
 use crate::control::Control;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
-use crate::config::{node_from_spec, NodeSpec};
+use crate::config::{is_localhost, node_from_spec, normalize_name, valid_node_name, NodeSpec};
 
 /// `kubectl get nodes -o json`: a `List` (or `NodeList`) of `Node`.
 #[derive(Debug, Deserialize)]
@@ -41,12 +41,26 @@ pub struct K8sNodeList {
     pub items: Vec<serde_json::Value>,
 }
 
+/// Node annotations in which a CNI publishes the node's own address inside
+/// the pod range (its tunnel interface): calico-node writes these for IPIP
+/// and VXLAN. A dial to such an address reaches the node's host network,
+/// so it is held to the node port policy (see `proxy::route`).
+pub const HOST_ADDRESS_ANNOTATIONS: [&str; 3] = [
+    "projectcalico.org/IPv4IPIPTunnelAddr",
+    "projectcalico.org/IPv4VXLANTunnelAddr",
+    "projectcalico.org/IPv6VXLANTunnelAddr",
+];
+
 /// Turns one Kubernetes Node into our node config.
 ///
 /// - the SSH address is the first `status.addresses` entry whose type comes
 ///   first in `address_types`;
 /// - every IP-valued address becomes an internal IP (the SSH address first);
 /// - a `Hostname` address that differs from the name becomes an extra name;
+/// - `InternalDNS` and `ExternalDNS` addresses become DNS names (lowercase,
+///   no trailing dot; invalid ones are left out);
+/// - the Calico tunnel annotations ([`HOST_ADDRESS_ANNOTATIONS`]) become
+///   host addresses;
 /// - pod CIDRs come from `spec.podCIDRs`, else `spec.podCIDR`;
 /// - the kubelet port comes from `status.daemonEndpoints` (0 is unset).
 ///
@@ -86,9 +100,34 @@ pub fn node_from_k8s(
     }
     let hostnames: Vec<String> = addrs
         .iter()
-        .filter(|a| a.type_ == "Hostname" && a.address.to_ascii_lowercase() != name)
-        .map(|a| a.address.to_ascii_lowercase())
+        .filter(|a| a.type_ == "Hostname")
+        .map(|a| normalize_name(&a.address))
+        .filter(|h| *h != name)
         .collect();
+    // DNS names are extra routes, never needed to reach the node: one
+    // that is not a valid name is left out rather than failing the Node,
+    // which was accepted before such names routed.
+    let dns_names: Vec<String> = addrs
+        .iter()
+        .filter(|a| a.type_ == "InternalDNS" || a.type_ == "ExternalDNS")
+        .map(|a| normalize_name(&a.address))
+        .filter(|h| valid_node_name(h) && !is_localhost(h))
+        .collect();
+    // Host addresses only ever narrow what a dial may reach, so one that
+    // does not parse is simply not known.
+    let host_addresses: Vec<String> = n
+        .metadata
+        .annotations
+        .as_ref()
+        .map(|a| {
+            HOST_ADDRESS_ANNOTATIONS
+                .iter()
+                .filter_map(|k| a.get(*k))
+                .map(|v| v.trim().to_string())
+                .filter(|v| v.parse::<IpAddr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default();
     let spec = n.spec.as_ref();
     let pod_cidrs = match spec.and_then(|s| s.pod_cidrs.clone()) {
         Some(list) if !list.is_empty() => list,
@@ -114,6 +153,8 @@ pub fn node_from_k8s(
         internal_ips: (!internal_ips.is_empty()).then_some(internal_ips),
         pod_cidrs,
         hostnames,
+        dns_names,
+        host_addresses,
         kubelet_port,
     };
     node_from_spec(raw, default_port).map_err(|e| e.node_reason())
@@ -358,5 +399,43 @@ mod tests {
             good.internal_ips,
             vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn dns_addresses_and_calico_tunnel_annotations_are_read() {
+        let doc = r#"{"kind":"List","items":[
+          {"metadata":{"name":"ip-10-0-1-2.ec2.internal","annotations":{
+              "projectcalico.org/IPv4IPIPTunnelAddr":"10.244.77.0",
+              "projectcalico.org/IPv4VXLANTunnelAddr":" 10.244.78.1 ",
+              "projectcalico.org/IPv6VXLANTunnelAddr":"not an ip",
+              "other.io/addr":"10.244.79.1"}},
+           "status":{"addresses":[
+             {"type":"InternalIP","address":"10.0.1.2"},
+             {"type":"Hostname","address":"Node-3."},
+             {"type":"InternalDNS","address":"ip-10-0-1-2.ec2.internal"},
+             {"type":"InternalDNS","address":"IP-10-0-1-2.us-east-2.compute.internal."},
+             {"type":"ExternalDNS","address":"ec2-3-1-2-3.compute.amazonaws.com"},
+             {"type":"ExternalDNS","address":"bad_name.example"},
+             {"type":"ExternalDNS","address":"localhost"}]}}
+        ]}"#;
+        let c = parse_node_list(doc, &types(), 22).unwrap();
+        let n = c[0].node.clone().unwrap();
+        assert_eq!(n.hostnames, vec!["node-3".to_string()]);
+        assert_eq!(
+            n.dns_names,
+            vec![
+                "ip-10-0-1-2.us-east-2.compute.internal".to_string(),
+                "ec2-3-1-2-3.compute.amazonaws.com".to_string()
+            ],
+            "the node name itself and invalid names are left out"
+        );
+        assert_eq!(
+            n.host_addresses,
+            vec![
+                "10.244.77.0".parse::<IpAddr>().unwrap(),
+                "10.244.78.1".parse().unwrap()
+            ]
+        );
+        assert_eq!(n.internal_ips, vec!["10.0.1.2".parse::<IpAddr>().unwrap()]);
     }
 }

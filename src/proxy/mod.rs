@@ -11,7 +11,7 @@
 //! |---|---|
 //! | 400 | malformed request |
 //! | 405 | a method other than CONNECT |
-//! | 403 | destination not allowed (not a node, pod or service address, or a port a node address does not allow) |
+//! | 403 | destination not allowed (not a node, pod or service address, or a port a node address does not allow); the reason names the setting that decides it |
 //! | 503 | no healthy tunnel for the destination (after waiting up to `wait_for_healthy` for one coming up, see [`crate::proxy::healthy`]) |
 //! | 502 | the node refused the channel (SSH reason in the reason phrase) |
 //! | 504 | `dial_timeout` passed |
@@ -630,13 +630,31 @@ impl EgressProxy {
         let settings = self.settings.load_full();
         let deadline = tokio::time::Instant::now() + settings.dial_timeout;
         let routes = self.routes.load_full();
-        let dial = match routes.lookup(&target.host) {
-            Route::Forbidden => {
-                debug!("destination not allowed");
+        let route = routes.lookup(&target.host);
+        // A node's host address inside the pod range keeps the node port
+        // policy, whichever node the route picks.
+        if !matches!(route, Route::Forbidden) {
+            if let Err(why) =
+                routes.check_host_address(&target.host, target.port, &settings.node_ports)
+            {
+                info!(reason = %why, "destination port not allowed on a node's host address");
                 self.refuse(
                     started,
                     &mut s,
-                    Refusal::Forbidden(format!("{target} is not a node, pod or service address")),
+                    Refusal::Forbidden(format!("{target}: {why}")),
+                )
+                .await;
+                return;
+            }
+        }
+        let dial = match route {
+            Route::Forbidden => {
+                let why = routes.not_routed(&target.host);
+                debug!(reason = %why, "destination not allowed");
+                self.refuse(
+                    started,
+                    &mut s,
+                    Refusal::Forbidden(format!("{target}: {why}")),
                 )
                 .await;
                 return;
@@ -864,10 +882,10 @@ struct Dial {
     pool: Option<Pool>,
 }
 
-/// Service-CIDR dials: the less loaded of two random tunnels among those
-/// that are healthy (not draining, not failing their probe); a tunnel-side
-/// failure is retried once on another. When every candidate fails, the
-/// error lists why.
+/// Pool dials (service CIDRs and pod networks): the less loaded of two
+/// random tunnels among those that are healthy (not draining, not failing
+/// their probe); a tunnel-side failure is retried once on another. When
+/// every candidate fails, the error lists why.
 struct Pool {
     routes: Arc<RouteTable<Arc<NodeTunnel>>>,
     tried: Vec<usize>,
@@ -925,8 +943,9 @@ impl Pool {
             .collect();
         states.truncate(10);
         TunnelError::NotConnected(format!(
-            "none of {} node(s) can take service address {host}{}{}",
+            "none of {} node(s) can take {} {host}{}{}",
             nodes.len(),
+            self.routes.pool_kind(host),
             if states.is_empty() { "" } else { ": " },
             states.join(", ")
         ))

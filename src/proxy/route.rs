@@ -12,7 +12,21 @@
 //!    node's sshd cannot resolve cluster names);
 //! 2. an IP inside a node's `pod_cidrs` → that node (longest prefix wins);
 //! 3. an IP inside `service_cidrs` → the pool of all nodes;
-//! 4. anything else → forbidden. This is not an open proxy.
+//! 4. an IP inside `pod_network_cidrs` (pods whose addresses no Node object
+//!    assigns: Calico blocks, Cilium cluster-pool, a VPC's subnets) → the
+//!    pool too: such a network is routable from every node;
+//! 5. anything else → forbidden. This is not an open proxy.
+//!
+//! Names are every name a Node answers to (its name, `Hostname`,
+//! `InternalDNS`, `ExternalDNS`), compared without ASCII case and without a
+//! trailing dot; a name two nodes claim routes to neither, as an address
+//! does.
+//!
+//! A CNI puts some of the node's own host addresses inside the pod range
+//! (Calico's tunnel address). Those route as their range says, but a dial
+//! to one is held to the node port policy of the node that names it,
+//! whichever node carries it: otherwise the pod network would be a path
+//! to any node's sshd.
 //!
 //! An internal IP that two or more nodes claim (discovered Nodes behind one
 //! NAT address, or a forged Node naming another's address) is ambiguous:
@@ -32,7 +46,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::config::address::{canonical_ip, canonical_net};
-use crate::config::NodeConfig;
+use crate::config::{normalize_name, NodeConfig};
 
 /// Where a target goes.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,7 +99,7 @@ pub enum NodePortDenied {
         allowed: String,
     },
     /// Neither the kubelet port nor listed in `node_ports`.
-    #[error("port {port} is not allowed on node {node:?}; its addresses allow {allowed} (the kubelet and proxy.node_ports)")]
+    #[error("port {port} is not allowed on node {node:?}; its addresses allow {allowed} (the kubelet and proxy.node_ports); list {port} in proxy.node_ports to allow it")]
     NotListed {
         /// The refused port.
         port: u16,
@@ -155,6 +169,47 @@ pub struct RouteTable<T> {
     pods_v4: Vec<(u8, HashMap<u32, usize>)>,
     pods_v6: Vec<(u8, HashMap<u128, usize>)>,
     services: Vec<IpNet>,
+    /// Names (normalized) claimed by more than one node, with the claimants.
+    ambiguous_names: BTreeMap<String, Vec<String>>,
+    /// Pod networks routable from every node (`proxy.pod_network_cidrs`).
+    pod_networks: Vec<IpNet>,
+    /// Host addresses inside the pod range, with every node that names the
+    /// address as its own: the node port policy of each applies.
+    host_owners: HashMap<IpAddr, Vec<NodeConfig>>,
+}
+
+/// Why a target is not routed, for the refusal's text: each says which
+/// setting or object decides it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotRouted {
+    /// An address that several nodes claim as their own.
+    #[error("{address} is claimed by nodes {}, so it routes to none of them; fix the Node objects", .nodes.join(", "))]
+    AmbiguousAddress {
+        /// The address.
+        address: IpAddr,
+        /// The claimants.
+        nodes: Vec<String>,
+    },
+    /// A name that several nodes claim (a shared DNS name).
+    #[error("{name:?} is a name of nodes {}, so it routes to none of them; use a node address", .nodes.join(", "))]
+    AmbiguousName {
+        /// The name (normalized).
+        name: String,
+        /// The claimants.
+        nodes: Vec<String>,
+    },
+    /// A name that is no node's name or address name.
+    #[error("{name:?} is not the name, Hostname, InternalDNS or ExternalDNS of any node (other names are not resolved)")]
+    UnknownName {
+        /// The name (normalized).
+        name: String,
+    },
+    /// An address in no node's addresses or pod CIDRs and in no range.
+    #[error("{address} is not a node, pod or service address: it is in no node's addresses or pod CIDRs, nor in proxy.pod_network_cidrs or proxy.service_cidrs")]
+    OutsideRanges {
+        /// The address.
+        address: IpAddr,
+    },
 }
 
 fn mask_v4(ip: u32, len: u8) -> u32 {
@@ -204,6 +259,30 @@ impl<T: Clone> RouteTable<T> {
             .filter(|(_, who)| who.len() > 1)
             .map(|(ip, who)| (ip, who.into_iter().map(str::to_string).collect()))
             .collect();
+        // Every name a node answers to, compared as DNS compares them. One
+        // that two nodes claim is ambiguous whichever order they come in,
+        // as for addresses.
+        let mut name_claims: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+        let mut host_owners: HashMap<IpAddr, Vec<NodeConfig>> = HashMap::new();
+        for (cfg, _) in &nodes {
+            for name in node_names(cfg) {
+                name_claims
+                    .entry(normalize_name(name))
+                    .or_default()
+                    .insert(&cfg.name);
+            }
+            for ip in &cfg.host_addresses {
+                let owners = host_owners.entry(canonical_ip(*ip)).or_default();
+                if !owners.iter().any(|o| o.name == cfg.name) {
+                    owners.push((*cfg).clone());
+                }
+            }
+        }
+        let ambiguous_names: BTreeMap<String, Vec<String>> = name_claims
+            .into_iter()
+            .filter(|(_, who)| who.len() > 1)
+            .map(|(n, who)| (n, who.into_iter().map(str::to_string).collect()))
+            .collect();
         let mut t = RouteTable {
             nodes: Vec::new(),
             by_name: HashMap::new(),
@@ -212,6 +291,9 @@ impl<T: Clone> RouteTable<T> {
             pods_v4: Vec::new(),
             pods_v6: Vec::new(),
             services: services.to_vec(),
+            ambiguous_names,
+            pod_networks: Vec::new(),
+            host_owners,
         };
         let mut v4: HashMap<u8, HashMap<u32, usize>> = HashMap::new();
         let mut v6: HashMap<u8, HashMap<u128, usize>> = HashMap::new();
@@ -220,10 +302,11 @@ impl<T: Clone> RouteTable<T> {
             t.nodes.push(payload);
             if let Some(first) = cfg.internal_ips.first() {
                 let first = canonical_ip(*first);
-                for name in std::iter::once(&cfg.name).chain(&cfg.hostnames) {
-                    t.by_name
-                        .entry(name.to_ascii_lowercase())
-                        .or_insert((idx, first));
+                for name in node_names(cfg) {
+                    let name = normalize_name(name);
+                    if !t.ambiguous_names.contains_key(&name) {
+                        t.by_name.entry(name).or_insert((idx, first));
+                    }
                 }
             }
             for ip in &cfg.internal_ips {
@@ -262,6 +345,76 @@ impl<T: Clone> RouteTable<T> {
         t
     }
 
+    /// The same table with `nets` as pod networks routable from every node
+    /// (`proxy.pod_network_cidrs`): an address inside one that no node's
+    /// pod CIDR claims goes to the pool. A node's own address or pod CIDR
+    /// still wins, so a claimed address keeps going to its owner.
+    pub fn with_pod_networks(mut self, nets: &[IpNet]) -> RouteTable<T> {
+        self.pod_networks = nets.iter().map(|n| canonical_net(*n)).collect();
+        self
+    }
+
+    /// Names that more than one node claims, each with the names of its
+    /// claimants (sorted). They answer forbidden.
+    pub fn ambiguous_names(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.ambiguous_names
+    }
+
+    /// Why `host` is not routed (call it for a [`Route::Forbidden`]).
+    pub fn not_routed(&self, host: &str) -> NotRouted {
+        match host.parse::<IpAddr>() {
+            Ok(ip) => {
+                let ip = canonical_ip(ip);
+                match self.ambiguous.get(&ip) {
+                    Some(who) => NotRouted::AmbiguousAddress {
+                        address: ip,
+                        nodes: who.clone(),
+                    },
+                    None => NotRouted::OutsideRanges { address: ip },
+                }
+            }
+            Err(_) => {
+                let name = normalize_name(host);
+                match self.ambiguous_names.get(&name) {
+                    Some(who) => NotRouted::AmbiguousName {
+                        name,
+                        nodes: who.clone(),
+                    },
+                    None => NotRouted::UnknownName { name },
+                }
+            }
+        }
+    }
+
+    /// Holds a dial to a node's own host address inside the pod range (a
+    /// CNI tunnel address, see [`NodeConfig::host_addresses`]) to the node
+    /// port policy of every node that names it, whichever node carries the
+    /// dial: such an address is that node's host network, beside its sshd.
+    /// Other targets pass.
+    pub fn check_host_address(
+        &self,
+        host: &str,
+        port: u16,
+        ports: &NodePorts,
+    ) -> Result<(), NodePortDenied> {
+        let Ok(ip) = host.parse::<IpAddr>() else {
+            return Ok(());
+        };
+        match self.host_owners.get(&canonical_ip(ip)) {
+            None => Ok(()),
+            Some(owners) => owners.iter().try_for_each(|o| ports.check(o, port)),
+        }
+    }
+
+    /// What a pool target is, for messages: `service address` inside a
+    /// service CIDR, else `pod address` (a pod network).
+    pub fn pool_kind(&self, host: &str) -> &'static str {
+        match host.parse::<IpAddr>() {
+            Ok(ip) if !self.services.iter().any(|s| s.contains(&canonical_ip(ip))) => "pod address",
+            _ => "service address",
+        }
+    }
+
     /// An empty table (no nodes, no services): everything is forbidden.
     pub fn empty() -> RouteTable<T> {
         RouteTable::build(std::iter::empty(), &[])
@@ -281,7 +434,7 @@ impl<T: Clone> RouteTable<T> {
     /// Routes a CONNECT host (an IP literal without brackets, or a name).
     pub fn lookup(&self, host: &str) -> Route<T> {
         let Ok(ip) = host.parse::<IpAddr>() else {
-            return match self.by_name.get(&host.to_ascii_lowercase()) {
+            return match self.by_name.get(&normalize_name(host)) {
                 Some((idx, first)) => Route::Node {
                     node: self.nodes[*idx].clone(),
                     host: first.to_string(),
@@ -326,8 +479,18 @@ impl<T: Clone> RouteTable<T> {
         if self.services.iter().any(|s| s.contains(&ip)) {
             return Route::Pool { host };
         }
+        if self.pod_networks.iter().any(|s| s.contains(&ip)) {
+            return Route::Pool { host };
+        }
         Route::Forbidden
     }
+}
+
+/// Every name `cfg` answers to: its name, host names and DNS names.
+fn node_names(cfg: &NodeConfig) -> impl Iterator<Item = &String> {
+    std::iter::once(&cfg.name)
+        .chain(&cfg.hostnames)
+        .chain(&cfg.dns_names)
 }
 
 #[cfg(test)]
@@ -372,7 +535,8 @@ mod tests {
         assert_eq!(
             listed.check(&n, 2379).unwrap_err().to_string(),
             "port 2379 is not allowed on node \"node-1\"; its addresses allow \
-             only 10250 (kubelet), 10255 (the kubelet and proxy.node_ports)"
+             only 10250 (kubelet), 10255 (the kubelet and proxy.node_ports); \
+             list 2379 in proxy.node_ports to allow it"
         );
     }
 
@@ -570,5 +734,163 @@ mod tests {
         // A plain IPv6 address is never taken for an IPv4 one.
         assert_eq!(t.lookup("::a00:b"), Route::Forbidden);
         assert_eq!(t.lookup("fd00::12"), Route::Forbidden);
+    }
+    fn pool(host: &str) -> Route<String> {
+        Route::Pool { host: host.into() }
+    }
+
+    #[test]
+    fn pod_networks_go_to_the_pool_unless_a_node_claims_the_address() {
+        let nodes = [
+            node("node-1", &["10.0.0.11"], &["10.244.1.0/24"]),
+            node("node-2", &["10.0.0.12"], &["10.244.2.0/24"]),
+        ];
+        let build = |nets: &[&str]| {
+            let nets: Vec<IpNet> = nets.iter().map(|n| n.parse().unwrap()).collect();
+            RouteTable::build(
+                nodes.iter().map(|n| (n, n.name.clone())),
+                &["10.96.0.0/12".parse().unwrap()],
+            )
+            .with_pod_networks(&nets)
+        };
+        let t = build(&["10.244.0.0/16", "::ffff:100.64.0.0/106"]);
+        // A block no Node names: any node may carry it.
+        assert_eq!(t.lookup("10.244.77.5"), pool("10.244.77.5"));
+        assert_eq!(t.lookup("::ffff:10.244.77.5"), pool("10.244.77.5"));
+        assert_eq!(t.pool_kind("10.244.77.5"), "pod address");
+        assert_eq!(t.pool_kind("10.96.0.1"), "service address");
+        // A mapped pod network is compared in its IPv4 form.
+        assert_eq!(t.lookup("100.64.3.4"), pool("100.64.3.4"));
+        // Claimed addresses still go to their owner.
+        assert_eq!(t.lookup("10.244.2.9"), to("node-2", "10.244.2.9"));
+        assert_eq!(t.lookup("10.0.0.11"), to("node-1", "10.0.0.11"));
+        // Outside every range: forbidden, and the reason names both keys.
+        assert_eq!(t.lookup("10.245.0.1"), Route::Forbidden);
+        let why = t.not_routed("10.245.0.1").to_string();
+        assert!(
+            why.contains("proxy.pod_network_cidrs") && why.contains("proxy.service_cidrs"),
+            "{why}"
+        );
+        // Without the key the same address is forbidden.
+        let t = build(&[]);
+        assert_eq!(t.lookup("10.244.77.5"), Route::Forbidden);
+        assert_eq!(
+            t.not_routed("10.244.77.5"),
+            NotRouted::OutsideRanges {
+                address: "10.244.77.5".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn every_node_name_routes_without_case_or_trailing_dot() {
+        let mut a = node("node-1", &["10.0.0.11"], &[]);
+        a.hostnames = vec!["node-1.lan".into()];
+        a.dns_names = vec![
+            "ip-10-0-0-11.ec2.internal".into(),
+            "node-1.example.com".into(),
+        ];
+        let mut b = node("node-2", &["10.0.0.12"], &[]);
+        b.dns_names = vec!["ip-10-0-0-12.ec2.internal".into()];
+        let t = RouteTable::build(
+            [(&a, "node-1".to_string()), (&b, "node-2".to_string())],
+            &[],
+        );
+        for name in [
+            "node-1",
+            "node-1.",
+            "NODE-1.LAN",
+            "ip-10-0-0-11.ec2.internal",
+            "IP-10-0-0-11.EC2.INTERNAL.",
+            "node-1.example.com",
+        ] {
+            assert_eq!(t.lookup(name), to("node-1", "10.0.0.11"), "{name}");
+        }
+        assert_eq!(
+            t.lookup("ip-10-0-0-12.ec2.internal."),
+            to("node-2", "10.0.0.12")
+        );
+        assert_eq!(t.lookup("node-1.."), Route::Forbidden);
+        assert_eq!(t.lookup("."), Route::Forbidden);
+        assert!(t.ambiguous_names().is_empty());
+        assert_eq!(
+            t.not_routed("Other."),
+            NotRouted::UnknownName {
+                name: "other".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_name_two_nodes_claim_routes_to_neither_whatever_the_order() {
+        let mut a = node("a", &["10.0.0.1"], &[]);
+        a.dns_names = vec!["shared.example.com".into(), "a.example.com".into()];
+        let mut b = node("b", &["10.0.0.2"], &[]);
+        b.dns_names = vec!["shared.example.com".into()];
+        // A DNS name equal to another node's name makes that name
+        // ambiguous too: a dial to it could be meant for either.
+        let mut c = node("c", &["10.0.0.3"], &[]);
+        c.dns_names = vec!["a".into()];
+        for order in [[&a, &b, &c], [&c, &b, &a]] {
+            let t = RouteTable::build(order.into_iter().map(|n| (n, n.name.clone())), &[]);
+            assert_eq!(t.lookup("shared.example.com"), Route::Forbidden);
+            assert_eq!(t.lookup("SHARED.example.com."), Route::Forbidden);
+            assert_eq!(t.lookup("a"), Route::Forbidden);
+            assert_eq!(t.lookup("a.example.com"), to("a", "10.0.0.1"));
+            assert_eq!(t.lookup("b"), to("b", "10.0.0.2"));
+            assert_eq!(t.lookup("c"), to("c", "10.0.0.3"));
+            let amb: Vec<_> = t.ambiguous_names().iter().collect();
+            assert_eq!(
+                amb,
+                [
+                    (&"a".to_string(), &vec!["a".to_string(), "c".to_string()]),
+                    (
+                        &"shared.example.com".to_string(),
+                        &vec!["a".to_string(), "b".to_string()]
+                    ),
+                ]
+            );
+            let why = t.not_routed("Shared.Example.com.").to_string();
+            assert!(why.contains("nodes a, b"), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_host_address_keeps_the_node_port_policy_of_every_node_naming_it() {
+        let mut a = node("a", &["10.0.0.1"], &["10.244.1.0/24"]);
+        a.host_addresses = vec!["10.244.77.1".parse().unwrap()];
+        let mut b = node("b", &["10.0.0.2"], &["10.244.2.0/24"]);
+        b.kubelet_port = Some(10260);
+        b.host_addresses = vec![
+            "10.244.2.64".parse().unwrap(),
+            "10.244.77.1".parse().unwrap(),
+        ];
+        let t = RouteTable::build([(&a, "a".to_string()), (&b, "b".to_string())], &[])
+            .with_pod_networks(&["10.244.0.0/16".parse().unwrap()]);
+        let none = NodePorts::default();
+        // Routing is unchanged: a host address is not a route.
+        assert_eq!(t.lookup("10.244.2.64"), to("b", "10.244.2.64"));
+        assert_eq!(t.lookup("10.244.77.1"), pool("10.244.77.1"));
+        // b's own kubelet port passes, its SSH port never does.
+        assert_eq!(t.check_host_address("10.244.2.64", 10260, &none), Ok(()));
+        let err = t.check_host_address("10.244.2.64", 22, &none).unwrap_err();
+        assert!(
+            matches!(err, NodePortDenied::SshPort { port: 22, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("proxy.node_ports"), "{err}");
+        assert!(t
+            .check_host_address("::ffff:10.244.2.64", 22, &none)
+            .is_err());
+        // Named by both: each node's policy must allow the port.
+        assert!(t.check_host_address("10.244.77.1", 10250, &none).is_err());
+        assert!(t.check_host_address("10.244.77.1", 10260, &none).is_err());
+        let both = NodePorts {
+            extra: vec![10250, 10260],
+        };
+        assert_eq!(t.check_host_address("10.244.77.1", 10260, &both), Ok(()));
+        // Pod addresses and names keep every port.
+        assert_eq!(t.check_host_address("10.244.2.65", 22, &none), Ok(()));
+        assert_eq!(t.check_host_address("a", 22, &none), Ok(()));
     }
 }

@@ -461,6 +461,43 @@ impl Cluster {
         );
     }
 
+    /// Puts `ip` on node `i`'s `lo`, as a pod or host address of a pod
+    /// network that no Node describes, and routes it from every other node
+    /// namespace to node `i` over the test bridge (a pod network is
+    /// routable from every node). The host namespace gets no route: the
+    /// address is reached through a node only. Gone with the namespaces.
+    pub fn add_pod_network_address(&self, i: usize, ip: Ipv4Addr) {
+        let node = self.node(i);
+        run(
+            "ip",
+            &[
+                "-n",
+                &node.ns,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "lo",
+            ],
+        );
+        for other in self.nodes.iter().filter(|o| o.index != i) {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &other.ns,
+                    "route",
+                    "add",
+                    &format!("{ip}/32"),
+                    "via",
+                    &node.ip.to_string(),
+                    "dev",
+                    &format!("tv{}n{}", self.n, other.index),
+                ],
+            );
+        }
+    }
+
     /// Takes node `i`'s host-side veth down: a silent link loss, with no
     /// FIN or RST reaching either side.
     pub fn link_down(&self, i: usize) {

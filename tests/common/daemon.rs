@@ -162,6 +162,42 @@ impl Daemon {
         echo_over(s, line)
     }
 
+    /// kube-apiserver's egress transport to this daemon's Unix listener.
+    pub fn apiserver(&self) -> super::apiserver::Transport {
+        super::apiserver::Transport::Unix(self.egress.clone())
+    }
+
+    /// Dials `target` as kube-apiserver's egress dialer does, over the Unix
+    /// listener.
+    pub fn apiserver_dial(
+        &self,
+        target: &str,
+    ) -> Result<super::apiserver::Conn, super::apiserver::DialError> {
+        super::apiserver::dial(&self.apiserver(), target)
+    }
+
+    /// As [`Daemon::echo`], with kube-apiserver's dialer: sends `line` to the
+    /// echo server at `target` and returns its answer. Panics unless the
+    /// dial succeeds exactly as kube-apiserver requires (200, no byte
+    /// buffered after the reply).
+    pub fn apiserver_echo(&self, target: &str, line: &str) -> String {
+        let conn = self
+            .apiserver_dial(target)
+            .unwrap_or_else(|e| panic!("kube-apiserver dial {target}: {e}"));
+        echo_over(conn, line)
+    }
+
+    /// The status line kube-apiserver's dialer reports for a refused dial
+    /// to `target` (e.g. `403 Forbidden: …`); panics when it succeeds or
+    /// fails otherwise.
+    pub fn apiserver_refusal(&self, target: &str) -> (u16, String) {
+        match self.apiserver_dial(target) {
+            Err(super::apiserver::DialError::Status { code, status }) => (code, status),
+            Err(e) => panic!("kube-apiserver dial {target}: {e}"),
+            Ok(_) => panic!("kube-apiserver dial {target} succeeded"),
+        }
+    }
+
     /// Last `lines` lines of the daemon log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&fs::read_to_string(&self.log).unwrap_or_default(), lines)

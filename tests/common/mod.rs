@@ -50,6 +50,7 @@ pub use tunneler::admin::status::{NodeStatus, StatusDocument};
 #[allow(unused_imports)]
 pub use tunneler::control::sources::Source;
 
+pub mod apiserver;
 mod cluster;
 mod daemon;
 pub mod pki;
