@@ -19,6 +19,11 @@ pub enum TunnelError {
     /// Any other TCP-level connect failure (unreachable, reset...).
     #[error("TCP connect failed: {0}")]
     Connect(String),
+    /// The SSH address, or an address its DNS name resolved to, is one
+    /// that never names a node (loopback, link-local, a service CIDR...),
+    /// or the name did not resolve. Nothing was dialed.
+    #[error("SSH address refused: {0}")]
+    ForbiddenAddress(String),
     /// SSH handshake or authentication did not finish in time.
     #[error("SSH handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),
@@ -69,6 +74,7 @@ impl TunnelError {
             self,
             TunnelError::HostKey(_)
                 | TunnelError::HostKeyChanged(_)
+                | TunnelError::ForbiddenAddress(_)
                 | TunnelError::AuthRejected { .. }
                 | TunnelError::Identity(_)
         )

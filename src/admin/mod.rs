@@ -281,7 +281,11 @@ pub async fn route(h: &AdminHandles, method: &Method, path: &str, body: Bytes) -
         // GET /metrics with its Accept header is answered in `handle`.
         ApiRequest::Metrics => metrics_response(&h.metrics, &hyper::HeaderMap::new()),
         ApiRequest::AddNode(spec) => {
-            let node = match crate::config::node_from_spec(spec, h.control.default_ssh_port()) {
+            let node = match crate::config::node_from_spec(
+                spec,
+                h.control.default_ssh_port(),
+                crate::config::address::AddressOrigin::Operator,
+            ) {
                 Ok(n) => n,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
             };

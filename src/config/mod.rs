@@ -16,7 +16,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
+use crate::config::address::{
+    canonical_ip, canonical_net, forbidden_address, forbidden_net, parse_ssh_address, AddressOrigin,
+};
 
 /// Where `tunneler run` looks for its config unless `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tunneler/tunneler.toml";
@@ -1022,13 +1024,9 @@ impl Config {
         let discovery = match raw.discovery {
             None => DiscoveryConfig::default(),
             Some(d) => {
-                const KNOWN: [&str; 5] = [
-                    "InternalIP",
-                    "ExternalIP",
-                    "Hostname",
-                    "InternalDNS",
-                    "ExternalDNS",
-                ];
+                // A discovered SSH address must be an IP literal (see
+                // `address`), so the DNS-valued types cannot name one.
+                const KNOWN: [&str; 2] = ["InternalIP", "ExternalIP"];
                 let address_types = d
                     .address_types
                     .unwrap_or_else(|| vec!["InternalIP".into(), "ExternalIP".into()]);
@@ -1109,7 +1107,7 @@ impl Config {
         let mut nodes = Vec::new();
         for (i, n) in raw.nodes.into_iter().enumerate() {
             let key = format!("node[{i}]");
-            let node = validate_node(&key, n, ssh.port)?;
+            let node = validate_node(&key, n, ssh.port, AddressOrigin::Operator)?;
             check_pod_scope(&key, &node, &proxy.cluster_cidrs)?;
             nodes.push(node);
         }
@@ -1208,16 +1206,27 @@ pub fn node_from_json(
 ) -> Result<NodeConfig, ConfigError> {
     let raw: NodeSpec =
         serde_json::from_value(value).map_err(|e| ConfigError::Parse(e.to_string()))?;
-    validate_node("node", raw, default_port)
+    validate_node("node", raw, default_port, AddressOrigin::Operator)
 }
 
-/// Validates one node given as a [`NodeSpec`] (the admin API's
-/// `POST /v1/nodes`); errors name the field as `node.<field>`.
-pub fn node_from_spec(spec: NodeSpec, default_port: u16) -> Result<NodeConfig, ConfigError> {
-    validate_node("node", spec, default_port)
+/// Validates one node given as a [`NodeSpec`]; errors name the field as
+/// `node.<field>`. `origin` says who wrote it: the admin API's
+/// `POST /v1/nodes` is the operator's, a discovered Node is not, and only
+/// the operator may give a DNS name as the SSH address.
+pub fn node_from_spec(
+    spec: NodeSpec,
+    default_port: u16,
+    origin: AddressOrigin,
+) -> Result<NodeConfig, ConfigError> {
+    validate_node("node", spec, default_port, origin)
 }
 
-fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig, ConfigError> {
+fn validate_node(
+    key: &str,
+    n: NodeSpec,
+    default_port: u16,
+    origin: AddressOrigin,
+) -> Result<NodeConfig, ConfigError> {
     if !valid_node_name(&n.name) {
         return Err(invalid(
             format!("{key}.name"),
@@ -1233,26 +1242,9 @@ fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig
             format!("{:?} names this host's loopback, never a node", n.name),
         ));
     }
-    let address = n.address.trim().to_string();
-    if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
-        return Err(invalid(
-            format!("{key}.address"),
-            format!("{:?} is not a host name or IP address", n.address),
-        ));
-    }
-    // One spelling per IP, and never an address that names no node.
-    let address = match address.parse::<IpAddr>() {
-        Ok(ip) => {
-            let ip = canonical_ip(ip);
-            if let Some(why) = forbidden_address(ip) {
-                return Err(invalid(
-                    format!("{key}.address"),
-                    format!("{ip} is {why}, which is never a node's address"),
-                ));
-            }
-            ip.to_string()
-        }
-        Err(_) => address,
+    let address = match parse_ssh_address(n.address.trim(), origin) {
+        Ok(a) => a.to_string(),
+        Err(e) => return Err(invalid(format!("{key}.address"), e.to_string())),
     };
     if n.port == Some(0) {
         return Err(invalid(format!("{key}.port"), "must not be 0"));
