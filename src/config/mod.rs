@@ -150,6 +150,7 @@ struct RawProxy {
     max_streams_per_node: Option<u64>,
     node_local_via_loopback: Option<bool>,
     node_ports: Option<Vec<u16>>,
+    pod_host_offsets: Option<Vec<u32>>,
     socket_group: Option<String>,
     tls: Option<RawTls>,
     relay_buffer_budget: Option<String>,
@@ -404,6 +405,12 @@ pub struct ProxyConfig {
     /// Ports a dial to a node's own address may use besides the node's
     /// kubelet port (sorted, no duplicates).
     pub node_ports: Vec<u16>,
+    /// Offsets inside each pod CIDR that are the node's own host-network
+    /// addresses (a CNI bridge, a VXLAN device), not pods: a dial there
+    /// is held to the node port policy like one to the node's own address.
+    /// Sorted, no duplicates; `[0, 1]` (the network address and the first
+    /// host address) by default.
+    pub pod_host_offsets: Vec<u32>,
     /// Group that may use the egress Unix sockets (mode 0660 then).
     pub socket_group: Option<String>,
     /// The optional mTLS TCP listener.
@@ -689,6 +696,26 @@ fn validate_node_ports(mut ports: Vec<u16>) -> Result<Vec<u16>, ConfigError> {
     }
     ports.sort_unstable();
     Ok(ports)
+}
+
+/// `proxy.pod_host_offsets` by default: the network address (flannel's
+/// VXLAN device `flannel.1` holds it) and the first host address (the
+/// `cni0`/`cbr0` bridge of the bridge plugin, flannel and kubenet).
+pub const DEFAULT_POD_HOST_OFFSETS: [u32; 2] = [0, 1];
+
+/// `proxy.pod_host_offsets`: no duplicates; returned sorted. An empty list
+/// is allowed (every pod CIDR address is then a pod) but must be written.
+fn validate_pod_host_offsets(mut offsets: Vec<u32>) -> Result<Vec<u32>, ConfigError> {
+    for (i, o) in offsets.iter().enumerate() {
+        if offsets[..i].contains(o) {
+            return Err(invalid(
+                format!("proxy.pod_host_offsets[{i}]"),
+                format!("{o} is listed twice"),
+            ));
+        }
+    }
+    offsets.sort_unstable();
+    Ok(offsets)
 }
 
 /// `proxy.tls.client_names`: certificate names as they appear in a CN or a
@@ -994,6 +1021,10 @@ impl Config {
             },
             node_local_via_loopback: p.node_local_via_loopback.unwrap_or(false),
             node_ports: validate_node_ports(p.node_ports.unwrap_or_default())?,
+            pod_host_offsets: validate_pod_host_offsets(
+                p.pod_host_offsets
+                    .unwrap_or_else(|| DEFAULT_POD_HOST_OFFSETS.to_vec()),
+            )?,
             socket_group: validate_group("proxy.socket_group", p.socket_group)?,
             tls: match p.tls {
                 None => None,
@@ -1747,6 +1778,12 @@ pod_cidrs = ["10.244.1.0/24"]
         assert!(err_of("[proxy]\nnode_ports = [0]\n").contains("proxy.node_ports[0]"));
         assert!(err_of("[proxy]\nnode_ports = [1, 1]\n").contains("proxy.node_ports[1]"));
         assert!(err_of("[proxy]\nnode_ports = [70000]\n").contains("node_ports"));
+        assert_eq!(parse("").unwrap().proxy.pod_host_offsets, vec![0, 1]);
+        let c = parse("[proxy]\npod_host_offsets = [3, 0]\n").unwrap();
+        assert_eq!(c.proxy.pod_host_offsets, vec![0, 3]);
+        assert!(
+            err_of("[proxy]\npod_host_offsets = [1, 1]\n").contains("proxy.pod_host_offsets[1]")
+        );
         let tls = "[proxy]\nmax_pending_handshakes = 7\n[proxy.tls]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\n";
         let t = parse(tls).unwrap().proxy.tls.unwrap();
         assert!(t.client_names.is_empty());
