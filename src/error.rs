@@ -170,7 +170,9 @@ pub fn channel_open_reason(f: &russh::ChannelOpenFailure) -> String {
         russh::ChannelOpenFailure::ConnectFailed => "connect failed".to_string(),
         russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".to_string(),
         russh::ChannelOpenFailure::ResourceShortage => "resource shortage".to_string(),
-        russh::ChannelOpenFailure::Other { code, reason } => format!("code {code}: {reason}"),
+        russh::ChannelOpenFailure::Other { code, reason } => {
+            format!("code {code}: {}", crate::text::escape_control(reason))
+        }
     }
 }
 

@@ -513,3 +513,42 @@ fn forged_address_spellings_are_rejected_and_nothing_dials_loopback() {
         daemon.log_tail(40)
     );
 }
+
+/// A Node object's own text with terminal escapes (its name) is shown
+/// escaped: in `tunneler status`, in the status document and in the log.
+#[test]
+fn node_supplied_control_characters_are_shown_escaped() {
+    require_netns!("node_supplied_control_characters_are_shown_escaped");
+    let cluster = Cluster::new(1);
+    let file = cluster.dir.join("nodes.json");
+    let evil = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": "evil\u{1b}[2J\u{1b}]0;owned\u{7}" },
+        "status": { "addresses": [{ "type": "InternalIP", "address": "10.203.251.1" }] }
+    });
+    let items = vec![
+        cluster.k8s_node_json(1, &[cluster.node(1).pod_cidr.as_str()]),
+        evil,
+    ];
+    std::fs::write(&file, Cluster::k8s_node_list(items)).unwrap();
+    let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
+    let escaped = "evil\\u{1b}[2J\\u{1b}]0;owned\\u{7}";
+    let s = daemon.wait_status("the escaped Node rejected", READY, |s| {
+        rejected_names(s) == [escaped]
+    });
+    let raw = serde_json::to_string(&file_source(&s).unwrap().rejected).unwrap();
+    assert!(!raw.contains("\\u001b"), "a raw ESC in the document: {raw}");
+    let out = daemon.cli(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    report(&format!("tunneler status ->\n{table}"));
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\u{7}'),
+        "{table:?}"
+    );
+    assert!(
+        table.contains(&format!("node \"{escaped}\" REJECTED")),
+        "{table}"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(!log.contains('\u{1b}'), "a raw ESC in the log");
+}

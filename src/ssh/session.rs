@@ -194,14 +194,18 @@ impl client::Handler for ClientHandler {
             DisconnectReason::ReceivedDisconnect(info) => {
                 format!(
                     "node sent disconnect: {:?} {}",
-                    info.reason_code, info.message
+                    info.reason_code,
+                    crate::text::escape_control(&info.message)
                 )
             }
             DisconnectReason::Error(e) => match e {
                 russh::Error::KeepaliveTimeout => {
                     "keepalive timeout: no answer from the node".into()
                 }
-                other => format!("session error: {other}"),
+                other => format!(
+                    "session error: {}",
+                    crate::text::escape_control(&other.to_string())
+                ),
             },
         };
         *self.end_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
