@@ -567,3 +567,36 @@ fn an_ssh_rsa_sha1_host_key_signature_is_refused_and_rsa_sha2_is_offered() {
     let log = fs::read_to_string(node.sshd_log()).unwrap_or_default();
     assert!(!log.contains("no matching host key type"), "{log}");
 }
+
+/// `accept-new` never learns under a CA: with only an `@cert-authority`
+/// line for the node, a node that presents its plain key (no host
+/// certificate) is refused and logged, and nothing is appended.
+#[test]
+fn accept_new_never_learns_a_plain_key_where_a_cert_authority_applies() {
+    require_netns!("accept_new_never_learns_a_plain_key_where_a_cert_authority_applies");
+    let cluster = Cluster::new(1);
+    let ca = cluster.dir.join("host_ca");
+    ssh_keygen(&ca, "host-ca");
+    let kh = format!(
+        "@cert-authority 10.200.{}.* {}\n",
+        cluster.n,
+        bare_key(&pub_of(&ca))
+    );
+    write_known_hosts(&cluster, &kh);
+    let text = with_ssh_keys(
+        &cluster.config_toml(&ConfigSpec::default()),
+        "host_key_policy = \"accept-new\"",
+    );
+    let daemon = Daemon::start_toml(&cluster, &text, &[]);
+    let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    let err = last_error(&s, "node-1");
+    common::report(&format!("accept-new, CA line only, plain key: {err}"));
+    assert!(err.contains("must present a host certificate"), "{err}");
+    assert_eq!(
+        fs::read_to_string(cluster.dir.join("known_hosts")).unwrap(),
+        kh,
+        "accept-new appended to known_hosts"
+    );
+    let log = fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("plain host key REFUSED"), "{log}");
+}

@@ -173,6 +173,13 @@ impl client::Handler for ClientHandler {
                     self.node.address
                 ))
             }
+            Verdict::CertificateRequired => {
+                warn!(presented = %presented, "plain host key REFUSED: an @cert-authority line covers this node, so it must present a host certificate from that CA (possibly a man in the middle)");
+                TunnelError::HostKey(format!(
+                    "host key {presented} refused: an @cert-authority line in known_hosts covers {}, so the node must present a host certificate signed by that CA; a plain key is never learned there",
+                    self.node.address
+                ))
+            }
             Verdict::Revoked => {
                 warn!(presented = %presented, "host key REVOKED in known_hosts");
                 TunnelError::HostKey(format!("host key {presented} is revoked"))
