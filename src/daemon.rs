@@ -381,18 +381,47 @@ async fn bind_proxy_listeners(
     Ok(listeners)
 }
 
+/// The daemon's signal streams. Installed first thing (see `main.rs`):
+/// from then on a signal is recorded by its stream, never acted on by its
+/// default action (which ends the process), whatever the daemon is doing.
+#[derive(Debug)]
+pub struct Signals {
+    /// SIGHUP: reload, once the daemon is ready.
+    pub hangup: tokio::signal::unix::Signal,
+    /// SIGTERM: graceful stop.
+    pub terminate: tokio::signal::unix::Signal,
+    /// SIGINT: graceful stop.
+    pub interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Registers the three handlers. Call inside a tokio runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Runs the daemon until `shutdown` fires, then stops gracefully: the
 /// listeners stop accepting at once, connections already accepted (their
 /// handshakes, dials and streams) get up to `proxy.drain_timeout` to finish
 /// while the tunnels stay up (a second SIGTERM or SIGINT ends that wait),
 /// then whatever is left is cut and every task gets [`SHUTDOWN_GRACE`] to
-/// end. SIGHUP reloads `config_path`. `passed` are the sockets the service
-/// manager handed in (see [`crate::proxy::activation`]).
+/// end. SIGHUP (`hangup`, registered by the caller before anything else)
+/// reloads `config_path`; one that arrives before the daemon is ready
+/// (listeners bound, first connection attempts done) is logged and
+/// applied once it is. `passed` are the sockets the service manager handed
+/// in (see [`crate::proxy::activation`]).
 pub async fn run(
     config: Config,
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
     passed: PassedSockets,
+    mut hup: tokio::signal::unix::Signal,
 ) -> Result<(), StartError> {
     let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
     // Everything runs under `stop`, which fires only after the drain.
@@ -413,10 +442,13 @@ pub async fn run(
     // systemd: READY=1 once the listeners are bound (done) and the first
     // connection attempt to every node has finished, success or not.
     let ready_cancel = shutdown.clone();
+    let ready = CancellationToken::new();
+    let became_ready = ready.clone();
     tracker.spawn(async move {
         readiness
             .latch_after_first_attempts(first_attempt_bound, ready_cancel)
             .await;
+        became_ready.cancel();
         if *readiness.started().borrow() {
             info!("ready: listeners bound, first connection attempts finished");
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -455,18 +487,30 @@ pub async fn run(
     let hup_control = control;
     let hup_cancel = shutdown.clone();
     tracker.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            warn!("cannot listen for SIGHUP; reload through the admin API only");
-            return;
-        };
+        // SIGHUPs before ready (tokio's stream kept any that came during
+        // the start) fold into one reload, applied once ready.
+        let mut pending = false;
         loop {
             tokio::select! {
                 _ = hup_cancel.cancelled() => return,
-                r = hup.recv() => if r.is_none() { return },
+                _ = ready.cancelled(), if pending => {
+                    pending = false;
+                    info!("ready: applying the reload asked for by SIGHUP during the start");
+                    let _ = hup_control.reload().await;
+                }
+                r = hup.recv() => {
+                    if r.is_none() {
+                        return;
+                    }
+                    if ready.is_cancelled() {
+                        info!("SIGHUP received: reloading the config");
+                        let _ = hup_control.reload().await;
+                    } else if !pending {
+                        info!("SIGHUP received before the daemon is ready: reloading once it is");
+                        pending = true;
+                    }
+                }
             }
-            info!("SIGHUP received: reloading the config");
-            let _ = hup_control.reload().await;
         }
     });
     shutdown_signal.cancelled().await;

@@ -19,6 +19,11 @@ pub enum TunnelError {
     /// Any other TCP-level connect failure (unreachable, reset...).
     #[error("TCP connect failed: {0}")]
     Connect(String),
+    /// The SSH address, or an address its DNS name resolved to, is one
+    /// that never names a node (loopback, link-local, a service CIDR...),
+    /// or the name did not resolve. Nothing was dialed.
+    #[error("SSH address refused: {0}")]
+    ForbiddenAddress(String),
     /// SSH handshake or authentication did not finish in time.
     #[error("SSH handshake timed out after {0:?}")]
     HandshakeTimeout(Duration),
@@ -69,6 +74,7 @@ impl TunnelError {
             self,
             TunnelError::HostKey(_)
                 | TunnelError::HostKeyChanged(_)
+                | TunnelError::ForbiddenAddress(_)
                 | TunnelError::AuthRejected { .. }
                 | TunnelError::Identity(_)
         )
@@ -164,7 +170,9 @@ pub fn channel_open_reason(f: &russh::ChannelOpenFailure) -> String {
         russh::ChannelOpenFailure::ConnectFailed => "connect failed".to_string(),
         russh::ChannelOpenFailure::UnknownChannelType => "unknown channel type".to_string(),
         russh::ChannelOpenFailure::ResourceShortage => "resource shortage".to_string(),
-        russh::ChannelOpenFailure::Other { code, reason } => format!("code {code}: {reason}"),
+        russh::ChannelOpenFailure::Other { code, reason } => {
+            format!("code {code}: {}", crate::text::escape_control(reason))
+        }
     }
 }
 

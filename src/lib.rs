@@ -63,5 +63,6 @@ pub(crate) mod metrics;
 pub mod proxy;
 pub mod shard;
 pub mod ssh;
+pub mod text;
 pub mod timestamp;
 pub(crate) mod tunnel;

@@ -23,13 +23,25 @@ const READY: Duration = Duration::from_secs(20);
 
 /// A kubelet stand-in: an HTTP server on the node's own address.
 fn kubelet_stand_in(cluster: &Cluster, i: usize, port: u16) -> std::process::Child {
-    let www = cluster.dir.join(format!("www{i}"));
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("index.html"), format!("kubelet-{i}\n")).unwrap();
     let ip = cluster.node(i).ip.to_string();
+    http_stand_in(cluster, i, &ip, port, &format!("kubelet-{i}"))
+}
+
+/// An HTTP server on `ip:port` in node `i`, answering `body`.
+fn http_stand_in(
+    cluster: &Cluster,
+    i: usize,
+    ip: &str,
+    port: u16,
+    body: &str,
+) -> std::process::Child {
+    let www = cluster.dir.join(format!("www{i}-{ip}-{port}"));
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), format!("{body}\n")).unwrap();
+    let ip = ip.to_string();
     let child = cluster.spawn_in_node(
         i,
-        "kubelet.log",
+        &format!("http-{ip}-{port}.log"),
         "/usr/bin/python3",
         &[
             "-m",
@@ -172,6 +184,74 @@ fn node_addresses_allow_only_the_kubelet_and_node_ports() {
     );
     let _ = kubelet.kill();
     let _ = kubelet.wait();
+}
+
+/// A CNI bridge's address in the node's pod CIDR (`cni0`'s `.1`, here the
+/// first host address of node-1's /28) is the node's host network: port
+/// 22 there gets 403 like the node's own address, the kubelet port
+/// passes, and a pod address (offset 5) keeps every port. With
+/// `proxy.pod_host_offsets = []` the bridge address is a pod again.
+#[test]
+fn a_pod_cidr_bridge_address_is_held_to_the_node_port_policy() {
+    require_netns!("a_pod_cidr_bridge_address_is_held_to_the_node_port_policy");
+    let cluster = Cluster::new(1);
+    let n1 = cluster.node(1);
+    let net: std::net::Ipv4Addr = n1.pod_cidr.split('/').next().unwrap().parse().unwrap();
+    let bridge = std::net::Ipv4Addr::from(u32::from(net) + 1).to_string();
+    common::run(
+        "ip",
+        &[
+            "-n",
+            &n1.ns,
+            "addr",
+            "add",
+            &format!("{bridge}/32"),
+            "dev",
+            "lo",
+        ],
+    );
+    // What listens on the host network at the bridge address: a stand-in
+    // for sshd on 0.0.0.0:22, and the kubelet.
+    let mut on22 = http_stand_in(&cluster, 1, &bridge, 22, "host-22");
+    let mut kubelet = http_stand_in(&cluster, 1, &bridge, 10250, "kubelet-on-bridge");
+    let daemon = Daemon::start(&cluster);
+    daemon.wait_all_healthy(READY);
+
+    for target in [format!("{bridge}:22"), format!("{net}:22")] {
+        let line = head_of(&daemon, &target);
+        report(&format!(
+            "CONNECT {target} -> {}",
+            line.lines().next().unwrap_or("")
+        ));
+        assert!(line.starts_with("HTTP/1.1 403"), "{target}: {line:?}");
+        assert!(line.contains("SSH port of node \"node-1\""), "{line}");
+    }
+    let (st, s) = daemon.connect(&format!("{bridge}:10250"));
+    assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+    assert!(http_get_over(s).contains("kubelet-on-bridge"));
+    // A pod address keeps every port.
+    let (st, s) = daemon.connect(&format!("{}:{HTTP_PORT}", n1.pod_ip));
+    assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+    assert!(http_get_over(s).contains("node=node-1"));
+    let (st, _) = daemon.connect(&format!("{}:22", n1.pod_ip));
+    assert!(
+        st.starts_with("HTTP/1.1 502"),
+        "pod port 22 is dialed: {st}"
+    );
+
+    // The operator's offsets replace the defaults, live.
+    let text = fs::read_to_string(&daemon.config).unwrap();
+    let text = text.replacen("[proxy]\n", "[proxy]\npod_host_offsets = []\n", 1);
+    fs::write(&daemon.config, &text).unwrap();
+    let out = daemon.cli(&["reload"]);
+    assert!(out.status.success(), "{}", all_output(&out));
+    let (st, s) = daemon.connect(&format!("{bridge}:22"));
+    assert!(st.starts_with("HTTP/1.1 200"), "{st}");
+    assert!(http_get_over(s).contains("host-22"));
+    for c in [&mut on22, &mut kubelet] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 /// The cluster CA's server and client certificates (apiserver egress by CN,

@@ -6,11 +6,13 @@
 //! (`{"type":"ADDED","object":{...}}` one per line) for the watch call. The
 //! daemon under test is the real binary with a real kubeconfig.
 //!
-//! The discovered nodes' SSH address is `localhost` (an ExternalDNS
-//! address, chosen by `address_types`) on a port nothing listens on: this
-//! test is about the node set, not the tunnels, so it needs neither root
-//! nor network namespaces. Their InternalIPs are never dialed (a loopback
-//! InternalIP would be refused: no Node may claim this host's loopback).
+//! The discovered nodes' SSH address is the InternalIP of a namespace the
+//! test's cluster creates, on a port nothing listens on: this test is
+//! about the node set, not the tunnels, so its dials need only be refused
+//! without leaving the machine. (A discovered SSH address is an IP literal
+//! or nothing: a name such as `localhost` would be refused.)
+
+mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -32,7 +34,6 @@ fn node(name: &str, ip: &str, cidr: &str) -> Value {
         "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         "status": {"addresses": [
             {"type": "InternalIP", "address": ip},
-            {"type": "ExternalDNS", "address": "localhost"},
             {"type": "Hostname", "address": name}
         ]}
     })
@@ -229,9 +230,12 @@ fn kube_source(v: &Value) -> Value {
 
 #[test]
 fn kubernetes_watch_list_add_delete_and_api_loss() {
+    require_netns!("kubernetes_watch_list_add_delete_and_api_loss");
+    let cluster = common::Cluster::new(3);
+    let ip = |i: usize| cluster.node(i).ip.to_string();
     let api = FakeApi::start(vec![
-        node("k-1", "10.211.0.21", "10.210.1.0/24"),
-        node("k-2", "10.211.0.22", "10.210.2.0/24"),
+        node("k-1", &ip(1), "10.210.1.0/24"),
+        node("k-2", &ip(2), "10.210.2.0/24"),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -267,7 +271,6 @@ listen = ["unix://egress.sock"]
 [admin]
 socket = "admin.sock"
 [discovery]
-address_types = ["ExternalDNS"]
 [discovery.kubernetes]
 kubeconfig = "kubeconfig"
 "#,
@@ -304,7 +307,7 @@ kubeconfig = "kubeconfig"
     );
 
     // Watch: add, then delete.
-    api.send("ADDED", node("k-3", "10.211.0.23", "10.210.3.0/24"));
+    api.send("ADDED", node("k-3", &ip(3), "10.210.3.0/24"));
     wait_status(&sock, "k-3 added by a watch event", |v| {
         names(v) == ["k-1", "k-2", "k-3"]
     });
@@ -325,7 +328,7 @@ kubeconfig = "kubeconfig"
             .as_array()
             .is_some_and(|r| r.is_empty())
     });
-    api.send("DELETED", node("k-1", "10.211.0.21", "10.210.1.0/24"));
+    api.send("DELETED", node("k-1", &ip(1), "10.210.1.0/24"));
     wait_status(&sock, "k-1 deleted by a watch event", |v| {
         names(v) == ["k-2", "k-3"]
     });

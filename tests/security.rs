@@ -485,3 +485,118 @@ fn identity_in_ssh_agent_connects() {
     let daemon = Daemon::start_toml(&cluster, &text, &[]);
     daemon.wait_all_healthy(HEALTHY_WITHIN);
 }
+
+/// A node whose sshd offers only `ssh-rsa` (SHA-1 signatures) for its RSA
+/// host key is refused at key exchange: tunneler does not offer it. The
+/// same key offered as rsa-sha2-256 is still negotiated. (Whether it then
+/// verifies is another matter: this build leaves out russh's `rsa` feature,
+/// so an RSA signature cannot be checked and such a node stays refused,
+/// with "Wrong server signature".)
+#[test]
+fn an_ssh_rsa_sha1_host_key_signature_is_refused_and_rsa_sha2_is_offered() {
+    require_netns!("an_ssh_rsa_sha1_host_key_signature_is_refused_and_rsa_sha2_is_offered");
+    let cluster = Cluster::new(1);
+    let node = cluster.node(1);
+    let rsa = node_dir(node).join("ssh_host_rsa_key");
+    run(
+        "/usr/bin/ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "rsa",
+            "-b",
+            "2048",
+            "-N",
+            "",
+            "-f",
+            rsa.to_str().unwrap(),
+        ],
+    );
+    write_known_hosts(
+        &cluster,
+        &format!("{} {}\n", node.ip, bare_key(&pub_of(&rsa))),
+    );
+    let cfg = node_dir(node).join("sshd_config");
+    let base = fs::read_to_string(&cfg).unwrap();
+    let with_algorithms = |algs: &str| {
+        fs::write(
+            &cfg,
+            format!(
+                "{base}HostKey {}\nHostKeyAlgorithms {algs}\n",
+                rsa.display()
+            ),
+        )
+        .unwrap();
+        let _ = fs::remove_file(node.sshd_log());
+        cluster.kill_sshd(1);
+        cluster.start_sshd(1);
+    };
+    with_algorithms("ssh-rsa");
+    let daemon = Daemon::start(&cluster);
+    let failed = |s: &StatusDocument| {
+        find_node(s, "node-1")
+            .and_then(|n| n.last_error.clone())
+            .unwrap_or_default()
+    };
+    let s = daemon.wait_status("a failed ssh-rsa handshake", HEALTHY_WITHIN, |s| {
+        !failed(s).is_empty()
+    });
+    common::report(&format!("sshd offers ssh-rsa only: {}", failed(&s)));
+    assert_ne!(find_node(&s, "node-1").unwrap().state, "healthy");
+    assert!(
+        failed(&s).contains("No common Key algorithm")
+            && failed(&s).contains("theirs: [\"ssh-rsa\"]"),
+        "{}",
+        failed(&s)
+    );
+    let log = fs::read_to_string(node.sshd_log()).unwrap_or_default();
+    assert!(
+        log.contains("no matching host key type"),
+        "sshd saw no host key algorithm in common:\n{log}"
+    );
+
+    // rsa-sha2-256 is still offered: the key exchange gets past the
+    // algorithm choice.
+    with_algorithms("rsa-sha2-256");
+    let s = daemon.wait_status(
+        "a handshake past rsa-sha2-256 negotiation",
+        HEALTHY_WITHIN,
+        |s| !failed(s).is_empty() && !failed(s).contains("No common Key algorithm"),
+    );
+    common::report(&format!("sshd offers rsa-sha2-256: {}", failed(&s)));
+    let log = fs::read_to_string(node.sshd_log()).unwrap_or_default();
+    assert!(!log.contains("no matching host key type"), "{log}");
+}
+
+/// `accept-new` never learns under a CA: with only an `@cert-authority`
+/// line for the node, a node that presents its plain key (no host
+/// certificate) is refused and logged, and nothing is appended.
+#[test]
+fn accept_new_never_learns_a_plain_key_where_a_cert_authority_applies() {
+    require_netns!("accept_new_never_learns_a_plain_key_where_a_cert_authority_applies");
+    let cluster = Cluster::new(1);
+    let ca = cluster.dir.join("host_ca");
+    ssh_keygen(&ca, "host-ca");
+    let kh = format!(
+        "@cert-authority 10.200.{}.* {}\n",
+        cluster.n,
+        bare_key(&pub_of(&ca))
+    );
+    write_known_hosts(&cluster, &kh);
+    let text = with_ssh_keys(
+        &cluster.config_toml(&ConfigSpec::default()),
+        "host_key_policy = \"accept-new\"",
+    );
+    let daemon = Daemon::start_toml(&cluster, &text, &[]);
+    let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    let err = last_error(&s, "node-1");
+    common::report(&format!("accept-new, CA line only, plain key: {err}"));
+    assert!(err.contains("must present a host certificate"), "{err}");
+    assert_eq!(
+        fs::read_to_string(cluster.dir.join("known_hosts")).unwrap(),
+        kh,
+        "accept-new appended to known_hosts"
+    );
+    let log = fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("plain host key REFUSED"), "{log}");
+}

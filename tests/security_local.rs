@@ -784,3 +784,85 @@ fn node_local_via_loopback_reaches_a_kubelet_on_loopback_only() {
     let _ = kubelet_stand_in.kill();
     let _ = kubelet_stand_in.wait();
 }
+
+/// `GET /metrics` over a fresh TCP connection; the status code, or why not.
+fn scrape(port: u16) -> Result<u16, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let head = read_head(&mut s);
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line: {head:?}"))
+}
+
+/// 200 idle connections on the metrics listener and 200 on the admin
+/// socket (twice what either holds): a scrape and `tunneler status` still
+/// answer at once, because an idle connection gives way to a new one when
+/// the budget is full, and each listener has its own budget. The idle ones
+/// are closed, not kept.
+#[test]
+fn idle_connections_cannot_hold_the_metrics_listener_or_the_admin_socket() {
+    require_netns!("idle_connections_cannot_hold_the_metrics_listener_or_the_admin_socket");
+    let cluster = Cluster::new(1);
+    let port = free_tcp_port();
+    let toml = cluster.config_toml(&ConfigSpec::default()).replace(
+        "[admin]\n",
+        &format!("[admin]\nmetrics_listen = \"127.0.0.1:{port}\"\n"),
+    );
+    let daemon = Daemon::start_toml(&cluster, &toml, &[]);
+    daemon.wait_all_healthy(READY);
+    let idle_tcp: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let idle_unix: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&daemon.admin).unwrap())
+        .collect();
+    // Let the daemon accept them all.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let t = Instant::now();
+    let code = scrape(port);
+    let scrape_took = t.elapsed();
+    let t = Instant::now();
+    let out = daemon.cli(&["status"]);
+    let status_took = t.elapsed();
+    report(&format!(
+        "beside 200 idle metrics and 200 idle admin connections: scrape {code:?} in {scrape_took:?}, status in {status_took:?}"
+    ));
+    assert_eq!(code, Ok(200));
+    assert!(out.status.success(), "{}", all_output(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node-1"));
+    common::assert_within(
+        "scrape beside 200 idle connections",
+        scrape_took,
+        Duration::from_secs(3),
+    );
+    common::assert_within(
+        "status beside 200 idle connections",
+        status_took,
+        Duration::from_secs(3),
+    );
+
+    // The idle connections are closed (evicted, or after the idle
+    // timeout), not kept open.
+    std::thread::sleep(Duration::from_secs(7));
+    for mut s in idle_tcp.into_iter().take(5) {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0)),
+            "an idle metrics connection is still open"
+        );
+    }
+    for mut s in idle_unix.into_iter().rev().take(5) {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut b), Ok(0)),
+            "an idle admin connection is still open"
+        );
+    }
+}

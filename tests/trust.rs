@@ -386,3 +386,169 @@ fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n1.pod_ip), "one");
     assert!(got.starts_with("node=node-1 "), "{got}");
 }
+
+/// Counts TCP connections to the host's own `127.0.0.1:22` while it lives,
+/// dropping each at once. `None` when the port is taken (a real sshd).
+struct LoopbackSshWatch {
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoopbackSshWatch {
+    fn start() -> Result<LoopbackSshWatch, String> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let l = std::net::TcpListener::bind("127.0.0.1:22")
+            .map_err(|e| format!("cannot listen on 127.0.0.1:22 ({e}); something runs there"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let count = std::sync::Arc::new(AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((conn, peer)) => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("127.0.0.1:22 accepted a connection from {peer}");
+                        drop(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(LoopbackSshWatch {
+            count,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn connections(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for LoopbackSshWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn forged_address_spellings_are_rejected_and_nothing_dials_loopback() {
+    require_netns!("forged_address_spellings_are_rejected_and_nothing_dials_loopback");
+    let watch = match LoopbackSshWatch::start() {
+        Ok(w) => w,
+        Err(why) => {
+            common::skip(
+                "forged_address_spellings_are_rejected_and_nothing_dials_loopback",
+                &why,
+            );
+            return;
+        }
+    };
+    let cluster = Cluster::new(1);
+    let file = cluster.dir.join("nodes.json");
+    // Each spelling glibc's resolver reads as 127.0.0.1 (or, the last ones,
+    // as link-local and unspecified), with a second, valid InternalIP.
+    let forged = [
+        "127.1",
+        "2130706433",
+        "0x7f.0.0.1",
+        "0177.0.0.1",
+        "localhost",
+        "127.0.0.1.",
+        "2852039166",
+        "fe80::1%eth0",
+        "0.0.0.0",
+    ];
+    let mut items = vec![cluster.k8s_node_json(1, &[cluster.node(1).pod_cidr.as_str()])];
+    for (k, spelling) in forged.iter().enumerate() {
+        items.push(json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": format!("forged-{k}") },
+            "status": { "addresses": [
+                { "type": "InternalIP", "address": spelling },
+                { "type": "InternalIP", "address": format!("10.203.250.{}", k + 1) },
+            ]}
+        }));
+    }
+    std::fs::write(&file, Cluster::k8s_node_list(items)).unwrap();
+    let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
+    let want: Vec<String> = (0..forged.len()).map(|k| format!("forged-{k}")).collect();
+    let s = daemon.wait_status(
+        "node-1 healthy and every forged Node rejected",
+        READY,
+        |s| {
+            names(s) == ["node-1"]
+                && s.nodes.iter().all(|n| n.state == "healthy")
+                && rejected_names(s) == want
+        },
+    );
+    let src = file_source(&s).expect("file source in status");
+    for (k, spelling) in forged.iter().enumerate() {
+        let r = src
+            .rejected
+            .iter()
+            .find(|r| r.name == format!("forged-{k}"))
+            .unwrap();
+        report(&format!("forged {spelling:?}: {}", r.reason));
+        assert!(!r.kept, "{r:?}");
+        assert!(
+            r.reason.contains(&format!("{spelling:?}"))
+                || r.reason.contains(&format!("{spelling} is")),
+            "the reason names the address: {r:?}"
+        );
+    }
+    // Give any dial a backoff round to happen.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        watch.connections(),
+        0,
+        "the daemon connected to this host's 127.0.0.1:22\n{}",
+        daemon.log_tail(40)
+    );
+}
+
+/// A Node object's own text with terminal escapes (its name) is shown
+/// escaped: in `tunneler status`, in the status document and in the log.
+#[test]
+fn node_supplied_control_characters_are_shown_escaped() {
+    require_netns!("node_supplied_control_characters_are_shown_escaped");
+    let cluster = Cluster::new(1);
+    let file = cluster.dir.join("nodes.json");
+    let evil = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": "evil\u{1b}[2J\u{1b}]0;owned\u{7}" },
+        "status": { "addresses": [{ "type": "InternalIP", "address": "10.203.251.1" }] }
+    });
+    let items = vec![
+        cluster.k8s_node_json(1, &[cluster.node(1).pod_cidr.as_str()]),
+        evil,
+    ];
+    std::fs::write(&file, Cluster::k8s_node_list(items)).unwrap();
+    let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
+    let escaped = "evil\\u{1b}[2J\\u{1b}]0;owned\\u{7}";
+    let s = daemon.wait_status("the escaped Node rejected", READY, |s| {
+        rejected_names(s) == [escaped]
+    });
+    let raw = serde_json::to_string(&file_source(&s).unwrap().rejected).unwrap();
+    assert!(!raw.contains("\\u001b"), "a raw ESC in the document: {raw}");
+    let out = daemon.cli(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    report(&format!("tunneler status ->\n{table}"));
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\u{7}'),
+        "{table:?}"
+    );
+    assert!(
+        table.contains(&format!("node \"{escaped}\" REJECTED")),
+        "{table}"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(!log.contains('\u{1b}'), "a raw ESC in the log");
+}

@@ -17,6 +17,12 @@
 //! nothing. The paths and bodies are typed in [`admin_api`](crate::admin::api),
 //! which the client shares.
 //!
+//! Neither the admin socket nor the metrics listener can be held by idle
+//! or refused clients: each has its own connection budget, an idle
+//! connection is closed after a few seconds and gives way to a new one when
+//! the budget is full (see [`slots`]), a request body must arrive within
+//! the same time, and a refused peer's connection is closed with its 403.
+//!
 //! The server holds narrow handles, not the daemon: the node-set changer
 //! ([`Control`]), the status builder, readiness, the metrics, the config
 //! store (for the uid check) and a shutdown token. `curl --unix-socket /run/tunneler/admin.sock
@@ -25,6 +31,7 @@
 
 pub mod api;
 pub mod client;
+pub(crate) mod slots;
 pub mod status;
 
 use std::path::PathBuf;
@@ -44,14 +51,19 @@ use tracing::{info, warn};
 use crate::admin::api::{
     Added, DrainChanged, ErrorBody, Reconnected, Removed, Request as ApiRequest, RequestError,
 };
+use crate::admin::slots::{Slot, Slots};
 use crate::admin::status::StatusView;
 use crate::control::config_store::ConfigStore;
 use crate::control::readiness::Readiness;
 use crate::control::{ChangeError, Control};
 use crate::metrics::Metrics;
 
-/// Admin connections served at once; more wait in the accept queue.
+/// Connections held at once, on the admin socket and (separately) on the
+/// metrics listener. When all are taken, the one idle longest is closed
+/// for a new one.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// A request body must arrive within this time of its head.
+pub const BODY_TIMEOUT: Duration = slots::IDLE_TIMEOUT;
 /// Largest request body accepted (a node definition is a few hundred bytes).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -157,65 +169,74 @@ pub async fn serve_metrics(
     cancel: CancellationToken,
 ) {
     info!(listen = ?listener.local_addr().ok(), "metrics listening");
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let slots = Slots::new(MAX_ADMIN_CONNECTIONS);
     loop {
         let accept = || {
             let l = &listener;
             async move { l.accept().await.map(|(s, _)| s) }
         };
-        let Some((permit, stream)) = next_conn(&slots, &cancel, "metrics", accept).await else {
+        let Some((slot, stream)) = next_conn(&slots, &cancel, "metrics", accept).await else {
             return;
         };
         let metrics = metrics.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
-            let _permit = permit;
+            let slot = Arc::new(slot);
+            let svc_slot = slot.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                svc_slot.busy();
                 let r = if req.method() == Method::GET && req.uri().path() == "/metrics" {
                     metrics_response(&metrics, req.headers())
                 } else {
-                    error(StatusCode::NOT_FOUND, "only GET /metrics is served here")
+                    closing(error(
+                        StatusCode::NOT_FOUND,
+                        "only GET /metrics is served here",
+                    ))
                 };
+                svc_slot.idle();
                 async move { Ok::<_, std::convert::Infallible>(r) }
             });
-            serve_conn(stream, svc, cancel).await;
+            serve_conn(stream, svc, cancel, &slot).await;
         });
     }
 }
 
-/// Waits for a connection slot, then for a connection. Accept errors
-/// (EMFILE...) are logged and retried after a pause, never ending the
-/// listener. `None` once `cancel` fires.
+/// Waits for a connection, then gives it a slot (see [`Slots::admit`]).
+/// Accept errors (EMFILE...) are logged and retried after a pause, never
+/// ending the listener. `None` once `cancel` fires.
 async fn next_conn<S, Fut>(
-    slots: &Arc<tokio::sync::Semaphore>,
+    slots: &Slots,
     cancel: &CancellationToken,
     what: &str,
     accept: impl Fn() -> Fut,
-) -> Option<(tokio::sync::OwnedSemaphorePermit, S)>
+) -> Option<(Slot, S)>
 where
     Fut: std::future::Future<Output = std::io::Result<S>>,
 {
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            p = slots.clone().acquire_owned() => p.ok()?,
-        };
-        tokio::select! {
+        let stream = tokio::select! {
             _ = cancel.cancelled() => return None,
             r = accept() => match r {
-                Ok(s) => return Some((permit, s)),
+                Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "{what} accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
             },
-        }
+        };
+        return tokio::select! {
+            _ = cancel.cancelled() => None,
+            slot = slots.admit() => slot.map(|s| (s, stream)),
+        };
     }
 }
 
-/// Serves one HTTP/1 connection until it ends or shutdown (then gracefully,
-/// for at most a second). Slow clients get 10 s to send their headers.
-async fn serve_conn<IO, Svc>(stream: IO, svc: Svc, cancel: CancellationToken)
+/// Serves one HTTP/1 connection until it ends, its slot says to close
+/// (idle too long, or evicted for a newer connection), or shutdown (then
+/// gracefully, for at most a second). A request head must arrive within
+/// the idle timeout too.
+async fn serve_conn<IO, Svc>(stream: IO, svc: Svc, cancel: CancellationToken, slot: &Slot)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::Service<
@@ -226,17 +247,27 @@ where
     Svc::Future: Send + 'static,
 {
     let conn = hyper::server::conn::http1::Builder::new()
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(slots::IDLE_TIMEOUT)
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = slot.must_close() => {}
         _ = cancel.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
         }
     }
+}
+
+/// `r` with `Connection: close`: the connection ends once it is written.
+fn closing(mut r: Resp) -> Resp {
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    r
 }
 
 fn change_error(e: &ChangeError) -> Resp {
@@ -281,7 +312,11 @@ pub async fn route(h: &AdminHandles, method: &Method, path: &str, body: Bytes) -
         // GET /metrics with its Accept header is answered in `handle`.
         ApiRequest::Metrics => metrics_response(&h.metrics, &hyper::HeaderMap::new()),
         ApiRequest::AddNode(spec) => {
-            let node = match crate::config::node_from_spec(spec, h.control.default_ssh_port()) {
+            let node = match crate::config::node_from_spec(
+                spec,
+                h.control.default_ssh_port(),
+                crate::config::address::AddressOrigin::Operator,
+            ) {
                 Ok(n) => n,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
             };
@@ -351,28 +386,33 @@ async fn handle(h: AdminHandles, peer: Option<Peer>, req: Request<Incoming>) -> 
     // the API; the socket mode is the first fence, this is the second.
     let Some(peer) = peer else {
         warn!(%method, %path, "admin request without peer credentials refused");
-        return error(StatusCode::FORBIDDEN, "peer credentials unavailable");
+        return closing(error(StatusCode::FORBIDDEN, "peer credentials unavailable"));
     };
     if !uid_allowed(peer.uid, &h.config) {
         warn!(audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path, "admin request refused: uid not allowed");
-        return error(
+        // Closed with the answer: a refused peer holds no slot.
+        return closing(error(
             StatusCode::FORBIDDEN,
             &format!("uid {} may not use the admin API (allowed: root, the daemon's uid, admin.admin_uids)", peer.uid),
-        );
+        ));
     }
     if method == Method::GET && path == "/metrics" {
         return metrics_response(&h.metrics, req.headers());
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
+    let collect = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return closing(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("request body over {MAX_BODY_BYTES} bytes"),
-            )
+            ))
+        }
+        Err(_) => {
+            return closing(error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("request body not received within {BODY_TIMEOUT:?}"),
+            ))
         }
     };
     let resp = route(&h, &method, &path, body).await;
@@ -400,13 +440,13 @@ impl AdminApi {
     /// bound it (a socket passed in by the service manager stays).
     pub async fn serve(self, listener: UnixListener, path: PathBuf) {
         info!(socket = %path.display(), "admin API listening");
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+        let slots = Slots::new(MAX_ADMIN_CONNECTIONS);
         loop {
             let accept = || {
                 let l = &listener;
                 async move { l.accept().await.map(|(s, _)| s) }
             };
-            let Some((permit, stream)) = next_conn(&slots, &self.cancel, "admin", accept).await
+            let Some((slot, stream)) = next_conn(&slots, &self.cancel, "admin", accept).await
             else {
                 break;
             };
@@ -417,12 +457,19 @@ impl AdminApi {
                 pid: c.pid(),
             });
             self.tracker.spawn(async move {
-                let _permit = permit;
+                let slot = Arc::new(slot);
+                let svc_slot = slot.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let handles = handles.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(handles, peer, req).await) }
+                    let slot = svc_slot.clone();
+                    slot.busy();
+                    async move {
+                        let r = handle(handles, peer, req).await;
+                        slot.idle();
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
                 });
-                serve_conn(stream, svc, cancel).await;
+                serve_conn(stream, svc, cancel, &slot).await;
             });
         }
     }

@@ -127,18 +127,22 @@ impl StatusDocument {
             "STREAMS",
             "LAST ERROR",
         ];
+        // Every text that a node may have written goes through
+        // escape_control again here: the document may come from a daemon
+        // of another version.
+        let esc = |s: &str| crate::text::escape_control(s).into_owned();
         let rows: Vec<[String; 7]> = self
             .nodes
             .iter()
             .map(|n| {
                 [
-                    n.name.clone(),
-                    n.address.clone(),
+                    esc(&n.name),
+                    esc(&n.address),
                     n.state.to_string(),
-                    n.since.clone(),
+                    esc(&n.since),
                     n.shard.map_or_else(|| "-".into(), |s| s.to_string()),
                     format!("{}/{}", n.active_streams, n.total_streams),
-                    n.last_error.clone().unwrap_or_else(|| "-".into()),
+                    n.last_error.as_deref().map_or_else(|| "-".into(), esc),
                 ]
             })
             .collect();
@@ -172,8 +176,10 @@ impl StatusDocument {
         for src in &self.sources {
             if let Some(e) = &src.last_error {
                 out.push_str(&format!(
-                    "discovery {}: FAILING ({e}); keeping the last good set of {} node(s)\n",
-                    src.source, src.nodes
+                    "discovery {}: FAILING ({}); keeping the last good set of {} node(s)\n",
+                    src.source,
+                    esc(e),
+                    src.nodes
                 ));
             }
             for r in &src.rejected {
@@ -183,16 +189,18 @@ impl StatusDocument {
                     "REJECTED, not routed"
                 };
                 out.push_str(&format!(
-                    "discovery {}: node {:?} {what}: {}\n",
-                    src.source, r.name, r.reason
+                    "discovery {}: node \"{}\" {what}: {}\n",
+                    src.source,
+                    esc(&r.name),
+                    esc(&r.reason)
                 ));
             }
         }
         for a in &self.ambiguous_addresses {
             out.push_str(&format!(
                 "address {} is AMBIGUOUS (claimed by {}): not routed by IP\n",
-                a.address,
-                a.nodes.join(", ")
+                esc(&a.address),
+                esc(&a.nodes.join(", "))
             ));
         }
         out
@@ -243,7 +251,9 @@ impl StatusView {
                     address: t.node.endpoint(),
                     state: s.state,
                     since: rfc3339(s.since),
-                    last_error: s.last_error.map(|e| e.to_string()),
+                    last_error: s
+                        .last_error
+                        .map(|e| crate::text::escape_control(&e.to_string()).into_owned()),
                     reconnects: ld(&c.reconnects),
                     active_streams: ld(&c.active_streams),
                     total_streams: ld(&c.total_streams),
@@ -265,7 +275,17 @@ impl StatusView {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             listeners: self.listeners.clone(),
             nodes,
-            sources: self.sources.snapshot(),
+            sources: self
+                .sources
+                .snapshot()
+                .into_iter()
+                .map(|mut src| {
+                    src.last_error = src
+                        .last_error
+                        .map(|e| crate::text::escape_control(&e).into_owned());
+                    src
+                })
+                .collect(),
             ambiguous_addresses: {
                 // Shared names are listed beside shared IPs: both answer
                 // forbidden for the same reason.
@@ -289,5 +309,50 @@ impl StatusView {
                     .collect()
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node's disconnect text, a Node's name and a rejection reason with
+    /// terminal escapes print as visible escapes, never as raw bytes.
+    #[test]
+    fn the_table_escapes_control_characters_from_nodes() {
+        let doc: StatusDocument = serde_json::from_value(serde_json::json!({
+            "version": "x", "uptime_seconds": 1.0,
+            "nodes": [{
+                "name": "node-1", "address": "10.0.0.1:22", "state": "backoff",
+                "since": "2026-01-01T00:00:00Z",
+                "last_error": "SSH session: node sent disconnect: ByApplication bye\u{1b}[2J\u{1b}]0;owned\u{7}\r",
+                "reconnects": 0, "active_streams": 0, "total_streams": 0,
+                "bytes_in": 0, "bytes_out": 0, "rtt_ms": null, "next_retry": null,
+                "host_key_mismatches": 0
+            }],
+            "sources": [{
+                "source": "file", "last_success": null,
+                "last_error": "nodes.json: bad\u{1b}[31m", "nodes": 0,
+                "rejected": [{"name": "evil\u{1b}[1m", "reason": "name: \u{9b}x", "kept": false}]
+            }]
+        }))
+        .unwrap();
+        let table = doc.table();
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\u{9b}') && !table.contains('\r'),
+            "{table:?}"
+        );
+        assert!(
+            table.contains("bye\\u{1b}[2J\\u{1b}]0;owned\\u{7}\\r"),
+            "{table}"
+        );
+        assert!(
+            table.contains("node \"evil\\u{1b}[1m\" REJECTED, not routed: name: \\u{9b}x"),
+            "{table}"
+        );
+        assert!(
+            table.contains("FAILING (nodes.json: bad\\u{1b}[31m)"),
+            "{table}"
+        );
     }
 }

@@ -15,7 +15,16 @@
 //!   endpoint, or nothing;
 //! - a pod CIDR falls inside the configured cluster CIDRs, or, with none
 //!   configured, is no wider than [`MAX_POD_PREFIX_V4`] /
-//!   [`MAX_POD_PREFIX_V6`].
+//!   [`MAX_POD_PREFIX_V6`];
+//! - an SSH address is an IP literal in Rust's strict grammar
+//!   ([`parse_ssh_address`]). Text that is not one would go to the system
+//!   resolver, and glibc's reads `127.1`, `2130706433`, `0x7f.0.0.1` and
+//!   `017.0.0.1` as IPv4 addresses (`2852039166` is 169.254.169.254), and
+//!   `localhost` as loopback: every ban above would be one spelling away.
+//!   Only an operator may write a DNS name there, and then it must look
+//!   like one (its last label starts with a letter, so no numeric spelling
+//!   passes), and tunneler resolves it itself and checks every answer
+//!   ([`connect_ban`]) before it dials any.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -146,6 +155,131 @@ pub fn check_pod_scope(net: IpNet, cluster_cidrs: &[IpNet]) -> Result<(), String
     ))
 }
 
+/// Where a node's SSH address was written, which decides whether a DNS
+/// name may stand there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressOrigin {
+    /// The operator's config file or admin API: an IP literal, or a DNS
+    /// name that tunneler resolves and checks itself at each connect.
+    Operator,
+    /// A Node object, which the node itself may write: an IP literal only.
+    Discovered,
+}
+
+/// A node's SSH address after [`parse_ssh_address`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshAddress {
+    /// An IP literal, in canonical form and outside every ban.
+    Ip(IpAddr),
+    /// An operator-written DNS name (lowercase, no trailing dot), resolved
+    /// at each connect with every answer checked.
+    Name(String),
+}
+
+impl std::fmt::Display for SshAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SshAddress::Ip(ip) => ip.fmt(f),
+            SshAddress::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+/// Why an SSH address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    /// An IP literal inside a range that never names a node.
+    #[error("{ip} is {why}, which is never a node's address")]
+    Forbidden {
+        /// The address, canonical.
+        ip: IpAddr,
+        /// Which ban.
+        why: &'static str,
+    },
+    /// Not an IP literal, where only one may stand.
+    #[error(
+        "{0:?} is not an IP address literal; a discovered Node's SSH address must be one \
+         (no host names, no shortened, integer, hex or octal IPv4 spellings, no zone ids)"
+    )]
+    NotAnIp(String),
+    /// Neither an IP literal nor a DNS name.
+    #[error("{text:?} is neither an IP address literal nor a DNS host name: {why}")]
+    NotAName {
+        /// The text as written.
+        text: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// Parses a node's SSH address strictly. An IP literal must be one in
+/// Rust's grammar (four decimal octets without leading zeros, or IPv6
+/// without a zone id) and outside every ban of [`forbidden_address`]; it
+/// comes back canonical. Anything else is a DNS name only for
+/// [`AddressOrigin::Operator`], and only if it is shaped like one.
+pub fn parse_ssh_address(text: &str, origin: AddressOrigin) -> Result<SshAddress, AddressError> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        let ip = canonical_ip(ip);
+        return match forbidden_address(ip) {
+            Some(why) => Err(AddressError::Forbidden { ip, why }),
+            None => Ok(SshAddress::Ip(ip)),
+        };
+    }
+    if origin == AddressOrigin::Discovered {
+        return Err(AddressError::NotAnIp(text.to_string()));
+    }
+    let not = |why| AddressError::NotAName {
+        text: text.to_string(),
+        why,
+    };
+    let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
+    if name.is_empty() || name.len() > 253 {
+        return Err(not("a host name has 1 to 253 characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(not("each label has 1 to 63 characters"));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(not("only letters, digits, '-' and '.' may appear"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(not("a label may not start or end with '-'"));
+        }
+    }
+    // The last label starting with a letter keeps out every spelling the
+    // resolver would read as an IPv4 address (`127.1`, `0x7f.1`,
+    // `2130706433`); no top-level domain starts with a digit.
+    let last = name.rsplit('.').next().unwrap_or_default();
+    if !last.as_bytes().first().is_some_and(u8::is_ascii_alphabetic) {
+        return Err(not(
+            "its last label starts with a digit, so a resolver would read it as a number",
+        ));
+    }
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Err(not("localhost names this host's loopback, never a node"));
+    }
+    Ok(SshAddress::Name(name))
+}
+
+/// Why a connect to `ip` (an SSH address as parsed, or one a DNS name
+/// resolved to) must not be made, or `None`: the bans of
+/// [`forbidden_address`], plus the service CIDRs (a ClusterIP names a
+/// service, never a node's sshd).
+pub fn connect_ban(ip: IpAddr, service_cidrs: &[IpNet]) -> Option<String> {
+    let ip = canonical_ip(ip);
+    if let Some(why) = forbidden_address(ip) {
+        return Some(why.to_string());
+    }
+    service_cidrs
+        .iter()
+        .find(|s| s.contains(&ip))
+        .map(|s| format!("inside the service CIDR {s}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +322,73 @@ mod tests {
         for s in ["10.0.0.11", "203.0.113.9", "fd00::11", "2001:db8::1"] {
             assert_eq!(forbidden_address(ip(s)), None, "{s}");
         }
+    }
+
+    #[test]
+    fn ssh_addresses_are_strict_literals_or_operator_names() {
+        use AddressOrigin::{Discovered, Operator};
+        for forged in [
+            "127.1",
+            "2130706433",
+            "0x7f.0.0.1",
+            "0x7f000001",
+            "017.0.0.1",
+            "0177.0.0.1",
+            "127.0.0.1.",
+            "2852039166",
+            "localhost",
+            "LOCALHOST.",
+            "a.localhost",
+            "fe80::1%eth0",
+            "::1%1",
+            "[::1]",
+            "10.0.0.1:22",
+            "",
+            "node a",
+            "-x.example",
+        ] {
+            for origin in [Discovered, Operator] {
+                assert!(
+                    parse_ssh_address(forged, origin).is_err(),
+                    "{forged:?} accepted from {origin:?}"
+                );
+            }
+        }
+        for banned in [
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "169.254.169.254",
+            "::ffff:127.0.0.1",
+        ] {
+            let e = parse_ssh_address(banned, Operator).unwrap_err();
+            assert!(matches!(e, AddressError::Forbidden { .. }), "{banned}: {e}");
+        }
+        assert_eq!(
+            parse_ssh_address("::ffff:10.0.0.11", Discovered).unwrap(),
+            SshAddress::Ip(ip("10.0.0.11"))
+        );
+        assert_eq!(
+            parse_ssh_address("node-1.example.com", Discovered).unwrap_err(),
+            AddressError::NotAnIp("node-1.example.com".into())
+        );
+        assert_eq!(
+            parse_ssh_address("Node-1.Example.COM.", Operator).unwrap(),
+            SshAddress::Name("node-1.example.com".into())
+        );
+    }
+
+    #[test]
+    fn connect_bans_cover_service_cidrs() {
+        let svc = [net("10.96.0.0/12")];
+        assert!(connect_ban(ip("10.96.0.1"), &svc)
+            .unwrap()
+            .contains("10.96.0.0/12"));
+        assert!(connect_ban(ip("127.0.0.1"), &svc)
+            .unwrap()
+            .contains("loopback"));
+        assert_eq!(connect_ban(ip("10.0.0.11"), &svc), None);
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
+use crate::config::address::{
+    canonical_ip, canonical_net, forbidden_address, forbidden_net, parse_ssh_address, AddressOrigin,
+};
 
 /// Where `tunneler run` looks for its config unless `--config` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tunneler/tunneler.toml";
@@ -149,6 +151,7 @@ struct RawProxy {
     max_streams_per_node: Option<u64>,
     node_local_via_loopback: Option<bool>,
     node_ports: Option<Vec<u16>>,
+    pod_host_offsets: Option<Vec<u32>>,
     socket_group: Option<String>,
     tls: Option<RawTls>,
     relay_buffer_budget: Option<String>,
@@ -418,6 +421,12 @@ pub struct ProxyConfig {
     /// Ports a dial to a node's own address may use besides the node's
     /// kubelet port (sorted, no duplicates).
     pub node_ports: Vec<u16>,
+    /// Offsets inside each pod CIDR that are the node's own host-network
+    /// addresses (a CNI bridge, a VXLAN device), not pods: a dial there
+    /// is held to the node port policy like one to the node's own address.
+    /// Sorted, no duplicates; `[0, 1]` (the network address and the first
+    /// host address) by default.
+    pub pod_host_offsets: Vec<u32>,
     /// Group that may use the egress Unix sockets (mode 0660 then).
     pub socket_group: Option<String>,
     /// The optional mTLS TCP listener.
@@ -712,6 +721,26 @@ fn validate_node_ports(mut ports: Vec<u16>) -> Result<Vec<u16>, ConfigError> {
     }
     ports.sort_unstable();
     Ok(ports)
+}
+
+/// `proxy.pod_host_offsets` by default: the network address (flannel's
+/// VXLAN device `flannel.1` holds it) and the first host address (the
+/// `cni0`/`cbr0` bridge of the bridge plugin, flannel and kubenet).
+pub const DEFAULT_POD_HOST_OFFSETS: [u32; 2] = [0, 1];
+
+/// `proxy.pod_host_offsets`: no duplicates; returned sorted. An empty list
+/// is allowed (every pod CIDR address is then a pod) but must be written.
+fn validate_pod_host_offsets(mut offsets: Vec<u32>) -> Result<Vec<u32>, ConfigError> {
+    for (i, o) in offsets.iter().enumerate() {
+        if offsets[..i].contains(o) {
+            return Err(invalid(
+                format!("proxy.pod_host_offsets[{i}]"),
+                format!("{o} is listed twice"),
+            ));
+        }
+    }
+    offsets.sort_unstable();
+    Ok(offsets)
 }
 
 /// `proxy.tls.client_names`: certificate names as they appear in a CN or a
@@ -1062,6 +1091,10 @@ impl Config {
             },
             node_local_via_loopback: p.node_local_via_loopback.unwrap_or(false),
             node_ports: validate_node_ports(p.node_ports.unwrap_or_default())?,
+            pod_host_offsets: validate_pod_host_offsets(
+                p.pod_host_offsets
+                    .unwrap_or_else(|| DEFAULT_POD_HOST_OFFSETS.to_vec()),
+            )?,
             socket_group: validate_group("proxy.socket_group", p.socket_group)?,
             tls: match p.tls {
                 None => None,
@@ -1092,13 +1125,9 @@ impl Config {
         let discovery = match raw.discovery {
             None => DiscoveryConfig::default(),
             Some(d) => {
-                const KNOWN: [&str; 5] = [
-                    "InternalIP",
-                    "ExternalIP",
-                    "Hostname",
-                    "InternalDNS",
-                    "ExternalDNS",
-                ];
+                // A discovered SSH address must be an IP literal (see
+                // `address`), so the DNS-valued types cannot name one.
+                const KNOWN: [&str; 2] = ["InternalIP", "ExternalIP"];
                 let address_types = d
                     .address_types
                     .unwrap_or_else(|| vec!["InternalIP".into(), "ExternalIP".into()]);
@@ -1179,7 +1208,7 @@ impl Config {
         let mut nodes = Vec::new();
         for (i, n) in raw.nodes.into_iter().enumerate() {
             let key = format!("node[{i}]");
-            let node = validate_node(&key, n, ssh.port)?;
+            let node = validate_node(&key, n, ssh.port, AddressOrigin::Operator)?;
             check_pod_scope(&key, &node, &proxy.cluster_cidrs)?;
             nodes.push(node);
         }
@@ -1278,16 +1307,27 @@ pub fn node_from_json(
 ) -> Result<NodeConfig, ConfigError> {
     let raw: NodeSpec =
         serde_json::from_value(value).map_err(|e| ConfigError::Parse(e.to_string()))?;
-    validate_node("node", raw, default_port)
+    validate_node("node", raw, default_port, AddressOrigin::Operator)
 }
 
-/// Validates one node given as a [`NodeSpec`] (the admin API's
-/// `POST /v1/nodes`); errors name the field as `node.<field>`.
-pub fn node_from_spec(spec: NodeSpec, default_port: u16) -> Result<NodeConfig, ConfigError> {
-    validate_node("node", spec, default_port)
+/// Validates one node given as a [`NodeSpec`]; errors name the field as
+/// `node.<field>`. `origin` says who wrote it: the admin API's
+/// `POST /v1/nodes` is the operator's, a discovered Node is not, and only
+/// the operator may give a DNS name as the SSH address.
+pub fn node_from_spec(
+    spec: NodeSpec,
+    default_port: u16,
+    origin: AddressOrigin,
+) -> Result<NodeConfig, ConfigError> {
+    validate_node("node", spec, default_port, origin)
 }
 
-fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig, ConfigError> {
+fn validate_node(
+    key: &str,
+    n: NodeSpec,
+    default_port: u16,
+    origin: AddressOrigin,
+) -> Result<NodeConfig, ConfigError> {
     if !valid_node_name(&n.name) {
         return Err(invalid(
             format!("{key}.name"),
@@ -1303,26 +1343,9 @@ fn validate_node(key: &str, n: NodeSpec, default_port: u16) -> Result<NodeConfig
             format!("{:?} names this host's loopback, never a node", n.name),
         ));
     }
-    let address = n.address.trim().to_string();
-    if address.is_empty() || address.contains(char::is_whitespace) || address.contains('/') {
-        return Err(invalid(
-            format!("{key}.address"),
-            format!("{:?} is not a host name or IP address", n.address),
-        ));
-    }
-    // One spelling per IP, and never an address that names no node.
-    let address = match address.parse::<IpAddr>() {
-        Ok(ip) => {
-            let ip = canonical_ip(ip);
-            if let Some(why) = forbidden_address(ip) {
-                return Err(invalid(
-                    format!("{key}.address"),
-                    format!("{ip} is {why}, which is never a node's address"),
-                ));
-            }
-            ip.to_string()
-        }
-        Err(_) => address,
+    let address = match parse_ssh_address(n.address.trim(), origin) {
+        Ok(a) => a.to_string(),
+        Err(e) => return Err(invalid(format!("{key}.address"), e.to_string())),
     };
     if n.port == Some(0) {
         return Err(invalid(format!("{key}.port"), "must not be 0"));
@@ -1872,6 +1895,12 @@ pod_cidrs = ["10.244.1.0/24"]
         assert!(err_of("[proxy]\nnode_ports = [0]\n").contains("proxy.node_ports[0]"));
         assert!(err_of("[proxy]\nnode_ports = [1, 1]\n").contains("proxy.node_ports[1]"));
         assert!(err_of("[proxy]\nnode_ports = [70000]\n").contains("node_ports"));
+        assert_eq!(parse("").unwrap().proxy.pod_host_offsets, vec![0, 1]);
+        let c = parse("[proxy]\npod_host_offsets = [3, 0]\n").unwrap();
+        assert_eq!(c.proxy.pod_host_offsets, vec![0, 3]);
+        assert!(
+            err_of("[proxy]\npod_host_offsets = [1, 1]\n").contains("proxy.pod_host_offsets[1]")
+        );
         let tls = "[proxy]\nmax_pending_handshakes = 7\n[proxy.tls]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\n";
         let t = parse(tls).unwrap().proxy.tls.unwrap();
         assert!(t.client_names.is_empty());

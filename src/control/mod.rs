@@ -87,7 +87,8 @@ pub fn load_context(
         Arc::new(identity),
         Arc::new(known_hosts),
         handshakes,
-    ))
+    )
+    .with_service_cidrs(config.proxy.service_cidrs.clone()))
 }
 
 /// Why a change to the node set was refused. Nothing changed.

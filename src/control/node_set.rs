@@ -224,9 +224,10 @@ pub fn admit(candidates: Vec<Candidate>, cx: &Context<'_>) -> Admission {
         .collect();
 
     let mut reject = |name: &str, reason: String, kept: bool| {
+        // Both may carry a Node's own text: escaped for logs and status.
         rejected.push(Rejection {
-            name: name.to_string(),
-            reason,
+            name: crate::text::escape_control(name).into_owned(),
+            reason: crate::text::escape_control(&reason).into_owned(),
             kept,
         })
     };

@@ -61,6 +61,7 @@ pub const EFFECTS: &[(&str, Effect)] = &[
     ("proxy.max_streams_per_node", Effect::Live),
     ("proxy.node_local_via_loopback", Effect::Live),
     ("proxy.node_ports", Effect::Live),
+    ("proxy.pod_host_offsets", Effect::Live),
     ("proxy.socket_group", Effect::Restart),
     ("proxy.tls", Effect::Restart),
     ("proxy.relay", Effect::Live),

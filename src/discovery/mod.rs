@@ -29,6 +29,7 @@ use crate::control::sources::Source;
 use crate::control::Control;
 use k8s_openapi::api::core::v1::{Node, NodeAddress};
 
+use crate::config::address::{parse_ssh_address, AddressError, AddressOrigin};
 use crate::config::{is_localhost, node_from_spec, normalize_name, valid_node_name, NodeSpec};
 
 /// `kubectl get nodes -o json`: a `List` (or `NodeList`) of `Node`.
@@ -89,6 +90,19 @@ pub fn node_from_k8s(
                 address_types.join(" or ")
             )
         })?;
+    // An IP-valued address that is not an IP literal is a forged spelling
+    // (`127.1`, `0x7f.0.0.1`, `localhost`...): the whole Node is refused,
+    // not just that entry, since the node's own writer is not to be trusted.
+    for a in addrs {
+        if IP_TYPES.contains(&a.type_.as_str()) {
+            // The bans on a literal are checked below, naming the field.
+            if let Err(e @ AddressError::NotAnIp(_)) =
+                parse_ssh_address(&a.address, AddressOrigin::Discovered)
+            {
+                return Err(format!("Node {name:?}: status.addresses {}: {e}", a.type_));
+            }
+        }
+    }
     let mut internal_ips: Vec<String> = Vec::new();
     if address.parse::<IpAddr>().is_ok() {
         internal_ips.push(address.clone());
@@ -157,8 +171,11 @@ pub fn node_from_k8s(
         host_addresses,
         kubelet_port,
     };
-    node_from_spec(raw, default_port).map_err(|e| e.node_reason())
+    node_from_spec(raw, default_port, AddressOrigin::Discovered).map_err(|e| e.node_reason())
 }
+
+/// The `status.addresses` types whose value is an IP address.
+const IP_TYPES: [&str; 2] = ["InternalIP", "ExternalIP"];
 
 /// Reads one Node object (JSON) through the discovery border: its shape,
 /// then every rule a node must meet on its own. Never fails: a Node that
@@ -373,6 +390,8 @@ mod tests {
           {"metadata":{"name":"meta"},"status":{"addresses":[{"type":"InternalIP","address":"10.0.0.8"},
              {"type":"ExternalIP","address":"169.254.169.254"}]}},
           {"kind":"Node"},
+          {"metadata":{"name":"short"},"status":{"addresses":[{"type":"InternalIP","address":"127.1"},
+             {"type":"InternalIP","address":"10.0.0.7"}]}},
           {"metadata":{"name":"good"},"status":{"addresses":[{"type":"InternalIP","address":"::ffff:10.0.0.2"}]}}
         ]}"#;
         let c = parse_node_list(doc, &types(), 22).unwrap();
@@ -393,7 +412,12 @@ mod tests {
         );
         assert_eq!(c[5].name, "items[5]");
         assert!(reason(5).contains("not a Node object"), "{}", reason(5));
-        let good = c[6].node.clone().unwrap();
+        assert!(
+            reason(6).contains("Node \"short\"") && reason(6).contains("\"127.1\""),
+            "{}",
+            reason(6)
+        );
+        let good = c[7].node.clone().unwrap();
         assert_eq!(good.address, "10.0.0.2", "mapped IPv6 is written as IPv4");
         assert_eq!(
             good.internal_ips,

@@ -51,7 +51,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
-use crate::proxy::route::{NodePorts, Route, RouteTable};
+use crate::proxy::route::{pod_host_address, NodePorts, Route, RouteTable};
 use crate::shard::{Movable, MovableTcp};
 use crate::tunnel::relay::{relay, RelayBudget, RelayLimits, Relayed};
 use crate::tunnel::{NodeTunnel, OpenStream};
@@ -168,6 +168,8 @@ pub struct ProxySettings {
     pub relay: RelayLimits,
     /// Ports allowed on node addresses besides each node's kubelet port.
     pub node_ports: NodePorts,
+    /// Offsets in each pod CIDR that are the node's own address.
+    pub pod_host_offsets: Vec<u32>,
 }
 
 impl ProxySettings {
@@ -183,6 +185,7 @@ impl ProxySettings {
             node_ports: NodePorts {
                 extra: p.node_ports.clone(),
             },
+            pod_host_offsets: p.pod_host_offsets.clone(),
         }
     }
 }
@@ -666,7 +669,12 @@ impl EgressProxy {
             } => {
                 // A node's own address is its host network: only the
                 // kubelet and the listed ports, whatever host it becomes.
-                if node_local {
+                // So is a pod CIDR address its CNI gives the node itself.
+                let host_network = node_local
+                    || host.parse().is_ok_and(|ip| {
+                        pod_host_address(&node.node, ip, &settings.pod_host_offsets)
+                    });
+                if host_network {
                     if let Err(why) = settings.node_ports.check(&node.node, target.port) {
                         info!(node = %node.node.name, reason = %why, "destination port not allowed");
                         self.refuse(

@@ -38,7 +38,10 @@
 //! ([`NodePorts`]): such a dial lands on the node's host network, beside its
 //! sshd, its etcd peer port or whatever else listens there, so only the
 //! kubelet and the ports the operator listed are reachable. Pod and service
-//! addresses keep every port: they belong to workloads.
+//! addresses keep every port: they belong to workloads, except the few
+//! addresses of a pod CIDR that a CNI gives the node itself
+//! ([`pod_host_address`]): a `cni0` bridge `.1` or a `flannel.1` `.0`
+//! reaches the node's host network just as its InternalIP does.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -155,6 +158,28 @@ impl NodePorts {
             format!("only {}", parts.join(", "))
         }
     }
+}
+
+/// Whether `ip` is one of `node`'s own host-network addresses inside one of
+/// its pod CIDRs: the address at one of `offsets` from the CIDR's network
+/// address (0 the network address itself, 1 the first host address). A
+/// CNI that puts a bridge or tunnel device on the node takes such an
+/// address (see SECURITY.md for which), and a dial there lands on the node's
+/// host network, beside its sshd, exactly as a dial to its InternalIP does.
+pub fn pod_host_address(node: &NodeConfig, ip: IpAddr, offsets: &[u32]) -> bool {
+    let ip = canonical_ip(ip);
+    node.pod_cidrs.iter().any(|c| {
+        let c = canonical_net(*c);
+        if !c.contains(&ip) {
+            return false;
+        }
+        let offset = match (c.network(), ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => u128::from(u32::from(a) - u32::from(n)),
+            (IpAddr::V6(n), IpAddr::V6(a)) => u128::from(a) - u128::from(n),
+            _ => return false,
+        };
+        offsets.iter().any(|o| u128::from(*o) == offset)
+    })
 }
 
 /// An immutable routing snapshot.
@@ -538,6 +563,32 @@ mod tests {
              only 10250 (kubelet), 10255 (the kubelet and proxy.node_ports); \
              list 2379 in proxy.node_ports to allow it"
         );
+    }
+
+    #[test]
+    fn the_first_addresses_of_a_pod_cidr_are_the_node_s_own() {
+        let n = node("node-1", &["10.0.0.11"], &["10.244.1.0/24", "fd10:1::/64"]);
+        let at = |s: &str, o: &[u32]| pod_host_address(&n, s.parse().unwrap(), o);
+        for host in [
+            "10.244.1.0",
+            "10.244.1.1",
+            "::ffff:10.244.1.1",
+            "fd10:1::",
+            "fd10:1::1",
+        ] {
+            assert!(at(host, &[0, 1]), "{host}");
+        }
+        for pod in [
+            "10.244.1.5",
+            "10.244.1.255",
+            "fd10:1::5",
+            "10.244.2.1",
+            "10.0.0.11",
+        ] {
+            assert!(!at(pod, &[0, 1]), "{pod}");
+        }
+        assert!(at("10.244.1.5", &[5]));
+        assert!(!at("10.244.1.1", &[]));
     }
 
     fn table() -> RouteTable<String> {

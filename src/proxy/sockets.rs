@@ -1,9 +1,13 @@
 //! Binding local sockets safely.
 //!
 //! A stale socket file from a crashed run is replaced, but only if it really
-//! is a socket and nothing answers on it: we never delete a regular file an
-//! operator mistyped as a socket path, never follow a symbolic link placed
-//! at the socket path, and never steal a live daemon's socket.
+//! is a socket and a connect to it is refused (ECONNREFUSED: no listener):
+//! we never delete a regular file an operator mistyped as a socket path,
+//! never follow a symbolic link placed at the socket path, and never steal
+//! a live daemon's socket. Any other connect error (a full backlog, no
+//! permission) says nothing about whether a daemon listens there, so it
+//! refuses the start, naming the path. The probe connect is non-blocking:
+//! a blocking one would wait for a full backlog to drain.
 //!
 //! A socket is never reachable with a looser mode than its final one. Binding
 //! creates the socket file with the process umask's mode, and a chmod after
@@ -39,6 +43,15 @@ pub enum BindError {
     InUse {
         /// The path.
         path: String,
+    },
+    /// A connect to the existing socket failed for another reason than
+    /// "refused", so it may be a live daemon's.
+    #[error("{path}: cannot tell whether a process listens on this socket (connect: {source}); refusing to replace it (stop whatever holds it, or remove it if it is stale)")]
+    Unverifiable {
+        /// The path.
+        path: String,
+        /// The connect error.
+        source: std::io::Error,
     },
     /// The socket group could not be applied.
     #[error("{path}: socket_group {group:?}: {reason}")]
@@ -190,26 +203,67 @@ pub fn stage(path: &Path, mode: u32, group: Option<&str>) -> Result<StagedSocket
 }
 
 /// Refuses a symbolic link, a non-socket or a live socket at `path`; a
-/// stale socket (nothing answers) or nothing at all is fine.
+/// stale socket (a connect is refused) or nothing at all is fine.
 fn check_existing(path: &Path) -> Result<(), BindError> {
     let p = path.display().to_string();
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => Err(BindError::Symlink { path: p }),
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(BindError::InUse { path: p });
-            }
-            Ok(())
-        }
+        Ok(meta) if meta.file_type().is_socket() => match probe_connect(path) {
+            Ok(()) => Err(BindError::InUse { path: p }),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            Err(source) => Err(BindError::Unverifiable { path: p, source }),
+        },
         Ok(_) => Err(BindError::NotASocket { path: p }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(BindError::Io { path: p, source }),
     }
 }
 
+/// One non-blocking connect to the Unix socket at `path`.
+fn probe_connect(path: &Path) -> std::io::Result<()> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
+    s.connect(&SockAddr::unix(path)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket whose backlog is full answers a connect with EAGAIN, not
+    /// "refused": its daemon is alive, only busy. It is not replaced.
+    #[tokio::test]
+    async fn a_socket_with_a_full_backlog_is_not_taken_for_stale() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.sock");
+        let l = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        l.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        l.listen(0).unwrap();
+        let mut held = Vec::new();
+        let full = (0..64).any(|_| match probe_connect_held(&path) {
+            Ok(s) => {
+                held.push(s);
+                false
+            }
+            Err(_) => true,
+        });
+        assert!(full, "the backlog never filled");
+        let err = bind_unix(&path, 0o600).unwrap_err();
+        assert!(matches!(err, BindError::Unverifiable { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("refusing to replace it"), "{text}");
+        drop(held);
+        drop(l);
+    }
+
+    fn probe_connect_held(path: &Path) -> std::io::Result<socket2::Socket> {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None)?;
+        s.connect(&SockAddr::unix(path)?)?;
+        Ok(s)
+    }
 
     #[tokio::test]
     async fn replaces_stale_refuses_files_and_live_sockets() {

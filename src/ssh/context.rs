@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use ipnet::IpNet;
 use russh::client;
 use tokio::sync::watch;
 
@@ -29,6 +30,8 @@ pub struct SshContext {
     pub health: Option<HealthConfig>,
     /// How long a retiring session may keep serving its streams.
     pub drain_timeout: Duration,
+    /// The service CIDRs: no SSH connect goes to an address inside them.
+    pub service_cidrs: Vec<IpNet>,
     /// The loaded client identity. Its `Debug` shows the fingerprint only.
     pub identity: Arc<Identity>,
     /// Host keys.
@@ -64,6 +67,7 @@ impl SshContext {
                     russh::cipher::AES_256_CTR,
                     russh::cipher::AES_128_CTR,
                 ]),
+                key: std::borrow::Cow::Owned(host_key_algorithms()),
                 ..russh::Preferred::default()
             };
             let preferred = if certificates {
@@ -92,6 +96,7 @@ impl SshContext {
             reconnect,
             health,
             drain_timeout,
+            service_cidrs: Vec::new(),
             identity,
             known_hosts,
             client_config,
@@ -99,6 +104,28 @@ impl SshContext {
             handshakes,
         }
     }
+}
+
+impl SshContext {
+    /// The same context, refusing SSH connects into `service_cidrs`.
+    pub fn with_service_cidrs(mut self, service_cidrs: Vec<IpNet>) -> SshContext {
+        self.service_cidrs = service_cidrs;
+        self
+    }
+}
+
+/// russh's host key algorithms without `ssh-rsa`, whose signatures hash
+/// with SHA-1 (OpenSSH dropped it in 8.8). RSA host keys still work
+/// through rsa-sha2-512 and rsa-sha2-256; russh 0.65.4 also checks that a
+/// signature's hash is one of those the client allowed, so a node cannot
+/// slip a SHA-1 signature under a negotiated rsa-sha2 name.
+pub fn host_key_algorithms() -> Vec<russh::keys::Algorithm> {
+    russh::Preferred::default()
+        .key
+        .iter()
+        .filter(|a| !matches!(a, russh::keys::Algorithm::Rsa { hash: None }))
+        .cloned()
+        .collect()
 }
 
 /// The context as currently configured. A reload stores a new one, and
@@ -161,6 +188,21 @@ pub fn channel_queue_packets(maximum_packet_size: u32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssh_rsa_is_never_offered_and_rsa_sha2_stays() {
+        use russh::keys::ssh_key::HashAlg;
+        use russh::keys::Algorithm;
+        let algs = host_key_algorithms();
+        assert!(!algs.contains(&Algorithm::Rsa { hash: None }), "{algs:?}");
+        for hash in [HashAlg::Sha256, HashAlg::Sha512] {
+            assert!(
+                algs.contains(&Algorithm::Rsa { hash: Some(hash) }),
+                "{algs:?}"
+            );
+        }
+        assert!(algs.contains(&Algorithm::Ed25519));
+    }
 
     #[test]
     fn the_per_channel_queue_holds_at_most_2_mib() {

@@ -70,6 +70,11 @@ pub enum Verdict {
     Unknown,
     /// The key (or the CA that signed its certificate) is marked `@revoked`.
     Revoked,
+    /// A CA line for this host exists, and the host presented a plain key
+    /// that no plain line lists. A host a CA vouches for must present a
+    /// certificate from it; a plain key there is what a man in the middle
+    /// would offer, so it is never learned, under any policy.
+    CertificateRequired,
     /// A CA line for this host exists, the host presented a certificate that
     /// does not satisfy it, and no plain line trusts the key inside it.
     CertificateRejected {
@@ -128,8 +133,22 @@ impl KnownHostsFile {
 
     /// Checks `key` for `host` (an IP or name) on `port`. Every name in
     /// `hosts` is tried, e.g. the node's address and its node name, as
-    /// OpenSSH does with `HostKeyAlias`/`CheckHostIP`.
+    /// OpenSSH does with `HostKeyAlias`/`CheckHostIP`. A plain key that no
+    /// plain line knows is [`Verdict::CertificateRequired`], not `Unknown`,
+    /// where an `@cert-authority` line covers the host (OpenSSH would call
+    /// it unknown, and `accept-new` would learn it).
     pub fn check(&self, hosts: &[&str], port: u16, key: &PublicKey) -> Verdict {
+        match self.check_plain(hosts, port, key) {
+            Verdict::Unknown if self.has_cert_authority_for(hosts, port) => {
+                Verdict::CertificateRequired
+            }
+            v => v,
+        }
+    }
+
+    /// [`KnownHostsFile::check`] against the plain (and `@revoked`) lines
+    /// only.
+    fn check_plain(&self, hosts: &[&str], port: u16, key: &PublicKey) -> Verdict {
         let candidates: Vec<String> = hosts.iter().map(|h| host_port_form(h, port)).collect();
         let matches_host = |p: &HostPatterns| candidates.iter().any(|c| patterns_match(p, c));
 
@@ -191,7 +210,7 @@ impl KnownHostsFile {
             }
         };
         let plain = PublicKey::new(cert.public_key().clone(), "");
-        match (self.check(hosts, port, &plain), failure) {
+        match (self.check_plain(hosts, port, &plain), failure) {
             (Verdict::Unknown, Some(reason)) => Verdict::CertificateRejected { reason },
             (v, _) => v,
         }
@@ -548,8 +567,18 @@ mod tests {
             f.check_certificate(&["10.0.0.7", "node-a"], 22, &c, NOW),
             Verdict::Trusted
         );
-        // A CA line is not a plain host key line.
-        assert_eq!(f.check(&["10.0.0.1"], 22, &key(CA)), Verdict::Unknown);
+        // A CA line is not a plain host key line, and a host it covers
+        // must present a certificate: a plain key there is refused.
+        assert_eq!(
+            f.check(&["10.0.0.1"], 22, &key(CA)),
+            Verdict::CertificateRequired
+        );
+        assert_eq!(
+            f.check(&["10.0.0.1"], 22, &key(HOST)),
+            Verdict::CertificateRequired
+        );
+        // A host no CA line covers is unknown as before.
+        assert_eq!(f.check(&["192.0.2.1"], 22, &key(HOST)), Verdict::Unknown);
     }
 
     #[test]

@@ -173,6 +173,13 @@ impl client::Handler for ClientHandler {
                     self.node.address
                 ))
             }
+            Verdict::CertificateRequired => {
+                warn!(presented = %presented, "plain host key REFUSED: an @cert-authority line covers this node, so it must present a host certificate from that CA (possibly a man in the middle)");
+                TunnelError::HostKey(format!(
+                    "host key {presented} refused: an @cert-authority line in known_hosts covers {}, so the node must present a host certificate signed by that CA; a plain key is never learned there",
+                    self.node.address
+                ))
+            }
             Verdict::Revoked => {
                 warn!(presented = %presented, "host key REVOKED in known_hosts");
                 TunnelError::HostKey(format!("host key {presented} is revoked"))
@@ -194,14 +201,18 @@ impl client::Handler for ClientHandler {
             DisconnectReason::ReceivedDisconnect(info) => {
                 format!(
                     "node sent disconnect: {:?} {}",
-                    info.reason_code, info.message
+                    info.reason_code,
+                    crate::text::escape_control(&info.message)
                 )
             }
             DisconnectReason::Error(e) => match e {
                 russh::Error::KeepaliveTimeout => {
                     "keepalive timeout: no answer from the node".into()
                 }
-                other => format!("session error: {other}"),
+                other => format!(
+                    "session error: {}",
+                    crate::text::escape_control(&other.to_string())
+                ),
             },
         };
         *self.end_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
@@ -223,8 +234,11 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
         .await
         .map_err(|_| TunnelError::NotConnected("shutting down".into()))?;
     let timeout = ctx.ssh.connect_timeout;
-    let endpoint = (node.address.as_str(), node.port);
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(endpoint)).await {
+    let endpoints = match tokio::time::timeout(timeout, resolve(node, &ctx.service_cidrs)).await {
+        Err(_) => return Err(TunnelError::ConnectTimeout(timeout)),
+        Ok(r) => r?,
+    };
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&endpoints[..])).await {
         Err(_) => return Err(TunnelError::ConnectTimeout(timeout)),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             return Err(TunnelError::ConnectRefused(e.to_string()))
@@ -318,6 +332,51 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     }
 }
 
+/// The socket addresses a connect to `node` may use. An IP literal is
+/// used as it is, never handed to the system resolver (which would read
+/// `127.1` as loopback). A DNS name (only an operator can write one) is
+/// resolved here, and every answer is checked against the same bans as a
+/// literal: one banned answer refuses the whole name, since a name that
+/// can lead to this host's loopback is not one to try addresses of.
+/// The bans are checked again for a literal, as the last word before any
+/// dial, whichever path the address took to get here.
+async fn resolve(
+    node: &NodeConfig,
+    service_cidrs: &[ipnet::IpNet],
+) -> Result<Vec<std::net::SocketAddr>, TunnelError> {
+    let refuse = |ip: std::net::IpAddr, why: String| {
+        warn!(address = %node.address, resolved = %ip, reason = %why, "SSH address refused");
+        TunnelError::ForbiddenAddress(format!(
+            "node {:?}: {:?} gives {ip}, which is {why}",
+            node.name, node.address
+        ))
+    };
+    let addrs: Vec<std::net::SocketAddr> = match node.address.parse::<std::net::IpAddr>() {
+        Ok(ip) => vec![(ip, node.port).into()],
+        Err(_) => tokio::net::lookup_host((node.address.as_str(), node.port))
+            .await
+            .map_err(|e| {
+                TunnelError::Connect(format!(
+                    "node {:?}: {:?} does not resolve: {e}",
+                    node.name, node.address
+                ))
+            })?
+            .collect(),
+    };
+    if addrs.is_empty() {
+        return Err(TunnelError::Connect(format!(
+            "node {:?}: {:?} resolves to no address",
+            node.name, node.address
+        )));
+    }
+    for a in &addrs {
+        if let Some(why) = crate::config::address::connect_ban(a.ip(), service_cidrs) {
+            return Err(refuse(a.ip(), why));
+        }
+    }
+    Ok(addrs)
+}
+
 /// Whether a log event is russh's complaint about a `maximum_packet_size`
 /// above 65535, so the subscriber can drop it.
 ///
@@ -351,5 +410,36 @@ fn kernel_liveness(tcp: &TcpStream, ssh: &SshConfig) {
     let limit = every.saturating_mul(count.saturating_add(1));
     if let Err(e) = sock.set_tcp_user_timeout(Some(limit)) {
         debug!(error = %e, "TCP user timeout not set");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name that resolves to loopback is refused after resolution, and
+    /// nothing is dialed: validation keeps `localhost` out of any config,
+    /// so this builds the node past it, as a DNS record pointing at
+    /// 127.0.0.1 would arrive.
+    #[tokio::test]
+    async fn every_resolved_address_is_checked_before_a_dial() {
+        let mut node = crate::config::test_node("n1", &["10.0.0.11"], &[]);
+        node.address = "localhost".into();
+        let e = resolve(&node, &[]).await.unwrap_err();
+        assert!(matches!(e, TunnelError::ForbiddenAddress(_)), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("\"n1\"") && text.contains("\"localhost\"") && text.contains("loopback"),
+            "{text}"
+        );
+        node.address = "10.96.0.10".into();
+        let svc = ["10.96.0.0/12".parse().unwrap()];
+        let e = resolve(&node, &svc).await.unwrap_err();
+        assert!(e.to_string().contains("service CIDR 10.96.0.0/12"), "{e}");
+        node.address = "10.0.0.11".into();
+        assert_eq!(
+            resolve(&node, &svc).await.unwrap(),
+            vec!["10.0.0.11:22".parse().unwrap()]
+        );
     }
 }

@@ -170,7 +170,7 @@ impl Cluster {
                 } else {
                     String::new()
                 },
-                pod_ip: Ipv4Addr::new(10, 201, n as u8, pod_base + 1),
+                pod_ip: Ipv4Addr::new(10, 201, n as u8, pod_base + 5),
                 service_ip: Ipv4Addr::new(10, 202, n as u8, 10 + i as u8),
                 pod_cidr6: if servers {
                     format!("fd00:201:{n}:{i}::/64")
@@ -223,7 +223,7 @@ impl Cluster {
                 "lo",
             ]);
 
-            let ip6: Ipv6Addr = format!("fd00:201:{n}:{i}::1").parse().unwrap();
+            let ip6: Ipv6Addr = format!("fd00:201:{n}:{i}::5").parse().unwrap();
             let has_v6 = run_quiet(
                 "ip",
                 &["-n", &ns, "addr", "add", &format!("{ip6}/128"), "dev", "lo"],

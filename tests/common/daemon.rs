@@ -379,6 +379,14 @@ impl Daemon {
     /// until the admin socket answers. For configs that [`ConfigSpec`]
     /// cannot express (keys inside `[proxy]`, `[admin]` or `[ssh]`).
     pub fn start_toml(cluster: &Cluster, toml: &str, args: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn_toml(cluster, toml, args);
+        d.wait_answering();
+        d
+    }
+
+    /// As [`Daemon::start_toml`], without waiting: returns as soon as the
+    /// process is spawned (for what a test does during the start).
+    pub fn spawn_toml(cluster: &Cluster, toml: &str, args: &[&str]) -> Daemon {
         let config = cluster.dir.join("config.toml");
         fs::write(&config, toml).unwrap();
         let admin = cluster.admin_socket();
@@ -400,14 +408,20 @@ impl Daemon {
         if let Some(f) = &pid_file {
             let _ = fs::write(f, child.id().to_string());
         }
-        let mut d = Daemon {
+        Daemon {
             child: Some(child),
             config,
             admin,
             egress: cluster.egress_socket(),
             log,
             pid_file,
-        };
+        }
+    }
+
+    /// Waits until the admin socket answers; panics (with the log) when it
+    /// does not within 15 s or the daemon exits.
+    pub fn wait_answering(&mut self) {
+        let d = self;
         let mut last = String::new();
         let ok = poll(Duration::from_secs(15), || {
             if let Some(Ok(Some(st))) = d.child.as_mut().map(|c| c.try_wait()) {
@@ -427,7 +441,13 @@ impl Daemon {
             "daemon admin socket never answered: {last}\n{}",
             d.log_tail(20)
         );
-        d
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Sends `sig` (a `kill` signal name such as "HUP") without waiting.

@@ -8,11 +8,13 @@
 //! - node `i` (1-based) lives in namespace `tnl<n>-<i>`, reached through the
 //!   veth pair `tv<n>h<i>` (host, on the bridge) / `tv<n>n<i>` (node), with the
 //!   SSH address 10.200.n.(10+i)/24 and no default route;
-//! - on the node's `lo`: pod address 10.201.n.(16i+1)/32 (pod CIDR
+//! - on the node's `lo`: pod address 10.201.n.(16i+5)/32 (pod CIDR
 //!   10.201.n.(16i)/28), its own service address 10.202.n.(10+i)/32, and the
 //!   shared "anycast" service address 10.202.n.100/32 that every node has,
-//!   and (where IPv6 works) the pod address fd00:201:n:i::1/128 in the
-//!   node's second pod CIDR fd00:201:n:i::/64;
+//!   and (where IPv6 works) the pod address fd00:201:n:i::5/128 in the
+//!   node's second pod CIDR fd00:201:n:i::/64. Pods sit at offset 5: the
+//!   first addresses of a pod CIDR are the node's own by default
+//!   (`proxy.pod_host_offsets`), as a CNI bridge holds them;
 //! - line echo server on port 7000 (`node=<name> local=<ip> echo=<line>`) and
 //!   HTTP server on port 8080 (body `node=<name>`), plus a server on 7001
 //!   that floods whoever connects, and a raw byte echo on 7002 (for
