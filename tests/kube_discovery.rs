@@ -390,14 +390,19 @@ fn connect_status(sock: &Path, target: &str) -> String {
 /// name routes to its node (503 here, no tunnel: but not 403).
 #[test]
 fn kubernetes_watch_reads_calico_tunnel_annotations_and_dns_names() {
-    let mut k1 = node("k-1", "10.211.0.21", "10.210.1.0/24");
+    require_netns!("kubernetes_watch_reads_calico_tunnel_annotations_and_dns_names");
+    // SSH addresses on the test's own bridge (discovery takes IP literals
+    // only); port 1 there refuses at once, so no tunnel comes up.
+    let cluster = common::Cluster::new(2);
+    let ip = |i: usize| cluster.node(i).ip.to_string();
+    let mut k1 = node("k-1", &ip(1), "10.210.1.0/24");
     k1["metadata"]["annotations"] =
         json!({"projectcalico.org/IPv4VXLANTunnelAddr": "10.210.200.1"});
     k1["status"]["addresses"]
         .as_array_mut()
         .unwrap()
         .push(json!({"type": "InternalDNS", "address": "ip-10-211-0-21.ec2.internal"}));
-    let api = FakeApi::start(vec![k1, node("k-2", "10.211.0.22", "10.210.2.0/24")]);
+    let api = FakeApi::start(vec![k1, node("k-2", &ip(2), "10.210.2.0/24")]);
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let st = Command::new("ssh-keygen")
@@ -433,8 +438,6 @@ pod_network_cidrs = ["10.210.0.0/16"]
 wait_for_healthy = "0s"
 [admin]
 socket = "admin.sock"
-[discovery]
-address_types = ["ExternalDNS"]
 [discovery.kubernetes]
 kubeconfig = "kubeconfig"
 "#,
