@@ -312,8 +312,8 @@ pub struct Counters {
     /// Channels whose open the node confirmed after its dial had given up
     /// (timed out, or its waiter went away), closed on arrival.
     pub late_opens_closed: AtomicU64,
-    /// Channel opens abandoned by their dial and not answered yet; each
-    /// still counts as a stream of the node until it is answered.
+    /// Channel opens abandoned by their dial and not answered yet. They
+    /// are not in `active_streams`, but count against the stream cap.
     pub abandoned_opens: AtomicU64,
 }
 
@@ -649,7 +649,10 @@ impl NodeTunnel {
         // Reserve the stream before the open: the cap holds under concurrent
         // dials, and a retiring session never sees zero while an open is in
         // flight on it.
-        if self.counters.active_streams.fetch_add(1, Ordering::AcqRel) >= max_streams {
+        // Opens abandoned by their dials and not answered yet count too:
+        // a node that confirms slowly cannot pile them up past the cap.
+        let abandoned = self.counters.abandoned_opens.load(Ordering::Acquire);
+        if self.counters.active_streams.fetch_add(1, Ordering::AcqRel) + abandoned >= max_streams {
             self.counters.active_streams.fetch_sub(1, Ordering::AcqRel);
             return Err(TunnelError::TooManyStreams(max_streams));
         }
@@ -884,8 +887,9 @@ impl Probed for Arc<NodeTunnel> {
 /// confirmation would leave a channel open on the node that nobody reads
 /// or closes). The answer goes to `reply`; when nobody waits for it any
 /// more, a confirmed channel is closed at once and counted. The stream's
-/// guard stays held until then, so a slow-confirming node's abandoned
-/// opens count against its stream cap. Ends early only when the session
+/// guard stays held until then, and an abandoned open counts against the
+/// node's stream cap (in `abandoned_opens`, no longer in `active_streams`),
+/// so a slow-confirming node cannot pile them up. Ends early only when the session
 /// ends or the node stops (the channel dies with the session then).
 async fn open_owned(
     tunnel: Arc<NodeTunnel>,
@@ -908,18 +912,27 @@ async fn open_owned(
         tokio::select! {
             r = &mut open => break r,
             _ = reply.closed(), if !abandoned => {
+                // No longer a stream of the node (nobody will use it), but
+                // still one against its cap until the node answers.
                 abandoned = true;
-                tunnel.counters.abandoned_opens.fetch_add(1, Ordering::Relaxed);
+                tunnel.counters.abandoned_opens.fetch_add(1, Ordering::AcqRel);
+                tunnel.counters.active_streams.fetch_sub(1, Ordering::AcqRel);
             }
             _ = conn.ended.cancelled() => break Err(russh::Error::Disconnect),
             _ = tunnel.cancel.cancelled() => break Err(russh::Error::Disconnect),
         }
     };
     if abandoned {
+        // Back in the stream count for as long as the guard lives (the
+        // late channel's close), which takes it out again.
+        tunnel
+            .counters
+            .active_streams
+            .fetch_add(1, Ordering::AcqRel);
         tunnel
             .counters
             .abandoned_opens
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::AcqRel);
     }
     let answer = result.map(|channel| OpenStream { channel, guard });
     if let Err(Ok(late)) = reply.send(answer) {
