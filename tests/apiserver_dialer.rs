@@ -17,7 +17,7 @@ use std::time::Duration;
 use common::apiserver::{
     self, read_response_head, sni_for, DialError, GoBufReader, Transport, MAX_REPLY_BYTES,
 };
-use common::pki::{issue_cert, make_ca};
+use common::pki::{egress_pki, issue_cert};
 use common::{free_tcp_port, Cluster, ConfigSpec, Daemon};
 
 const READY: Duration = Duration::from_secs(20);
@@ -38,24 +38,8 @@ struct Setup {
 fn setup() -> Setup {
     let cluster = Cluster::new(1);
     let tls = cluster.dir.join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
     let pod = cluster.node(1).pod_ip;
-    make_ca(&tls, "ca");
-    // No SNI arrives for an IP URL: the certificate must name the IP.
-    issue_cert(
-        &tls,
-        "ca",
-        "server",
-        "/CN=tunneler",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    );
-    issue_cert(
-        &tls,
-        "ca",
-        "client",
-        "/CN=kube-apiserver-egress",
-        "extendedKeyUsage=clientAuth\n",
-    );
+    egress_pki(&tls, "client");
     issue_cert(
         &tls,
         "ca",

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::pki::{issue_cert, make_ca};
+use common::pki::{egress_pki, issue_cert};
 use common::{
     all_output, free_tcp_port, report, tunneler_bin, Cluster, ConfigSpec, Daemon, ECHO_PORT,
     HTTP_PORT,
@@ -257,22 +257,7 @@ fn a_pod_cidr_bridge_address_is_held_to_the_node_port_policy() {
 /// The cluster CA's server and client certificates (apiserver egress by CN,
 /// another client by DNS SAN, and a kubelet's client certificate).
 fn cluster_ca(dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    make_ca(dir, "ca");
-    issue_cert(
-        dir,
-        "ca",
-        "server",
-        "/CN=tunneler",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    );
-    issue_cert(
-        dir,
-        "ca",
-        "egress",
-        "/CN=kube-apiserver-egress",
-        "extendedKeyUsage=clientAuth\n",
-    );
+    egress_pki(dir, "egress");
     issue_cert(
         dir,
         "ca",

@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pki::{issue_cert, make_ca};
+use common::pki::egress_pki;
 use common::*;
 
 const READY: Duration = Duration::from_secs(30);
@@ -88,22 +88,7 @@ fn nodes_and_their_streams_stay_on_their_shard() {
     require_netns!("nodes_and_their_streams_stay_on_their_shard");
     let cluster = Cluster::new(4);
     let tls = cluster.dir.join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    make_ca(&tls, "ca");
-    issue_cert(
-        &tls,
-        "ca",
-        "server",
-        "/CN=tunneler",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    );
-    issue_cert(
-        &tls,
-        "ca",
-        "egress",
-        "/CN=kube-apiserver-egress",
-        "extendedKeyUsage=clientAuth\n",
-    );
+    egress_pki(&tls, "egress");
     let tls_port = free_tcp_port();
     let spec = ConfigSpec {
         extra: format!(

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use common::pki::{issue_cert, make_ca};
+use common::pki::egress_pki;
 use common::{all_output, free_tcp_port, metric_value, report, Cluster, ConfigSpec, Daemon};
 use serde_json::Value;
 
@@ -178,27 +178,6 @@ while True:
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
-/// The cluster's CA, the daemon's server certificate (IP SAN 127.0.0.1) and
-/// the apiserver's client certificate.
-fn make_pki(dir: &Path) {
-    fs::create_dir_all(dir).unwrap();
-    make_ca(dir, "ca");
-    issue_cert(
-        dir,
-        "ca",
-        "server",
-        "/CN=tunneler",
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    );
-    issue_cert(
-        dir,
-        "ca",
-        "egress",
-        "/CN=kube-apiserver-egress",
-        "extendedKeyUsage=clientAuth\n",
-    );
-}
-
 /// A cluster of `n` nodes with the scripts written, and a daemon serving
 /// the Unix, TCP and mTLS listeners with `extra` config.
 struct Setup {
@@ -213,7 +192,7 @@ impl Setup {
     fn new(n: usize, extra: &str) -> Setup {
         let cluster = Cluster::new(n);
         let tls = cluster.dir.join("tls");
-        make_pki(&tls);
+        egress_pki(&tls, "egress");
         let tls_port = free_tcp_port();
         let spec = ConfigSpec {
             extra: format!(
@@ -304,6 +283,17 @@ fn finish(child: Child) -> Value {
         .wait_exit(Duration::from_secs(60))
         .expect("the client did not finish within 60 s");
     outcome(out)
+}
+
+/// The `slow_accept` server's verdict on each connection that was not its
+/// own filler: `eof after ...`, `still open after 10s` or `error ...`.
+fn verdicts(log: &Path) -> Vec<String> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("eof") || l.starts_with("still") || l.starts_with("error"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// `tunneler_streams_ended_total{node, how}`.
@@ -490,13 +480,7 @@ fn a_channel_confirmed_after_its_dial_timed_out_is_closed() {
     report(&format!("dial to a node side that accepts late: {v}"));
     let status = v["status"].as_str().unwrap_or_default().to_string();
     assert!(status.starts_with("HTTP/1.1 504 "), "{v}");
-    let verdict = || {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("eof") || l.starts_with("still") || l.starts_with("error"))
-            .map(str::to_string)
-    };
+    let verdict = || verdicts(&log).into_iter().next();
     assert!(
         common::poll(Duration::from_secs(30), || verdict().is_some()),
         "sshd never connected to the node-side server: {}",
@@ -533,14 +517,7 @@ fn a_timed_out_probe_leaves_no_channel_behind() {
         "\n[health]\nprobe = \"tcp://127.0.0.1:7103\"\ninterval = \"1s\"\ntimeout = \"1s\"\n";
     let s = Setup::new(1, cluster_probe);
     let (_server, log) = s.serve(1, "slow_accept", 7103, "5");
-    let lines = || {
-        fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("eof") || l.starts_with("still") || l.starts_with("error"))
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
+    let lines = || verdicts(&log);
     // Probes time out while the queue is full, then are confirmed late
     // once the server accepts; later probes pass.
     assert!(

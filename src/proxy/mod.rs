@@ -604,6 +604,18 @@ impl EgressProxy {
             .await
     }
 
+    /// Refuses `target` with 403, saying why (and what to change).
+    async fn forbid<W: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        started: tokio::time::Instant,
+        w: &mut W,
+        target: &Target,
+        why: &(dyn std::fmt::Display + Sync),
+    ) {
+        let why = Refusal::Forbidden(format!("{target}: {why}"));
+        self.refuse(started, w, why).await
+    }
+
     /// Records a refused dial in the metrics, then sends the error reply.
     async fn refuse<W: AsyncRead + AsyncWrite + Unpin>(
         &self,
@@ -641,12 +653,7 @@ impl EgressProxy {
                 routes.check_host_address(&target.host, target.port, &settings.node_ports)
             {
                 info!(reason = %why, "destination port not allowed on a node's host address");
-                self.refuse(
-                    started,
-                    &mut s,
-                    Refusal::Forbidden(format!("{target}: {why}")),
-                )
-                .await;
+                self.forbid(started, &mut s, &target, &why).await;
                 return;
             }
         }
@@ -654,12 +661,7 @@ impl EgressProxy {
             Route::Forbidden => {
                 let why = routes.not_routed(&target.host);
                 debug!(reason = %why, "destination not allowed");
-                self.refuse(
-                    started,
-                    &mut s,
-                    Refusal::Forbidden(format!("{target}: {why}")),
-                )
-                .await;
+                self.forbid(started, &mut s, &target, &why).await;
                 return;
             }
             Route::Node {
@@ -677,12 +679,7 @@ impl EgressProxy {
                 if host_network {
                     if let Err(why) = settings.node_ports.check(&node.node, target.port) {
                         info!(node = %node.node.name, reason = %why, "destination port not allowed");
-                        self.refuse(
-                            started,
-                            &mut s,
-                            Refusal::Forbidden(format!("{target}: {why}")),
-                        )
-                        .await;
+                        self.forbid(started, &mut s, &target, &why).await;
                         return;
                     }
                 }

@@ -86,3 +86,27 @@ pub fn issue_cert(dir: &Path, ca: &str, name: &str, subj: &str, ext: &str) {
         ],
     );
 }
+
+/// The mTLS listener's usual certificates in `dir` (created if needed): the
+/// CA `ca`, the daemon's `server` certificate with an IP SAN of 127.0.0.1
+/// (kube-apiserver sends no SNI for an IP URL, so the certificate must name
+/// the IP), and kube-apiserver's client certificate `<client>` with the CN
+/// `kube-apiserver-egress`.
+pub fn egress_pki(dir: &Path, client: &str) {
+    fs::create_dir_all(dir).unwrap();
+    make_ca(dir, "ca");
+    issue_cert(
+        dir,
+        "ca",
+        "server",
+        "/CN=tunneler",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+    issue_cert(
+        dir,
+        "ca",
+        client,
+        "/CN=kube-apiserver-egress",
+        "extendedKeyUsage=clientAuth\n",
+    );
+}
