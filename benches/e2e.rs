@@ -30,6 +30,9 @@
 //!   open on one tunnel, then echoing on all at once (median of five
 //!   rounds, more for small counts: 101 for 50), RSS per idle stream;
 //! - `slow`: readers slower than their node (see [`slow`]);
+//! - `window`: the SSH window's trade-off, one daemon per window: one
+//!   stream's download speed against the delay a 2 MB/s reader's
+//!   neighbours on its session pay;
 //! - `aggregate`: four nodes of their own, one stream each at once: the one
 //!   daemon against four `ssh -L` processes, one per node;
 //! - `nodes`: 40 node namespaces with one sshd each, then 1000 and 5000
@@ -91,13 +94,14 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 
 /// Every section, in the order they run (`TUNNELER_BENCH_ONLY` names).
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "rtt_ms",
     "throughput",
     "rtt",
     "dial",
     "streams",
     "slow",
+    "window",
     "aggregate",
     "nodes",
 ];
@@ -2889,6 +2893,79 @@ mod slow {
         t
     }
 
+    /// What the neighbours of a 2 MB/s reader saw on its session.
+    struct Beside {
+        idle: Vec<Duration>,
+        held: Vec<Duration>,
+        download: Duration,
+        slow_ok: bool,
+        seen: bool,
+    }
+
+    /// On `p`: an echo and a download stream opened first, then a 2 MB/s
+    /// reader of a pushing source on the same session; once it holds the
+    /// session, round trips on the echo for `window` and a `bulk` download
+    /// read as fast as it comes. Every byte is checked.
+    fn beside_slow(
+        ep: &Endpoints,
+        p: PathKind,
+        admin: &Path,
+        count: usize,
+        bytes: u64,
+        bulk: u64,
+        window: Duration,
+    ) -> io::Result<Beside> {
+        let seed = next_seed();
+        let mut echo = ep.dial(p, ECHO_PORT)?;
+        let mut dl = ep.dial(p, SOURCE_PORT)?;
+        let idle = rtts_on(&mut echo, seed, 0, count, None, Duration::ZERO, None)?;
+        let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
+        let (held, dl_r, slow, seen) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| paced(ep, p, bytes, SLOW_RATE, &got, &done));
+            let admin = (p != PathKind::SshL).then_some(admin);
+            let seen = wait_held(&got, 2 << 20, admin, true);
+            let until = Instant::now() + window;
+            let d = sc
+                .spawn(|| read_source(&mut dl, bulk, None, &AtomicU64::new(0)).map(|g| g.elapsed));
+            let held = rtts_on(
+                &mut echo,
+                seed,
+                count as u64,
+                1_000_000,
+                Some(until),
+                Duration::ZERO,
+                None,
+            );
+            (held, join(d), join(h), seen)
+        });
+        let held = held?;
+        finish_echo(&mut echo)?;
+        let slow_ok = match slow {
+            Ok(_) => true,
+            Err(e) => {
+                fail(format!(
+                    "slow reader beside its session's neighbours, {}: {e}",
+                    p.label()
+                ));
+                false
+            }
+        };
+        let download = dl_r?;
+        if p != PathKind::SshL && !seen {
+            fail(format!(
+                "neighbours on a held session, {}: the session was never held within {HOLD_WAIT:?}",
+                p.label()
+            ));
+        }
+        Ok(Beside {
+            idle,
+            held,
+            download,
+            slow_ok,
+            seen,
+        })
+    }
+
     /// Case 4: streams that already shared the session when it became
     /// held. A daemon of its own with one session per node, so they must.
     pub fn shared_session(cluster: &Cluster, ep: &Endpoints, sz: &Sizes) -> Vec<Table> {
@@ -2904,9 +2981,13 @@ mod slow {
         let bytes = (SLOW_RATE * sz.slow_neigh_secs as f64) as u64;
         let bulk = (sz.bulk_bytes / 64).max(1 << 20);
         let window = Duration::from_secs_f64(sz.slow_neigh_secs as f64 / 3.0);
+        let win = node_status(&daemon.admin)
+            .and_then(|n| n["window_bytes"].as_u64())
+            .unwrap_or(0);
         let mut t = Table::new(
             format!(
-                "Streams that already shared the session when a 2 MB/s reader made it held (daemon: max_connections_per_node = 1): {MSG}-byte round trips for {:.1} s, and a {} download",
+                "Streams that already shared the session when a 2 MB/s reader made it held (daemon: max_connections_per_node = 1, SSH window {}): {MSG}-byte round trips for {:.1} s, and a {} download",
+                mib(win),
                 window.as_secs_f64(),
                 mib(bulk)
             ),
@@ -2922,63 +3003,17 @@ mod slow {
             ],
         );
         for p in SLOW_PATHS {
-            let run = || -> io::Result<Vec<String>> {
-                let seed = next_seed();
-                let mut echo = ep.dial(p, ECHO_PORT)?;
-                let mut dl = ep.dial(p, SOURCE_PORT)?;
-                let idle = rtts_on(&mut echo, seed, 0, count, None, Duration::ZERO, None)?;
-                let (got, done) = (AtomicU64::new(0), AtomicBool::new(false));
-                let (held, dl_r, slow, seen) = std::thread::scope(|sc| {
-                    let h = sc.spawn(|| paced(ep, p, bytes, SLOW_RATE, &got, &done));
-                    let admin = (p != PathKind::SshL).then_some(daemon.admin.as_path());
-                    let seen = wait_held(&got, 2 << 20, admin, true);
-                    let until = Instant::now() + window;
-                    let d = sc.spawn(|| {
-                        read_source(&mut dl, bulk, None, &AtomicU64::new(0)).map(|g| g.elapsed)
-                    });
-                    let held = rtts_on(
-                        &mut echo,
-                        seed,
-                        count as u64,
-                        1_000_000,
-                        Some(until),
-                        Duration::ZERO,
-                        None,
-                    );
-                    (held, join(d), join(h), seen)
-                });
-                let held = held?;
-                finish_echo(&mut echo)?;
-                let slow_ok = match slow {
-                    Ok(_) => "every byte".to_string(),
-                    Err(e) => {
-                        fail(format!(
-                            "slow reader beside its session's neighbours, {}: {e}",
-                            p.label()
-                        ));
-                        "FAILED".into()
-                    }
-                };
-                let dl_t = dl_r?;
-                if p != PathKind::SshL && !seen {
-                    fail(format!(
-                        "neighbours on a held session, {}: the session was never held within {HOLD_WAIT:?}",
-                        p.label()
-                    ));
-                }
-                Ok(vec![
+            match beside_slow(ep, p, &daemon.admin, count, bytes, bulk, window) {
+                Ok(b) => t.row(vec![
                     p.label().into(),
-                    pct(&idle, 50.0),
-                    pct(&held, 50.0),
-                    pct(&held, 99.0),
-                    held.len().to_string(),
-                    format!("{:.1} s", dl_t.as_secs_f64()),
-                    format!("{:.2}", bulk as f64 / dl_t.as_secs_f64() / 1e6),
-                    slow_ok,
-                ])
-            };
-            match run() {
-                Ok(row) => t.row(row),
+                    pct(&b.idle, 50.0),
+                    pct(&b.held, 50.0),
+                    pct(&b.held, 99.0),
+                    b.held.len().to_string(),
+                    format!("{:.1} s", b.download.as_secs_f64()),
+                    format!("{:.2}", bulk as f64 / b.download.as_secs_f64() / 1e6),
+                    if b.slow_ok { "every byte" } else { "FAILED" }.into(),
+                ]),
                 Err(e) => {
                     fail(format!("neighbours on a held session, {}: {e}", p.label()));
                     let mut row = vec![p.label().to_string()];
@@ -2988,7 +3023,7 @@ mod slow {
             }
         }
         t.notes.push("the echo and download streams are opened before the slow reader, on the same (only) session; the download is requested once the session is held and read as fast as it comes, every byte checked".into());
-        t.notes.push("daemon: the held session carries the neighbours' node→client data behind up to one SSH window (8 MiB) of the slow stream's, drained at 2 MB/s, so their round trips cost seconds; ssh -L has per-channel windows and is not held. What removes it: per-channel windows in russh (#770)".into());
+        t.notes.push("daemon: russh re-opens a channel's window as data arrives, so the held session carries the neighbours' node→client data behind up to one SSH window of the slow stream's, drained at 2 MB/s; the window is sized to the link (see the `window` table). ssh -L has per-channel windows and is not held".into());
         let (_, seen) = w.finish();
         let mut d = daemon;
         d.stop();
@@ -2996,6 +3031,206 @@ mod slow {
             t,
             status_table("max_connections_per_node = 1: over the case above", seen),
         ]
+    }
+
+    /// The SSH window's trade-off, one daemon per window (`window_min =
+    /// window_max`, one session per node): one stream's download speed
+    /// alone, against what a 2 MB/s reader's neighbours on its session pay.
+    /// `ssh -L`, with per-channel windows, is the reference row.
+    pub fn window_tradeoff(cluster: &Cluster, ep: &Endpoints, sz: &Sizes) -> Table {
+        const WINDOWS: [u64; 7] = [
+            64 << 10,
+            128 << 10,
+            256 << 10,
+            512 << 10,
+            1 << 20,
+            2 << 20,
+            8 << 20,
+        ];
+        progress("window: download speed against neighbour delay, per SSH window");
+        let alone = (sz.bulk_bytes / 4).max(8 << 20);
+        let count = (sz.rtt_count / 10).clamp(20, 1000);
+        let bytes = (SLOW_RATE * sz.slow_neigh_secs as f64) as u64;
+        let bulk = (sz.bulk_bytes / 64).max(1 << 20);
+        let window = Duration::from_secs_f64(sz.slow_neigh_secs as f64 / 3.0);
+        let mut t = Table::new(
+            format!(
+                "SSH window trade-off (max_connections_per_node = 1): a {} download alone, and beside a 2 MB/s reader on the same session {MSG}-byte round trips for {:.1} s and a {} download",
+                mib(alone),
+                window.as_secs_f64(),
+                mib(bulk)
+            ),
+            &[
+                "window",
+                "alone MB/s",
+                "beside: p50",
+                "p99",
+                "download MB/s",
+                "slow reader",
+            ],
+        );
+        let row = |label: String, p: PathKind, admin: &Path| -> Vec<String> {
+            let speed = ep
+                .dial(p, SOURCE_PORT)
+                .and_then(|mut s| read_source(&mut s, alone, None, &AtomicU64::new(0)))
+                .map(|g| format!("{:.0}", alone as f64 / g.elapsed.as_secs_f64() / 1e6))
+                .unwrap_or_else(|e| {
+                    fail(format!("window {label}, download alone: {e}"));
+                    "FAILED".into()
+                });
+            match beside_slow(ep, p, admin, count, bytes, bulk, window) {
+                Ok(b) => vec![
+                    label,
+                    speed,
+                    pct(&b.held, 50.0),
+                    pct(&b.held, 99.0),
+                    format!("{:.1}", bulk as f64 / b.download.as_secs_f64() / 1e6),
+                    if b.slow_ok && (b.seen || p == PathKind::SshL) {
+                        "every byte"
+                    } else {
+                        "FAILED"
+                    }
+                    .into(),
+                ],
+                Err(e) => {
+                    fail(format!("window {label}, beside a slow reader: {e}"));
+                    let mut r = vec![label, speed];
+                    r.resize(6, NA.into());
+                    r
+                }
+            }
+        };
+        for w in WINDOWS {
+            let spec = ConfigSpec {
+                ssh_extra: format!(
+                    "max_connections_per_node = 1\nwindow_min = \"{w}B\"\nwindow_max = \"{w}B\""
+                ),
+                ..ConfigSpec::default()
+            };
+            let mut daemon = Daemon::start_toml(cluster, &bench_toml(cluster, &spec), &[]);
+            daemon.wait_all_healthy(Duration::from_secs(30));
+            let shown = node_status(&daemon.admin)
+                .and_then(|n| n["window_bytes"].as_u64())
+                .unwrap_or(0);
+            if shown != w {
+                fail(format!("window {w}: the status shows window_bytes {shown}"));
+            }
+            t.row(row(
+                format!("{} KiB", w >> 10),
+                PathKind::DaemonUnix,
+                &daemon.admin,
+            ));
+            daemon.stop();
+        }
+        t.row(row(
+            "ssh -L".into(),
+            PathKind::SshL,
+            Path::new("/nonexistent"),
+        ));
+        t.notes.push("one daemon per window, window_min = window_max; the neighbours' delay is about the window over the slow reader's rate (russh re-opens windows on arrival), and the download alone needs about one bandwidth-delay product plus the processing delay of a window update".into());
+        t
+    }
+
+    /// A reader that stops beside neighbours on its session: after
+    /// `relay_stopped_reader_timeout` (2 s here) its stream is reset, and
+    /// the neighbours' echo and download complete.
+    pub fn stopped_reader(cluster: &Cluster, ep: &Endpoints, sz: &Sizes) -> Table {
+        progress("slow: a reader that stopped beside neighbours on its session");
+        let spec = ConfigSpec {
+            ssh_extra: "max_connections_per_node = 1".into(),
+            ..ConfigSpec::default()
+        };
+        let toml = bench_toml(cluster, &spec).replacen(
+            "[proxy]\n",
+            "[proxy]\nrelay_stopped_reader_timeout = \"2s\"\n",
+            1,
+        );
+        let mut daemon = Daemon::start_toml(cluster, &toml, &[]);
+        daemon.wait_all_healthy(Duration::from_secs(30));
+        let bulk = (sz.bulk_bytes / 64).max(1 << 20);
+        let mut t = Table::new(
+            format!("A reader that stopped, beside neighbours on its session (max_connections_per_node = 1, relay_stopped_reader_timeout = 2s): {MSG}-byte round trips and a {} download", mib(bulk)),
+            &["path", "stopped stream", "after", "round trips", "p99", "download MB/s"],
+        );
+        // TCP: a cut reaches a TCP client as a reset; on the Unix socket a
+        // client that only reads sees EOF (see docs/operations.md).
+        for p in [PathKind::DaemonTcp, PathKind::SshL] {
+            let run = || -> io::Result<Vec<String>> {
+                let seed = next_seed();
+                let mut echo = ep.dial(p, ECHO_PORT)?;
+                let mut dl = ep.dial(p, SOURCE_PORT)?;
+                let mut stopped = ep.dial(p, SOURCE_PORT)?;
+                let mut req = [0u8; 16];
+                req[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                req[8..].copy_from_slice(&next_seed().to_le_bytes());
+                stopped.write_all(&req)?;
+                let t0 = Instant::now();
+                // It never reads; the neighbours work beside it.
+                std::thread::sleep(Duration::from_secs(1));
+                let until = Instant::now() + Duration::from_secs(10);
+                let rtts = rtts_on(
+                    &mut echo,
+                    seed,
+                    0,
+                    200,
+                    Some(until),
+                    Duration::from_millis(10),
+                    None,
+                )?;
+                let d = read_source(&mut dl, bulk, None, &AtomicU64::new(0))?;
+                finish_echo(&mut echo)?;
+                // What the stopped stream shows when it finally reads.
+                let mut buf = vec![0u8; 1 << 20];
+                let mut end = String::from("still open");
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    match stopped.read(&mut buf) {
+                        Ok(0) => {
+                            end = "EOF (FIN)".into();
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                            end = "reset".into();
+                            break;
+                        }
+                        Err(e)
+                            if e.kind() == io::ErrorKind::WouldBlock
+                                || e.kind() == io::ErrorKind::TimedOut =>
+                        {
+                            continue
+                        }
+                        Err(e) => {
+                            end = format!("{e}");
+                            break;
+                        }
+                    }
+                }
+                Ok(vec![
+                    p.label().into(),
+                    end,
+                    format!("{:.1} s", t0.elapsed().as_secs_f64()),
+                    rtts.len().to_string(),
+                    pct(&rtts, 99.0),
+                    format!("{:.1}", bulk as f64 / d.elapsed.as_secs_f64() / 1e6),
+                ])
+            };
+            match run() {
+                Ok(r) => t.row(r),
+                Err(e) => {
+                    fail(format!(
+                        "stopped reader beside neighbours, {}: {e}",
+                        p.label()
+                    ));
+                    let mut r = vec![p.label().to_string()];
+                    r.resize(6, NA.into());
+                    t.row(r);
+                }
+            }
+        }
+        t.notes.push("the stopped stream asks for 1 TiB and never reads; the echo (one round trip per 10 ms) and the download run beside it on the same session. ssh -L stops only that channel. The daemon resets the stopped stream once it has read nothing for the timeout while others ride its session".into());
+        daemon.stop();
+        t
     }
 
     fn status_table(label: &str, s: Seen) -> Table {
@@ -3286,6 +3521,10 @@ fn one_node(sz: &Sizes) -> (Vec<Table>, HashMap<PathKind, f64>, (u64, u64)) {
     if sz.runs("slow") {
         // Needs a daemon of its own (one session per node) on the same node.
         tables.extend(slow::shared_session(&cluster, &ep, sz));
+        tables.push(slow::stopped_reader(&cluster, &ep, sz));
+    }
+    if sz.runs("window") {
+        tables.push(slow::window_tradeoff(&cluster, &ep, sz));
     }
     (tables, per_stream, idle_tunnel_rss)
 }
@@ -3345,7 +3584,7 @@ fn main() {
     let mut tables = Vec::new();
     let mut per_stream = HashMap::new();
     let mut idle_tunnel_rss = None;
-    if SECTIONS[..6].iter().any(|s| sz.runs(s)) {
+    if SECTIONS[..7].iter().any(|s| sz.runs(s)) {
         let (t, ps, itr) = one_node(&sz);
         tables.extend(t);
         per_stream = ps;

@@ -45,8 +45,9 @@
 //!    shards, tunnels, proxy, sources and admin API, reloads, shuts down);
 //!    nothing but `main.rs` uses it.
 
-// One call needs `unsafe`: glibc's `malloc_trim`, in `memory`, which
-// allows it for that line alone.
+// Two calls need `unsafe`, and each allows it for itself alone: glibc's
+// `malloc_trim`, in `memory`, and the kernel's `TCP_INFO` round trip of a
+// fresh SSH socket, in `ssh::session` (no safe wrapper exposes it).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

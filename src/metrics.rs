@@ -165,6 +165,7 @@ impl Collector for NodeCollector {
         let mut congested = Vec::new();
         let mut blocked: Vec<(Vec<(&str, String)>, f64)> = Vec::new();
         let mut slowed = Vec::new();
+        let mut window = Vec::new();
         let mut ended = Vec::new();
         let mut late = Vec::new();
         let mut abandoned = Vec::new();
@@ -196,6 +197,9 @@ impl Collector for NodeCollector {
             congested.push((node(t), g.congested_sessions as f64));
             blocked.push((node(t), g.blocked_seconds));
             slowed.push((node(t), g.streams_slowed));
+            if g.sessions > 0 {
+                window.push((node(t), g.window_bytes as f64));
+            }
             for (how, name) in StreamEnd::ALL {
                 let mut l = node(t);
                 l.push(("how", name.to_string()));
@@ -283,10 +287,16 @@ impl Collector for NodeCollector {
             "Streams whose client fell behind by half proxy.relay_stream_buffer_limit (slowed, never reset)",
             &slowed,
         )?;
+        gauge_family(
+            &mut enc,
+            "tunneler_ssh_window_bytes",
+            "The SSH window of the node's sessions, one bandwidth-delay product of its link within ssh.window_min..ssh.window_max (the largest, with several up)",
+            &window,
+        )?;
         counter_family(
             &mut enc,
             "tunneler_streams_ended",
-            "Streams ended, by how: node_closed and client_closed end cleanly; session_lost, drain_cut, shutdown_cut and error are cut, and the client's connection is reset",
+            "Streams ended, by how: node_closed and client_closed end cleanly; session_lost, drain_cut, shutdown_cut, error and reader_stopped are cut, and the client's connection is reset",
             &ended,
         )?;
         counter_family(
@@ -443,8 +453,13 @@ fn encode_relay(
     for (name, help, v) in [
         (
             "tunneler_relay_buffered_bytes",
-            "Bytes queued for clients that read slower than their node sends, all streams",
+            "Bytes queued for clients that read slower than their node sends, all streams: session floors and the shared budget",
             b.buffered,
+        ),
+        (
+            "tunneler_relay_budget_used_bytes",
+            "Of tunneler_relay_buffered_bytes, those held of the shared budget (past each session's proxy.relay_session_floor)",
+            b.budget_used,
         ),
         (
             "tunneler_relay_buffered_bytes_peak",
@@ -453,7 +468,7 @@ fn encode_relay(
         ),
         (
             "tunneler_relay_buffer_budget_bytes",
-            "proxy.relay_buffer_budget: the bound on tunneler_relay_buffered_bytes",
+            "proxy.relay_buffer_budget: the bound on tunneler_relay_budget_used_bytes",
             b.limit,
         ),
     ] {

@@ -104,6 +104,10 @@ pub struct NodeStatus {
     /// since start (they were slowed, not reset).
     #[serde(default)]
     pub streams_slowed: u64,
+    /// The SSH window of the node's sessions, sized to its link at
+    /// connect (the largest, with several up; 0 while none is).
+    #[serde(default)]
+    pub window_bytes: u64,
     /// The shard (thread) that runs the node's sessions and streams; it
     /// keeps it for its whole life.
     #[serde(default)]
@@ -266,6 +270,7 @@ impl StatusView {
                     congested_sessions: g.congested_sessions as u64,
                     blocked_seconds: g.blocked_seconds,
                     streams_slowed: g.streams_slowed,
+                    window_bytes: g.window_bytes,
                     shard: Some(t.shard().id()),
                 }
             })

@@ -118,6 +118,9 @@ struct RawSsh {
     keepalive_interval: Option<String>,
     keepalive_max: Option<usize>,
     maximum_packet_size: Option<u32>,
+    window_min: Option<String>,
+    window_max: Option<String>,
+    window_rate: Option<String>,
     connections_per_node: Option<usize>,
     max_connections_per_node: Option<usize>,
     extra_session_idle: Option<String>,
@@ -156,6 +159,8 @@ struct RawProxy {
     tls: Option<RawTls>,
     relay_buffer_budget: Option<String>,
     relay_stream_buffer_limit: Option<String>,
+    relay_session_floor: Option<String>,
+    relay_stopped_reader_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -320,6 +325,8 @@ pub struct SshConfig {
     /// Largest SSH packet we let the node send on a channel. Bigger packets
     /// mean fewer packets, reads and decrypt calls per byte relayed.
     pub maximum_packet_size: u32,
+    /// The SSH window of each session, from the link's round trip.
+    pub window: WindowBounds,
     /// SSH connections per node; streams are spread across them.
     pub connections_per_node: usize,
     /// Sessions per node at most, counting extra sessions opened on demand
@@ -339,6 +346,93 @@ pub struct SshConfig {
     pub identity_agent: Option<PathBuf>,
     /// OpenSSH user certificate for the identity.
     pub certificate_file: Option<PathBuf>,
+}
+
+/// How a session's SSH window is sized: one bandwidth-delay product of
+/// the node's link at `rate`, kept within `min..=max`.
+///
+/// russh re-opens a channel's window as data *arrives*, so when one of a
+/// session's streams is held for a slow reader, up to one window of its
+/// data sits in the TCP stream ahead of every other stream's packets, and
+/// each of those waits for the slow reader to drain it. A window of one
+/// bandwidth-delay product keeps a stream at full speed and makes that
+/// wait as short as the link allows. russh fixes the window per session at
+/// connect, so it is chosen then, from the round trip of the TCP
+/// handshake (and the lowest keepalive round trip the node has shown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WindowBounds {
+    /// The smallest window (also the window of a link too short to
+    /// measure). Below about this, one stream no longer fills a LAN link.
+    pub min: u32,
+    /// The largest window: what a long link gets.
+    pub max: u32,
+    /// The per-stream rate, bytes per second, the window must sustain.
+    pub rate: u64,
+}
+
+/// `ssh.window_min` by default: measured in the benchmark's `window`
+/// section as the smallest window at which one stream still moves at the
+/// 8 MiB window's speed on a LAN link.
+pub const DEFAULT_WINDOW_MIN: u32 = 128 << 10;
+/// `ssh.window_max` by default: the fixed window every session had before
+/// windows were sized, enough for 500 MB/s over 16 ms.
+pub const DEFAULT_WINDOW_MAX: u32 = 8 << 20;
+/// `ssh.window_rate` by default: about OpenSSH sshd's ceiling for one
+/// stream on this class of machine.
+pub const DEFAULT_WINDOW_RATE: u64 = 512 << 20;
+/// Bounds on what `ssh.window_min` and `ssh.window_max` may be: one
+/// packet of the smallest size, and half of the 32-bit window field.
+const WINDOW_FLOOR: u32 = 32 << 10;
+const WINDOW_CEILING: u32 = 1 << 30;
+
+impl WindowBounds {
+    /// The window for a link with round trip `rtt` (`None`: not measured,
+    /// which takes the smallest).
+    pub fn for_rtt(&self, rtt: Option<Duration>) -> u32 {
+        let Some(rtt) = rtt else { return self.min };
+        let bdp = (self.rate as f64 * rtt.as_secs_f64()).min(self.max as f64);
+        (bdp as u32).clamp(self.min, self.max)
+    }
+}
+
+impl Default for WindowBounds {
+    fn default() -> WindowBounds {
+        WindowBounds {
+            min: DEFAULT_WINDOW_MIN,
+            max: DEFAULT_WINDOW_MAX,
+            rate: DEFAULT_WINDOW_RATE,
+        }
+    }
+}
+
+fn validate_window(
+    min: Option<String>,
+    max: Option<String>,
+    rate: Option<String>,
+) -> Result<WindowBounds, ConfigError> {
+    let d = WindowBounds::default();
+    let bound = |key: &str, v: Option<String>, default: u32| -> Result<u32, ConfigError> {
+        let n = parse_size(key, v.as_ref(), default as usize)?;
+        if !(WINDOW_FLOOR as usize..=WINDOW_CEILING as usize).contains(&n) {
+            return Err(invalid(key, "must be between 32KiB and 1GiB"));
+        }
+        Ok(n as u32)
+    };
+    let w = WindowBounds {
+        min: bound("ssh.window_min", min, d.min)?,
+        max: bound("ssh.window_max", max, d.max)?,
+        rate: parse_size("ssh.window_rate", rate.as_ref(), d.rate as usize)? as u64,
+    };
+    if w.min > w.max {
+        return Err(invalid(
+            "ssh.window_min",
+            "must not be greater than ssh.window_max",
+        ));
+    }
+    if w.rate == 0 {
+        return Err(invalid("ssh.window_rate", "must be greater than zero"));
+    }
+    Ok(w)
 }
 
 /// `[ssh] host_key_policy`. There is deliberately no value that turns host
@@ -445,6 +539,14 @@ pub struct RelayLimits {
     pub buffer_budget: usize,
     /// Bytes one stream may hold before its drain waits for its client.
     pub stream_buffer_limit: usize,
+    /// Bytes each SSH session may hold outside the budget, whatever the
+    /// budget holds: the allowance that keeps a session flowing while
+    /// stalled streams elsewhere fill the budget.
+    pub session_floor: usize,
+    /// A stream whose client has taken nothing for this long while its
+    /// drain holds a session other streams ride on is reset: it would
+    /// freeze them for as long as its client stays connected.
+    pub stopped_reader_timeout: Duration,
 }
 
 impl Default for RelayLimits {
@@ -452,6 +554,8 @@ impl Default for RelayLimits {
         RelayLimits {
             buffer_budget: 512 << 20,
             stream_buffer_limit: 8 << 20,
+            session_floor: 1 << 20,
+            stopped_reader_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -632,6 +736,8 @@ fn parse_size(key: &str, value: Option<&String>, default: usize) -> Result<usize
 fn validate_relay(
     budget: Option<String>,
     stream_limit: Option<String>,
+    session_floor: Option<String>,
+    stopped_reader_timeout: Option<String>,
 ) -> Result<RelayLimits, ConfigError> {
     let d = RelayLimits::default();
     let r = RelayLimits {
@@ -645,7 +751,18 @@ fn validate_relay(
             stream_limit.as_ref(),
             d.stream_buffer_limit,
         )?,
+        session_floor: parse_size(
+            "proxy.relay_session_floor",
+            session_floor.as_ref(),
+            d.session_floor,
+        )?,
+        stopped_reader_timeout: parse_duration(
+            "proxy.relay_stopped_reader_timeout",
+            stopped_reader_timeout.as_ref(),
+            d.stopped_reader_timeout,
+        )?,
     };
+
     // One SSH packet (at most 64 KiB here) must always fit, or a stream
     // could never make progress; 1 MiB leaves room for several streams.
     if r.buffer_budget < 1 << 20 {
@@ -663,6 +780,19 @@ fn validate_relay(
     if r.stream_buffer_limit > r.buffer_budget {
         return Err(invalid(
             "proxy.relay_stream_buffer_limit",
+            "must not be greater than proxy.relay_buffer_budget",
+        ));
+    } // One packet of the largest size must fit in the floor, or a session
+      // could need the budget for a single packet.
+    if r.session_floor < MAX_MAXIMUM_PACKET_SIZE as usize {
+        return Err(invalid(
+            "proxy.relay_session_floor",
+            "must be at least 256KiB (one SSH packet of the largest size)",
+        ));
+    }
+    if r.session_floor > r.buffer_budget {
+        return Err(invalid(
+            "proxy.relay_session_floor",
             "must not be greater than proxy.relay_buffer_budget",
         ));
     }
@@ -916,6 +1046,7 @@ impl Config {
                     ))
                 }
             },
+            window: validate_window(s.window_min, s.window_max, s.window_rate)?,
             connections_per_node,
             max_connections_per_node,
             extra_session_idle: parse_duration(
@@ -1118,7 +1249,12 @@ impl Config {
                     },
                 }),
             },
-            relay: validate_relay(p.relay_buffer_budget, p.relay_stream_buffer_limit)?,
+            relay: validate_relay(
+                p.relay_buffer_budget,
+                p.relay_stream_buffer_limit,
+                p.relay_session_floor,
+                p.relay_stopped_reader_timeout,
+            )?,
         };
         let health = raw.health.map(validate_health).transpose()?;
         let runtime = RuntimeConfig::validate(raw.runtime)?;
@@ -1697,9 +1833,73 @@ known_hosts_file = "keys/known_hosts"
     }
 
     #[test]
+    fn the_ssh_window_is_bounded_and_sized_to_the_link() {
+        let w = parse("").unwrap().ssh.window;
+        assert_eq!(w, WindowBounds::default());
+        assert_eq!(
+            w.for_rtt(None),
+            DEFAULT_WINDOW_MIN,
+            "unmeasured: the smallest"
+        );
+        // A LAN round trip asks for less than the floor.
+        assert_eq!(
+            w.for_rtt(Some(Duration::from_micros(100))),
+            DEFAULT_WINDOW_MIN
+        );
+        // 2 ms at 512 MiB/s is 1.07 MB.
+        assert_eq!(w.for_rtt(Some(Duration::from_millis(2))), 1_073_741);
+        // A long link gets the ceiling, never more.
+        assert_eq!(
+            w.for_rtt(Some(Duration::from_secs(3600))),
+            DEFAULT_WINDOW_MAX
+        );
+        let c = parse("window_min = \"64KiB\"\nwindow_max = \"64MiB\"\nwindow_rate = \"1GiB\"\n")
+            .unwrap();
+        assert_eq!(
+            c.ssh.window,
+            WindowBounds {
+                min: 64 << 10,
+                max: 64 << 20,
+                rate: 1 << 30
+            }
+        );
+        for (extra, key, why) in [
+            (
+                "window_min = \"16KiB\"",
+                "ssh.window_min",
+                "between 32KiB and 1GiB",
+            ),
+            (
+                "window_max = \"2GiB\"",
+                "ssh.window_max",
+                "between 32KiB and 1GiB",
+            ),
+            (
+                "window_min = \"1MiB\"\nwindow_max = \"512KiB\"",
+                "ssh.window_min",
+                "not be greater",
+            ),
+            (
+                "window_rate = \"0B\"",
+                "ssh.window_rate",
+                "greater than zero",
+            ),
+            ("window_rate = \"fast\"", "ssh.window_rate", "with a unit"),
+        ] {
+            match parse(&format!("{extra}\n")) {
+                Err(ConfigError::Invalid { key: k, reason }) => {
+                    assert_eq!(k, key, "{extra}");
+                    assert!(reason.contains(why), "{extra}: {reason}");
+                }
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn relay_limits_take_sizes_with_units() {
         let c = parse(
-            "[proxy]\nrelay_buffer_budget = \"8MiB\"\nrelay_stream_buffer_limit = \"4MiB\"\n",
+            "[proxy]\nrelay_buffer_budget = \"8MiB\"\nrelay_stream_buffer_limit = \"4MiB\"\nrelay_session_floor = \"512KiB\"\nrelay_stopped_reader_timeout = \"2m\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -1707,6 +1907,8 @@ known_hosts_file = "keys/known_hosts"
             RelayLimits {
                 buffer_budget: 8 << 20,
                 stream_buffer_limit: 4 << 20,
+                session_floor: 512 << 10,
+                stopped_reader_timeout: Duration::from_secs(120),
             }
         );
         assert_eq!(parse("").unwrap().proxy.relay, RelayLimits::default());
@@ -1740,6 +1942,31 @@ known_hosts_file = "keys/known_hosts"
                 "relay_stream_buffer_limit = \"128KiB\"",
                 "proxy.relay_stream_buffer_limit",
                 "at least 256KiB",
+            ),
+            (
+                "relay_session_floor = \"128KiB\"",
+                "proxy.relay_session_floor",
+                "at least 256KiB",
+            ),
+            (
+                "relay_buffer_budget = \"2MiB\"\nrelay_stream_buffer_limit = \"1MiB\"\nrelay_session_floor = \"4MiB\"",
+                "proxy.relay_session_floor",
+                "not be greater",
+            ),
+            (
+                "relay_session_floor = \"1\"",
+                "proxy.relay_session_floor",
+                "with a unit",
+            ),
+            (
+                "relay_stopped_reader_timeout = \"0s\"",
+                "proxy.relay_stopped_reader_timeout",
+                "greater than zero",
+            ),
+            (
+                "relay_stopped_reader_timeout = \"60\"",
+                "proxy.relay_stopped_reader_timeout",
+                "with a unit",
             ),
         ] {
             match parse(&format!("[proxy]\n{extra}\n")) {

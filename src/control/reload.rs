@@ -43,6 +43,7 @@ pub const EFFECTS: &[(&str, Effect)] = &[
     ("ssh.max_connections_per_node", Effect::NewNodes),
     ("ssh.extra_session_idle", Effect::Live),
     ("ssh.maximum_packet_size", Effect::Live),
+    ("ssh.window", Effect::Live),
     ("ssh.max_concurrent_handshakes", Effect::Restart),
     ("ssh.host_key_policy", Effect::Live),
     ("ssh.passphrase_file", Effect::Live),

@@ -36,11 +36,6 @@ pub struct SshContext {
     pub identity: Arc<Identity>,
     /// Host keys.
     pub known_hosts: Arc<KnownHostsStore>,
-    /// russh client settings, built once.
-    pub client_config: Arc<client::Config>,
-    /// The same, also advertising certificate host key algorithms: used for
-    /// nodes an `@cert-authority` line covers.
-    pub client_config_with_certificates: Arc<client::Config>,
     /// Caps handshakes in flight over all nodes; kept across reloads.
     pub handshakes: Arc<tokio::sync::Semaphore>,
 }
@@ -56,41 +51,6 @@ impl SshContext {
         known_hosts: Arc<KnownHostsStore>,
         handshakes: Arc<tokio::sync::Semaphore>,
     ) -> SshContext {
-        let build = |certificates: bool| {
-            let preferred = russh::Preferred {
-                // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
-                // it is what `ssh -L` negotiates against OpenSSH by default.
-                cipher: std::borrow::Cow::Borrowed(&[
-                    russh::cipher::AES_128_GCM,
-                    russh::cipher::AES_256_GCM,
-                    russh::cipher::CHACHA20_POLY1305,
-                    russh::cipher::AES_256_CTR,
-                    russh::cipher::AES_128_CTR,
-                ]),
-                key: std::borrow::Cow::Owned(host_key_algorithms()),
-                ..russh::Preferred::default()
-            };
-            let preferred = if certificates {
-                russh::Preferred {
-                    host_key_certificates: preferred.key.clone(),
-                    ..preferred
-                }
-            } else {
-                preferred
-            };
-            Arc::new(client::Config {
-                keepalive_interval: Some(ssh.keepalive_interval),
-                keepalive_max: ssh.keepalive_max,
-                nodelay: true,
-                window_size: 8 * 1024 * 1024,
-                maximum_packet_size: ssh.maximum_packet_size,
-                channel_buffer_size: channel_queue_packets(ssh.maximum_packet_size),
-                preferred,
-                ..client::Config::default()
-            })
-        };
-        let client_config = build(false);
-        let client_config_with_certificates = build(true);
         SshContext {
             ssh,
             reconnect,
@@ -99,14 +59,52 @@ impl SshContext {
             service_cidrs: Vec::new(),
             identity,
             known_hosts,
-            client_config,
-            client_config_with_certificates,
             handshakes,
         }
     }
 }
 
 impl SshContext {
+    /// russh's settings for one session with SSH window `window` (russh
+    /// fixes it per session, so each connect builds its own; see
+    /// [`crate::config::WindowBounds`]). `certificates` also advertises
+    /// certificate host key algorithms, for nodes an `@cert-authority`
+    /// line covers.
+    pub fn client_config(&self, certificates: bool, window: u32) -> Arc<client::Config> {
+        let ssh = &self.ssh;
+        let preferred = russh::Preferred {
+            // AES-GCM first: with AES-NI it is the fastest AEAD in ring and
+            // it is what `ssh -L` negotiates against OpenSSH by default.
+            cipher: std::borrow::Cow::Borrowed(&[
+                russh::cipher::AES_128_GCM,
+                russh::cipher::AES_256_GCM,
+                russh::cipher::CHACHA20_POLY1305,
+                russh::cipher::AES_256_CTR,
+                russh::cipher::AES_128_CTR,
+            ]),
+            key: std::borrow::Cow::Owned(host_key_algorithms()),
+            ..russh::Preferred::default()
+        };
+        let preferred = if certificates {
+            russh::Preferred {
+                host_key_certificates: preferred.key.clone(),
+                ..preferred
+            }
+        } else {
+            preferred
+        };
+        Arc::new(client::Config {
+            keepalive_interval: Some(ssh.keepalive_interval),
+            keepalive_max: ssh.keepalive_max,
+            nodelay: true,
+            window_size: window,
+            maximum_packet_size: ssh.maximum_packet_size,
+            channel_buffer_size: channel_queue_packets(ssh.maximum_packet_size),
+            preferred,
+            ..client::Config::default()
+        })
+    }
+
     /// The same context, refusing SSH connects into `service_cidrs`.
     pub fn with_service_cidrs(mut self, service_cidrs: Vec<IpNet>) -> SshContext {
         self.service_cidrs = service_cidrs;

@@ -398,6 +398,7 @@ mod tests {
             keepalive_interval: std::time::Duration::from_secs(1),
             keepalive_max: 3,
             maximum_packet_size: crate::config::DEFAULT_MAXIMUM_PACKET_SIZE,
+            window: crate::config::WindowBounds::default(),
             connections_per_node: 1,
             max_connections_per_node: 8,
             extra_session_idle: std::time::Duration::from_secs(60),

@@ -7,6 +7,7 @@
 //! clean EOF on each channel.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use russh::client::{self, AuthResult, DisconnectReason, Handle};
 use russh::keys::ssh_key::{HashAlg, PublicKey};
@@ -35,6 +36,9 @@ pub struct Session {
     /// verdict can be read while a slow reader parks the session loop
     /// (russh reads nothing then). None if the socket could not be cloned.
     pub watch: Option<std::net::TcpStream>,
+    /// The SSH window russh opens on every channel of this session, sized
+    /// to the link at connect.
+    pub window: u32,
 }
 
 impl Session {
@@ -223,8 +227,15 @@ impl client::Handler for ClientHandler {
     }
 }
 
-/// Connects, verifies and authenticates once.
-pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, TunnelError> {
+/// Connects, verifies and authenticates once. The session's SSH window is
+/// one bandwidth-delay product of the link (`ssh.window_*`), from the
+/// lower of the TCP handshake's round trip and `known_rtt`, the lowest
+/// keepalive round trip the node has shown (none for a first connect).
+pub async fn connect(
+    node: &NodeConfig,
+    ctx: &SshContext,
+    known_rtt: Option<Duration>,
+) -> Result<Session, TunnelError> {
     // Wait for a handshake slot first; the timeouts below start once we
     // hold one, so a queue of a thousand nodes does not time itself out.
     let _slot = ctx
@@ -248,6 +259,12 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     };
     let _ = tcp.set_nodelay(true);
     kernel_liveness(&tcp, &ctx.ssh);
+    let rtt = match (handshake_rtt(&tcp), known_rtt) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let window = ctx.ssh.window.for_rtt(rtt);
+    debug!(?rtt, window, "SSH window sized to the link");
     let watch = tcp
         .as_fd()
         .try_clone_to_owned()
@@ -271,15 +288,11 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     // for this node, as OpenSSH orders its algorithms by what known_hosts
     // holds; otherwise a node with a certificate shows its plain key.
     let names = [node.address.as_str(), node.name.as_str()];
-    let client_config = if ctx
+    let certificates = ctx
         .known_hosts
         .current()
-        .has_cert_authority_for(&names, node.port)
-    {
-        ctx.client_config_with_certificates.clone()
-    } else {
-        ctx.client_config.clone()
-    };
+        .has_cert_authority_for(&names, node.port);
+    let client_config = ctx.client_config(certificates, window);
 
     let handshake = async {
         let stream = crate::ssh::readahead::ReadAhead::new(tcp);
@@ -328,6 +341,7 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
             ended,
             end_reason,
             watch,
+            window,
         }),
     }
 }
@@ -396,6 +410,30 @@ pub fn is_russh_packet_size_complaint(meta: &tracing::Metadata<'_>) -> bool {
 /// our backpressure parks its session loop; the kernel's can, whether we
 /// read or not, and its verdict shows on the socket's error (see
 /// `tunnel`'s hold watchdog).
+/// The kernel's round-trip estimate of a just-connected socket: the
+/// SYN / SYN-ACK exchange, which no delayed ACK or busy peer inflates
+/// (`tcpi_rtt`, microseconds). None where the kernel does not say.
+#[allow(unsafe_code)]
+fn handshake_rtt(tcp: &TcpStream) -> Option<Duration> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain old data, zeroed is a valid value, and
+    // the kernel writes at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is open for the call's duration (borrowed from
+    // `tcp`), and `info`/`len` point at live, correctly sized memory.
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && info.tcpi_rtt > 0).then(|| Duration::from_micros(info.tcpi_rtt.into()))
+}
+
 fn kernel_liveness(tcp: &TcpStream, ssh: &SshConfig) {
     let sock = socket2::SockRef::from(tcp);
     let every = ssh.keepalive_interval;

@@ -179,6 +179,8 @@ pub struct Conn {
     streams: AtomicU64,
     idle: Notify,
     load: Arc<SessionLoad>,
+    /// The SSH window of this session's channels (fixed at connect).
+    window: u32,
 }
 
 /// What the relays of one SSH session hold, and whether they hold the
@@ -189,6 +191,13 @@ pub struct Conn {
 pub struct SessionLoad {
     /// Bytes queued for this session's clients.
     pub backlog: AtomicUsize,
+    /// Of those, the bytes counted in the session's floor (see
+    /// `relay::RelayBudget`) ...
+    pub floor_used: AtomicUsize,
+    /// ... and those held of the shared budget.
+    pub pooled: AtomicUsize,
+    /// Relays running on the session now.
+    pub relays: AtomicUsize,
     /// Streams over their slow watermark now.
     pub slow: AtomicUsize,
     /// Drains waiting now, and since when at least one has.
@@ -265,6 +274,8 @@ pub struct Congestion {
     pub blocked_seconds: f64,
     /// Streams that ever went over their slow watermark.
     pub streams_slowed: u64,
+    /// The largest SSH window of the node's live sessions (0: none up).
+    pub window_bytes: u64,
 }
 
 impl Conn {
@@ -400,6 +411,11 @@ pub struct NodeTunnel {
     commands: Vec<mpsc::Sender<Command>>,
     /// The shard that runs everything of this node, for its whole life.
     placement: crate::shard::NodePlacement,
+    /// The lowest keepalive round trip the node has shown, in ns
+    /// (`u64::MAX`: none yet). The next session's window is sized from it
+    /// and the TCP handshake, whichever is lower: a stall inflates a
+    /// sample, nothing deflates one.
+    min_rtt_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for NodeTunnel {
@@ -457,6 +473,7 @@ impl NodeTunnel {
             cancel,
             commands,
             placement,
+            min_rtt_ns: AtomicU64::new(u64::MAX),
         });
         let shard = tunnel.shard().clone();
         let span = info_span!("node", node = %tunnel.node.name, shard = shard.id());
@@ -785,6 +802,14 @@ impl NodeTunnel {
         true
     }
 
+    /// The lowest keepalive round trip seen on any session of the node.
+    pub fn known_rtt(&self) -> Option<Duration> {
+        match self.min_rtt_ns.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+
     /// Sessions, congestion and held time, for metrics and status.
     pub fn congestion(&self) -> Congestion {
         let mut c = Congestion {
@@ -793,9 +818,11 @@ impl NodeTunnel {
             blocked_seconds: Duration::from_nanos(self.counters.blocked_ns.load(Ordering::Relaxed))
                 .as_secs_f64(),
             streams_slowed: self.counters.streams_slowed.load(Ordering::Relaxed),
+            window_bytes: 0,
         };
         for conn in self.conns.iter().filter_map(|s| s.load_full()) {
             c.sessions += 1;
+            c.window_bytes = c.window_bytes.max(conn.window.into());
             if conn.load.congested() {
                 c.congested_sessions += 1;
             }
@@ -1006,7 +1033,7 @@ async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
     let cancel = tunnel.cancel.clone();
     let attempt = tokio::select! {
         _ = cancel.cancelled() => None,
-        r = session::connect(&tunnel.node, &ctx) => Some(r),
+        r = session::connect(&tunnel.node, &ctx, tunnel.known_rtt()) => Some(r),
     };
     let session = match attempt {
         Some(Ok(s)) => {
@@ -1027,21 +1054,7 @@ async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
             return;
         }
     };
-    let Session {
-        handle,
-        ended,
-        end_reason,
-        watch,
-    } = session;
-    let conn = install(
-        &tunnel,
-        slot,
-        handle,
-        watch,
-        &ctx,
-        &tunnel.tracker,
-        ended.clone(),
-    );
+    let (conn, ended, end_reason) = install(&tunnel, slot, session, &ctx, &tunnel.tracker);
     tunnel.opening_extra.store(false, Ordering::Release);
     tunnel.extra_ready.notify_waiters();
     info!("extra session open: every other session of the node is congested");
@@ -1121,6 +1134,10 @@ async fn ping_loop(
             r = tokio::time::timeout(every.max(Duration::from_secs(1)) * 3, conn.handle.send_ping()) => matches!(r, Ok(Ok(()))),
         };
         let rtt = ok.then(|| t0.elapsed());
+        if let Some(r) = rtt {
+            let ns = u64::try_from(r.as_nanos()).unwrap_or(u64::MAX - 1);
+            tunnel.min_rtt_ns.fetch_min(ns, Ordering::Relaxed);
+        }
         tunnel.state.send_modify(|s| s.rtt = rtt);
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -1158,7 +1175,7 @@ async fn supervise(
             // Boxed: the handshake's state machine is large and only lives
             // while connecting; inline, every idle node's task would keep
             // room for it for the node's whole life.
-            r = Box::pin(session::connect(&tunnel.node, &ctx)) => r,
+            r = Box::pin(session::connect(&tunnel.node, &ctx, tunnel.known_rtt())) => r,
         };
         tunnel.counters.count_attempt(&attempt);
         if let Some(reply) = pending.take() {
@@ -1167,13 +1184,8 @@ async fn supervise(
         let delay = match attempt {
             Ok(first) => {
                 let mut up_at = Instant::now();
-                let Session {
-                    handle,
-                    mut ended,
-                    mut end_reason,
-                    watch,
-                } = first;
-                let mut conn = install(&tunnel, slot, handle, watch, &ctx, &tracker, ended.clone());
+                let (mut conn, mut ended, mut end_reason) =
+                    install(&tunnel, slot, first, &ctx, &tracker);
                 tunnel.set_link(slot, Link::Up, None, None);
                 info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
                 // Serve until the session ends, a reconnect is asked for, or
@@ -1198,23 +1210,16 @@ async fn supervise(
                             let _ = reply.send(Err(TunnelError::NotConnected("node is shutting down".into())));
                             continue;
                         }
-                        r = Box::pin(session::connect(&tunnel.node, &fresh)) => r,
+                        r = Box::pin(session::connect(&tunnel.node, &fresh, tunnel.known_rtt())) => r,
                     };
                     tunnel.counters.count_attempt(&next);
                     match next {
                         Ok(new) => {
                             let old = conn;
-                            let old_ended = std::mem::replace(&mut ended, new.ended);
-                            end_reason = new.end_reason;
-                            conn = install(
-                                &tunnel,
-                                slot,
-                                new.handle,
-                                new.watch,
-                                &ctx,
-                                &tracker,
-                                ended.clone(),
-                            );
+                            let (c, e, r) = install(&tunnel, slot, new, &ctx, &tracker);
+                            let old_ended = std::mem::replace(&mut ended, e);
+                            end_reason = r;
+                            conn = c;
                             up_at = Instant::now();
                             tunnel.shard().spawn(
                                 &tracker,
@@ -1290,22 +1295,31 @@ async fn supervise(
 /// Makes `handle` the live session: new streams go to it from now on, and
 /// its keepalive round trip is measured (and, while a slow reader holds
 /// it, the kernel's liveness verdict watched) until the session ends.
+/// Hands back the session's end token and end reason, for the caller's
+/// wait.
 fn install(
     tunnel: &Arc<NodeTunnel>,
     slot: usize,
-    handle: Handle<ClientHandler>,
-    watch: Option<std::net::TcpStream>,
+    session: Session,
     ctx: &SshContext,
     tracker: &TaskTracker,
-    ended: CancellationToken,
-) -> Arc<Conn> {
+) -> (Arc<Conn>, CancellationToken, EndReason) {
+    let Session {
+        handle,
+        ended,
+        end_reason,
+        watch,
+        window,
+    } = session;
     let conn = Arc::new(Conn {
         handle,
         ended: ended.clone(),
         streams: AtomicU64::new(0),
         idle: Notify::new(),
         load: Arc::new(SessionLoad::default()),
+        window,
     });
+    let out = (conn.clone(), ended.clone(), end_reason);
     tunnel.conns[slot].store(Some(conn.clone()));
     let stop = ended.clone();
     let cancel = tunnel.cancel.clone();
@@ -1337,8 +1351,11 @@ fn install(
             .in_current_span(),
         );
     }
-    conn
+    out
 }
+
+/// Why a session ended, filled in by its handler.
+type EndReason = Arc<Mutex<Option<String>>>;
 
 /// While a slow reader holds the session (russh's loop parked, so its
 /// keepalive verdict paused), reads the kernel's verdict on the socket

@@ -27,8 +27,9 @@
 //!    (`channel_buffer_size` packets) fills, the session loop parks on it,
 //!    TCP pushes back on sshd, and sshd on the node-side socket. The node is
 //!    slowed to the reader's pace, end to end;
-//! 3. resumes once the client has taken the queue below half the limit
-//!    (hysteresis: not one park per packet).
+//! 3. resumes as soon as the client has taken room for the next packet.
+//!    No hysteresis margin: while a drain waits its whole session is
+//!    parked, so it waits no longer than one packet of its client's pace.
 //!
 //! # What it costs, and whom
 //!
@@ -43,19 +44,28 @@
 //! - russh's keepalive verdict is a branch of the same parked loop, so it is
 //!   paused too: a hold we cause never looks like a dead node.
 //!
-//! A client that *stops* reading freezes the neighbours of its session until
-//! it reads again or goes away. Per-channel windows in russh (#770) would
-//! remove this cost entirely; then this module would only need to stop
-//! reading the channel.
+//! - each session's SSH window is one bandwidth-delay product of its link
+//!   (see `config::WindowBounds`), so what a neighbour waits behind is one
+//!   small window, not the largest any link could need.
+//!
+//! A client that *stops* reading would freeze the neighbours of its session
+//! for as long as it stays connected. So a stream whose client has taken
+//! nothing for `stopped_reader_timeout` while its drain holds a session
+//! that other streams ride on is reset ([`StreamEnd::ReaderStopped`]); a
+//! stream alone on its session, or a client that reads at all, never is.
+//! Per-channel windows in russh (opened as the application consumes)
+//! would remove this cost entirely; then this module would only need to
+//! stop reading the channel.
 //!
 //! # Memory
 //!
-//! Every byte is counted against the [`RelayBudget`] *before* it is queued.
-//! Per stream: at most `stream_buffer_limit` queued here, plus russh's
-//! queue. Over all streams: never more than `buffer_budget`, at any moment.
-//! As the total nears the budget, the session with the *largest* backlog is
-//! held first (its ceiling falls fastest, see [`RelayBudget`]), while light
-//! streams keep flowing inside a reserve; nothing is reset.
+//! Every byte is counted *before* it is queued: in its session's floor
+//! while that has room, else against the shared [`RelayBudget`]. Per
+//! stream: at most `stream_buffer_limit` queued here, plus russh's queue.
+//! Over all streams: never more than `buffer_budget` plus one
+//! `session_floor` per session, at any moment. As the budget fills, the
+//! session with the *largest* share is held first (see [`RelayBudget`]),
+//! while every session keeps its floor; nothing is reset for slowness.
 //!
 //! # Deadlocks avoided
 //!
@@ -67,8 +77,9 @@
 //! bounded by a timeout. The session's teardown token stops every relay
 //! on it, so a disconnect never waits for a parked loop.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use russh::client::Msg;
@@ -76,36 +87,43 @@ use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 pub use crate::config::RelayLimits;
 use crate::tunnel::{Counters, SessionLoad};
 
-/// A session whose backlog is under this keeps flowing while heavier ones
-/// are held (interactive streams that keep up).
-const LIGHT_FLOOR: usize = 1 << 20;
-
 /// How long closing the channel may wait for the session loop.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The bytes queued for clients over all streams, bounded at every moment.
+/// The bytes queued for clients over all streams, in two parts.
 ///
-/// A drain may take `n` more bytes for a session with backlog `B` only when
-/// `T + n ≤ G` and `B + n ≤ F + max(0, G − R − T)`, with `T` the total
-/// queued, `G` the budget, `R = G/8` a reserve and `F` 1 MiB. Far from the
-/// budget the ceiling is huge; as `T` rises it falls, so the session with
-/// the largest backlog is held first, and as clients drain it rises again,
-/// releasing the smallest held backlogs first. One session can thereby
-/// hold at most about `(F + G − R) / 2`.
+/// **Each session's floor.** Every SSH session may hold up to
+/// `session_floor` bytes (1 MiB by default) whatever anyone else holds:
+/// that is the allowance with which a session that keeps up always flows,
+/// however many stalled streams elsewhere fill the rest. Floors are outside
+/// the budget: memory is bounded by the budget plus one floor per session
+/// (`ssh.max_connections_per_node` sessions per node at most).
+///
+/// **The shared budget.** Past its floor, a drain may take `n` more bytes
+/// for a session that already holds `P` of the budget only when
+/// `T + P + n ≤ G`, with `T` what all sessions hold of the budget and `G`
+/// the budget. Far from the budget that is no bound; as `T` rises, the
+/// session with the largest share is held first (one session alone can
+/// hold at most `G/2`), and as clients drain, the smallest held shares are
+/// released first. A stalled stream past its share therefore holds its
+/// own session, and no other: every other session still has its floor.
 ///
 /// One process-wide instance serves the daemon ([`RelayBudget::global`]);
 /// tests build their own.
 #[derive(Debug)]
 pub struct RelayBudget {
     limit: AtomicUsize,
+    /// Bytes held of the shared budget.
     total: AtomicUsize,
+    /// Bytes held in session floors.
+    floors: AtomicUsize,
     peak: AtomicUsize,
-    /// Drains waiting on the global rule right now.
+    /// Drains waiting on the shared budget (or a floor) right now.
     waiters: AtomicUsize,
     freed: Notify,
 }
@@ -115,11 +133,13 @@ pub struct RelayBudget {
 pub struct BudgetStats {
     /// The limit in force.
     pub limit: usize,
-    /// Bytes queued for clients now.
+    /// Bytes queued for clients now, floors and budget together.
     pub buffered: usize,
-    /// The most ever queued at once since start.
+    /// Of those, the bytes held of the shared budget (never above `limit`).
+    pub budget_used: usize,
+    /// The most ever queued at once (floors and budget) since start.
     pub peak: usize,
-    /// Drains held by the global rule right now.
+    /// Drains waiting on the budget right now.
     pub held: usize,
 }
 
@@ -131,6 +151,7 @@ impl RelayBudget {
         RelayBudget {
             limit: AtomicUsize::new(limit),
             total: AtomicUsize::new(0),
+            floors: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             waiters: AtomicUsize::new(0),
             freed: Notify::const_new(),
@@ -153,33 +174,37 @@ impl RelayBudget {
 
     /// Current figures.
     pub fn stats(&self) -> BudgetStats {
+        let total = self.total.load(Ordering::Relaxed);
         BudgetStats {
             limit: self.limit.load(Ordering::Relaxed),
-            buffered: self.total.load(Ordering::Relaxed),
+            buffered: total + self.floors.load(Ordering::Relaxed),
+            budget_used: total,
             peak: self.peak.load(Ordering::Relaxed),
             held: self.waiters.load(Ordering::Relaxed),
         }
     }
 
-    /// Takes `n` bytes for a session holding `backlog` if the rule allows.
-    fn try_take(&self, n: usize, backlog: usize) -> bool {
+    /// Takes `n` bytes of the shared budget for a session holding `share`
+    /// of it, if the rule allows.
+    fn try_take(&self, n: usize, share: usize) -> bool {
         let limit = self.limit.load(Ordering::Relaxed);
-        let reserve = limit / 8;
         let mut cur = self.total.load(Ordering::Relaxed);
         loop {
-            let Some(new) = cur.checked_add(n).filter(|&t| t <= limit) else {
-                return false;
-            };
-            let ceiling = LIGHT_FLOOR + (limit - reserve).saturating_sub(cur);
-            if backlog.saturating_add(n) > ceiling {
+            let fits = cur
+                .checked_add(n)
+                .and_then(|t| t.checked_add(share))
+                .is_some_and(|t| t <= limit);
+            if !fits {
                 return false;
             }
-            match self
-                .total
-                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
-            {
+            match self.total.compare_exchange_weak(
+                cur,
+                cur + n,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => {
-                    self.peak.fetch_max(new, Ordering::Relaxed);
+                    self.note_peak();
                     return true;
                 }
                 Err(c) => cur = c,
@@ -187,9 +212,20 @@ impl RelayBudget {
         }
     }
 
-    /// Returns `n` bytes and wakes drains the global rule holds.
-    fn give_back(&self, n: usize) {
-        self.total.fetch_sub(n, Ordering::AcqRel);
+    fn note_peak(&self) {
+        let now = self.total.load(Ordering::Relaxed) + self.floors.load(Ordering::Relaxed);
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Returns `n` bytes of the shared budget and `f` of a floor, and wakes
+    /// the drains that wait.
+    fn give_back(&self, n: usize, f: usize) {
+        if n > 0 {
+            self.total.fetch_sub(n, Ordering::AcqRel);
+        }
+        if f > 0 {
+            self.floors.fetch_sub(f, Ordering::AcqRel);
+        }
         self.wake();
     }
 
@@ -200,6 +236,26 @@ impl RelayBudget {
     }
 }
 
+/// Takes `n` bytes of a session's floor of `floor` bytes if they fit.
+fn take_floor(used: &AtomicUsize, n: usize, floor: usize) -> bool {
+    used.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
+        u.checked_add(n).filter(|&t| t <= floor)
+    })
+    .is_ok()
+}
+
+/// What a drain's wait for room ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// The bytes are counted; queue them.
+    Taken,
+    /// The relay is stopping.
+    Stopped,
+    /// The client has taken nothing for `stopped_reader_timeout` while
+    /// this drain held a session that other streams ride on: cut it.
+    ReaderStopped,
+}
+
 /// One stream's account: what it has queued for its client, shared by its
 /// drain (which adds) and its delivery (which takes away). Dropping it
 /// returns what is still queued to the budget and the session.
@@ -208,12 +264,22 @@ struct Account<'a> {
     session: &'a SessionLoad,
     counters: &'a Counters,
     limit: usize,
+    floor: usize,
+    stopped_after: Duration,
     queued: AtomicUsize,
+    /// Of `queued`, the bytes counted in the session's floor, and those
+    /// of the shared budget.
+    in_floor: AtomicUsize,
+    in_pool: AtomicUsize,
     /// Over the slow watermark now (counted in the session's `slow`).
     slow: AtomicBool,
     /// Was ever slow (counted once in the node's `streams_slowed`).
     slowed: AtomicBool,
-    /// `deliver` took bytes below the resume mark.
+    /// When the account was opened, the origin of `took_at_ms`.
+    born: Instant,
+    /// When the client last took bytes, in ms since `born`.
+    took_at_ms: AtomicU64,
+    /// `deliver` took bytes.
     drained: Notify,
 }
 
@@ -222,26 +288,74 @@ impl<'a> Account<'a> {
         budget: &'a RelayBudget,
         session: &'a SessionLoad,
         counters: &'a Counters,
-        limit: usize,
+        limits: &RelayLimits,
     ) -> Account<'a> {
         Account {
             budget,
             session,
             counters,
-            limit,
+            limit: limits.stream_buffer_limit,
+            floor: limits.session_floor,
+            stopped_after: limits.stopped_reader_timeout,
             queued: AtomicUsize::new(0),
+            in_floor: AtomicUsize::new(0),
+            in_pool: AtomicUsize::new(0),
             slow: AtomicBool::new(false),
             slowed: AtomicBool::new(false),
+            born: Instant::now(),
+            took_at_ms: AtomicU64::new(0),
             drained: Notify::new(),
         }
     }
 
-    /// Counts `n` bytes about to be queued, waiting while the stream is
-    /// over its limit or the global rule holds its session. False when
-    /// `stop` fired first (nothing was counted then).
-    async fn admit(&self, n: usize, stop: &CancellationToken) -> bool {
-        // Once over the limit, wait until the client took it below half.
-        let mut resume_at: Option<usize> = None;
+    /// Counts `n` bytes in the session's floor, else in the shared budget.
+    fn take(&self, n: usize) -> bool {
+        if take_floor(&self.session.floor_used, n, self.floor) {
+            self.budget.floors.fetch_add(n, Ordering::AcqRel);
+            self.budget.note_peak();
+            self.in_floor.fetch_add(n, Ordering::AcqRel);
+            return true;
+        }
+        let share = self.session.pooled.load(Ordering::Relaxed);
+        if self.budget.try_take(n, share) {
+            self.session.pooled.fetch_add(n, Ordering::Relaxed);
+            self.in_pool.fetch_add(n, Ordering::AcqRel);
+            return true;
+        }
+        false
+    }
+
+    /// True when the client has bytes waiting, has taken none of them for
+    /// `stopped_after`, and other streams ride on this session: holding
+    /// on would freeze them for as long as the client stays connected.
+    fn reader_stopped(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > 0
+            && self.idle_for() >= self.stopped_after
+            && self.session.relays.load(Ordering::Relaxed) > 1
+    }
+
+    /// How long since the client last took bytes (or the stream began).
+    fn idle_for(&self) -> Duration {
+        let took = Duration::from_millis(self.took_at_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(took)
+    }
+
+    /// When to look again whether the reader stopped.
+    fn next_check(&self) -> tokio::time::Instant {
+        let left = self.stopped_after.saturating_sub(self.idle_for());
+        let again =
+            (self.stopped_after / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::time::Instant::now() + if left.is_zero() { again } else { left }
+    }
+
+    /// Counts `n` bytes about to be queued, waiting while the stream has
+    /// no room for them or the budget holds its session. Nothing is
+    /// counted unless [`Admit::Taken`] comes back.
+    ///
+    /// A stream waits only until its chunk fits under its limit, not until
+    /// its client has drained a margin: while it waits its whole session is
+    /// parked, and every packet of a neighbour waits with it.
+    async fn admit(&self, n: usize, stop: &CancellationToken) -> Admit {
         let mut hold: Option<Hold<'_>> = None;
         loop {
             let mine = self.drained.notified();
@@ -250,60 +364,74 @@ impl<'a> Account<'a> {
             mine.as_mut().enable();
             global.as_mut().enable();
             let q = self.queued.load(Ordering::Acquire);
-            let under_limit = match resume_at {
-                Some(mark) => q <= mark,
-                None => q == 0 || q + n <= self.limit,
-            };
-            if under_limit {
-                resume_at = None;
-                let backlog = self.session.backlog.load(Ordering::Relaxed);
-                if self.budget.try_take(n, backlog) {
-                    self.session.backlog.fetch_add(n, Ordering::Relaxed);
-                    let q = self.queued.fetch_add(n, Ordering::AcqRel) + n;
-                    if q >= self.limit / 2 && !self.slow.swap(true, Ordering::AcqRel) {
-                        self.session.slow.fetch_add(1, Ordering::Relaxed);
-                        if !self.slowed.swap(true, Ordering::Relaxed) {
-                            self.counters.streams_slowed.fetch_add(1, Ordering::Relaxed);
-                        }
+            let fits = q == 0 || q + n <= self.limit;
+            if fits && self.take(n) {
+                self.session.backlog.fetch_add(n, Ordering::Relaxed);
+                let q = self.queued.fetch_add(n, Ordering::AcqRel) + n;
+                if q >= self.limit / 2 && !self.slow.swap(true, Ordering::AcqRel) {
+                    self.session.slow.fetch_add(1, Ordering::Relaxed);
+                    if !self.slowed.swap(true, Ordering::Relaxed) {
+                        self.counters.streams_slowed.fetch_add(1, Ordering::Relaxed);
                     }
-                    return true;
                 }
-            } else if resume_at.is_none() {
-                resume_at = Some(self.limit / 2);
+                return Admit::Taken;
+            }
+            if self.reader_stopped() {
+                return Admit::ReaderStopped;
             }
             if hold.is_none() {
                 hold = Some(Hold::begin(self.session, self.counters));
             }
-            if under_limit {
-                // Held by the global rule: any stream's delivery may free it.
+            let check = tokio::time::sleep_until(self.next_check());
+            if fits {
+                // Held by the budget (or the session's floor): any
+                // stream's delivery may free it.
                 self.budget.waiters.fetch_add(1, Ordering::AcqRel);
                 let _w = Waiter(self.budget);
                 tokio::select! {
-                    _ = stop.cancelled() => return false,
+                    _ = stop.cancelled() => return Admit::Stopped,
                     _ = &mut global => {}
                     _ = &mut mine => {}
+                    _ = check => {}
                 }
             } else {
                 tokio::select! {
-                    _ = stop.cancelled() => return false,
+                    _ = stop.cancelled() => return Admit::Stopped,
                     _ = &mut mine => {}
+                    _ = check => {}
                 }
             }
         }
+    }
+
+    /// Returns `n` queued bytes, the shared budget's first (another
+    /// session may be waiting for them), then the floor's.
+    fn give_back(&self, n: usize) {
+        let pooled = n.min(self.in_pool.load(Ordering::Acquire));
+        let floor = n - pooled;
+        if floor > 0 {
+            self.in_floor.fetch_sub(floor, Ordering::AcqRel);
+            self.session.floor_used.fetch_sub(floor, Ordering::AcqRel);
+        }
+        if pooled > 0 {
+            self.in_pool.fetch_sub(pooled, Ordering::AcqRel);
+            self.session.pooled.fetch_sub(pooled, Ordering::Relaxed);
+        }
+        self.session.backlog.fetch_sub(n, Ordering::Relaxed);
+        self.budget.give_back(pooled, floor);
     }
 
     /// The client took `n` queued bytes.
     fn release(&self, n: usize) {
         let before = self.queued.fetch_sub(n, Ordering::AcqRel);
         let q = before - n;
-        self.session.backlog.fetch_sub(n, Ordering::Relaxed);
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.took_at_ms.store(ms, Ordering::Relaxed);
         if q <= self.limit / 8 && self.slow.swap(false, Ordering::AcqRel) {
             self.session.slow.fetch_sub(1, Ordering::Relaxed);
         }
-        if q <= self.limit / 2 {
-            self.drained.notify_one();
-        }
-        self.budget.give_back(n);
+        self.drained.notify_one();
+        self.give_back(n);
     }
 }
 
@@ -314,8 +442,7 @@ impl Drop for Account<'_> {
             self.session.slow.fetch_sub(1, Ordering::Relaxed);
         }
         if q > 0 {
-            self.session.backlog.fetch_sub(q, Ordering::Relaxed);
-            self.budget.give_back(q);
+            self.give_back(q);
         }
     }
 }
@@ -503,18 +630,23 @@ pub enum StreamEnd {
     /// The node side closed the channel without EOF (its connection failed
     /// there), or the relay itself failed.
     Error,
+    /// The client read nothing for `proxy.relay_stopped_reader_timeout`
+    /// while its stream held an SSH session that other streams ride on;
+    /// the stream was reset so that they move again.
+    ReaderStopped,
 }
 
 impl StreamEnd {
     /// Every end with its wire name (log field, metric label), the one
     /// place those names are written.
-    pub const ALL: [(StreamEnd, &'static str); 6] = [
+    pub const ALL: [(StreamEnd, &'static str); 7] = [
         (StreamEnd::NodeClosed, "node_closed"),
         (StreamEnd::ClientClosed, "client_closed"),
         (StreamEnd::SessionLost, "session_lost"),
         (StreamEnd::DrainCut, "drain_cut"),
         (StreamEnd::ShutdownCut, "shutdown_cut"),
         (StreamEnd::Error, "error"),
+        (StreamEnd::ReaderStopped, "reader_stopped"),
     ];
 
     /// The wire name.
@@ -531,6 +663,7 @@ impl StreamEnd {
             StreamEnd::DrainCut => 3,
             StreamEnd::ShutdownCut => 4,
             StreamEnd::Error => 5,
+            StreamEnd::ReaderStopped => 6,
         }
     }
 
@@ -558,6 +691,25 @@ enum Drained {
     Lost,
     /// The relay stopped draining (client gone, cut, or a failed queue).
     Stopped,
+    /// The client took nothing for `stopped_reader_timeout` while the
+    /// drain held a session other streams ride on.
+    ReaderStopped,
+}
+
+/// One relay counted in its session's `relays` while it runs.
+struct Riding<'a>(&'a SessionLoad);
+
+impl<'a> Riding<'a> {
+    fn on(session: &'a SessionLoad) -> Riding<'a> {
+        session.relays.fetch_add(1, Ordering::Relaxed);
+        Riding(session)
+    }
+}
+
+impl Drop for Riding<'_> {
+    fn drop(&mut self) {
+        self.0.relays.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What a relay hands back: how it ended, and the client connection,
@@ -588,6 +740,7 @@ fn classify(
     match drained {
         Drained::Closed { eof: true } if delivered => StreamEnd::NodeClosed,
         Drained::Lost => StreamEnd::SessionLost,
+        Drained::ReaderStopped => StreamEnd::ReaderStopped,
         Drained::Closed { eof: false } => StreamEnd::Error,
         Drained::Closed { eof: true } | Drained::Stopped => {
             if client_gone && eof_delivered {
@@ -635,7 +788,8 @@ where
     let stop = cancel.child_token();
     let flags = Flags::default();
     budget.set_limit(limits.buffer_budget);
-    let account = Account::new(budget, session, counters, limits.stream_buffer_limit);
+    let account = Account::new(budget, session, counters, limits);
+    let _riding = Riding::on(session);
     let closing = session.closing().clone();
 
     // The session's teardown stops this relay too: its drain may be the
@@ -719,8 +873,20 @@ where
             };
             match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    if !account.admit(data.len(), &stop).await {
-                        return Drained::Stopped;
+                    match account.admit(data.len(), &stop).await {
+                        Admit::Taken => {}
+                        Admit::Stopped => return Drained::Stopped,
+                        Admit::ReaderStopped => {
+                            info!(
+                                idle = ?account.idle_for(),
+                                queued = account.queued.load(Ordering::Relaxed),
+                                beside = session.relays.load(Ordering::Relaxed).saturating_sub(1),
+                                "the client read nothing while its stream held a session other streams ride on: resetting this stream"
+                            );
+                            // Delivery too: it waits on that very client.
+                            stop.cancel();
+                            return Drained::ReaderStopped;
+                        }
                     }
                     if tx.send(data).is_err() {
                         return Drained::Stopped;
@@ -837,6 +1003,14 @@ mod tests {
             ((Lost, false, false, true, true, true), SessionLost),
             ((abrupt, true, false, false, false, false), Error),
             ((abrupt, false, false, true, true, true), Error),
+            (
+                (Drained::ReaderStopped, false, false, false, false, false),
+                StreamEnd::ReaderStopped,
+            ),
+            (
+                (Drained::ReaderStopped, false, false, false, true, true),
+                StreamEnd::ReaderStopped,
+            ),
         ];
         for ((d, del, eofd, gone, sd, td), want) in cases {
             assert_eq!(
@@ -850,7 +1024,16 @@ mod tests {
             .filter(|(e, _)| e.is_cut())
             .map(|(_, n)| *n)
             .collect();
-        assert_eq!(cut, ["session_lost", "drain_cut", "shutdown_cut", "error"]);
+        assert_eq!(
+            cut,
+            [
+                "session_lost",
+                "drain_cut",
+                "shutdown_cut",
+                "error",
+                "reader_stopped"
+            ]
+        );
         for (i, (e, n)) in StreamEnd::ALL.iter().enumerate() {
             assert_eq!(e.index(), i);
             assert_eq!(e.as_str(), *n);
@@ -912,7 +1095,7 @@ mod tests {
         let b = RelayBudget::new(64 * MIB);
         let s = SessionLoad::default();
         let c = Counters::default();
-        let a = Account::new(&b, &s, &c, 8 * MIB);
+        let a = Account::new(&b, &s, &c, &lim(8 * MIB, MIB));
         let stop = CancellationToken::new();
         let flags = Flags::default();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -922,7 +1105,7 @@ mod tests {
             room: 1000,
         };
         let data: Vec<u8> = (0..10_000).map(|i| (i % 251) as u8).collect();
-        assert!(a.admit(data.len(), &stop).await);
+        assert_eq!(a.admit(data.len(), &stop).await, Admit::Taken);
         tx.send(Bytes::from(data.clone())).unwrap();
         let delivered = {
             let run = deliver(&mut w, &mut rx, &stop, &a, &c, &flags);
@@ -940,24 +1123,50 @@ mod tests {
         drop(tx);
     }
 
+    /// Limits for a test account: `limit` per stream, `floor` per session,
+    /// and a stopped reader after 60 s.
+    fn lim(limit: usize, floor: usize) -> RelayLimits {
+        RelayLimits {
+            buffer_budget: 512 * MIB,
+            stream_buffer_limit: limit,
+            session_floor: floor,
+            stopped_reader_timeout: Duration::from_secs(60),
+        }
+    }
+
     /// Admits `n`, failing the test rather than hanging it if that waits.
-    async fn admitted(a: &Account<'_>, n: usize, stop: &CancellationToken) -> bool {
+    async fn admitted(a: &Account<'_>, n: usize, stop: &CancellationToken) -> Admit {
         tokio::time::timeout(Duration::from_secs(2), a.admit(n, stop))
             .await
             .expect("admit waited where it should not")
     }
 
-    /// Over its limit, a stream waits (it is not reset) and resumes once
-    /// its client took the queue below half the limit.
+    /// Admits `n` chunks of 64 KiB until one waits 20 ms; returns the bytes
+    /// admitted.
+    async fn fill(a: &Account<'_>, stop: &CancellationToken, most: usize) -> usize {
+        let mut taken = 0;
+        while taken <= most
+            && tokio::time::timeout(Duration::from_millis(20), a.admit(64 * KIB, stop))
+                .await
+                .is_ok()
+        {
+            taken += 64 * KIB;
+        }
+        taken
+    }
+
+    /// Over its limit, a stream waits (it is not reset), and resumes as
+    /// soon as its client took room for the next chunk: while it waits its
+    /// whole session is parked, so it waits no longer than that.
     #[tokio::test]
-    async fn a_stream_over_its_limit_waits_then_resumes_below_half() {
+    async fn a_stream_over_its_limit_waits_until_its_next_chunk_fits() {
         let b = RelayBudget::new(64 * MIB);
         let s = SessionLoad::default();
         let c = Counters::default();
-        let a = Account::new(&b, &s, &c, MIB);
+        let a = Account::new(&b, &s, &c, &lim(MIB, MIB));
         let stop = CancellationToken::new();
         for _ in 0..16 {
-            assert!(admitted(&a, 64 * KIB, &stop).await);
+            assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
         }
         assert_eq!(s.slow.load(Ordering::Relaxed), 1);
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
@@ -967,19 +1176,20 @@ mod tests {
             .await
             .is_err());
         assert!(s.is_held());
-        // Taking a little is not enough (hysteresis) ...
-        a.release(64 * KIB);
+        // Less than the chunk is not enough ...
+        a.release(32 * KIB);
         assert!(tokio::time::timeout(Duration::from_millis(50), &mut more)
             .await
             .is_err());
-        // ... below half is.
-        a.release(448 * KIB);
-        assert!(more.await);
+        // ... the chunk is.
+        a.release(32 * KIB);
+        assert_eq!(more.await, Admit::Taken);
         assert!(!s.is_held());
-        assert_eq!(b.stats().buffered, 576 * KIB);
+        assert_eq!(b.stats().buffered, MIB);
         drop(a);
         assert_eq!(b.stats().buffered, 0);
         assert_eq!(s.backlog.load(Ordering::Relaxed), 0);
+        assert_eq!(s.floor_used.load(Ordering::Relaxed), 0);
         assert_eq!(s.slow.load(Ordering::Relaxed), 0);
         assert!(c.blocked_ns.load(Ordering::Relaxed) > 0);
     }
@@ -993,13 +1203,13 @@ mod tests {
         let b = RelayBudget::new(64 * MIB);
         let s = SessionLoad::default();
         let c = Counters::default();
-        let a = Account::new(&b, &s, &c, MIB);
+        let a = Account::new(&b, &s, &c, &lim(MIB, MIB));
         let stop = CancellationToken::new();
         for _ in 0..7 {
-            assert!(admitted(&a, 64 * KIB, &stop).await);
+            assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
         }
         assert_eq!(s.slow.load(Ordering::Relaxed), 0, "448 KiB is under half");
-        assert!(admitted(&a, 64 * KIB, &stop).await);
+        assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
         assert_eq!(s.slow.load(Ordering::Relaxed), 1, "512 KiB is half");
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
         a.release(320 * KIB);
@@ -1010,48 +1220,97 @@ mod tests {
         );
         a.release(64 * KIB);
         assert_eq!(s.slow.load(Ordering::Relaxed), 0, "128 KiB is an eighth");
-        assert!(admitted(&a, 384 * KIB, &stop).await);
+        assert_eq!(admitted(&a, 384 * KIB, &stop).await, Admit::Taken);
         assert_eq!(s.slow.load(Ordering::Relaxed), 1);
         assert_eq!(c.streams_slowed.load(Ordering::Relaxed), 1);
         a.release(512 * KIB);
-        assert!(
+        assert_eq!(
             admitted(&a, 2 * MIB, &stop).await,
+            Admit::Taken,
             "an empty queue takes any chunk"
         );
         assert_eq!(s.backlog.load(Ordering::Relaxed), 2 * MIB);
+        assert_eq!(
+            s.floor_used.load(Ordering::Relaxed),
+            0,
+            "2 MiB is over the floor"
+        );
+        assert_eq!(b.stats().budget_used, 2 * MIB);
     }
 
-    /// The global rule's two bounds are inclusive: the total may reach the
-    /// budget exactly, and a backlog its ceiling `F + G - R - T` exactly.
+    /// The shared rule `T + P + n ≤ G` is inclusive, and counts nothing
+    /// when it refuses.
     #[test]
-    fn the_budget_and_the_ceiling_are_reached_exactly() {
+    fn the_shared_budget_is_reached_exactly() {
         let g = 16 * MIB;
         let b = RelayBudget::new(g);
-        let ceiling = LIGHT_FLOOR + g - g / 8;
-        assert!(!b.try_take(64 * KIB, ceiling - 64 * KIB + 1));
+        assert!(!b.try_take(64 * KIB, g - 64 * KIB + 1));
         assert_eq!(b.stats().buffered, 0);
-        assert!(b.try_take(64 * KIB, ceiling - 64 * KIB));
-        assert_eq!(b.stats().buffered, 64 * KIB);
+        assert!(b.try_take(64 * KIB, g - 64 * KIB));
+        assert_eq!(b.stats().budget_used, 64 * KIB);
         let b = RelayBudget::new(MIB);
         assert!(!b.try_take(MIB + 1, 0));
         assert!(b.try_take(MIB, 0));
         assert_eq!(b.stats().peak, MIB);
         assert!(!b.try_take(1, 0));
+        assert!(!b.try_take(usize::MAX, usize::MAX), "no overflow");
     }
 
-    /// A drain held by the global rule resumes when *another* stream's
+    /// Every session gets its floor whatever the shared budget holds: with
+    /// the budget exhausted by stalled streams of other sessions, a fresh
+    /// session still takes up to its floor at once, and memory stays within
+    /// the budget plus one floor per session.
+    #[tokio::test]
+    async fn a_session_keeps_its_floor_while_stalled_streams_fill_the_budget() {
+        let g = 4 * MIB;
+        let floor = 512 * KIB;
+        let b = RelayBudget::new(g);
+        let c = Counters::default();
+        let stop = CancellationToken::new();
+        let stalled: Vec<SessionLoad> = (0..4).map(|_| SessionLoad::default()).collect();
+        let accounts: Vec<Account<'_>> = stalled
+            .iter()
+            .map(|s| Account::new(&b, s, &c, &lim(64 * MIB, floor)))
+            .collect();
+        for a in &accounts {
+            fill(a, &stop, g).await;
+        }
+        let st = b.stats();
+        assert!(st.budget_used <= g, "{st:?}");
+        assert!(st.buffered <= g + 4 * floor, "{st:?}");
+        assert_eq!(st.buffered - st.budget_used, 4 * floor, "{st:?}");
+        // A reload lowers the budget under what they hold: nothing more
+        // can come from it, for anyone.
+        b.set_limit(st.budget_used);
+        assert!(!b.try_take(64 * KIB, 0));
+        let fresh = SessionLoad::default();
+        let a = Account::new(&b, &fresh, &c, &lim(64 * MIB, floor));
+        for _ in 0..floor / (64 * KIB) {
+            assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
+        }
+        assert_eq!(fresh.floor_used.load(Ordering::Relaxed), floor);
+        // Its client keeps up: what it takes comes back to its floor.
+        a.release(floor);
+        assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
+        assert!(b.stats().peak <= g + 5 * floor);
+    }
+
+    /// A drain held by the shared budget resumes when *another* stream's
     /// client takes bytes (its own delivery never signals it), and when a
-    /// reload raises the budget.
+    /// reload raises the budget. What a client takes goes back to the
+    /// shared budget first.
     #[tokio::test]
     async fn a_drain_held_by_the_budget_resumes_on_any_delivery_or_a_raise() {
         let b = RelayBudget::new(MIB);
         let (s1, s2) = (SessionLoad::default(), SessionLoad::default());
         let c = Counters::default();
         let stop = CancellationToken::new();
-        let a = Account::new(&b, &s1, &c, 64 * MIB);
-        let l = Account::new(&b, &s2, &c, 64 * MIB);
-        assert!(admitted(&l, 512 * KIB, &stop).await);
-        assert!(admitted(&a, 512 * KIB, &stop).await);
+        let l = Account::new(&b, &s2, &c, &lim(64 * MIB, 256 * KIB));
+        let a = Account::new(&b, &s1, &c, &lim(64 * MIB, 256 * KIB));
+        // l alone: its floor, then half the budget (T = P, 2P ≤ G).
+        assert_eq!(fill(&l, &stop, 4 * MIB).await, 256 * KIB + 512 * KIB);
+        // a: its floor, then until T + P_a + n > G with T = 512K + P_a.
+        assert_eq!(fill(&a, &stop, 4 * MIB).await, 256 * KIB + 256 * KIB);
         let more = a.admit(64 * KIB, &stop);
         tokio::pin!(more);
         assert!(tokio::time::timeout(Duration::from_millis(50), &mut more)
@@ -1059,10 +1318,14 @@ mod tests {
             .is_err());
         assert_eq!(b.stats().held, 1);
         l.release(64 * KIB);
-        assert!(tokio::time::timeout(Duration::from_secs(1), more)
-            .await
-            .expect("another stream's delivery resumed it"));
-        assert_eq!(b.stats().buffered, MIB);
+        assert_eq!(s2.floor_used.load(Ordering::Relaxed), 256 * KIB);
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), more)
+                .await
+                .expect("another stream's delivery resumed it"),
+            Admit::Taken
+        );
+        assert_eq!(b.stats().budget_used, 768 * KIB);
         // Full again: only raising the limit can let this one through.
         let more = a.admit(64 * KIB, &stop);
         tokio::pin!(more);
@@ -1071,61 +1334,115 @@ mod tests {
             .is_err());
         b.set_limit(2 * MIB);
         assert_eq!(b.stats().limit, 2 * MIB);
-        assert!(tokio::time::timeout(Duration::from_secs(1), more)
-            .await
-            .expect("raising the budget resumed it"));
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), more)
+                .await
+                .expect("raising the budget resumed it"),
+            Admit::Taken
+        );
         assert_eq!(b.stats().held, 0);
     }
 
-    /// Near the global budget the session with the largest backlog is held
-    /// first, a light session keeps flowing, and the total never passes
-    /// the budget; a held drain resumes when another stream delivers.
+    /// Near the budget the session with the largest share is held first
+    /// (alone, it stops at half the budget), a light session keeps
+    /// flowing, and the shared part never passes the budget; a held drain
+    /// resumes when a client takes bytes; a stop counts nothing.
     #[tokio::test]
-    async fn the_global_rule_holds_the_largest_backlog_first() {
+    async fn the_shared_rule_holds_the_largest_share_first() {
         let g = 16 * MIB;
         let b = Arc::new(RelayBudget::new(g));
         let (heavy, light) = (SessionLoad::default(), SessionLoad::default());
         let c = Counters::default();
         let stop = CancellationToken::new();
-        let h = Account::new(&b, &heavy, &c, g);
-        // The heavy session fills until its ceiling F + (G - R - T) meets
-        // its backlog B: B = (F + G - R) / 2.
-        let mut taken = 0;
-        while taken <= g
-            && tokio::time::timeout(Duration::from_millis(20), h.admit(64 * KIB, &stop))
+        let h = Account::new(&b, &heavy, &c, &lim(g, MIB));
+        let taken = fill(&h, &stop, 2 * g).await;
+        assert_eq!(taken, MIB + g / 2, "its floor, then half the budget");
+        let l = Account::new(&b, &light, &c, &lim(g, MIB));
+        let got = fill(&l, &stop, 2 * g).await;
+        // Its floor, then while 8 MiB + P + P ≤ 16 MiB: 4 MiB more.
+        assert_eq!(got, MIB + 4 * MIB);
+        assert!(b.stats().budget_used <= g);
+        assert!(b.stats().peak <= g + 2 * MIB);
+        let heavy_more = h.admit(64 * KIB, &stop);
+        let light_more = l.admit(64 * KIB, &stop);
+        tokio::pin!(heavy_more, light_more);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut heavy_more)
                 .await
-                .is_ok()
-        {
-            taken += 64 * KIB;
-        }
-        let cap = (MIB + g - g / 8) / 2;
-        assert!(taken <= cap && taken + 64 * KIB > cap, "{taken} vs {cap}");
-        // A light session still gets its bytes.
-        let l = Account::new(&b, &light, &c, g);
-        for _ in 0..8 {
-            assert!(
-                tokio::time::timeout(Duration::from_millis(200), l.admit(64 * KIB, &stop))
-                    .await
-                    .expect("a light session is not held")
-            );
-        }
-        assert!(b.stats().peak <= g);
-        // The heavy drain waits until clients take bytes (here its own).
-        let more = h.admit(64 * KIB, &stop);
-        tokio::pin!(more);
-        assert!(tokio::time::timeout(Duration::from_millis(50), &mut more)
-            .await
-            .is_err());
-        assert_eq!(b.stats().held, 1);
+                .is_err()
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut light_more)
+                .await
+                .is_err()
+        );
+        assert_eq!(b.stats().held, 2);
+        // A client frees 1 MiB: the smaller share is released first.
         h.release(MIB);
-        assert!(tokio::time::timeout(Duration::from_secs(1), more)
-            .await
-            .expect("resumed after its client read"));
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), &mut light_more)
+                .await
+                .expect("the light session resumed"),
+            Admit::Taken
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut heavy_more)
+                .await
+                .is_err()
+        );
+        // The heavy one resumes once its share fits what is left.
+        h.release(3 * MIB);
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), heavy_more)
+                .await
+                .expect("resumed after its client read"),
+            Admit::Taken
+        );
         assert_eq!(b.stats().held, 0);
-        // A stop ends a wait without counting anything.
         let before = b.stats().buffered;
         stop.cancel();
-        assert!(!admitted(&h, 8 * MIB, &stop).await);
+        assert_eq!(admitted(&h, 8 * MIB, &stop).await, Admit::Stopped);
         assert_eq!(b.stats().buffered, before);
+    }
+
+    /// A stream whose client has taken nothing for the timeout is cut only
+    /// while other streams ride on its session (alone, it holds nobody but
+    /// itself); a client that takes something now and then never is.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_reader_that_stopped_beside_neighbours_is_cut() {
+        let b = RelayBudget::new(64 * MIB);
+        let s = SessionLoad::default();
+        let c = Counters::default();
+        let stop = CancellationToken::new();
+        let a = Account::new(&b, &s, &c, &lim(256 * KIB, MIB));
+        let _me = Riding::on(&s);
+        for _ in 0..4 {
+            assert_eq!(a.admit(64 * KIB, &stop).await, Admit::Taken);
+        }
+        // Alone on its session: held, never cut, however long.
+        let alone = tokio::time::timeout(Duration::from_secs(600), a.admit(64 * KIB, &stop)).await;
+        assert!(alone.is_err(), "cut with nobody beside it");
+        // Slow but reading, with a neighbour: a byte every 30 s is enough.
+        let beside = Riding::on(&s);
+        a.release(1);
+        let mut more = Box::pin(a.admit(64 * KIB, &stop));
+        for _ in 0..10 {
+            assert!(tokio::time::timeout(Duration::from_secs(30), &mut more)
+                .await
+                .is_err());
+            a.release(1);
+        }
+        // Stopped: cut once the timeout has passed since its last read.
+        let t0 = Instant::now();
+        assert_eq!(more.await, Admit::ReaderStopped);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(59) && waited <= Duration::from_secs(61),
+            "{waited:?}"
+        );
+        drop(beside);
+        // Its neighbour left: no longer cut.
+        let alone = tokio::time::timeout(Duration::from_secs(600), a.admit(64 * KIB, &stop)).await;
+        assert!(alone.is_err());
     }
 }
