@@ -3153,7 +3153,9 @@ mod slow {
         };
         let toml = bench_toml(&cluster, &spec).replacen(
             "[proxy]\n",
-            "[proxy]\nrelay_buffer_budget = \"1MiB\"\nrelay_stream_buffer_limit = \"256KiB\"\n",
+            // The smallest floor, so that the stalled sessions (4 × 256 KiB
+            // each) reach into the shared budget and it binds.
+            "[proxy]\nrelay_buffer_budget = \"1MiB\"\nrelay_stream_buffer_limit = \"256KiB\"\nrelay_session_floor = \"256KiB\"\n",
             1,
         );
         let mut daemon = Daemon::start_toml(&cluster, &toml, &[]);
@@ -3172,7 +3174,7 @@ mod slow {
         }
         let bulk = (sz.bulk_bytes / 4).max(32 << 20);
         let mut t = Table::new(
-            format!("Fair budget: a {} download from node-3 alone, and while 8 stalled readers on node-1 and node-2 fill the budget (daemon: relay_buffer_budget 1MiB, relay_stream_buffer_limit 256KiB, max_connections_per_node 1)", mib(bulk)),
+            format!("Fair budget: a {} download from node-3 alone, and while 8 stalled readers on node-1 and node-2 fill the budget (daemon: relay_buffer_budget 1MiB, relay_stream_buffer_limit 256KiB, relay_session_floor 256KiB, max_connections_per_node 1)", mib(bulk)),
             &["path", "alone MB/s", "beside stalled MB/s", "ratio", "held by the budget"],
         );
         let download = |p: PathKind| -> io::Result<f64> {

@@ -1445,4 +1445,27 @@ mod tests {
         let alone = tokio::time::timeout(Duration::from_secs(600), a.admit(64 * KIB, &stop)).await;
         assert!(alone.is_err());
     }
+
+    /// A drain that waits with nothing queued for its client (the budget
+    /// and its session's floor are full) is never cut as a stopped reader,
+    /// neighbours or not: its client has nothing to read.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_with_nothing_queued_is_never_cut() {
+        let b = RelayBudget::new(MIB);
+        let s = SessionLoad::default();
+        let c = Counters::default();
+        let stop = CancellationToken::new();
+        let other = Account::new(&b, &s, &c, &lim(256 * KIB, 256 * KIB));
+        let a = Account::new(&b, &s, &c, &lim(256 * KIB, 256 * KIB));
+        let (_o, _a) = (Riding::on(&s), Riding::on(&s));
+        for _ in 0..4 {
+            assert_eq!(other.admit(64 * KIB, &stop).await, Admit::Taken);
+        }
+        assert_eq!(s.floor_used.load(Ordering::Relaxed), 256 * KIB);
+        b.set_limit(0);
+        let mut wait = Box::pin(a.admit(64 * KIB, &stop));
+        let waited = tokio::time::timeout(Duration::from_secs(600), &mut wait).await;
+        assert!(waited.is_err(), "cut with nothing queued: {waited:?}");
+        assert_eq!(b.stats().held, 1, "held by the budget all along");
+    }
 }
