@@ -16,6 +16,9 @@
 //! - `daemon tcp` / `daemon unix`: `CONNECT` through the daemon's TCP and
 //!   Unix listeners (the release build of this crate's `tunneler`).
 //!
+//! `TUNNELER_BENCH_SSH_EXTRA` adds `[ssh]` lines to every daemon's config,
+//! for A/B runs of a setting (`window_min = "8MiB"`, say).
+//!
 //! Sections, in the order they run (`TUNNELER_BENCH_ONLY=a,b` picks some):
 //! - `rtt_ms`: the keepalive round trip `status --json` shows on an idle
 //!   link (default 10 s keepalive), against a direct TCP echo to the node
@@ -1007,6 +1010,12 @@ fn bench_toml(cluster: &Cluster, spec: &ConfigSpec) -> String {
     ] {
         assert!(t.contains(from), "harness config changed: no {from}");
         t = t.replace(from, to);
+    }
+    // A/B runs: extra `[ssh]` lines for every daemon of the run (say
+    // `window_min = "8MiB"`), e.g. to compare a setting on one machine.
+    if let Ok(extra) = std::env::var("TUNNELER_BENCH_SSH_EXTRA") {
+        assert!(t.contains("[ssh]\n"), "harness config changed: no [ssh]");
+        t = t.replacen("[ssh]\n", &format!("[ssh]\n{extra}\n"), 1);
     }
     t
 }
