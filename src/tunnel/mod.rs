@@ -13,6 +13,7 @@
 pub(crate) mod backoff;
 pub(crate) mod probe;
 pub(crate) mod relay;
+pub(crate) mod stream_stats;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -173,6 +174,9 @@ impl StateInfo {
 
 /// A connected, authenticated session and the streams riding on it.
 pub struct Conn {
+    /// Unique in the process, so that an access record and the stream
+    /// list can tell which of a node's sessions carried a stream.
+    id: u64,
     handle: Handle<ClientHandler>,
     /// Fires when the session has ended, whoever ended it.
     ended: CancellationToken,
@@ -372,7 +376,15 @@ impl StreamGuard {
     pub fn session(&self) -> &SessionLoad {
         &self.conn.load
     }
+
+    /// The id of the SSH session this stream rides on.
+    pub fn session_id(&self) -> u64 {
+        self.conn.id
+    }
 }
+
+/// Session ids, from 1; never reused while the process lives.
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// The shared handle to one node's tunnel.
 pub struct NodeTunnel {
@@ -1300,6 +1312,7 @@ fn install(
     ended: CancellationToken,
 ) -> Arc<Conn> {
     let conn = Arc::new(Conn {
+        id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
         handle,
         ended: ended.clone(),
         streams: AtomicU64::new(0),

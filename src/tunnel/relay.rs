@@ -79,6 +79,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 pub use crate::config::RelayLimits;
+use crate::tunnel::stream_stats::StreamStats;
 use crate::tunnel::{Counters, SessionLoad};
 
 /// A session whose backlog is under this keeps flowing while heavier ones
@@ -215,6 +216,8 @@ struct Account<'a> {
     slowed: AtomicBool,
     /// `deliver` took bytes below the resume mark.
     drained: Notify,
+    /// The stream's own figures (queued bytes, held time), when observed.
+    stats: Option<&'a StreamStats>,
 }
 
 impl<'a> Account<'a> {
@@ -233,6 +236,7 @@ impl<'a> Account<'a> {
             slow: AtomicBool::new(false),
             slowed: AtomicBool::new(false),
             drained: Notify::new(),
+            stats: None,
         }
     }
 
@@ -243,6 +247,7 @@ impl<'a> Account<'a> {
         // Once over the limit, wait until the client took it below half.
         let mut resume_at: Option<usize> = None;
         let mut hold: Option<Hold<'_>> = None;
+        let mut _stream_hold = None;
         loop {
             let mine = self.drained.notified();
             let global = self.budget.freed.notified();
@@ -260,6 +265,9 @@ impl<'a> Account<'a> {
                 if self.budget.try_take(n, backlog) {
                     self.session.backlog.fetch_add(n, Ordering::Relaxed);
                     let q = self.queued.fetch_add(n, Ordering::AcqRel) + n;
+                    if let Some(s) = self.stats {
+                        s.queue(n);
+                    }
                     if q >= self.limit / 2 && !self.slow.swap(true, Ordering::AcqRel) {
                         self.session.slow.fetch_add(1, Ordering::Relaxed);
                         if !self.slowed.swap(true, Ordering::Relaxed) {
@@ -273,6 +281,7 @@ impl<'a> Account<'a> {
             }
             if hold.is_none() {
                 hold = Some(Hold::begin(self.session, self.counters));
+                _stream_hold = self.stats.map(StreamStats::hold);
             }
             if under_limit {
                 // Held by the global rule: any stream's delivery may free it.
@@ -297,6 +306,9 @@ impl<'a> Account<'a> {
         let before = self.queued.fetch_sub(n, Ordering::AcqRel);
         let q = before - n;
         self.session.backlog.fetch_sub(n, Ordering::Relaxed);
+        if let Some(s) = self.stats {
+            s.dequeue(n);
+        }
         if q <= self.limit / 8 && self.slow.swap(false, Ordering::AcqRel) {
             self.session.slow.fetch_sub(1, Ordering::Relaxed);
         }
@@ -316,6 +328,9 @@ impl Drop for Account<'_> {
         if q > 0 {
             self.session.backlog.fetch_sub(q, Ordering::Relaxed);
             self.budget.give_back(q);
+            if let Some(s) = self.stats {
+                s.dequeue(q);
+            }
         }
     }
 }
@@ -443,6 +458,9 @@ async fn deliver<W: AsyncWrite + Unpin>(
                 Ok(n) => n,
             };
             counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(s) = account.stats {
+                s.to_client.fetch_add(n as u64, Ordering::Relaxed);
+            }
             account.release(n);
             while n > 0 {
                 let f = &mut batch[i];
@@ -616,6 +634,9 @@ fn classify(
 /// always has. On any other end the client comes back as it is, for the
 /// caller to cut: a clean close there would tell the client that the node
 /// side finished.
+///
+/// `stats` receives the stream's own queued bytes and held time, for the
+/// live-stream list and the access record.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<S>(
     client: S,
@@ -626,6 +647,7 @@ pub async fn relay<S>(
     cancel: CancellationToken,
     budget: &RelayBudget,
     limits: &RelayLimits,
+    stats: &StreamStats,
 ) -> Relayed<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -635,7 +657,8 @@ where
     let stop = cancel.child_token();
     let flags = Flags::default();
     budget.set_limit(limits.buffer_budget);
-    let account = Account::new(budget, session, counters, limits.stream_buffer_limit);
+    let mut account = Account::new(budget, session, counters, limits.stream_buffer_limit);
+    account.stats = Some(stats);
     let closing = session.closing().clone();
 
     // The session's teardown stops this relay too: its drain may be the
@@ -662,6 +685,7 @@ where
                 return;
             }
             counters.bytes_out.fetch_add(n, Ordering::Relaxed);
+            stats.to_node.fetch_add(n, Ordering::Relaxed);
         }
         let mut buf = BytesMut::with_capacity(CLIENT_READ_SIZE);
         loop {
@@ -688,6 +712,7 @@ where
                         return;
                     }
                     counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.to_node.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     debug!(error = %e, "client read failed; closing stream");
