@@ -422,19 +422,19 @@ impl NodeCollector {
             (
                 "tunneler_stream_duration_seconds",
                 "How long ended streams lived, from their CONNECT to their end",
-                Some(&prometheus_client::registry::Unit::Seconds),
+                None,
                 |h| &h.duration,
             ),
             (
                 "tunneler_stream_to_client_bytes",
                 "Bytes each ended stream carried from the node to its client",
-                Some(&prometheus_client::registry::Unit::Bytes),
+                None,
                 |h| &h.to_client,
             ),
             (
                 "tunneler_stream_to_node_bytes",
                 "Bytes each ended stream carried from its client to the node",
-                Some(&prometheus_client::registry::Unit::Bytes),
+                None,
                 |h| &h.to_node,
             ),
         ];

@@ -330,6 +330,36 @@ fn every_stream_gets_one_access_record_on_each_listener() {
         cases.len(),
         "one record per stream: {records:#?}"
     );
+    // The per-node histograms saw the same five streams and bytes.
+    let m = s.daemon.metrics();
+    let node_label = [("node", node.name.as_str())];
+    let v = |name: &str| common::metric_value(&m, name, &node_label);
+    assert_eq!(
+        v("tunneler_stream_duration_seconds_count"),
+        Some(5.0),
+        "{m}"
+    );
+    assert_eq!(v("tunneler_stream_to_client_bytes_count"), Some(5.0), "{m}");
+    let to_client = (3 * N + 2 * M) as f64;
+    assert_eq!(
+        v("tunneler_stream_to_client_bytes_sum"),
+        Some(to_client),
+        "{m}"
+    );
+    assert_eq!(
+        v("tunneler_stream_to_node_bytes_sum"),
+        Some((2 * M) as f64),
+        "{m}"
+    );
+    let secs = v("tunneler_stream_duration_seconds_sum").unwrap_or_default();
+    let logged: f64 = records
+        .iter()
+        .filter_map(|r| r["duration_ms"].as_f64())
+        .sum();
+    assert!(
+        (secs * 1000.0 - logged).abs() < 50.0,
+        "{secs} s vs {logged} ms"
+    );
 }
 
 /// One record per refusal, written at once, with its status and reason:

@@ -35,6 +35,11 @@ pub struct Session {
     /// verdict can be read while a slow reader parks the session loop
     /// (russh reads nothing then). None if the socket could not be cloned.
     pub watch: Option<std::net::TcpStream>,
+    /// Cancelled when the node has announced its host keys
+    /// (`hostkeys-00@openssh.com`, which OpenSSH's sshd sends right after
+    /// authentication). A ping sent before that meets the announcement on
+    /// the wire and measures a stall, not the link (see `tunnel`).
+    pub announced: CancellationToken,
 }
 
 impl Session {
@@ -61,6 +66,8 @@ pub struct ClientHandler {
     /// The shard the session was opened on: russh runs these callbacks in
     /// its session task, which must stay there (checked, see `shard`).
     shard: Option<usize>,
+    /// See [`Session::announced`].
+    announced: CancellationToken,
     _ended: DropGuard,
 }
 
@@ -192,6 +199,17 @@ impl client::Handler for ClientHandler {
         self.refuse(err)
     }
 
+    async fn openssh_ext_host_keys_announced(
+        &mut self,
+        keys: Vec<PublicKey>,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        crate::shard::check(self.shard);
+        debug!(keys = keys.len(), "the node announced its host keys");
+        self.announced.cancel();
+        Ok(())
+    }
+
     async fn disconnected(
         &mut self,
         reason: DisconnectReason<Self::Error>,
@@ -257,7 +275,9 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
     let ended = CancellationToken::new();
     let host_key_error = Arc::new(Mutex::new(None));
     let end_reason = Arc::new(Mutex::new(None));
+    let announced = CancellationToken::new();
     let handler = ClientHandler {
+        announced: announced.clone(),
         node: node.clone(),
         known_hosts: ctx.known_hosts.clone(),
         policy: ctx.ssh.host_key_policy,
@@ -328,6 +348,7 @@ pub async fn connect(node: &NodeConfig, ctx: &SshContext) -> Result<Session, Tun
             ended,
             end_reason,
             watch,
+            announced,
         }),
     }
 }
