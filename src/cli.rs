@@ -240,20 +240,41 @@ pub fn keygen(out: &std::path::Path, comment: &str) -> u8 {
 /// `tunneler manpages`: writes `tunneler.1` and `tunneler-<sub>.1` for
 /// every visible subcommand (nested ones too) into `dir`, from the clap
 /// definitions, so the pages never drift from `--help`; exit code 0 or 1.
+/// The pages' date is `SOURCE_DATE_EPOCH` when set (reproducible
+/// packages), else today.
 pub fn manpages(dir: &std::path::Path) -> u8 {
     use clap::CommandFactory;
-    fn write(cmd: &clap::Command, name: &str, dir: &std::path::Path) -> std::io::Result<()> {
+    fn write(
+        cmd: &clap::Command,
+        name: &str,
+        date: &str,
+        dir: &std::path::Path,
+    ) -> std::io::Result<()> {
         let cmd = cmd.clone().name(name.to_string());
         let mut out = Vec::new();
-        clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+        clap_mangen::Man::new(cmd.clone())
+            .date(date)
+            .source(format!("tunneler {}", env!("CARGO_PKG_VERSION")))
+            .manual("tunneler manual")
+            .render(&mut out)?;
         std::fs::write(dir.join(format!("{name}.1")), out)?;
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-            write(sub, &format!("{name}-{}", sub.get_name()), dir)?;
+            write(sub, &format!("{name}-{}", sub.get_name()), date, dir)?;
         }
         Ok(())
     }
+    let when = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .unwrap_or_else(std::time::SystemTime::now);
+    let date = crate::timestamp::rfc3339(when)
+        .split('T')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let cmd = Cli::command();
-    let done = std::fs::create_dir_all(dir).and_then(|()| write(&cmd, "tunneler", dir));
+    let done = std::fs::create_dir_all(dir).and_then(|()| write(&cmd, "tunneler", &date, dir));
     match done {
         Ok(()) => {
             println!("wrote the man pages into {}", dir.display());
