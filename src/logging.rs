@@ -3,9 +3,9 @@
 //!
 //! Access records (target `tunneler::access`, see `proxy::access`) go
 //! through a layer of their own: `proxy.access_log` alone turns them on and
-//! off, whatever `RUST_LOG` says, and in JSON a record is one flat object
-//! (its fields beside `timestamp`, `level` and `target`, no span list), so
-//! log pipelines parse them without knowing the daemon's span layout.
+//! off, whatever `RUST_LOG` says, and in JSON a record is shaped as every
+//! other line (its fields under `fields`) but carries no span or span
+//! list, so its fields are all there is to parse.
 
 use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::Layer;
@@ -53,7 +53,6 @@ pub fn init(format: LogFormat) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
                     .with_writer(std::io::stderr)

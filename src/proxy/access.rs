@@ -9,7 +9,7 @@
 //! below. `proxy.access_log = false` turns the records off.
 //!
 //! The record is emitted outside any span (`parent: None`), so a JSON line
-//! is the record's own fields and nothing else (see `logging`).
+//! holds the record's own fields and no span (see `logging`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ pub const ACCESS_TARGET: &str = "tunneler::access";
 
 /// Every field an access record may carry, in the order written. The
 /// CONNECT target is `dst` (as in the stream's log span): a field named
-/// `target` would collide with the log line's own `target` in JSON. Fields
+/// `target` would read as the log line's own `target`. Fields
 /// that do not apply (a refusal has no `end`, a Unix client no
 /// `client_addr`) are left out of the line, never written empty.
 pub const FIELDS: [&str; 19] = [
