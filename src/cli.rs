@@ -62,9 +62,9 @@ pub enum Command {
         /// Order: oldest first, or held and most buffered first.
         #[arg(long, value_enum, default_value_t = StreamOrder::Age)]
         sort: StreamOrder,
-        /// At most this many streams (the daemon caps it at 10000).
-        #[arg(long, default_value_t = crate::admin::streams::DEFAULT_LIMIT)]
-        limit: usize,
+        /// At most this many streams (default 100; the daemon caps it at 10000).
+        #[arg(long)]
+        limit: Option<usize>,
         /// Print the admin API's JSON document.
         #[arg(long)]
         json: bool,
@@ -137,15 +137,6 @@ pub enum StreamOrder {
     Age,
     /// Streams holding their session first, then most bytes buffered.
     Buffered,
-}
-
-impl From<StreamOrder> for crate::admin::streams::StreamSort {
-    fn from(o: StreamOrder) -> Self {
-        match o {
-            StreamOrder::Age => crate::admin::streams::StreamSort::Age,
-            StreamOrder::Buffered => crate::admin::streams::StreamSort::Buffered,
-        }
-    }
 }
 
 /// `tunneler nodes ...`.

@@ -85,7 +85,7 @@ fn main() -> ExitCode {
                 let query = tunneler::admin::api::StreamsQuery {
                     node,
                     sort: sort.into(),
-                    limit: Some(limit),
+                    limit,
                 };
                 client::run_streams(&s, query, json)
             },

@@ -303,3 +303,12 @@ pub fn run_streams(socket: &Path, query: crate::admin::api::StreamsQuery, json: 
         }
     }
 }
+
+impl From<crate::cli::StreamOrder> for crate::admin::streams::StreamSort {
+    fn from(o: crate::cli::StreamOrder) -> Self {
+        match o {
+            crate::cli::StreamOrder::Age => crate::admin::streams::StreamSort::Age,
+            crate::cli::StreamOrder::Buffered => crate::admin::streams::StreamSort::Buffered,
+        }
+    }
+}
