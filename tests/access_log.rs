@@ -526,3 +526,25 @@ fn tunneler_streams_shows_a_held_stream_and_forgets_it_when_it_ends() {
     assert_eq!(r["end"], "client_closed", "{r}");
     assert!(r["held_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r}");
 }
+
+/// `proxy.access_log = false`: a stream and a refusal, and no access
+/// record at all, while the daemon's other log lines go on as before.
+#[test]
+fn access_log_false_writes_no_record() {
+    require_netns!("access_log_false_writes_no_record");
+    let s = Setup::new(1, "access_log = false");
+    let node = s.cluster.node(1);
+    let got = s
+        .daemon
+        .echo(&format!("{}:{}", node.pod_ip, common::ECHO_PORT), "x");
+    assert!(got.starts_with("node=node-1"), "{got}");
+    let (st, _) = s.daemon.connect("192.0.2.1:80");
+    assert!(st.starts_with("HTTP/1.1 403"), "{st:?}");
+    // The stream's own end is logged (at debug) once its relay is done:
+    // by then its record would have been written.
+    let ended = common::poll(Duration::from_secs(10), || {
+        fs::read_to_string(&s.daemon.log).is_ok_and(|l| l.contains("stream closed"))
+    });
+    assert!(ended, "{}", s.daemon.log_tail(20));
+    assert_eq!(s.records(), Vec::<Value>::new());
+}

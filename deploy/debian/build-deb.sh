@@ -35,6 +35,8 @@ if grep -q /usr/local/bin "$out/systemd/tunneler.service"; then
     exit 1
 fi
 
+# One package in target/debian, this one (.ci/run installs what it finds).
+rm -f target/debian/tunneler_*.deb
 # The release profile keeps line tables (debug = 1) for profiling; the
 # package ships the binary stripped.
 cargo deb --no-build --locked --strip "$@"

@@ -66,9 +66,12 @@ fi
 rm -rf "$probe"
 
 # Every man page renders without a warning (mandoc's lint), and man finds
-# the main one.
+# the main one. One warning is clap_mangen's and harmless: its lists of
+# possible values put a .br next to a .sp, which mandoc drops ("skipping
+# paragraph macro"); the page renders the same.
 for page in /usr/share/man/man1/tunneler*.1.gz; do
-    lint=$(mandoc -T lint -W warning "$page" 2>&1 || true)
+    lint=$(mandoc -T lint -W warning "$page" 2>&1 |
+        grep -Ev 'WARNING: skipping paragraph macro: br (before|after) sp$' || true)
     [ -z "$lint" ] || fail "mandoc -T lint: $lint"
 done
 man -l /usr/share/man/man1/tunneler.1.gz 2>/dev/null | grep -q 'tunneler' ||
