@@ -47,6 +47,28 @@ pub enum Command {
         #[arg(long, conflicts_with = "json")]
         watch: bool,
     },
+    /// List the open streams (target, node, session, age, bytes, buffered
+    /// bytes, whether each holds its SSH session).
+    Streams {
+        /// Admin socket to ask (overrides --config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Config file whose [admin] socket to ask.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
+        /// Only this node's streams.
+        #[arg(long)]
+        node: Option<String>,
+        /// Order: oldest first, or held and most buffered first.
+        #[arg(long, value_enum, default_value_t = StreamOrder::Age)]
+        sort: StreamOrder,
+        /// At most this many streams (default 100; the daemon caps it at 10000).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print the admin API's JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     Completions {
         /// The shell.
@@ -80,6 +102,14 @@ pub enum Command {
         #[arg(long, conflicts_with = "socket")]
         config: Option<PathBuf>,
     },
+    /// Write the man pages (tunneler.1 and one per subcommand) into DIR;
+    /// packaging runs it.
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// Write a new ed25519 key pair and print the authorized_keys line.
     Keygen {
         /// Private key path; the public key goes to PATH.pub.
@@ -98,6 +128,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, with span fields (node, stream).
     Json,
+}
+
+/// `tunneler streams --sort`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StreamOrder {
+    /// Oldest first.
+    Age,
+    /// Streams holding their session first, then most bytes buffered.
+    Buffered,
 }
 
 /// `tunneler nodes ...`.
@@ -184,6 +223,56 @@ pub fn keygen(out: &std::path::Path, comment: &str) -> u8 {
         }
         Err(e) => {
             eprintln!("keygen: {e}");
+            1
+        }
+    }
+}
+
+/// `tunneler manpages`: writes `tunneler.1` and `tunneler-<sub>.1` for
+/// every visible subcommand (nested ones too) into `dir`, from the clap
+/// definitions, so the pages never drift from `--help`; exit code 0 or 1.
+/// The pages' date is `SOURCE_DATE_EPOCH` when set (reproducible
+/// packages), else today.
+pub fn manpages(dir: &std::path::Path) -> u8 {
+    use clap::CommandFactory;
+    fn write(
+        cmd: &clap::Command,
+        name: &str,
+        date: &str,
+        dir: &std::path::Path,
+    ) -> std::io::Result<()> {
+        let cmd = cmd.clone().name(name.to_string());
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .date(date)
+            .source(format!("tunneler {}", env!("CARGO_PKG_VERSION")))
+            .manual("tunneler manual")
+            .render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub, &format!("{name}-{}", sub.get_name()), date, dir)?;
+        }
+        Ok(())
+    }
+    let when = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .unwrap_or_else(std::time::SystemTime::now);
+    let date = crate::timestamp::rfc3339(when)
+        .split('T')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let cmd = Cli::command();
+    let done = std::fs::create_dir_all(dir).and_then(|()| write(&cmd, "tunneler", &date, dir));
+    match done {
+        Ok(()) => {
+            println!("wrote the man pages into {}", dir.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("manpages: {}: {e}", dir.display());
             1
         }
     }

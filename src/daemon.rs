@@ -211,6 +211,7 @@ pub async fn start(
             readiness: readiness.clone(),
             metrics: metrics.clone(),
             config: store.clone(),
+            streams: proxy.live_streams(),
         },
         tracker.clone(),
         shutdown.child_token(),

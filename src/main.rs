@@ -72,6 +72,25 @@ fn main() -> ExitCode {
             |c| c,
             |s| client::run_request(&s, tunneler::admin::api::Request::Reload),
         ),
+        Command::Streams {
+            socket,
+            config,
+            node,
+            sort,
+            limit,
+            json,
+        } => client::admin_socket(socket, config).map_or_else(
+            |c| c,
+            |s| {
+                let query = tunneler::admin::api::StreamsQuery {
+                    node,
+                    sort: sort.into(),
+                    limit,
+                };
+                client::run_streams(&s, query, json)
+            },
+        ),
+        Command::Manpages { out_dir } => tunneler::cli::manpages(&out_dir),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let out = &mut std::io::stdout();

@@ -59,6 +59,32 @@ type ResultLabels = Vec<(&'static str, &'static str)>;
 pub struct DialMetrics {
     dials: Family<ResultLabels, Counter>,
     durations: Family<ResultLabels, Histogram>,
+    /// Per node: the histograms of its ended streams. Encoded by the
+    /// collector for the nodes that exist at scrape time, so a removed
+    /// node's series go with it (and its entry is dropped then).
+    streams: Mutex<BTreeMap<String, StreamHistograms>>,
+}
+
+/// One node's stream histograms.
+#[derive(Debug)]
+struct StreamHistograms {
+    duration: Histogram,
+    to_client: Histogram,
+    to_node: Histogram,
+}
+
+impl StreamHistograms {
+    fn new() -> StreamHistograms {
+        use prometheus_client::metrics::histogram::exponential_buckets;
+        StreamHistograms {
+            // 1 ms .. ~2.3 h: a kubelet call takes milliseconds, an
+            // exec, attach or port-forward session hours.
+            duration: Histogram::new(exponential_buckets(0.001, 4.0, 12)),
+            // 64 B .. 64 GiB: a health check to a `kubectl cp` of an image.
+            to_client: Histogram::new(exponential_buckets(64.0, 4.0, 16)),
+            to_node: Histogram::new(exponential_buckets(64.0, 4.0, 16)),
+        }
+    }
 }
 
 impl DialMetrics {
@@ -67,6 +93,20 @@ impl DialMetrics {
         let labels = vec![("result", result.label())];
         self.dials.get_or_create(&labels).inc();
         self.durations.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Records one ended stream of `node`: how long it lived (from its
+    /// CONNECT) and the bytes it carried each way.
+    pub fn stream_ended(&self, node: &str, seconds: f64, to_client: u64, to_node: u64) {
+        let mut m = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if !m.contains_key(node) {
+            m.insert(node.to_string(), StreamHistograms::new());
+        }
+        if let Some(h) = m.get(node) {
+            h.duration.observe(seconds);
+            h.to_client.observe(to_client as f64);
+            h.to_node.observe(to_node as f64);
+        }
     }
 }
 
@@ -103,6 +143,7 @@ pub type TunnelSource = Arc<dyn Fn() -> Vec<Arc<NodeTunnel>> + Send + Sync>;
 
 struct NodeCollector {
     tunnels: TunnelSource,
+    dial: Arc<DialMetrics>,
     shards: Option<Arc<crate::shard::Shards>>,
     runtimes: Vec<tokio::runtime::Handle>,
     discovery_last_success: Arc<AtomicI64>,
@@ -317,6 +358,7 @@ impl Collector for NodeCollector {
             "The shard (thread) that runs the node's sessions and streams",
             &shard,
         )?;
+        self.encode_stream_histograms(&mut enc, &tunnels)?;
         if let Some(shards) = &self.shards {
             encode_shards(&mut enc, &shards.loads())?;
         }
@@ -372,6 +414,48 @@ impl Collector for NodeCollector {
             &mut enc,
             crate::tunnel::relay::RelayBudget::global().stats(),
         )
+    }
+}
+
+impl NodeCollector {
+    /// The stream histograms of the nodes in `tunnels`; entries of nodes
+    /// no longer there are dropped.
+    fn encode_stream_histograms(
+        &self,
+        enc: &mut DescriptorEncoder,
+        tunnels: &[Arc<NodeTunnel>],
+    ) -> Result<(), std::fmt::Error> {
+        let mut m = self.dial.streams.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|name, _| tunnels.iter().any(|t| &t.node.name == name));
+        type Pick = fn(&StreamHistograms) -> &Histogram;
+        let families: [(&str, &str, Option<&prometheus_client::registry::Unit>, Pick); 3] = [
+            (
+                "tunneler_stream_duration_seconds",
+                "How long ended streams lived, from their CONNECT to their end",
+                None,
+                |h| &h.duration,
+            ),
+            (
+                "tunneler_stream_to_client_bytes",
+                "Bytes each ended stream carried from the node to its client",
+                None,
+                |h| &h.to_client,
+            ),
+            (
+                "tunneler_stream_to_node_bytes",
+                "Bytes each ended stream carried from its client to the node",
+                None,
+                |h| &h.to_node,
+            ),
+        ];
+        for (name, help, unit, pick) in families {
+            let mut f = enc.encode_descriptor(name, help, unit, MetricType::Histogram)?;
+            for (node, h) in m.iter() {
+                let labels = [("node", node.as_str())];
+                pick(h).encode(f.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -527,8 +611,14 @@ impl Metrics {
         let discovery_rejected = DiscoveryRejected::default();
         let discovery_failing = DiscoveryRejected::default();
         let ambiguous_addresses = Arc::new(AtomicU64::new(0));
+        let dial = Arc::new(DialMetrics {
+            dials,
+            durations,
+            streams: Mutex::new(BTreeMap::new()),
+        });
         registry.register_collector(Box::new(NodeCollector {
             tunnels,
+            dial: dial.clone(),
             shards,
             runtimes,
             discovery_last_success: discovery_last_success.clone(),
@@ -539,7 +629,7 @@ impl Metrics {
         }));
         Metrics {
             registry,
-            dial: Arc::new(DialMetrics { dials, durations }),
+            dial,
             discovery_last_success,
             discovery_errors,
             discovery_rejected,

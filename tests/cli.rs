@@ -26,7 +26,15 @@ fn status_reports_table_json_and_exit_codes() {
     assert_eq!(out.status.code(), Some(0), "{text}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let header = stdout.lines().next().unwrap_or_default();
-    for col in ["NAME", "ADDRESS", "STATE", "SINCE", "STREAMS", "LAST ERROR"] {
+    for col in [
+        "NAME",
+        "ADDRESS",
+        "STATE",
+        "SINCE",
+        "STREAMS",
+        "RTT",
+        "LAST ERROR",
+    ] {
         assert!(header.contains(col), "column {col} missing in {header:?}");
     }
     for node in &cluster.nodes {

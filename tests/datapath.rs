@@ -89,3 +89,42 @@ fn an_idle_session_sends_one_keepalive_request_per_period() {
     let rtt = find_node(&daemon.status(), "node-1").and_then(|n| n.rtt_ms);
     assert!(rtt.is_some(), "no round trip in status after {secs:.1} s");
 }
+
+/// The first `rtt_ms` after a connect is the link's round trip, not a
+/// stall: three nodes, two daemon starts, every first sample under 20 ms
+/// (the link's round trip is well under 1 ms; the stall it guards against
+/// was 41 to 48 ms). A ping sent right after authentication met sshd's
+/// `hostkeys-00@openssh.com` announcement on the wire, and its answer
+/// waited in sshd's Nagle for our delayed ACK of the announcement.
+#[test]
+fn the_first_round_trip_after_connect_measures_the_link() {
+    require_netns!("the_first_round_trip_after_connect_measures_the_link");
+    let cluster = Cluster::new(3);
+    let mut firsts = Vec::new();
+    for _ in 0..2 {
+        let mut daemon = Daemon::start(&cluster);
+        let mut first: Vec<Option<f64>> = Vec::new();
+        // Polled every 10 ms: the next ping comes 0.75 s after the first.
+        let deadline = Instant::now() + READY;
+        while Instant::now() < deadline {
+            if let Ok(s) = daemon.try_status() {
+                first = s.nodes.iter().map(|n| n.rtt_ms).collect();
+                if first.len() == 3 && first.iter().all(Option::is_some) {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        common::report(&format!("first rtt_ms after connect: {first:?}"));
+        firsts.extend(
+            first
+                .into_iter()
+                .map(|r| r.expect("an rtt_ms for every node")),
+        );
+        daemon.stop();
+    }
+    assert!(
+        firsts.iter().all(|&ms| ms < 20.0),
+        "first rtt_ms after connect: {firsts:?}"
+    );
+}

@@ -401,3 +401,27 @@ fn the_demo_installs_the_ci_packages() {
         "deploy/demo/common.sh DEMO_APT_PACKAGES differs from .ci/run's apt-get install"
     );
 }
+
+/// Every access record field is in operations.md's table, and the table
+/// names no field the record does not write: people parse these lines.
+#[test]
+fn every_access_record_field_is_documented() {
+    let doc = read("docs/operations.md");
+    let start = doc
+        .find("### The access log")
+        .expect("the access log section");
+    let section = &doc[start..];
+    let end = section[4..].find("\n### ").map_or(section.len(), |e| e + 4);
+    let section = &section[..end];
+    let documented: BTreeSet<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(f, _)| f.to_string()))
+        .collect();
+    let written: BTreeSet<String> = tunneler::proxy::access::FIELDS
+        .iter()
+        .filter(|f| **f != "message")
+        .map(|f| f.to_string())
+        .collect();
+    assert_eq!(documented, written, "docs/operations.md access log fields");
+}

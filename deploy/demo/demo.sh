@@ -205,6 +205,10 @@ dial_timeout = "2s"
 # A node's own address allows only its kubelet port unless listed here; the
 # demo's nodes serve HTTP on 8080 instead.
 node_ports = [8080]
+# The demo's pod address is the first host address of each pod CIDR (.17,
+# .33, .49), which proxy.pod_host_offsets treats as the node's own by
+# default (a CNI bridge); here it is a pod.
+pod_host_offsets = [0]
 
 [admin]
 socket = "$tmp/admin.sock"
@@ -259,6 +263,35 @@ print("<", head.decode().splitlines()[0] if head else "(no answer)")
 s.sendall(b"hello through the tunnel\n")
 print("<", s.makefile().readline().strip())
 PY
+
+pod3=$pods.$((16 * 3 + 1))
+step "a client that stops reading a download from $pod3:7001, and tunneler streams"
+# The flood server writes without end; this client reads nothing, so its
+# stream's buffer fills and its drain holds the SSH session (HELD).
+python3 - "$tmp/egress.sock" "$pod3:7001" "$tmp/stalled.ready" <<'PY' &
+import socket, sys, time
+sock, target, ready = sys.argv[1:4]
+s = socket.socket(socket.AF_UNIX)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect(sock)
+s.sendall(("CONNECT %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % target).encode())
+open(ready, "w").write("sent")
+time.sleep(30)
+PY
+stalled=$!
+for _ in $(seq 50); do
+    if "$bin" streams --socket "$tmp/admin.sock" --json 2>/dev/null | grep -q '"holds_session": true'; then break; fi
+    sleep 0.2
+done
+"$bin" streams --socket "$tmp/admin.sock" --sort buffered
+kill "$stalled" 2>/dev/null || true
+wait "$stalled" 2>/dev/null || true
+sleep 0.5
+step "tunneler streams once it ended"
+"$bin" streams --socket "$tmp/admin.sock"
+
+step "the access log: one record per dial (target tunneler::access in $tmp/tunneler.log)"
+grep 'tunneler::access' "$tmp/tunneler.log" || true
 
 step "GET /v1/status on the admin socket"
 curl -sS --unix-socket "$tmp/admin.sock" http://localhost/v1/status | python3 -m json.tool

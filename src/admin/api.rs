@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::admin::status::StatusDocument;
+pub use crate::admin::streams::{StreamSort, StreamsDocument, StreamsQuery};
 pub use crate::config::NodeSpec;
 pub use crate::control::{ReloadReport, SyncReport};
 
@@ -38,6 +39,9 @@ impl Method {
 pub enum Request {
     /// `GET /v1/status`: the [`StatusDocument`].
     Status,
+    /// `GET /v1/streams[?node=N&sort=age|buffered&limit=N]`: the
+    /// [`StreamsDocument`].
+    Streams(StreamsQuery),
     /// `GET /healthz`: 200 while the process serves.
     Health,
     /// `GET /readyz`: 200 when enough nodes are healthy.
@@ -70,6 +74,9 @@ pub enum RequestError {
     /// The body is not JSON, or not the expected shape (400).
     #[error("{0}")]
     BadBody(String),
+    /// A query parameter is unknown or its value is not valid (400).
+    #[error("{0}")]
+    BadQuery(String),
     /// A path segment is not a node name any node can have (400).
     #[error("{0:?} is not a valid node name (lowercase letters, digits, '-' and '.')")]
     BadName(String),
@@ -79,7 +86,11 @@ impl Request {
     /// The request's method.
     pub fn method(&self) -> Method {
         match self {
-            Request::Status | Request::Health | Request::Ready | Request::Metrics => Method::Get,
+            Request::Status
+            | Request::Streams(_)
+            | Request::Health
+            | Request::Ready
+            | Request::Metrics => Method::Get,
             Request::RemoveNode(_) => Method::Delete,
             Request::AddNode(_)
             | Request::Drain(_)
@@ -95,6 +106,23 @@ impl Request {
     pub fn path(&self) -> String {
         match self {
             Request::Status => "/v1/status".into(),
+            Request::Streams(q) => {
+                let mut params = Vec::new();
+                if let Some(n) = &q.node {
+                    params.push(format!("node={n}"));
+                }
+                if q.sort != StreamSort::default() {
+                    params.push(format!("sort={}", q.sort.as_str()));
+                }
+                if let Some(l) = q.limit {
+                    params.push(format!("limit={l}"));
+                }
+                if params.is_empty() {
+                    "/v1/streams".into()
+                } else {
+                    format!("/v1/streams?{}", params.join("&"))
+                }
+            }
             Request::Health => "/healthz".into(),
             Request::Ready => "/readyz".into(),
             Request::Metrics => "/metrics".into(),
@@ -128,12 +156,20 @@ impl Request {
             {
                 Err(RequestError::BadName(n.clone()))
             }
+            Request::Streams(StreamsQuery { node: Some(n), .. })
+                if !crate::config::valid_node_name(n) =>
+            {
+                Err(RequestError::BadName(n.clone()))
+            }
             _ => Ok(()),
         }
     }
 
-    /// Parses a request from its method, path and body.
+    /// Parses a request from its method, path (with its query, if any)
+    /// and body. Only `/v1/streams` reads its query; the other endpoints
+    /// ignore one, as they always have.
     pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<Request, RequestError> {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         // Any other name is passed on: the registry answers "no node
         // named ..." (404) for it, as for any name it does not hold.
@@ -148,6 +184,7 @@ impl Request {
         };
         match segments.as_slice() {
             ["v1", "status"] => get(Request::Status),
+            ["v1", "streams"] => get(Request::Streams(streams_query(query)?)),
             ["healthz"] => get(Request::Health),
             ["readyz"] => match method {
                 "GET" => Ok(Request::Ready),
@@ -179,6 +216,42 @@ impl Request {
             _ => Err(RequestError::NotFound(path.to_string())),
         }
     }
+}
+
+/// The query of `GET /v1/streams`: `node`, `sort` and `limit`, each at
+/// most once; anything else is refused, so a typo is not silently ignored.
+fn streams_query(query: &str) -> Result<StreamsQuery, RequestError> {
+    let mut q = StreamsQuery::default();
+    let bad = |m: String| Err(RequestError::BadQuery(m));
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "node" if q.node.is_none() => {
+                if !crate::config::valid_node_name(v) {
+                    return Err(RequestError::BadName(v.to_string()));
+                }
+                q.node = Some(v.to_string());
+            }
+            "sort" => match StreamSort::from_name(v) {
+                Some(s) => q.sort = s,
+                None => return bad(format!("sort={v:?}: expected age or buffered")),
+            },
+            "limit" if q.limit.is_none() => match v.parse::<usize>() {
+                Ok(n) if n >= 1 => q.limit = Some(n),
+                _ => {
+                    return bad(format!(
+                        "limit={v:?}: expected a whole number of at least 1"
+                    ))
+                }
+            },
+            _ => {
+                return bad(format!(
+                    "{k:?} is not a query parameter of /v1/streams (node, sort, limit)"
+                ))
+            }
+        }
+    }
+    Ok(q)
 }
 
 /// Every error answer: `{"error": "..."}` with a 4xx or 5xx code.
@@ -235,6 +308,12 @@ mod tests {
         };
         for r in [
             Request::Status,
+            Request::Streams(StreamsQuery::default()),
+            Request::Streams(StreamsQuery {
+                node: Some("node-1".into()),
+                sort: StreamSort::Buffered,
+                limit: Some(5),
+            }),
             Request::Health,
             Request::Ready,
             Request::Metrics,
@@ -274,5 +353,21 @@ mod tests {
             Err(RequestError::BadName("a/b".into()))
         );
         assert_eq!(Request::Drain("node-1".into()).check(), Ok(()));
+        assert!(matches!(
+            Request::parse("GET", "/v1/streams?nod=x", b""),
+            Err(RequestError::BadQuery(m)) if m.contains("\"nod\" is not a query parameter")
+        ));
+        assert!(matches!(
+            Request::parse("GET", "/v1/streams?limit=0", b""),
+            Err(RequestError::BadQuery(m)) if m.contains("at least 1")
+        ));
+        assert_eq!(
+            Request::parse("GET", "/v1/streams?node=a%2Fb", b""),
+            Err(RequestError::BadName("a%2Fb".into()))
+        );
+        assert_eq!(
+            Request::parse("GET", "/v1/status?x=1", b""),
+            Ok(Request::Status)
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! The admin API's client: `tunneler status`, `tunneler nodes ...` and
-//! `tunneler reload`. It speaks the typed protocol of
+//! The admin API's client: `tunneler status`, `tunneler streams`,
+//! `tunneler nodes ...` and `tunneler reload`. It speaks the typed protocol of
 //! [`admin_api`](crate::admin::api) over the admin Unix socket.
 //!
 //! Exit codes, for scripts: 0 success (for `status`: every node healthy),
@@ -254,6 +254,61 @@ async fn watch_status(socket: &Path) -> u8 {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return 0,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// `tunneler streams`: the table (or `--json`, the document as served);
+/// exit 0 when answered, 1 on an error answer, 2 when unreachable.
+pub fn run_streams(socket: &Path, query: crate::admin::api::StreamsQuery, json: bool) -> u8 {
+    let request = Request::Streams(query);
+    if let Err(e) = request.check() {
+        eprintln!("tunneler streams: {e}");
+        return 1;
+    }
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let answer = match rt.block_on(call(socket, &request)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tunneler streams: {e}");
+            return 2;
+        }
+    };
+    if !answer.is_success() {
+        eprintln!(
+            "tunneler streams: {} (HTTP {})",
+            answer.error_message(),
+            answer.code
+        );
+        return 1;
+    }
+    if json {
+        print!("{}", String::from_utf8_lossy(&answer.body));
+        return 0;
+    }
+    match serde_json::from_slice::<crate::admin::streams::StreamsDocument>(&answer.body) {
+        Ok(doc) => {
+            print!("{}", doc.table());
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "tunneler streams: bad answer from the daemon at {}: {e}",
+                socket.display()
+            );
+            2
+        }
+    }
+}
+
+impl From<crate::cli::StreamOrder> for crate::admin::streams::StreamSort {
+    fn from(o: crate::cli::StreamOrder) -> Self {
+        match o {
+            crate::cli::StreamOrder::Age => crate::admin::streams::StreamSort::Age,
+            crate::cli::StreamOrder::Buffered => crate::admin::streams::StreamSort::Buffered,
         }
     }
 }

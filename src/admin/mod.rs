@@ -2,6 +2,9 @@
 //!
 //! Endpoints:
 //! - `GET /v1/status`: the [`StatusDocument`](crate::admin::status::StatusDocument).
+//! - `GET /v1/streams` (query `node`, `sort=age|buffered`, `limit`): the
+//!   open streams, bounded and sorted
+//!   ([`StreamsDocument`](crate::admin::streams::StreamsDocument)).
 //! - `GET /healthz`: 200 while the process serves.
 //! - `GET /readyz`: 200 once `admin.ready_min_healthy` nodes are healthy,
 //!   else 503; the body says how many are.
@@ -33,6 +36,7 @@ pub mod api;
 pub mod client;
 pub(crate) mod slots;
 pub mod status;
+pub mod streams;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,6 +84,8 @@ pub struct AdminHandles {
     pub metrics: Arc<Metrics>,
     /// The running config, for the admin uid check.
     pub config: Arc<ConfigStore>,
+    /// The open streams, for `GET /v1/streams`.
+    pub streams: Arc<crate::proxy::live::LiveStreams>,
 }
 
 /// The admin API server.
@@ -287,7 +293,9 @@ fn request_error(e: &RequestError) -> Resp {
     let code = match e {
         RequestError::NotFound(_) => StatusCode::NOT_FOUND,
         RequestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        RequestError::BadBody(_) | RequestError::BadName(_) => StatusCode::BAD_REQUEST,
+        RequestError::BadBody(_) | RequestError::BadQuery(_) | RequestError::BadName(_) => {
+            StatusCode::BAD_REQUEST
+        }
     };
     error(code, &e.to_string())
 }
@@ -301,6 +309,7 @@ pub async fn route(h: &AdminHandles, method: &Method, path: &str, body: Bytes) -
     let ok = StatusCode::OK;
     match request {
         ApiRequest::Status => reply(ok, &h.status.document()),
+        ApiRequest::Streams(q) => reply(ok, &streams::document(&h.streams, &q)),
         ApiRequest::Health => text(ok, "ok\n".into()),
         ApiRequest::Ready => match h.readiness.check() {
             Ok(msg) => text(ok, format!("ready: {msg}\n")),
@@ -382,6 +391,10 @@ pub struct Peer {
 async fn handle(h: AdminHandles, peer: Option<Peer>, req: Request<Incoming>) -> Resp {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| path.clone(), |p| p.as_str().to_string());
     // Only root, the daemon's own uid and the configured admin_uids may use
     // the API; the socket mode is the first fence, this is the second.
     let Some(peer) = peer else {
@@ -415,7 +428,7 @@ async fn handle(h: AdminHandles, peer: Option<Peer>, req: Request<Incoming>) -> 
             ))
         }
     };
-    let resp = route(&h, &method, &path, body).await;
+    let resp = route(&h, &method, &path_and_query, body).await;
     if method != Method::GET {
         info!(
             audit = true, uid = peer.uid, pid = ?peer.pid, %method, %path,

@@ -129,13 +129,14 @@ impl StatusDocument {
             "SINCE",
             "SHARD",
             "STREAMS",
+            "RTT",
             "LAST ERROR",
         ];
         // Every text that a node may have written goes through
         // escape_control again here: the document may come from a daemon
         // of another version.
         let esc = |s: &str| crate::text::escape_control(s).into_owned();
-        let rows: Vec<[String; 7]> = self
+        let rows: Vec<[String; 8]> = self
             .nodes
             .iter()
             .map(|n| {
@@ -146,20 +147,21 @@ impl StatusDocument {
                     esc(&n.since),
                     n.shard.map_or_else(|| "-".into(), |s| s.to_string()),
                     format!("{}/{}", n.active_streams, n.total_streams),
+                    n.rtt_ms.map_or_else(|| "-".into(), rtt),
                     n.last_error.as_deref().map_or_else(|| "-".into(), esc),
                 ]
             })
             .collect();
         let mut widths = headers.map(str::len);
         for r in &rows {
-            for (i, c) in r.iter().enumerate().take(6) {
+            for (i, c) in r.iter().enumerate().take(7) {
                 widths[i] = widths[i].max(c.len());
             }
         }
         let mut out = String::new();
-        let line = |cells: [&str; 7], out: &mut String| {
+        let line = |cells: [&str; 8], out: &mut String| {
             for (i, c) in cells.iter().enumerate() {
-                if i < 6 {
+                if i < 7 {
                     out.push_str(&format!("{c:<w$}  ", w = widths[i]));
                 } else {
                     out.push_str(c);
@@ -170,7 +172,7 @@ impl StatusDocument {
         line(headers, &mut out);
         for r in &rows {
             line(
-                [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]].map(|s| s.as_str()),
+                [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6], &r[7]].map(|s| s.as_str()),
                 &mut out,
             );
         }
@@ -208,6 +210,17 @@ impl StatusDocument {
             ));
         }
         out
+    }
+}
+
+/// A round trip for the table: `0.31ms`, `42ms`, `1.2s`.
+fn rtt(ms: f64) -> String {
+    if ms < 10.0 {
+        format!("{ms:.2}ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{:.1}s", ms / 1000.0)
     }
 }
 
@@ -359,5 +372,13 @@ mod tests {
             table.contains("FAILING (nodes.json: bad\\u{1b}[31m)"),
             "{table}"
         );
+        assert!(table.lines().next().unwrap().contains("  RTT  "), "{table}");
+    }
+
+    #[test]
+    fn round_trips_print_short() {
+        assert_eq!(rtt(0.3141), "0.31ms");
+        assert_eq!(rtt(41.6), "42ms");
+        assert_eq!(rtt(1234.0), "1.2s");
     }
 }

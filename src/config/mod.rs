@@ -161,6 +161,7 @@ struct RawProxy {
     relay_stream_buffer_limit: Option<String>,
     relay_session_floor: Option<String>,
     relay_stopped_reader_timeout: Option<String>,
+    access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -528,6 +529,8 @@ pub struct ProxyConfig {
     pub tls: Option<TlsConfig>,
     /// How much the relay may buffer for clients slower than their node.
     pub relay: RelayLimits,
+    /// One access record per dial on the `tunneler::access` log target.
+    pub access_log: bool,
 }
 
 /// Bounds on the bytes the relay holds for clients that read slower than
@@ -1222,6 +1225,7 @@ impl Config {
                 None => 4096,
             },
             node_local_via_loopback: p.node_local_via_loopback.unwrap_or(false),
+            access_log: p.access_log.unwrap_or(true),
             node_ports: validate_node_ports(p.node_ports.unwrap_or_default())?,
             pod_host_offsets: validate_pod_host_offsets(
                 p.pod_host_offsets

@@ -66,6 +66,7 @@ pub const EFFECTS: &[(&str, Effect)] = &[
     ("proxy.socket_group", Effect::Restart),
     ("proxy.tls", Effect::Restart),
     ("proxy.relay", Effect::Live),
+    ("proxy.access_log", Effect::Live),
     ("admin.socket", Effect::Restart),
     ("admin.socket_group", Effect::Restart),
     ("admin.admin_uids", Effect::Live),

@@ -28,8 +28,10 @@
 //! SSH session. A pool dial picks its node first, then moves; a retry on a
 //! node of another shard moves again.
 
+pub mod access;
 pub mod activation;
 pub(crate) mod healthy;
+pub mod live;
 pub mod route;
 pub mod sockets;
 pub mod tls;
@@ -51,9 +53,12 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::error::TunnelError;
 use crate::metrics::{DialMetrics, DialResult};
+use crate::proxy::access::{Carried, Client, DialRecord, Origin, RouteKind};
+use crate::proxy::live::{LiveStream, LiveStreams};
 use crate::proxy::route::{pod_host_address, NodePorts, Route, RouteTable};
 use crate::shard::{Movable, MovableTcp};
-use crate::tunnel::relay::{relay, RelayBudget, RelayLimits, Relayed};
+use crate::tunnel::relay::{relay, RelayBudget, RelayLimits, Relayed, StreamEnd};
+use crate::tunnel::stream_stats::StreamStats;
 use crate::tunnel::{NodeTunnel, OpenStream};
 
 /// The largest CONNECT request head we accept. kube-apiserver's is ~60 bytes.
@@ -170,6 +175,8 @@ pub struct ProxySettings {
     pub node_ports: NodePorts,
     /// Offsets in each pod CIDR that are the node's own address.
     pub pod_host_offsets: Vec<u32>,
+    /// Write an access record per dial (target `tunneler::access`).
+    pub access_log: bool,
 }
 
 impl ProxySettings {
@@ -186,6 +193,7 @@ impl ProxySettings {
                 extra: p.node_ports.clone(),
             },
             pod_host_offsets: p.pod_host_offsets.clone(),
+            access_log: p.access_log,
         }
     }
 }
@@ -201,6 +209,7 @@ pub struct EgressProxy {
     accepting: CancellationToken,
     next_stream: Arc<AtomicU64>,
     metrics: Arc<DialMetrics>,
+    live: Arc<LiveStreams>,
 }
 
 /// A parsed CONNECT target.
@@ -441,7 +450,13 @@ impl EgressProxy {
             cancel,
             next_stream: Arc::new(AtomicU64::new(1)),
             metrics,
+            live: Arc::new(LiveStreams::default()),
         }
+    }
+
+    /// The streams open now, for the admin API.
+    pub fn live_streams(&self) -> Arc<LiveStreams> {
+        self.live.clone()
     }
 
     /// Makes the listeners stop accepting when `accepting` fires, while
@@ -461,6 +476,7 @@ impl EgressProxy {
     /// retried after a short pause; they never end the listener.
     pub async fn serve(self, listener: ProxyListener, budget: HeadBudget) {
         let url = listener.url();
+        let listener_url: Arc<str> = Arc::from(url.as_str());
         // Connections that have not yet sent a complete head hold a permit.
         let HeadBudget {
             permits: pending,
@@ -473,19 +489,20 @@ impl EgressProxy {
                     _ = self.accepting.cancelled() => break,
                     r = l.accept() => r.map(|(s, _)| {
                         let peer = SocketAddr::from(([127, 0, 0, 1], 0));
-                        (Conn::Unix(s), peer)
+                        let uid = s.peer_cred().ok().map(|c| c.uid());
+                        (Conn::Unix(s), peer, Client::Unix { uid })
                     }),
                 },
                 ProxyListener::Tcp(l) | ProxyListener::Tls(l, _) => tokio::select! {
                     _ = self.accepting.cancelled() => break,
                     r = l.accept() => r.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
-                        (Conn::Tcp(s), a)
+                        (Conn::Tcp(s), a, Client::Tcp { addr: a })
                     }),
                 },
             };
-            let (conn, peer) = match accepted {
-                Ok(pair) => pair,
+            let (conn, peer, client) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     warn!(listener = %url, error = %e, "accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -524,10 +541,17 @@ impl EgressProxy {
                 ProxyListener::Tls(_, acceptor) => Some(acceptor.clone()),
                 _ => None,
             };
+            let listener_url = listener_url.clone();
             self.tracker.spawn(async move {
+                let origin = |client| {
+                    Arc::new(Origin {
+                        listener: listener_url,
+                        client,
+                    })
+                };
                 match (conn, tls) {
-                    (Conn::Unix(s), _) => this.handle(s, peer, id, permit).await,
-                    (Conn::Tcp(s), None) => this.handle(s, peer, id, permit).await,
+                    (Conn::Unix(s), _) => this.handle(s, peer, origin(client), id, permit).await,
+                    (Conn::Tcp(s), None) => this.handle(s, peer, origin(client), id, permit).await,
                     (Conn::Tcp(s), Some(acceptor)) => {
                         let limit = this.settings.load().handshake_timeout;
                         // The span names the peer in the verifier's log line
@@ -540,7 +564,17 @@ impl EgressProxy {
                             r = handshake => r,
                         };
                         match tls {
-                            Ok(Ok(tls)) => this.handle(tls, peer, id, permit).await,
+                            Ok(Ok(tls)) => {
+                                let name = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| tls::certificate_names(c))
+                                    .and_then(|n| n.into_iter().next());
+                                let client = Client::Tls { addr: peer, name };
+                                this.handle(tls, peer, origin(client), id, permit).await
+                            }
                             Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake refused"),
                             Err(_) => info!(%peer, "TLS handshake timed out"),
                         }
@@ -555,6 +589,7 @@ impl EgressProxy {
         &self,
         mut s: S,
         peer: SocketAddr,
+        origin: Arc<Origin>,
         id: u64,
         permit: OwnedSemaphorePermit,
     ) {
@@ -579,7 +614,15 @@ impl EgressProxy {
             _ = self.cancel.cancelled() => return,
             r = head => r,
         };
-        let started = tokio::time::Instant::now();
+        let mut rec = DialRecord {
+            id,
+            origin,
+            at: std::time::SystemTime::now(),
+            started: tokio::time::Instant::now(),
+            target: None,
+            route: None,
+            node: None,
+        };
         let (target, len) = match parsed {
             Err(_) => {
                 debug!("client did not send a request head in time");
@@ -589,17 +632,18 @@ impl EgressProxy {
                 // The reply lingers for the client's close; that is no
                 // longer a pending head.
                 drop(permit);
-                self.refuse(started, &mut s, Refusal::Head(e)).await;
+                self.refuse(&rec, &mut s, Refusal::Head(e)).await;
                 return;
             }
             Ok(Ok(Parsed::Partial)) => return,
             Ok(Ok(Parsed::Connect { target, len })) => (target, len),
         };
         drop(permit);
-        let started = tokio::time::Instant::now();
+        rec.started = tokio::time::Instant::now();
+        rec.target = Some(target.clone());
         let first = buf.split_off(len).freeze();
         let span = info_span!("stream", stream = id, dst = %target);
-        self.dial_and_relay(s, peer, target, first, started)
+        self.dial_and_relay(s, peer, target, first, rec)
             .instrument(span)
             .await
     }
@@ -607,19 +651,20 @@ impl EgressProxy {
     /// Refuses `target` with 403, saying why (and what to change).
     async fn forbid<W: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        started: tokio::time::Instant,
+        rec: &DialRecord,
         w: &mut W,
         target: &Target,
         why: &(dyn std::fmt::Display + Sync),
     ) {
         let why = Refusal::Forbidden(format!("{target}: {why}"));
-        self.refuse(started, w, why).await
+        self.refuse(rec, w, why).await
     }
 
-    /// Records a refused dial in the metrics, then sends the error reply.
+    /// Records a refused dial in the metrics and the access log, then
+    /// sends the error reply.
     async fn refuse<W: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        started: tokio::time::Instant,
+        rec: &DialRecord,
         w: &mut W,
         why: Refusal,
     ) {
@@ -627,7 +672,10 @@ impl EgressProxy {
             return;
         };
         self.metrics
-            .record(a.result, started.elapsed().as_secs_f64());
+            .record(a.result, rec.started.elapsed().as_secs_f64());
+        if self.settings.load().access_log {
+            rec.refused(a.code, &phrase(&a.text));
+        }
         reply(w, a.code, &a.text).await;
     }
 
@@ -640,12 +688,28 @@ impl EgressProxy {
         peer: SocketAddr,
         target: Target,
         first: Bytes,
-        started: tokio::time::Instant,
+        mut rec: DialRecord,
     ) {
         let settings = self.settings.load_full();
         let deadline = tokio::time::Instant::now() + settings.dial_timeout;
         let routes = self.routes.load_full();
         let route = routes.lookup(&target.host);
+        rec.route = match &route {
+            Route::Node { node_local, .. } => Some(if *node_local {
+                RouteKind::Node
+            } else {
+                RouteKind::Pod
+            }),
+            Route::Pool { host } => Some(if routes.pool_kind(host) == "service address" {
+                RouteKind::Service
+            } else {
+                RouteKind::Pool
+            }),
+            Route::Forbidden => None,
+        };
+        if let Route::Node { node, .. } = &route {
+            rec.node = Some(node.node.name.clone());
+        }
         // A node's host address inside the pod range keeps the node port
         // policy, whichever node the route picks.
         if !matches!(route, Route::Forbidden) {
@@ -653,7 +717,7 @@ impl EgressProxy {
                 routes.check_host_address(&target.host, target.port, &settings.node_ports)
             {
                 info!(reason = %why, "destination port not allowed on a node's host address");
-                self.forbid(started, &mut s, &target, &why).await;
+                self.forbid(&rec, &mut s, &target, &why).await;
                 return;
             }
         }
@@ -661,7 +725,7 @@ impl EgressProxy {
             Route::Forbidden => {
                 let why = routes.not_routed(&target.host);
                 debug!(reason = %why, "destination not allowed");
-                self.forbid(started, &mut s, &target, &why).await;
+                self.forbid(&rec, &mut s, &target, &why).await;
                 return;
             }
             Route::Node {
@@ -679,7 +743,7 @@ impl EgressProxy {
                 if host_network {
                     if let Err(why) = settings.node_ports.check(&node.node, target.port) {
                         info!(node = %node.node.name, reason = %why, "destination port not allowed");
-                        self.forbid(started, &mut s, &target, &why).await;
+                        self.forbid(&rec, &mut s, &target, &why).await;
                         return;
                     }
                 }
@@ -701,7 +765,7 @@ impl EgressProxy {
                     (tokio::time::Instant::now() + settings.wait_for_healthy).min(deadline);
                 if let Err(e) = crate::proxy::healthy::wait_for_node(&node, wait_until).await {
                     info!(node = %node.node.name, error = %e, "dial failed");
-                    self.refuse(started, &mut s, Refusal::Dial(e)).await;
+                    self.refuse(&rec, &mut s, Refusal::Dial(e)).await;
                     return;
                 }
                 Dial {
@@ -728,7 +792,7 @@ impl EgressProxy {
                     None => {
                         let e = pool.exhausted(&host);
                         info!(error = %e, "pool dial failed");
-                        self.refuse(started, &mut s, Refusal::Dial(e)).await;
+                        self.refuse(&rec, &mut s, Refusal::Dial(e)).await;
                         return;
                     }
                 }
@@ -739,7 +803,7 @@ impl EgressProxy {
             port: target.port,
             peer,
             first,
-            started,
+            rec,
             deadline,
             settings,
         };
@@ -794,6 +858,7 @@ impl EgressProxy {
                     p.settings.max_streams_per_node,
                 )
                 .await;
+            p.rec.node = Some(node.node.name.clone());
             let e = match opened {
                 Ok(open) => return self.relay_stream(s, open, &p).await,
                 Err(e) => e,
@@ -816,20 +881,23 @@ impl EgressProxy {
                     } else {
                         info!(node = %node.node.name, error = %e, "dial failed");
                     }
-                    self.refuse(p.started, &mut s, Refusal::Dial(e)).await;
+                    self.refuse(&p.rec, &mut s, Refusal::Dial(e)).await;
                     return;
                 }
             }
         }
     }
 
-    /// The 200 reply and the relay, on the stream's shard.
+    /// The 200 reply and the relay, on the stream's shard; the stream is
+    /// in the live list from its 200 to its end, and its access record and
+    /// histograms are written at the end.
     async fn relay_stream<S: Movable>(&self, mut s: S, open: OpenStream, p: &Pending) {
         let _counted = crate::shard::stream_started();
         self.metrics
-            .record(DialResult::Ok, p.started.elapsed().as_secs_f64());
+            .record(DialResult::Ok, p.rec.started.elapsed().as_secs_f64());
         let OpenStream { channel, guard } = open;
         let tunnel = guard.tunnel().clone();
+        let session = guard.session_id();
         let ok = async {
             s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .await?;
@@ -842,9 +910,34 @@ impl EgressProxy {
             let (read_half, write_half) = channel.split();
             drop(read_half);
             let _ = tokio::time::timeout(Duration::from_secs(5), write_half.close()).await;
+            let stats = StreamStats::default();
+            self.stream_done(
+                p,
+                session,
+                p.rec.started.elapsed(),
+                StreamEnd::ClientClosed,
+                &stats,
+            );
             return;
         }
-        debug!(node = %tunnel.node.name, "stream open");
+        let connect = p.rec.started.elapsed();
+        let listed = self.live.insert(LiveStream {
+            id: p.rec.id,
+            target: p
+                .rec
+                .target
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            node: tunnel.node.name.clone(),
+            session,
+            listener: p.rec.origin.listener.clone(),
+            client: p.rec.origin.client.label(),
+            started_at: p.rec.at,
+            started: p.rec.started.into_std(),
+            stats: StreamStats::default(),
+        });
+        debug!(node = %tunnel.node.name, session, "stream open");
         let Relayed { end, client } = relay(
             s,
             p.first.clone(),
@@ -854,6 +947,7 @@ impl EgressProxy {
             self.cancel.child_token(),
             RelayBudget::global(),
             &p.settings.relay,
+            &listed.stream().stats,
         )
         .await;
         drop(guard);
@@ -863,6 +957,33 @@ impl EgressProxy {
         } else {
             drop(client);
             debug!(node = %tunnel.node.name, how = %end, "stream closed");
+        }
+        self.stream_done(p, session, connect, end, &listed.stream().stats);
+    }
+
+    /// A carried stream's access record and histograms.
+    fn stream_done(
+        &self,
+        p: &Pending,
+        session: u64,
+        connect: Duration,
+        end: StreamEnd,
+        stats: &StreamStats,
+    ) {
+        let node = p.dial.node.node.name.as_str();
+        self.metrics.stream_ended(
+            node,
+            p.rec.started.elapsed().as_secs_f64(),
+            stats.to_client.load(Ordering::Relaxed),
+            stats.to_node.load(Ordering::Relaxed),
+        );
+        if p.settings.access_log {
+            p.rec.carried(&Carried {
+                session,
+                connect,
+                end,
+                stats,
+            });
         }
     }
 }
@@ -874,7 +995,8 @@ struct Pending {
     peer: SocketAddr,
     /// Bytes the client sent past its request head.
     first: Bytes,
-    started: tokio::time::Instant,
+    /// The dial's access record, so far.
+    rec: DialRecord,
     deadline: tokio::time::Instant,
     settings: Arc<ProxySettings>,
 }

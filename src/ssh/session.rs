@@ -39,6 +39,11 @@ pub struct Session {
     /// The SSH window russh opens on every channel of this session, sized
     /// to the link at connect.
     pub window: u32,
+    /// Cancelled when the node has announced its host keys
+    /// (`hostkeys-00@openssh.com`, which OpenSSH's sshd sends right after
+    /// authentication). A ping sent before that meets the announcement on
+    /// the wire and measures a stall, not the link (see `tunnel`).
+    pub announced: CancellationToken,
 }
 
 impl Session {
@@ -65,6 +70,8 @@ pub struct ClientHandler {
     /// The shard the session was opened on: russh runs these callbacks in
     /// its session task, which must stay there (checked, see `shard`).
     shard: Option<usize>,
+    /// See [`Session::announced`].
+    announced: CancellationToken,
     _ended: DropGuard,
 }
 
@@ -196,6 +203,17 @@ impl client::Handler for ClientHandler {
         self.refuse(err)
     }
 
+    async fn openssh_ext_host_keys_announced(
+        &mut self,
+        keys: Vec<PublicKey>,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        crate::shard::check(self.shard);
+        debug!(keys = keys.len(), "the node announced its host keys");
+        self.announced.cancel();
+        Ok(())
+    }
+
     async fn disconnected(
         &mut self,
         reason: DisconnectReason<Self::Error>,
@@ -274,7 +292,9 @@ pub async fn connect(
     let ended = CancellationToken::new();
     let host_key_error = Arc::new(Mutex::new(None));
     let end_reason = Arc::new(Mutex::new(None));
+    let announced = CancellationToken::new();
     let handler = ClientHandler {
+        announced: announced.clone(),
         node: node.clone(),
         known_hosts: ctx.known_hosts.clone(),
         policy: ctx.ssh.host_key_policy,
@@ -342,6 +362,7 @@ pub async fn connect(
             end_reason,
             watch,
             window,
+            announced,
         }),
     }
 }

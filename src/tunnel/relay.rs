@@ -90,6 +90,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 pub use crate::config::RelayLimits;
+use crate::tunnel::stream_stats::StreamStats;
 use crate::tunnel::{Counters, SessionLoad};
 
 /// How long closing the channel may wait for the session loop.
@@ -281,6 +282,8 @@ struct Account<'a> {
     took_at_ms: AtomicU64,
     /// `deliver` took bytes.
     drained: Notify,
+    /// The stream's own figures (queued bytes, held time), when observed.
+    stats: Option<&'a StreamStats>,
 }
 
 impl<'a> Account<'a> {
@@ -305,6 +308,7 @@ impl<'a> Account<'a> {
             born: Instant::now(),
             took_at_ms: AtomicU64::new(0),
             drained: Notify::new(),
+            stats: None,
         }
     }
 
@@ -357,6 +361,7 @@ impl<'a> Account<'a> {
     /// parked, and every packet of a neighbour waits with it.
     async fn admit(&self, n: usize, stop: &CancellationToken) -> Admit {
         let mut hold: Option<Hold<'_>> = None;
+        let mut _stream_hold = None;
         loop {
             let mine = self.drained.notified();
             let global = self.budget.freed.notified();
@@ -368,6 +373,9 @@ impl<'a> Account<'a> {
             if fits && self.take(n) {
                 self.session.backlog.fetch_add(n, Ordering::Relaxed);
                 let q = self.queued.fetch_add(n, Ordering::AcqRel) + n;
+                if let Some(s) = self.stats {
+                    s.queue(n);
+                }
                 if q >= self.limit / 2 && !self.slow.swap(true, Ordering::AcqRel) {
                     self.session.slow.fetch_add(1, Ordering::Relaxed);
                     if !self.slowed.swap(true, Ordering::Relaxed) {
@@ -381,6 +389,7 @@ impl<'a> Account<'a> {
             }
             if hold.is_none() {
                 hold = Some(Hold::begin(self.session, self.counters));
+                _stream_hold = self.stats.map(StreamStats::hold);
             }
             let check = tokio::time::sleep_until(self.next_check());
             if fits {
@@ -427,6 +436,9 @@ impl<'a> Account<'a> {
         let q = before - n;
         let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.took_at_ms.store(ms, Ordering::Relaxed);
+        if let Some(s) = self.stats {
+            s.dequeue(n);
+        }
         if q <= self.limit / 8 && self.slow.swap(false, Ordering::AcqRel) {
             self.session.slow.fetch_sub(1, Ordering::Relaxed);
         }
@@ -443,6 +455,9 @@ impl Drop for Account<'_> {
         }
         if q > 0 {
             self.give_back(q);
+            if let Some(s) = self.stats {
+                s.dequeue(q);
+            }
         }
     }
 }
@@ -570,6 +585,9 @@ async fn deliver<W: AsyncWrite + Unpin>(
                 Ok(n) => n,
             };
             counters.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(s) = account.stats {
+                s.to_client.fetch_add(n as u64, Ordering::Relaxed);
+            }
             account.release(n);
             while n > 0 {
                 let f = &mut batch[i];
@@ -769,6 +787,9 @@ fn classify(
 /// always has. On any other end the client comes back as it is, for the
 /// caller to cut: a clean close there would tell the client that the node
 /// side finished.
+///
+/// `stats` receives the stream's own queued bytes and held time, for the
+/// live-stream list and the access record.
 #[allow(clippy::too_many_arguments)]
 pub async fn relay<S>(
     client: S,
@@ -779,6 +800,7 @@ pub async fn relay<S>(
     cancel: CancellationToken,
     budget: &RelayBudget,
     limits: &RelayLimits,
+    stats: &StreamStats,
 ) -> Relayed<S>
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -788,7 +810,8 @@ where
     let stop = cancel.child_token();
     let flags = Flags::default();
     budget.set_limit(limits.buffer_budget);
-    let account = Account::new(budget, session, counters, limits);
+    let mut account = Account::new(budget, session, counters, limits);
+    account.stats = Some(stats);
     let _riding = Riding::on(session);
     let closing = session.closing().clone();
 
@@ -816,6 +839,7 @@ where
                 return;
             }
             counters.bytes_out.fetch_add(n, Ordering::Relaxed);
+            stats.to_node.fetch_add(n, Ordering::Relaxed);
         }
         let mut buf = BytesMut::with_capacity(CLIENT_READ_SIZE);
         loop {
@@ -842,6 +866,7 @@ where
                         return;
                     }
                     counters.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    stats.to_node.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     debug!(error = %e, "client read failed; closing stream");
