@@ -102,7 +102,7 @@ pub async fn start(
     config: Config,
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
-    mut passed: PassedSockets,
+    passed: PassedSockets,
     shards: Arc<Shards>,
 ) -> Result<Started, StartError> {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
@@ -112,21 +112,11 @@ pub async fn start(
 
     // Bind everything before starting anything, so a bind error leaves
     // nothing running.
-    check_passed(&config, &passed)?;
-    let listeners = bind_proxy_listeners(&config, &mut passed).await?;
-    let (admin_listener, admin_unlink) =
-        match passed.take_unix(&config.admin.socket, Role::Admin, "admin.socket")? {
-            Some(l) => (unix_from_std(l)?, None),
-            None => (
-                bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?,
-                Some(config.admin.socket.clone()),
-            ),
-        };
-    let metrics_listener = match config.admin.metrics_listen {
-        None => None,
-        Some(a) => Some(tcp_listener(&mut passed, a, Role::Metrics, "admin.metrics_listen").await?),
-    };
-    passed.finish()?;
+    let Sockets {
+        listeners,
+        admin: (admin_listener, admin_unlink),
+        metrics: metrics_listener,
+    } = bind_all(&config, passed).await?;
     let accepting = shutdown.child_token();
     let proxy_tasks = TaskTracker::new();
 
@@ -173,37 +163,7 @@ pub async fn start(
         shutdown.child_token(),
     )
     .stop_accepting_on(accepting.clone());
-    // Every shard accepts on every listener (a clone of the socket each),
-    // so a stream whose node lives on the shard that accepted it is read,
-    // routed, dialled and relayed on that one thread with no hand-off.
-    for (l, budget, unlink) in listeners {
-        let url = l.url();
-        let budget = HeadBudget::new(budget);
-        let detached = l.detach().map_err(StartError::Listener)?;
-        let mut serving = Vec::with_capacity(shards.len());
-        for shard in shards.all() {
-            let mine = detached.try_clone().map_err(StartError::Listener)?;
-            let (proxy, budget) = (proxy.clone(), budget.clone());
-            serving.push(shard.spawn(&tracker, async move {
-                match mine.attach() {
-                    Ok(l) => proxy.serve(l, budget).await,
-                    Err(e) => warn!(error = %e, "a shard cannot accept on a listener"),
-                }
-            }));
-        }
-        drop(detached);
-        info!(listener = %url, shards = serving.len(), "egress proxy listening");
-        tracker.spawn(async move {
-            for s in serving {
-                let _ = s.await;
-            }
-            // Only a socket we bound: a passed one stays with the service
-            // manager, and new connections queue on it for the next daemon.
-            if let Some(path) = unlink {
-                let _ = std::fs::remove_file(path);
-            }
-        });
-    }
+    serve_proxy(listeners, &proxy, &shards, &tracker)?;
     let admin = AdminApi::new(
         AdminHandles {
             control: control.clone(),
@@ -223,22 +183,7 @@ pub async fn start(
             let _ = std::fs::remove_file(path);
         }
     });
-    if let Some(path) = config.discovery.nodes_file.clone() {
-        tracker.spawn(crate::discovery::watch_file(
-            control.clone(),
-            path,
-            config.discovery.address_types.clone(),
-            shutdown.child_token(),
-        ));
-    }
-    if let Some(kube) = config.discovery.kubernetes.clone() {
-        tracker.spawn(crate::discovery::kube_watch::run(
-            control.clone(),
-            kube,
-            config.discovery.address_types.clone(),
-            shutdown.child_token(),
-        ));
-    }
+    spawn_sources(&config, &control, &tracker, &shutdown);
     if let Some(l) = metrics_listener {
         tracker.spawn(crate::admin::serve_metrics(
             l,
@@ -261,6 +206,108 @@ pub async fn start(
         proxy_tasks,
         config: store,
     })
+}
+
+/// Every socket the daemon serves on, bound (or taken from the service
+/// manager) before anything starts.
+struct Sockets {
+    /// The egress listeners.
+    listeners: Vec<Bound>,
+    /// The admin socket, and its path if we bound it (removed after).
+    admin: (tokio::net::UnixListener, Option<PathBuf>),
+    /// The metrics listener, if configured.
+    metrics: Option<tokio::net::TcpListener>,
+}
+
+/// Binds every listener `config` names, taking the passed socket where one
+/// matches; a passed socket left over is an error.
+async fn bind_all(config: &Config, mut passed: PassedSockets) -> Result<Sockets, StartError> {
+    check_passed(config, &passed)?;
+    let listeners = bind_proxy_listeners(config, &mut passed).await?;
+    let admin = match passed.take_unix(&config.admin.socket, Role::Admin, "admin.socket")? {
+        Some(l) => (unix_from_std(l)?, None),
+        None => (
+            bind_unix_for(&config.admin.socket, config.admin.socket_group.as_deref())?,
+            Some(config.admin.socket.clone()),
+        ),
+    };
+    let metrics = match config.admin.metrics_listen {
+        None => None,
+        Some(a) => Some(tcp_listener(&mut passed, a, Role::Metrics, "admin.metrics_listen").await?),
+    };
+    passed.finish()?;
+    Ok(Sockets {
+        listeners,
+        admin,
+        metrics,
+    })
+}
+
+/// Serves `proxy` on every listener. Every shard accepts on every listener
+/// (a clone of the socket each), so a stream whose node lives on the shard
+/// that accepted it is read, routed, dialled and relayed on that one
+/// thread with no hand-off.
+fn serve_proxy(
+    listeners: Vec<Bound>,
+    proxy: &EgressProxy,
+    shards: &Shards,
+    tracker: &TaskTracker,
+) -> Result<(), StartError> {
+    for (l, budget, unlink) in listeners {
+        let url = l.url();
+        let budget = HeadBudget::new(budget);
+        let detached = l.detach().map_err(StartError::Listener)?;
+        let mut serving = Vec::with_capacity(shards.len());
+        for shard in shards.all() {
+            let mine = detached.try_clone().map_err(StartError::Listener)?;
+            let (proxy, budget) = (proxy.clone(), budget.clone());
+            serving.push(shard.spawn(tracker, async move {
+                match mine.attach() {
+                    Ok(l) => proxy.serve(l, budget).await,
+                    Err(e) => warn!(error = %e, "a shard cannot accept on a listener"),
+                }
+            }));
+        }
+        drop(detached);
+        info!(listener = %url, shards = serving.len(), "egress proxy listening");
+        tracker.spawn(async move {
+            for s in serving {
+                let _ = s.await;
+            }
+            // Only a socket we bound: a passed one stays with the service
+            // manager, and new connections queue on it for the next daemon.
+            if let Some(path) = unlink {
+                let _ = std::fs::remove_file(path);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Starts the node sources `config` names: the nodes file and the
+/// Kubernetes watch.
+fn spawn_sources(
+    config: &Config,
+    control: &Arc<Control>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    if let Some(path) = config.discovery.nodes_file.clone() {
+        tracker.spawn(crate::discovery::watch_file(
+            control.clone(),
+            path,
+            config.discovery.address_types.clone(),
+            shutdown.child_token(),
+        ));
+    }
+    if let Some(kube) = config.discovery.kubernetes.clone() {
+        tracker.spawn(crate::discovery::kube_watch::run(
+            control.clone(),
+            kube,
+            config.discovery.address_types.clone(),
+            shutdown.child_token(),
+        ));
+    }
 }
 
 /// Refuses a passed socket that matches no listener setting, before
@@ -382,31 +429,6 @@ async fn bind_proxy_listeners(
     Ok(listeners)
 }
 
-/// The daemon's signal streams. Installed first thing (see `main.rs`):
-/// from then on a signal is recorded by its stream, never acted on by its
-/// default action (which ends the process), whatever the daemon is doing.
-#[derive(Debug)]
-pub struct Signals {
-    /// SIGHUP: reload, once the daemon is ready.
-    pub hangup: tokio::signal::unix::Signal,
-    /// SIGTERM: graceful stop.
-    pub terminate: tokio::signal::unix::Signal,
-    /// SIGINT: graceful stop.
-    pub interrupt: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    /// Registers the three handlers. Call inside a tokio runtime.
-    pub fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            hangup: signal(SignalKind::hangup())?,
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
-    }
-}
-
 /// Runs the daemon until `shutdown` fires, then stops gracefully: the
 /// listeners stop accepting at once, connections already accepted (their
 /// handshakes, dials and streams) get up to `proxy.drain_timeout` to finish
@@ -422,7 +444,7 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
     passed: PassedSockets,
-    mut hup: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 ) -> Result<(), StartError> {
     let first_attempt_bound = config.ssh.connect_timeout * 2 + Duration::from_secs(1);
     // Everything runs under `stop`, which fires only after the drain.
@@ -430,24 +452,54 @@ pub async fn run(
     // The shard threads outlive everything below: tasks on a shard only
     // progress while its thread runs, and the graceful drain needs them.
     let shards = Arc::new(Shards::start(config.runtime.shards).map_err(StartError::Shards)?);
-    let Started {
-        control,
-        readiness,
+    let started = start(config, config_path, stop.clone(), passed, shards.clone()).await?;
+    let tracker = &started.tracker;
+    let ready = spawn_readiness(
         tracker,
-        accepting,
-        proxy_tasks,
-        config: store,
-    } = start(config, config_path, stop.clone(), passed, shards.clone()).await?;
-    let shutdown_signal = shutdown.clone();
-    let shutdown = stop.clone();
-    // systemd: READY=1 once the listeners are bound (done) and the first
-    // connection attempt to every node has finished, success or not.
+        started.readiness.clone(),
+        first_attempt_bound,
+        &stop,
+    );
+    // Freed memory back to the system after streams came and went.
+    let trim_shards = shards.clone();
+    tracker.spawn(crate::memory::trim_loop(
+        crate::memory::TRIM_EVERY,
+        move || trim_shards.loads().iter().map(|l| l.total_streams).sum(),
+        stop.clone(),
+    ));
+    spawn_watchdog(tracker, &shards, &stop);
+    let hup_control = started.control.clone();
+    tracker.spawn(crate::signals::reload_on_hangup(
+        hup,
+        ready,
+        stop.clone(),
+        move || {
+            let control = hup_control.clone();
+            async move {
+                let _ = control.reload().await;
+            }
+        },
+    ));
+    shutdown.cancelled().await;
+    shut_down(started, stop, &shards).await;
+    Ok(())
+}
+
+/// systemd: READY=1 once the listeners are bound (done) and the first
+/// connection attempt to every node has finished, success or not (at most
+/// `bound`). The returned token fires then.
+fn spawn_readiness(
+    tracker: &TaskTracker,
+    readiness: Arc<Readiness>,
+    bound: Duration,
+    shutdown: &CancellationToken,
+) -> CancellationToken {
     let ready_cancel = shutdown.clone();
     let ready = CancellationToken::new();
     let became_ready = ready.clone();
     tracker.spawn(async move {
         readiness
-            .latch_after_first_attempts(first_attempt_bound, ready_cancel)
+            .latch_after_first_attempts(bound, ready_cancel)
             .await;
         became_ready.cancel();
         if *readiness.started().borrow() {
@@ -455,84 +507,50 @@ pub async fn run(
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         }
     });
-    // Freed memory back to the system after streams came and went.
-    let trim_shards = shards.clone();
-    tracker.spawn(crate::memory::trim_loop(
-        crate::memory::TRIM_EVERY,
-        move || trim_shards.loads().iter().map(|l| l.total_streams).sum(),
-        shutdown.clone(),
-    ));
-    // WATCHDOG=1 from the control runtime, only while every shard runs a
-    // no-op task in time: if any runtime wedges, systemd notices and
-    // restarts us. It goes on through the drain, which may be longer than
-    // WatchdogSec.
+    ready
+}
+
+/// WATCHDOG=1 from the control runtime, only while every shard runs a
+/// no-op task in time: if any runtime wedges, systemd notices and restarts
+/// us. It goes on through the drain, which may be longer than WatchdogSec.
+fn spawn_watchdog(tracker: &TaskTracker, shards: &Arc<Shards>, shutdown: &CancellationToken) {
     let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        let every = Duration::from_micros(usec / 2);
-        let wd_cancel = shutdown.clone();
-        let wd_shards = shards.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = wd_cancel.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                if wd_shards.responsive(every).await {
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-                } else {
-                    warn!("a shard thread did not answer in time; withholding the watchdog ping");
-                }
-            }
-        });
+    if !(sd_notify::watchdog_enabled(false, &mut usec) && usec > 0) {
+        return;
     }
-    let hup_control = control;
-    let hup_cancel = shutdown.clone();
+    let every = Duration::from_micros(usec / 2);
+    let wd_cancel = shutdown.clone();
+    let wd_shards = shards.clone();
     tracker.spawn(async move {
-        // SIGHUPs before ready (tokio's stream kept any that came during
-        // the start) fold into one reload, applied once ready.
-        let mut pending = false;
         loop {
             tokio::select! {
-                _ = hup_cancel.cancelled() => return,
-                _ = ready.cancelled(), if pending => {
-                    pending = false;
-                    info!("ready: applying the reload asked for by SIGHUP during the start");
-                    let _ = hup_control.reload().await;
-                }
-                r = hup.recv() => {
-                    if r.is_none() {
-                        return;
-                    }
-                    if ready.is_cancelled() {
-                        info!("SIGHUP received: reloading the config");
-                        let _ = hup_control.reload().await;
-                    } else if !pending {
-                        info!("SIGHUP received before the daemon is ready: reloading once it is");
-                        pending = true;
-                    }
-                }
+                _ = wd_cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if wd_shards.responsive(every).await {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            } else {
+                warn!("a shard thread did not answer in time; withholding the watchdog ping");
             }
         }
     });
-    shutdown_signal.cancelled().await;
-    // Listening for a second SIGTERM or SIGINT (an impatient operator) ends
-    // the drain; registered before anything says the drain began.
-    let again = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let signals = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        );
-        async move {
-            match signals {
-                (Ok(mut term), Ok(mut int)) => tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                },
-                _ => std::future::pending().await,
-            }
-        }
-    };
+}
+
+/// The graceful stop, in order: stop accepting, give open connections the
+/// drain timeout (a second SIGTERM or SIGINT ends that wait), cut what is
+/// left by firing `stop`, give every task [`SHUTDOWN_GRACE`], then stop
+/// the shard threads.
+async fn shut_down(started: Started, stop: CancellationToken, shards: &Shards) {
+    let Started {
+        tracker,
+        accepting,
+        proxy_tasks,
+        config: store,
+        ..
+    } = started;
+    // A second SIGTERM or SIGINT (an impatient operator) ends the drain;
+    // listened for before anything says the drain began.
+    let again = crate::signals::stop_again();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     accepting.cancel();
     let limit = store.load().proxy.drain_timeout;
@@ -571,5 +589,4 @@ pub async fn run(
     }
     shards.stop(Duration::from_secs(2));
     info!(drained, "stopped");
-    Ok(())
 }

@@ -15,7 +15,9 @@
 //!    shape of node addresses and pod CIDRs); `timestamp` times on the
 //!    wire; `shard` the runtime model: one thread per shard, each owning
 //!    its nodes' sessions and every relay of their streams; `memory`
-//!    handing freed memory back to the system.
+//!    handing freed memory back to the system; `signals` every signal the
+//!    daemon handles (held back during the start, reload, stop, a second
+//!    stop).
 //! 2. **`ssh/`**: `identity` the client key, `known_hosts` host key
 //!    verification, `keygen`, `context` what every session shares (in a
 //!    cell a reload swaps), `readahead` the read buffer under russh,
@@ -63,6 +65,7 @@ pub(crate) mod memory;
 pub(crate) mod metrics;
 pub mod proxy;
 pub mod shard;
+pub mod signals;
 pub mod ssh;
 pub mod text;
 pub mod timestamp;

@@ -1,19 +1,19 @@
 //! The `tunneler` binary: parse the command line and dispatch. The
 //! commands live in the library: [`tunneler::daemon`] runs the daemon (this
-//! file only adds logging, the runtime and the signal handler around it),
+//! file only adds logging, the runtime and the signal handlers around it),
 //! [`tunneler::admin::client`] talks to a running one. SIGHUP, SIGTERM
 //! and SIGINT are held back from the first instruction until `run` has its
-//! handlers, so no signal's default action can end a starting daemon.
+//! handlers (see [`tunneler::signals`]).
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 use tokio_util::sync::CancellationToken;
 use tunneler::admin::client;
 use tunneler::cli::{Cli, Command, LogFormat};
 use tunneler::config::Config;
+use tunneler::signals;
 
 /// A current-thread runtime on the calling thread. For `run` it is the
 /// control runtime (admin, discovery, reload, metrics);
@@ -24,32 +24,14 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// SIGHUP, SIGTERM and SIGINT, held back (blocked) from main's first
-/// instruction until `run` has its handlers: their default action ends the
-/// process, so a `systemctl reload` racing a start used to kill the daemon
-/// (1 to 2 of 5 starts with SIGHUP 0 to 100 ms in). A blocked signal stays
-/// pending and reaches the handler when the mask is lifted.
-fn stop_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
-        set.add(s);
-    }
-    set
-}
-
-/// Lifts the mask [`stop_signals`] set; nothing more is held back.
-fn unblock_stop_signals() {
-    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&stop_signals()), None);
-}
-
 fn main() -> ExitCode {
     // Only threads created later inherit the mask; none exists yet.
-    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&stop_signals()), None);
+    signals::hold();
     let command = Cli::parse().command;
     if !matches!(command, Command::Run { .. }) {
         // The client commands keep the default actions (a hangup ends
         // `status --watch`).
-        unblock_stop_signals();
+        signals::release();
     }
     let code = match command {
         Command::Run { config, log_format } => return run(&config, log_format),
@@ -131,9 +113,9 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
     let rt = runtime();
     let signals = rt.as_ref().map_err(|e| e.to_string()).and_then(|rt| {
         let _enter = rt.enter();
-        tunneler::daemon::Signals::install().map_err(|e| e.to_string())
+        signals::Signals::install().map_err(|e| e.to_string())
     });
-    unblock_stop_signals();
+    signals::release();
     tunneler::logging::init(log_format);
     // Fatal errors go through tracing only: in json mode every stderr line
     // must be one JSON object, and in text mode the log line reads well.
@@ -165,29 +147,20 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
     };
     rt.block_on(async {
         let shutdown = CancellationToken::new();
-        let tunneler::daemon::Signals {
+        let signals::Signals {
             hangup,
             terminate,
             interrupt,
         } = signals;
-        tokio::spawn(cancel_on_signal(shutdown.clone(), terminate, interrupt));
+        tokio::spawn(signals::cancel_on_stop(
+            shutdown.clone(),
+            terminate,
+            interrupt,
+        ));
         let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
         match tunneler::daemon::run(config, Some(path), shutdown, passed, hangup).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fatal(format!("tunneler: {e}")),
         }
     })
-}
-
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn cancel_on_signal(
-    shutdown: CancellationToken,
-    mut term: tokio::signal::unix::Signal,
-    mut int: tokio::signal::unix::Signal,
-) {
-    tokio::select! {
-        _ = int.recv() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-    }
-    shutdown.cancel();
 }

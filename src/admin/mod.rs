@@ -9,8 +9,10 @@
 //! - `GET /readyz`: 200 once `admin.ready_min_healthy` nodes are healthy,
 //!   else 503; the body says how many are.
 //! - `GET /metrics`: the Prometheus metrics (OpenMetrics text).
-//! - `POST /v1/nodes` (JSON body `{"name", "address", "port"?,
-//!   "internal_ips"?, "pod_cidrs"?}`): add a node.
+//! - `POST /v1/nodes` (JSON body: the `[[node]]` keys, `{"name",
+//!   "address", "port"?, "internal_ips"?, "pod_cidrs"?, "hostnames"?,
+//!   "dns_names"?, "host_addresses"?, "kubelet_port"?}`; unknown fields
+//!   are refused): add a node.
 //! - `DELETE /v1/nodes/{name}`: remove a node (drained, then closed).
 //! - `POST /v1/nodes/{name}/drain`, `/undrain`: pool membership.
 //! - `POST /v1/nodes/{name}/reconnect`: make-before-break reconnect.
