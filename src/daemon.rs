@@ -32,7 +32,7 @@ use crate::control::config_store::ConfigStore;
 use crate::control::readiness::Readiness;
 use crate::control::registry::NodeRegistry;
 use crate::control::sources::SourceBook;
-use crate::control::{load_context, Control, ControlParts, KeysError};
+use crate::control::{load_context, Control, KeysError};
 use crate::proxy::activation::{PassedSockets, Role};
 use crate::proxy::route::RouteTable;
 use crate::proxy::sockets::{bind_unix_for, BindError};
@@ -133,7 +133,7 @@ pub async fn start(
     let routes: SharedRoutes = Arc::new(ArcSwap::from_pointee(RouteTable::empty()));
     let sources = Arc::new(SourceBook::new(metrics.clone()));
     let store = Arc::new(ConfigStore::new(config.clone()));
-    let control = Arc::new(Control::new(ControlParts {
+    let control = Arc::new(Control {
         config_path,
         config: store.clone(),
         registry: registry.clone(),
@@ -145,7 +145,7 @@ pub async fn start(
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
         shards: shards.clone(),
-    }));
+    });
     control.start_config_nodes();
     let status = Arc::new(StatusView::new(
         listeners.iter().map(|(l, _, _)| l.url()).collect(),

@@ -160,79 +160,35 @@ pub struct ReloadReport {
 }
 
 /// The node-set changer: everything that may add, replace or remove a
-/// node, or re-read the config.
+/// node, or re-read the config. The composition root builds it field by
+/// field; nothing else sees the fields.
 pub struct Control {
-    config_path: Option<PathBuf>,
-    config: Arc<ConfigStore>,
-    registry: Arc<NodeRegistry>,
-    sources: Arc<SourceBook>,
-    routes: SharedRoutes,
-    settings: Arc<ArcSwap<ProxySettings>>,
-    ctx: SharedContext,
-    metrics: Arc<Metrics>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    shards: Arc<Shards>,
-}
-
-/// What a [`Control`] is built from.
-pub struct ControlParts {
     /// The file a reload re-reads (none: reload is refused).
-    pub config_path: Option<PathBuf>,
+    pub(crate) config_path: Option<PathBuf>,
     /// The running config.
-    pub config: Arc<ConfigStore>,
+    pub(crate) config: Arc<ConfigStore>,
     /// The live nodes.
-    pub registry: Arc<NodeRegistry>,
+    pub(crate) registry: Arc<NodeRegistry>,
     /// Discovery bookkeeping.
-    pub sources: Arc<SourceBook>,
+    pub(crate) sources: Arc<SourceBook>,
     /// The route table the proxy reads.
-    pub routes: SharedRoutes,
+    pub(crate) routes: SharedRoutes,
     /// The proxy's reloadable settings.
-    pub settings: Arc<ArcSwap<ProxySettings>>,
+    pub(crate) settings: Arc<ArcSwap<ProxySettings>>,
     /// The SSH context new connections use.
-    pub ctx: SharedContext,
+    pub(crate) ctx: SharedContext,
     /// For the ambiguous-address gauge.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Where node actors and drains run.
-    pub tracker: TaskTracker,
+    pub(crate) tracker: TaskTracker,
     /// The root token; each node gets a child.
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Where each node's tunnel runs (placed when it starts, kept for its
     /// life).
-    pub shards: Arc<Shards>,
+    pub(crate) shards: Arc<Shards>,
 }
 
 impl Control {
-    /// A changer over `parts`.
-    pub fn new(parts: ControlParts) -> Control {
-        let ControlParts {
-            config_path,
-            config,
-            registry,
-            sources,
-            routes,
-            settings,
-            ctx,
-            metrics,
-            tracker,
-            shutdown,
-            shards,
-        } = parts;
-        Control {
-            config_path,
-            config,
-            registry,
-            sources,
-            routes,
-            settings,
-            ctx,
-            metrics,
-            tracker,
-            shutdown,
-            shards,
-        }
-    }
-
     /// The SSH port for nodes that do not name one.
     pub fn default_ssh_port(&self) -> u16 {
         self.config.load().ssh.port
