@@ -4,7 +4,7 @@
 //! connected. (Link loss, sshd restarts and host key changes are in
 //! failover.rs.)
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::Shutdown;

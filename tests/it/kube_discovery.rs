@@ -12,7 +12,7 @@
 //! without leaving the machine. (A discovered SSH address is an IP literal
 //! or nothing: a name such as `localhost` would be refused.)
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

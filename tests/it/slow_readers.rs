@@ -12,7 +12,7 @@
 //! stopped reader holds its session is still noticed (the kernel's TCP
 //! keepalive verdict, read while russh's own is paused).
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! comes back when sshd does, without disturbing the other nodes; a node
 //! whose host key changes is rejected, not retried into.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

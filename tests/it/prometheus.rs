@@ -5,7 +5,7 @@
 //! query of the Grafana dashboard. Every metric name the rules and the
 //! dashboard use must be one the daemon exports.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! `ssh.connections_per_node`: several SSH sessions to one node, with
 //! streams spread across them, against a real sshd.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! does byte for byte (one write, Go's reply parsing, no byte buffered
 //! after the 200).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 //! - a live Node that turns invalid keeps its last good routes until it is
 //!   fixed (the fix applies) or deleted.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

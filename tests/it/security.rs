@@ -3,7 +3,7 @@
 //! `accept-new`, and the client-side key checks (permissions, passphrase,
 //! user certificate, ssh-agent).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -3,7 +3,7 @@
 //! package) while the daemon restarts under steady dialing, and a graceful
 //! stop that lets open streams finish.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;

@@ -2,7 +2,7 @@
 //! the daemon: the namespaces, sshd, keys, known_hosts and servers are what
 //! the other integration tests assume.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! watched `kubectl get nodes -o json` file, `status --watch` and shell
 //! completions.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! client that stops reading does not stall other streams, and failed dials
 //! get 502 or 504.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown};

@@ -3,7 +3,7 @@
 //! headers, idle and slow clients, the per-node stream cap, the mTLS TCP
 //! listener, and dialing a node's loopback.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};

@@ -5,10 +5,10 @@
 //! session while it does and forgets it once it ends.
 //!
 //! Real sshd on the nodes; the clients are Python sockets (plain, Unix and
-//! `ssl` with a client certificate), as in tests/stream_ends.rs. The daemon
+//! `ssl` with a client certificate), as in tests/it/stream_ends.rs. The daemon
 //! logs JSON, and every access line must be one JSON object without spans.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::PathBuf;

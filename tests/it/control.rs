@@ -3,7 +3,7 @@
 //! and by SIGHUP, refused changes that change nothing, and a long-lived
 //! stream on an untouched node that survives all of it.
 
-mod common;
+use crate::common;
 
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;

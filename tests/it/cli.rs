@@ -1,7 +1,7 @@
 //! The command-line surface: `status` (table, JSON, exit codes),
 //! `check-config` against the fixture folders, and `keygen`.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
