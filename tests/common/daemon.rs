@@ -391,7 +391,7 @@ impl Daemon {
         fs::write(&config, toml).unwrap();
         let admin = cluster.admin_socket();
         let log = cluster.dir.join("daemon.log");
-        let child = Command::new(tunneler_bin())
+        let child = die_with_test(&mut Command::new(tunneler_bin()))
             .args(["run", "--config"])
             .arg(&config)
             .args(args)

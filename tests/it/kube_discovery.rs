@@ -278,7 +278,7 @@ kubeconfig = "kubeconfig"
     .unwrap();
     let log = std::fs::File::create(d.join("log")).unwrap();
     let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_tunneler"))
+        common::die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_tunneler")))
             .args(["run", "--config"])
             .arg(d.join("t.toml"))
             .env("RUST_LOG", "info")
@@ -445,7 +445,7 @@ kubeconfig = "kubeconfig"
     .unwrap();
     let log = std::fs::File::create(d.join("log")).unwrap();
     let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_tunneler"))
+        common::die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_tunneler")))
             .args(["run", "--config"])
             .arg(d.join("t.toml"))
             .env("RUST_LOG", "info")

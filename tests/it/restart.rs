@@ -117,7 +117,7 @@ done
 "#,
     )
     .unwrap();
-    let child = Command::new(ACTIVATOR)
+    let child = common::die_with_test(&mut Command::new(ACTIVATOR))
         .arg("-l")
         .arg(cluster.egress_socket())
         .arg("-l")

@@ -417,7 +417,7 @@ impl Agent {
         }
         let socket = dir.join(name);
         let agent = Agent {
-            child: Command::new("/usr/bin/ssh-agent")
+            child: common::die_with_test(&mut Command::new("/usr/bin/ssh-agent"))
                 .args(["-D", "-a"])
                 .arg(&socket)
                 .stdin(Stdio::null())
