@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use tunneler::admin::status::{NodeStatus, StatusDocument};
+pub use tunneler::admin::status::{NodeStatus, StatusDocument, TunnelState};
 #[allow(unused_imports)]
 pub use tunneler::control::sources::Source;
 
