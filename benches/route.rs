@@ -1,5 +1,6 @@
-//! Route lookup cost with 10 000 nodes (issue 4: lock-free and O(log n) or
-//! better). Run: `cargo bench --bench route`.
+//! Route lookup cost with 10 000 nodes: every CONNECT does one lookup, so
+//! it must stay lock-free and O(log n) or better as clusters grow. Run:
+//! `cargo bench --bench route`.
 //!
 //! Node `k` has the name `node-k`, the internal IP 10.(k/250).(k%250).10
 //! inside 10.0.0.0/8, and the pod CIDR 10.(128 + k/256).(k%256).0/24.

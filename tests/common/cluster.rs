@@ -323,7 +323,7 @@ impl Cluster {
     /// `ready`. `what` names the step in the panic message.
     fn spawn_servers(&mut self, i: usize, http_port: u16, log: &str, what: &str) {
         let node = &self.nodes[i - 1];
-        let mut child = Command::new("ip")
+        let mut child = die_with_test(&mut Command::new("ip"))
             .args(["netns", "exec", &node.ns, "/usr/bin/python3", "-u"])
             .arg(self.dir.join("servers.py"))
             .args([
@@ -754,7 +754,7 @@ impl Cluster {
     pub fn spawn_in_node(&self, i: usize, log: &str, program: &str, args: &[&str]) -> Child {
         let node = self.node(i);
         let out = fs::File::create(node.dir.join(log)).unwrap();
-        Command::new("ip")
+        die_with_test(&mut Command::new("ip"))
             .args(["netns", "exec", &node.ns, program])
             .args(args)
             .stdin(Stdio::null())

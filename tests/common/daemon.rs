@@ -96,12 +96,17 @@ impl Daemon {
     /// Waits until every listed node is healthy.
     pub fn wait_all_healthy(&self, timeout: Duration) -> StatusDocument {
         self.wait_status("all nodes healthy", timeout, |s| {
-            !s.nodes.is_empty() && s.nodes.iter().all(|n| n.state == "healthy")
+            !s.nodes.is_empty() && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
         })
     }
 
     /// Waits until node `name` has `state`.
-    pub fn wait_node_state(&self, name: &str, state: &str, timeout: Duration) -> StatusDocument {
+    pub fn wait_node_state(
+        &self,
+        name: &str,
+        state: TunnelState,
+        timeout: Duration,
+    ) -> StatusDocument {
         self.wait_status(&format!("{name} {state}"), timeout, |s| {
             find_node(s, name).is_some_and(|n| n.state == state)
         })
@@ -110,7 +115,7 @@ impl Daemon {
     /// Waits until node `name` is in any state other than healthy.
     pub fn wait_node_unhealthy(&self, name: &str, timeout: Duration) -> StatusDocument {
         self.wait_status(&format!("{name} not healthy"), timeout, |s| {
-            find_node(s, name).is_some_and(|n| n.state != "healthy")
+            find_node(s, name).is_some_and(|n| n.state != TunnelState::Healthy)
         })
     }
 
@@ -391,7 +396,7 @@ impl Daemon {
         fs::write(&config, toml).unwrap();
         let admin = cluster.admin_socket();
         let log = cluster.dir.join("daemon.log");
-        let child = Command::new(tunneler_bin())
+        let child = die_with_test(&mut Command::new(tunneler_bin()))
             .args(["run", "--config"])
             .arg(&config)
             .args(args)

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use tunneler::admin::status::{NodeStatus, StatusDocument};
+pub use tunneler::admin::status::{NodeStatus, StatusDocument, TunnelState};
 #[allow(unused_imports)]
 pub use tunneler::control::sources::Source;
 
@@ -300,7 +300,9 @@ impl ChildGuard {
     /// Spawns `cmd` under the guard.
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
         ChildGuard(Some(
-            cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+            die_with_test(cmd)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
         ))
     }
 
@@ -502,6 +504,48 @@ macro_rules! require_netns {
 // Small process helpers
 // ---------------------------------------------------------------------------
 
+/// Makes `cmd`'s process die with the thread that spawns it: the kernel
+/// sends it SIGKILL (`PR_SET_PDEATHSIG`) when that thread exits, also
+/// when the whole test process is SIGKILLed (cargo-mutants' timeout),
+/// where no `Drop` runs. Every long-lived child of the harness (daemons,
+/// the node-side servers, [`ChildGuard::spawn`], [`Cluster::spawn_in_node`])
+/// goes through here. What the setting does not reach (sshd, which
+/// daemonizes, and its session processes; the namespaces themselves) the
+/// slot's reaper clears (see [`Slot`]).
+///
+/// The trap: the signal follows the *thread* that forked, not the process.
+/// libtest runs each test on its own thread, which outlives everything the
+/// test spawns; a child spawned from a short-lived helper thread would be
+/// killed when that thread ends. No child is shared between tests (no
+/// lazily started fixture), so none needs a process-long thread.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe calls (prctl, getppid, raise): no allocation
+    // and no locks. Tests may use `unsafe` for this; the daemon never does.
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then no
+            // signal would ever come, so go now.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Runs a command and panics with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
     let out = Command::new(program)
@@ -532,7 +576,7 @@ fn run_quiet(program: &str, args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
@@ -540,7 +584,7 @@ fn signal(pid: u32, sig: &str) {
     run_quiet("kill", &[&format!("-{sig}"), &pid.to_string()]);
 }
 
-fn netns_pids(ns: &str) -> Vec<u32> {
+pub fn netns_pids(ns: &str) -> Vec<u32> {
     Command::new("ip")
         .args(["netns", "pids", ns])
         .output()
@@ -628,10 +672,72 @@ fn sshd_has_penalties(dir: &Path) -> bool {
 /// `SLOT_ROOT/<n>.lock`. The kernel drops the lock when its owner exits,
 /// however it exits, so a crashed run never keeps a slot; the next owner
 /// clears what the crashed one left in the kernel.
+///
+/// Each slot also has a reaper: a shell in its own session, outside the
+/// test's process group, that waits for EOF on a pipe only this process
+/// writes to. A test process killed hard (SIGKILL: no `Drop` runs) closes
+/// the pipe; the reaper then takes the slot's lock (so it never races the
+/// slot's next owner) and kills every process left in the slot's
+/// namespaces (sshd, its sessions, anything started there) and deletes the
+/// namespaces, veths and bridge. On an orderly end `Drop` kills the reaper
+/// first (the cluster's own teardown does the clearing), so it never
+/// touches a slot that a later cluster of the same process took.
 pub(crate) struct Slot {
     n: u32,
-    /// Kept open: closing it releases the lock.
+    /// The reaper, with the write end of its stdin (dropping that is what
+    /// starts it, so it is killed before the lock goes).
+    reaper: Option<Child>,
+    /// Kept open: closing it releases the lock. Declared after `reaper`.
     _lock: fs::File,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.reaper.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+}
+
+/// The reaper's clearing, run by `flock` under the slot's lock as
+/// `sh -c REAPER_CLEAR <slot>` (the slot number is `$0`).
+const REAPER_CLEAR: &str = r#"
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^tnl$0-[0-9]+$"); do
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+    ip netns del "$ns" 2>/dev/null
+done
+for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
+    grep -E "^(tv$0h[0-9]+|tnlbr$0)$"); do
+    ip link del "$l" 2>/dev/null
+done
+true"#;
+
+/// Starts slot `n`'s reaper (see [`Slot`]); `None` when it cannot start,
+/// which only loses the clearing after a hard kill.
+fn spawn_reaper(n: u32) -> Option<Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sh");
+    // Waits for EOF, then `flock LOCK sh -c REAPER_CLEAR N`.
+    cmd.args([
+        "-c",
+        "read -r _ || true\nexec flock \"$0\" sh -c \"$1\" \"$2\"",
+    ])
+    .arg(format!("{SLOT_ROOT}/{n}.lock"))
+    .args([REAPER_CLEAR, &n.to_string()])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; it runs in the forked child
+    // before exec. Its own session keeps the reaper out of the test's
+    // process group, which a timeout may kill as a whole.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().ok()
 }
 
 impl Slot {
@@ -654,7 +760,11 @@ impl Slot {
             if file.try_lock().is_ok() {
                 kill_stale_daemon(n);
                 remove_slot_leftovers(n);
-                return Slot { n, _lock: file };
+                return Slot {
+                    n,
+                    reaper: spawn_reaper(n),
+                    _lock: file,
+                };
             }
         }
         panic!("no free test slot in {SLOT_ROOT} (1..={MAX_SLOT})");

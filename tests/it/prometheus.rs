@@ -5,7 +5,8 @@
 //! query of the Grafana dashboard. Every metric name the rules and the
 //! dashboard use must be one the daemon exports.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -446,7 +447,7 @@ fn a_real_prometheus_scrapes_the_daemon() {
     wait_value(prom, "tunneler_reconnects_total{node=\"node-2\"}", 0.0);
     cluster.kill_sshd(2);
     daemon.wait_status("node-2 down", READY, |s| {
-        common::find_node(s, "node-2").is_some_and(|n| n.state != "healthy")
+        common::find_node(s, "node-2").is_some_and(|n| n.state != TunnelState::Healthy)
     });
     wait_value(prom, "tunneler_tunnel_up{node=\"node-2\"}", 0.0);
     wait_value(prom, "tunneler_reconnects_total{node=\"node-2\"}", 1.0);

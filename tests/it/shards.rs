@@ -9,7 +9,7 @@
 //! or on the wrong shard shows as a count on the wrong shard (or none) and
 //! a non-zero misplaced counter.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -3,7 +3,7 @@
 //! gets through the mTLS listener, and Unix sockets that never exist with a
 //! looser mode than their final one.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{ErrorKind, Read};

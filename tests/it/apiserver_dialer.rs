@@ -7,7 +7,7 @@
 //! server. And the one case kube-apiserver's dialer itself refuses: a
 //! target that speaks first.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,8 @@
 //! package) while the daemon restarts under steady dialing, and a graceful
 //! stop that lets open streams finish.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -117,7 +118,7 @@ done
 "#,
     )
     .unwrap();
-    let child = Command::new(ACTIVATOR)
+    let child = common::die_with_test(&mut Command::new(ACTIVATOR))
         .arg("-l")
         .arg(cluster.egress_socket())
         .arg("-l")
@@ -636,7 +637,7 @@ fn a_dial_waits_for_a_node_in_backoff_to_reconnect() {
     let daemon = Daemon::start_toml(&cluster, &long_wait_config(&cluster), &[]);
     daemon.wait_all_healthy(READY);
     cluster.kill_sshd(1);
-    daemon.wait_node_state("node-1", "backoff", READY);
+    daemon.wait_node_state("node-1", TunnelState::Backoff, READY);
     let n1 = cluster.node(1);
     let target = format!("{}:{ECHO_PORT}", n1.pod_ip);
     let egress = daemon.egress.clone();
@@ -657,7 +658,11 @@ fn a_dial_waits_for_a_node_in_backoff_to_reconnect() {
     sent_rx.recv_timeout(READY).expect("CONNECT sent");
     let before = daemon.status();
     let state = common::find_node(&before, "node-1").unwrap().state;
-    assert_ne!(state, "healthy", "node-1 has no sshd: {before:?}");
+    assert_ne!(
+        state,
+        TunnelState::Healthy,
+        "node-1 has no sshd: {before:?}"
+    );
     let t = Instant::now();
     cluster.start_sshd(1);
     let got = dial
@@ -681,8 +686,8 @@ fn a_dial_for_a_node_with_a_refused_host_key_does_not_wait() {
     cluster.replace_host_key(2);
     let daemon = Daemon::start_toml(&cluster, &long_wait_config(&cluster), &[]);
     daemon.wait_status("node-1 healthy, node-2 rejected", READY, |s| {
-        common::find_node(s, "node-1").is_some_and(|n| n.state == "healthy")
-            && common::find_node(s, "node-2").is_some_and(|n| n.state == "rejected")
+        common::find_node(s, "node-1").is_some_and(|n| n.state == TunnelState::Healthy)
+            && common::find_node(s, "node-2").is_some_and(|n| n.state == TunnelState::Rejected)
     });
     let t = Instant::now();
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).pod_ip));

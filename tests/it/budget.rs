@@ -5,7 +5,7 @@
 //! reader gets every byte and EOF, and the bytes held for clients never
 //! exceed the budget plus one session floor (1 MiB) per session.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -1,10 +1,11 @@
-//! Faults inside one node's traffic never hurt the rest (issue 3 §1-2): a
-//! client that stops reading beside busy streams on the same node, and the
+//! Faults inside one node's traffic never hurt the rest, since every
+//! apiserver request to other nodes shares the same daemon: a client that stops reading beside busy streams on the same node, and the
 //! active health probe taking a node out of the pool while it stays
 //! connected. (Link loss, sshd restarts and host key changes are in
 //! failover.rs.)
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::Shutdown;
@@ -117,7 +118,7 @@ fn a_stalled_reader_does_not_slow_busy_streams_on_the_same_node() {
             Duration::from_secs(3),
         );
     }
-    assert_eq!(n.state, "healthy", "{n:?}");
+    assert_eq!(n.state, TunnelState::Healthy, "{n:?}");
     assert_eq!(n.reconnects, 0, "{n:?}");
     // They ran on a session of their own; the stalled stream was not reset
     // (the neighbour, rt and it are still open).
@@ -163,11 +164,11 @@ fn a_health_probe_added_and_removed_by_reload_applies_without_a_restart() {
     });
     let (code, body) = daemon.admin("POST", "/v1/reload", None);
     assert_eq!(code, 200, "{body}");
-    daemon.wait_node_state("node-1", "unhealthy", READY);
+    daemon.wait_node_state("node-1", TunnelState::Unhealthy, READY);
     cluster.write_config(&ConfigSpec::default());
     let (code, body) = daemon.admin("POST", "/v1/reload", None);
     assert_eq!(code, 200, "{body}");
-    daemon.wait_node_state("node-1", "healthy", READY);
+    daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
 }
 
 fn rtt_known(n: &NodeStatus) -> bool {
@@ -189,7 +190,9 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     daemon.wait_all_healthy(READY);
     // rtt_ms is a number for connected nodes; next_retry null outside backoff.
     let status = daemon.wait_status("rtt_ms known for every node", READY, |s| {
-        s.nodes.iter().all(|n| n.state == "healthy" && rtt_known(n))
+        s.nodes
+            .iter()
+            .all(|n| n.state == TunnelState::Healthy && rtt_known(n))
     });
     for n in &status.nodes {
         assert!(n.next_retry.is_none(), "{n:?}");
@@ -199,14 +202,17 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     // through node 1's tunnel fails, twice, and the node is `unhealthy`.
     cluster.restart_servers_with_http_port(1, HTTP_PORT + 10000);
     let t = Instant::now();
-    let status = daemon.wait_node_state("node-1", "unhealthy", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Unhealthy, READY);
     report(&format!(
         "health probe (1s, unhealthy_after 2): node-1 unhealthy {:?} after its HTTP server went away",
         t.elapsed()
     ));
     let n1 = find_node(&status, "node-1").unwrap();
     assert!(n1.next_retry.is_none(), "connected, not in backoff: {n1:?}");
-    assert_eq!(find_node(&status, "node-2").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&status, "node-2").unwrap().state,
+        TunnelState::Healthy
+    );
     let status = daemon.wait_status("node-1 rtt while unhealthy", READY, |s| {
         find_node(s, "node-1").is_some_and(rtt_known)
     });
@@ -245,7 +251,7 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     // The HTTP server comes back: healthy, and back in the pool.
     cluster.restart_servers_with_http_port(1, HTTP_PORT);
     let t = Instant::now();
-    daemon.wait_node_state("node-1", "healthy", READY);
+    daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     report(&format!(
         "health probe: node-1 healthy {:?} after its HTTP server came back",
         t.elapsed()
@@ -261,7 +267,8 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     // In backoff, next_retry is a time and rtt_ms is null.
     cluster.kill_sshd(1);
     let status = daemon.wait_status("node-1 in backoff with next_retry", READY, |s| {
-        find_node(s, "node-1").is_some_and(|n| n.state == "backoff" && n.next_retry.is_some())
+        find_node(s, "node-1")
+            .is_some_and(|n| n.state == TunnelState::Backoff && n.next_retry.is_some())
     });
     let n = find_node(&status, "node-1").unwrap();
     let next = n.next_retry.as_deref().unwrap();
@@ -271,7 +278,7 @@ fn a_failing_health_probe_takes_the_node_out_of_the_pool_only() {
     );
     assert!(n.rtt_ms.is_none(), "rtt of a node without a session: {n:?}");
     cluster.start_sshd(1);
-    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     assert!(find_node(&status, "node-1").unwrap().next_retry.is_none());
 }
 
@@ -319,7 +326,7 @@ fn streams_of_a_silently_lost_session_are_closed() {
         0
     );
     cluster.link_up(1);
-    daemon.wait_node_state("node-1", "healthy", READY);
+    daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
 }
 
 /// kube-apiserver may dial the moment tunneler is up: a dial addressed to a
@@ -361,7 +368,7 @@ fn a_pool_dial_while_every_tunnel_is_connecting_gets_503() {
     let target = format!("{}:{ECHO_PORT}", cluster.anycast_service_ip());
     let connecting = |s: &StatusDocument| {
         find_node(s, "node-1")
-            .filter(|n| n.state == "connecting")
+            .filter(|n| n.state == TunnelState::Connecting)
             .map(|n| n.since.clone())
     };
     // Each attempt is 2 s of "connecting"; a dial that straddles the end of

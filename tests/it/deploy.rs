@@ -4,7 +4,7 @@
 //! published schema, so it is checked here against what the example config
 //! makes the daemon listen on.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,9 +1,11 @@
-//! Local sockets and the egress front end under hostile clients (issue 6
-//! §3-4): socket modes and groups, SO_PEERCRED on the admin API, oversized
+//! Local sockets and the egress front end under hostile clients, because
+//! anything on the host that can reach a socket can try to reach the
+//! cluster's nodes through it: socket modes and groups, SO_PEERCRED on the admin API, oversized
 //! headers, idle and slow clients, the per-node stream cap, the mTLS TCP
 //! listener, and dialing a node's loopback.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
@@ -146,7 +148,10 @@ fn admin_api_refuses_another_uid_unless_it_is_listed() {
     let (code, body) = curl_as_nobody(&sock, "POST", "/v1/nodes/node-1/drain");
     assert_eq!(code, 403, "{body}");
     let status = daemon.status();
-    assert_eq!(find_node(&status, "node-1").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&status, "node-1").unwrap().state,
+        TunnelState::Healthy
+    );
     // Root still may.
     let (code, _) = daemon.admin("GET", "/v1/status", None);
     assert_eq!(code, 200);
@@ -182,7 +187,7 @@ fn admin_api_refuses_another_uid_unless_it_is_listed() {
     assert!(body.contains("node-1"), "{body}");
     let (code, body) = curl_as_nobody(&sock, "POST", "/v1/nodes/node-1/drain");
     assert_eq!(code, 200, "{body}");
-    daemon.wait_node_state("node-1", "draining", READY);
+    daemon.wait_node_state("node-1", TunnelState::Draining, READY);
     // The change is an audit event naming the peer.
     assert!(
         common::poll(Duration::from_secs(5), || {
@@ -478,7 +483,10 @@ fn the_stream_cap_refuses_a_fourth_stream_at_once_and_keeps_the_three() {
     assert!(got.starts_with("node=node-2 "), "{got}");
     let status = daemon.status();
     assert_eq!(find_node(&status, "node-1").unwrap().active_streams, 3);
-    assert_eq!(find_node(&status, "node-1").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&status, "node-1").unwrap().state,
+        TunnelState::Healthy
+    );
 
     // The cap is live config: a reload that raises it lets a 4th through.
     let raised = with_keys(

@@ -3,7 +3,8 @@
 //! client that stops reading does not stall other streams, and failed dials
 //! get 502 or 504.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown};
@@ -187,7 +188,7 @@ fn a_client_that_stops_reading_does_not_stall_other_streams() {
         find_node(s, "node-1").is_some_and(|n| n.active_streams == 1)
     });
     let n = find_node(&status, "node-1").unwrap();
-    assert_eq!(n.state, "healthy", "{status:?}");
+    assert_eq!(n.state, TunnelState::Healthy, "{status:?}");
     assert_eq!(n.reconnects, 0, "the session was lost meanwhile: {n:?}");
     // ...and hands over all it holds, then EOF once we end our side.
     stalled.shutdown(Shutdown::Write).unwrap();
@@ -237,7 +238,10 @@ fn failed_dials_get_502_with_reason_or_504_on_timeout() {
 
     // The tunnel is unaffected.
     let status = daemon.status();
-    assert_eq!(find_node(&status, "node-1").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&status, "node-1").unwrap().state,
+        TunnelState::Healthy
+    );
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "fine");
     assert_eq!(got, format!("node=node-1 local={} echo=fine", node.pod_ip));
 }

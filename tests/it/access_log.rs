@@ -5,10 +5,11 @@
 //! session while it does and forgets it once it ends.
 //!
 //! Real sshd on the nodes; the clients are Python sockets (plain, Unix and
-//! `ssl` with a client certificate), as in tests/stream_ends.rs. The daemon
+//! `ssl` with a client certificate), as in tests/it/stream_ends.rs. The daemon
 //! logs JSON, and every access line must be one JSON object without spans.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::fs;
 use std::path::PathBuf;
@@ -390,7 +391,7 @@ fn each_refusal_gets_one_access_record_with_its_reason() {
     s.cluster.kill_sshd(2);
     s.daemon
         .wait_status("node-2 failing to reconnect", READY, |d| {
-            common::find_node(d, "node-2").is_some_and(|n| n.state == "backoff")
+            common::find_node(d, "node-2").is_some_and(|n| n.state == TunnelState::Backoff)
         });
     let (st, _) = s
         .daemon

@@ -14,7 +14,7 @@
 //! fixed behaviour takes well under a second, and what would have failed
 //! them is a stream that does not move at all.
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

@@ -1,7 +1,8 @@
 //! `ssh.connections_per_node`: several SSH sessions to one node, with
 //! streams spread across them, against a real sshd.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::time::Duration;
 
@@ -94,7 +95,7 @@ fn three_sessions_per_node_carry_streams_and_reconnect() {
     assert!(after.ends_with("echo=after"), "{after:?}");
     let status = daemon.status();
     let n = find_node(&status, "node-1").unwrap();
-    assert_eq!(n.state, "healthy", "{n:?}");
+    assert_eq!(n.state, TunnelState::Healthy, "{n:?}");
     assert_eq!(
         n.reconnects, 0,
         "a planned reconnect loses no session: {n:?}"

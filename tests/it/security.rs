@@ -3,7 +3,8 @@
 //! `accept-new`, and the client-side key checks (permissions, passphrase,
 //! user certificate, ssh-agent).
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -122,7 +123,7 @@ fn host_certificate_through_cert_authority_is_trusted() {
         ),
     );
     let daemon = Daemon::start(&cluster);
-    let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    let s = daemon.wait_node_state("node-1", TunnelState::Rejected, HEALTHY_WITHIN);
     assert!(last_error(&s, "node-1").contains("revoked"), "{s:?}");
 }
 
@@ -158,7 +159,7 @@ fn certificate_for_another_principal_is_refused() {
         &format!("@cert-authority * {}\n", bare_key(&pub_of(&ca))),
     );
     let daemon = Daemon::start(&cluster);
-    let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    let s = daemon.wait_node_state("node-1", TunnelState::Rejected, HEALTHY_WITHIN);
     let err = last_error(&s, "node-1");
     assert!(err.contains("no principal matches"), "{err}");
 }
@@ -175,8 +176,8 @@ fn revoked_host_key_is_refused() {
     ));
     write_known_hosts(&cluster, &kh);
     let daemon = Daemon::start(&cluster);
-    daemon.wait_node_state("node-1", "healthy", HEALTHY_WITHIN);
-    let s = daemon.wait_node_state("node-2", "rejected", HEALTHY_WITHIN);
+    daemon.wait_node_state("node-1", TunnelState::Healthy, HEALTHY_WITHIN);
+    let s = daemon.wait_node_state("node-2", TunnelState::Rejected, HEALTHY_WITHIN);
     assert!(last_error(&s, "node-2").contains("revoked"), "{s:?}");
     // Revocation is not a mismatch.
     assert_eq!(find_node(&s, "node-2").unwrap().host_key_mismatches, 0);
@@ -203,7 +204,7 @@ fn accept_new_learns_a_key_then_rejects_a_changed_one() {
 
     // The node comes back with another key: refused, counted, not learned.
     cluster.replace_host_key(1);
-    let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    let s = daemon.wait_node_state("node-1", TunnelState::Rejected, HEALTHY_WITHIN);
     assert!(last_error(&s, "node-1").contains("mismatch"), "{s:?}");
     let n = find_node(&s, "node-1").unwrap();
     assert!(n.host_key_mismatches >= 1, "{n:?}");
@@ -371,7 +372,7 @@ fn user_certificate_connects() {
     };
     // Without the certificate the key is refused...
     let daemon = Daemon::start_with(&cluster, &spec);
-    daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    daemon.wait_node_state("node-1", TunnelState::Rejected, HEALTHY_WITHIN);
     drop(daemon);
     // ...with it, the node is healthy.
     let text = with_ssh_keys(
@@ -417,7 +418,7 @@ impl Agent {
         }
         let socket = dir.join(name);
         let agent = Agent {
-            child: Command::new("/usr/bin/ssh-agent")
+            child: common::die_with_test(&mut Command::new("/usr/bin/ssh-agent"))
                 .args(["-D", "-a"])
                 .arg(&socket)
                 .stdin(Stdio::null())
@@ -542,7 +543,7 @@ fn an_ssh_rsa_sha1_host_key_signature_is_refused_and_rsa_sha2_is_offered() {
         !failed(s).is_empty()
     });
     common::report(&format!("sshd offers ssh-rsa only: {}", failed(&s)));
-    assert_ne!(find_node(&s, "node-1").unwrap().state, "healthy");
+    assert_ne!(find_node(&s, "node-1").unwrap().state, TunnelState::Healthy);
     assert!(
         failed(&s).contains("No common Key algorithm")
             && failed(&s).contains("theirs: [\"ssh-rsa\"]"),
@@ -588,7 +589,7 @@ fn accept_new_never_learns_a_plain_key_where_a_cert_authority_applies() {
         "host_key_policy = \"accept-new\"",
     );
     let daemon = Daemon::start_toml(&cluster, &text, &[]);
-    let s = daemon.wait_node_state("node-1", "rejected", HEALTHY_WITHIN);
+    let s = daemon.wait_node_state("node-1", TunnelState::Rejected, HEALTHY_WITHIN);
     let err = last_error(&s, "node-1");
     common::report(&format!("accept-new, CA line only, plain key: {err}"));
     assert!(err.contains("must present a host certificate"), "{err}");

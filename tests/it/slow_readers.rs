@@ -12,7 +12,8 @@
 //! stopped reader holds its session is still noticed (the kernel's TCP
 //! keepalive verdict, read while russh's own is paused).
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::io::{ErrorKind, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -140,7 +141,7 @@ fn a_slow_reader_gets_every_byte_and_new_streams_get_their_own_session() {
     // session was lost for it.
     assert!(n.blocked_seconds >= PAUSE.as_secs_f64() * 0.8, "{n:?}");
     assert_eq!(n.reconnects, 0, "{n:?}");
-    assert_eq!(n.state, "healthy", "{n:?}");
+    assert_eq!(n.state, TunnelState::Healthy, "{n:?}");
     assert_eq!(n.streams_slowed, 1, "{n:?}");
     // The extra session closes once idle (extra_session_idle = 2s).
     daemon.wait_status("the idle extra session closed", READY, |s| {
@@ -175,7 +176,7 @@ fn a_node_lost_while_a_stopped_reader_holds_its_session_is_noticed() {
     cluster.link_down(1);
     let t = Instant::now();
     let s = daemon.wait_status("the node no longer healthy", READY, |s| {
-        find_node(s, "node-1").is_some_and(|n| n.state != "healthy")
+        find_node(s, "node-1").is_some_and(|n| n.state != TunnelState::Healthy)
     });
     let noticed = t.elapsed();
     let n = find_node(&s, "node-1").unwrap();

@@ -9,7 +9,7 @@
 //! `ssl` with a client certificate), which tell a reset (`ECONNRESET`), a
 //! TLS end without `close_notify` and a clean end apart.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -12,7 +12,7 @@
 //! without leaving the machine. (A discovered SSH address is an IP literal
 //! or nothing: a name such as `localhost` would be refused.)
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -278,7 +278,7 @@ kubeconfig = "kubeconfig"
     .unwrap();
     let log = std::fs::File::create(d.join("log")).unwrap();
     let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_tunneler"))
+        common::die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_tunneler")))
             .args(["run", "--config"])
             .arg(d.join("t.toml"))
             .env("RUST_LOG", "info")
@@ -445,7 +445,7 @@ kubeconfig = "kubeconfig"
     .unwrap();
     let log = std::fs::File::create(d.join("log")).unwrap();
     let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_tunneler"))
+        common::die_with_test(&mut Command::new(env!("CARGO_BIN_EXE_tunneler")))
             .args(["run", "--config"])
             .arg(d.join("t.toml"))
             .env("RUST_LOG", "info")

@@ -1,9 +1,10 @@
-//! Operators change nodes while traffic flows (issue 3 §3-4): drain and
-//! undrain, make-before-break reconnect, remove and add, reload by command
+//! Operators change nodes while traffic flows, and a change must never cost
+//! a stream it was not aimed at: drain and undrain, make-before-break reconnect, remove and add, reload by command
 //! and by SIGHUP, refused changes that change nothing, and a long-lived
 //! stream on an untouched node that survives all of it.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -111,8 +112,12 @@ fn drain_takes_a_node_out_of_the_pool_while_its_streams_and_node_dials_go_on() {
             let out = cli_ok(&daemon, &["nodes", "drain", "node-1"]);
             assert!(out.contains("draining"), "{out}");
         }
-        let status = daemon.wait_node_state("node-1", "draining", Duration::from_secs(5));
-        assert_eq!(find_node(&status, "node-2").unwrap().state, "healthy");
+        let status =
+            daemon.wait_node_state("node-1", TunnelState::Draining, Duration::from_secs(5));
+        assert_eq!(
+            find_node(&status, "node-2").unwrap().state,
+            TunnelState::Healthy
+        );
 
         // Pool dials avoid it, although it is the less loaded node.
         wait_streams(&daemon, "node-1", 1);
@@ -141,7 +146,7 @@ fn drain_takes_a_node_out_of_the_pool_while_its_streams_and_node_dials_go_on() {
         } else {
             cli_ok(&daemon, &["nodes", "undrain", "node-1"]);
         }
-        daemon.wait_node_state("node-1", "healthy", Duration::from_secs(5));
+        daemon.wait_node_state("node-1", TunnelState::Healthy, Duration::from_secs(5));
         for k in 0..3 {
             wait_streams(&daemon, "node-1", 1);
             let got = daemon.echo(&anycast, &format!("r{round}-back{k}"));
@@ -166,7 +171,7 @@ fn drain_takes_a_node_out_of_the_pool_while_its_streams_and_node_dials_go_on() {
     );
     let status = daemon.status();
     assert!(
-        status.nodes.iter().all(|n| n.state == "healthy"),
+        status.nodes.iter().all(|n| n.state == TunnelState::Healthy),
         "{status:?}"
     );
 }
@@ -202,7 +207,7 @@ fn make_before_break_reconnect_keeps_open_streams() {
     assert_eq!(answered_by(&got), "node-1", "{got}");
     let status = daemon.status();
     let n = find_node(&status, "node-1").unwrap();
-    assert_eq!(n.state, "healthy", "{n:?}");
+    assert_eq!(n.state, TunnelState::Healthy, "{n:?}");
     assert!(
         n.last_error.is_none(),
         "a planned reconnect is no error: {n:?}"
@@ -244,7 +249,7 @@ fn make_before_break_reconnect_keeps_open_streams() {
     assert_eq!(code, 404, "{body}");
     assert_eq!(
         find_node(&daemon.status(), "node-1").unwrap().state,
-        "healthy"
+        TunnelState::Healthy
     );
 }
 
@@ -304,7 +309,7 @@ fn remove_then_add_again_and_refused_changes_change_nothing() {
             &n1.pod_cidr,
         ],
     );
-    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     assert_eq!(
         find_node(&status, "node-1").unwrap().source,
         Some(Source::Api),
@@ -384,7 +389,7 @@ fn remove_then_add_again_and_refused_changes_change_nothing() {
             since(&before, name),
             "{name} was touched"
         );
-        assert_eq!(find_node(&after, name).unwrap().state, "healthy");
+        assert_eq!(find_node(&after, name).unwrap().state, TunnelState::Healthy);
     }
     let (reply, _) = daemon.connect(&format!("10.200.{}.99:{ECHO_PORT}", cluster.n));
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
@@ -447,7 +452,10 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
     );
     for name in ["node-1", "node-2", "node-4"] {
         assert_eq!(since(&status, name), since(&start, name), "{name} moved");
-        assert_eq!(find_node(&status, name).unwrap().state, "healthy");
+        assert_eq!(
+            find_node(&status, name).unwrap().state,
+            TunnelState::Healthy
+        );
     }
     assert_eq!(
         find_node(&status, "node-4").unwrap().source,
@@ -470,7 +478,7 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
     });
     assert_eq!(since(&status, "node-1"), since(&start, "node-1"));
     assert_eq!(since(&status, "node-4"), since(&start, "node-4"));
-    daemon.wait_node_state("node-3", "healthy", READY);
+    daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
     still_works(&mut long1, "node-1", "after-sighup");
     let (reply, _) = daemon.connect(&format!("{}:{ECHO_PORT}", cluster.node(2).pod_ip));
     assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
@@ -535,7 +543,11 @@ fn reload_applies_only_the_difference_and_a_broken_reload_changes_nothing() {
                 since(&before, &name),
                 "{what}: {name}"
             );
-            assert_eq!(find_node(&after, &name).unwrap().state, "healthy", "{what}");
+            assert_eq!(
+                find_node(&after, &name).unwrap().state,
+                TunnelState::Healthy,
+                "{what}"
+            );
         }
         // The running config still works: dial_timeout etc. unchanged.
         still_works(&mut long1, "node-1", "after-broken-reload");
@@ -566,13 +578,13 @@ fn a_stream_on_an_untouched_node_survives_every_change_to_the_others() {
         still_works(long, "node-1", step);
         let s = daemon.status();
         let n = find_node(&s, "node-1").unwrap();
-        assert_eq!(n.state, "healthy", "after {step}: {n:?}");
+        assert_eq!(n.state, TunnelState::Healthy, "after {step}: {n:?}");
         assert_eq!(since(&s, "node-1"), since(&start, "node-1"), "after {step}");
         assert_eq!(n.active_streams, 1, "after {step}: {n:?}");
     };
 
     cli_ok(&daemon, &["nodes", "drain", "node-2"]);
-    daemon.wait_node_state("node-2", "draining", READY);
+    daemon.wait_node_state("node-2", TunnelState::Draining, READY);
     check(&mut long, "drain-node-2");
     cli_ok(&daemon, &["nodes", "undrain", "node-2"]);
     check(&mut long, "undrain-node-2");
@@ -594,7 +606,7 @@ fn a_stream_on_an_untouched_node_survives_every_change_to_the_others() {
             &n2.pod_cidr,
         ],
     );
-    daemon.wait_node_state("node-2", "healthy", READY);
+    daemon.wait_node_state("node-2", TunnelState::Healthy, READY);
     check(&mut long, "add-node-2");
 
     rewrite(&cluster, &[1], "");
@@ -608,25 +620,25 @@ fn a_stream_on_an_untouched_node_survives_every_change_to_the_others() {
     check(&mut long, "reload-dropping-node-3");
     rewrite(&cluster, &[1, 3], "");
     daemon.send_signal("HUP");
-    daemon.wait_node_state("node-3", "healthy", READY);
+    daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
     check(&mut long, "sighup-adding-node-3");
 
     cluster.kill_sshd(3);
     daemon.wait_node_unhealthy("node-3", READY);
     check(&mut long, "sshd-of-node-3-killed");
     cluster.start_sshd(3);
-    daemon.wait_node_state("node-3", "healthy", READY);
+    daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
     check(&mut long, "sshd-of-node-3-back");
 
     cluster.link_down(2);
     daemon.wait_node_unhealthy("node-2", READY);
     check(&mut long, "link-of-node-2-down");
     cluster.link_up(2);
-    daemon.wait_node_state("node-2", "healthy", READY);
+    daemon.wait_node_state("node-2", TunnelState::Healthy, READY);
     check(&mut long, "link-of-node-2-up");
 
     cluster.replace_host_key(3);
-    daemon.wait_node_state("node-3", "rejected", READY);
+    daemon.wait_node_state("node-3", TunnelState::Rejected, READY);
     check(&mut long, "host-key-of-node-3-changed");
 
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n2.pod_ip), "end");
@@ -658,7 +670,7 @@ fn reload_replaces_a_changed_node_and_its_old_streams_drain() {
     let r: ReloadReport = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(r.nodes.changed, vec!["node-1"], "{r:?}");
     assert_eq!(r.nodes.unchanged, 1, "{r:?}");
-    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     assert_ne!(
         since(&status, "node-1"),
         since(&start, "node-1"),
@@ -683,33 +695,35 @@ fn drain_survives_reconnects_and_reloads() {
     let daemon = Daemon::start(&cluster);
     daemon.wait_all_healthy(READY);
     cli_ok(&daemon, &["nodes", "drain", "node-1"]);
-    daemon.wait_node_state("node-1", "draining", READY);
+    daemon.wait_node_state("node-1", TunnelState::Draining, READY);
 
     cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
     let s = daemon.status();
     assert_eq!(
         find_node(&s, "node-1").unwrap().state,
-        "draining",
+        TunnelState::Draining,
         "after a planned reconnect: {s:?}"
     );
     cluster.kill_sshd(1);
     daemon.wait_status("node-1 down", READY, |s| {
-        find_node(s, "node-1").is_some_and(|n| n.state == "backoff" || n.state == "connecting")
+        find_node(s, "node-1")
+            .is_some_and(|n| n.state == TunnelState::Backoff || n.state == TunnelState::Connecting)
     });
     cluster.start_sshd(1);
     let s = daemon.wait_status("node-1 connected again", READY, |s| {
-        find_node(s, "node-1").is_some_and(|n| n.state == "draining" || n.state == "healthy")
+        find_node(s, "node-1")
+            .is_some_and(|n| n.state == TunnelState::Draining || n.state == TunnelState::Healthy)
     });
     assert_eq!(
         find_node(&s, "node-1").unwrap().state,
-        "draining",
+        TunnelState::Draining,
         "after sshd came back: {s:?}"
     );
     cli_ok(&daemon, &["reload"]);
     let s = daemon.status();
     assert_eq!(
         find_node(&s, "node-1").unwrap().state,
-        "draining",
+        TunnelState::Draining,
         "after reload: {s:?}"
     );
     let anycast = format!("{}:{ECHO_PORT}", cluster.anycast_service_ip());
@@ -757,7 +771,7 @@ fn removed_node_leaves_the_metrics_and_add_takes_port_and_internal_ips() {
             &pod,
         ],
     );
-    let s = daemon.wait_node_state("worker-a", "healthy", READY);
+    let s = daemon.wait_node_state("worker-a", TunnelState::Healthy, READY);
     assert_eq!(
         find_node(&s, "worker-a").unwrap().address,
         format!("{ip}:22").as_str()
@@ -835,7 +849,7 @@ fn dials_under_load_never_fail_across_planned_reconnects_and_drains() {
             cli_ok(&daemon, &["nodes", "undrain", "node-1"]);
             let s = daemon.status();
             assert!(
-                s.nodes.iter().all(|n| n.state == "healthy"),
+                s.nodes.iter().all(|n| n.state == TunnelState::Healthy),
                 "round {round}: {s:?}"
             );
         }
@@ -907,7 +921,7 @@ fn key_rotation_by_reload_and_reconnect() {
     // Only the new key is authorized now; a reconnect must use it.
     cluster.set_authorized_keys(&new_pub);
     cli_ok(&daemon, &["nodes", "reconnect", "node-1"]);
-    let s = daemon.wait_node_state("node-1", "healthy", READY);
+    let s = daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     assert!(
         find_node(&s, "node-1").unwrap().last_error.is_none(),
         "{s:?}"

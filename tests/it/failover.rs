@@ -2,7 +2,8 @@
 //! comes back when sshd does, without disturbing the other nodes; a node
 //! whose host key changes is rejected, not retried into.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::time::Duration;
 
@@ -50,9 +51,13 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
         format!("node=node-2 local={} echo=during", n2.pod_ip)
     );
     let down = daemon.wait_status("node-1 in backoff with an error", READY, |s| {
-        find_node(s, "node-1").is_some_and(|n| n.state == "backoff" && n.last_error.is_some())
+        find_node(s, "node-1")
+            .is_some_and(|n| n.state == TunnelState::Backoff && n.last_error.is_some())
     });
-    assert_eq!(find_node(&down, "node-2").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&down, "node-2").unwrap().state,
+        TunnelState::Healthy
+    );
     let (status, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n1.pod_ip));
     assert!(status.starts_with("HTTP/1.1 503"), "{status:?}");
 
@@ -60,7 +65,7 @@ fn node_recovers_after_sshd_restart_while_others_keep_serving() {
     let back = std::time::Instant::now();
     cluster.start_sshd(1);
     let accepting = back.elapsed();
-    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     common::report(&format!(
         "sshd killed: node-1 left healthy after {detect:?}; healthy again {:?} after sshd was \
          restarted (sshd accepting after {accepting:?}; backoff 100ms..1s)",
@@ -96,11 +101,14 @@ fn changed_host_key_rejects_the_node() {
 
     // The running session is cut; the reconnect meets a new host key.
     cluster.replace_host_key(1);
-    let status = daemon.wait_node_state("node-1", "rejected", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Rejected, READY);
     let n1 = find_node(&status, "node-1").unwrap();
     let err = n1.last_error.as_deref().unwrap_or_default().to_lowercase();
     assert!(err.contains("host key"), "last_error: {n1:?}");
-    assert_eq!(find_node(&status, "node-2").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&status, "node-2").unwrap().state,
+        TunnelState::Healthy
+    );
 
     let node = cluster.node(1);
     for target in [
@@ -124,12 +132,15 @@ fn changed_host_key_rejects_the_node() {
     // Rejected is sticky: it is not retried into healthy (or a hot loop).
     std::thread::sleep(Duration::from_millis(1500));
     let status = daemon.status();
-    assert_eq!(find_node(&status, "node-1").unwrap().state, "rejected");
+    assert_eq!(
+        find_node(&status, "node-1").unwrap().state,
+        TunnelState::Rejected
+    );
 
     // Once the operator records the new key in known_hosts, the daemon
     // picks the file up and the node comes back.
     cluster.write_known_hosts();
-    daemon.wait_node_state("node-1", "healthy", READY);
+    daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", node.pod_ip), "accepted");
     assert_eq!(
         got,
@@ -146,8 +157,8 @@ fn wrong_host_key_at_startup_is_rejected() {
     cluster.replace_host_key(2);
     let daemon = Daemon::start(&cluster);
     let status = daemon.wait_status("node-1 healthy, node-2 rejected", READY, |s| {
-        find_node(s, "node-1").is_some_and(|n| n.state == "healthy")
-            && find_node(s, "node-2").is_some_and(|n| n.state == "rejected")
+        find_node(s, "node-1").is_some_and(|n| n.state == TunnelState::Healthy)
+            && find_node(s, "node-2").is_some_and(|n| n.state == TunnelState::Rejected)
     });
     let err = find_node(&status, "node-2")
         .unwrap()
@@ -193,7 +204,7 @@ fn silent_link_loss_is_detected_and_recovered() {
 
     cluster.link_up(1);
     let t = std::time::Instant::now();
-    daemon.wait_node_state("node-1", "healthy", READY);
+    daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     common::report(&format!(
         "silent link loss: node-1 healthy again {:?} after the link came back",
         t.elapsed()
@@ -218,7 +229,8 @@ fn refused_authentication_keeps_the_node_out_of_service() {
     let daemon = Daemon::start(&cluster);
     let status = daemon.wait_status("node-1 failing with an error", READY, |s| {
         find_node(s, "node-1").is_some_and(|n| {
-            (n.state == "rejected" || n.state == "backoff") && n.last_error.is_some()
+            (n.state == TunnelState::Rejected || n.state == TunnelState::Backoff)
+                && n.last_error.is_some()
         })
     });
     eprintln!(
@@ -230,7 +242,10 @@ fn refused_authentication_keeps_the_node_out_of_service() {
     // It does not flip to healthy by itself.
     std::thread::sleep(Duration::from_millis(1500));
     let status = daemon.status();
-    assert_ne!(find_node(&status, "node-1").unwrap().state, "healthy");
+    assert_ne!(
+        find_node(&status, "node-1").unwrap().state,
+        TunnelState::Healthy
+    );
 }
 
 /// A listed node that does not answer at all (an unused address on the test
@@ -251,10 +266,10 @@ fn an_unreachable_node_does_not_hold_up_the_others() {
     let daemon = Daemon::start_with(&cluster, &spec);
     // node-1 comes up while the ghost is still connecting (connect_timeout
     // 2 s): the ghost's first attempt has not failed yet.
-    let status = daemon.wait_node_state("node-1", "healthy", READY);
+    let status = daemon.wait_node_state("node-1", TunnelState::Healthy, READY);
     let g = find_node(&status, "ghost").unwrap();
     assert!(
-        g.last_error.is_none() && g.state != "healthy",
+        g.last_error.is_none() && g.state != TunnelState::Healthy,
         "node-1 healthy only after the ghost's first attempt failed: {g:?}"
     );
     let node = cluster.node(1);
@@ -266,7 +281,7 @@ fn an_unreachable_node_does_not_hold_up_the_others() {
         find_node(s, "ghost").is_some_and(|n| n.last_error.is_some())
     });
     let g = find_node(&status, "ghost").unwrap();
-    assert_ne!(g.state, "healthy", "{g:?}");
+    assert_ne!(g.state, TunnelState::Healthy, "{g:?}");
     assert_eq!(g.address, format!("{ghost}:22").as_str(), "{g:?}");
     let (reply, _) = daemon.connect(&format!("ghost:{ECHO_PORT}"));
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");

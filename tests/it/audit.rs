@@ -3,7 +3,7 @@
 //! version an advisory covers, passes on ours, and takes an ignore line
 //! only with a reason.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,7 +1,8 @@
 //! The command-line surface: `status` (table, JSON, exit codes),
 //! `check-config` against the fixture folders, and `keygen`.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -54,7 +55,10 @@ fn status_reports_table_json_and_exit_codes() {
     assert_eq!(out.status.code(), Some(0), "{}", all_output(&out));
     let json: StatusDocument = serde_json::from_slice(&out.stdout).expect("status --json");
     assert_eq!(json.nodes.len(), 2, "{json:?}");
-    assert_eq!(find_node(&json, "node-2").unwrap().state, "healthy");
+    assert_eq!(
+        find_node(&json, "node-2").unwrap().state,
+        TunnelState::Healthy
+    );
 
     // One node down: exit 1, and the row says so.
     cluster.kill_sshd(2);

@@ -2,8 +2,7 @@
 //! read-ahead buffer, a quiet log with the default packet size, and the
 //! keepalive round trip measured by one request at a time.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

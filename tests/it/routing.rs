@@ -6,7 +6,8 @@
 //! does byte for byte (one write, Go's reply parsing, no byte buffered
 //! after the 200).
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::time::Duration;
 
@@ -209,7 +210,7 @@ fn curl_works_through_the_tcp_listener_and_the_admin_socket() {
     for (node, n) in cluster.nodes.iter().zip(nodes) {
         assert_eq!(n.name, node.name.as_str(), "{n:?}");
         assert_eq!(n.address, format!("{}:22", node.ip).as_str(), "{n:?}");
-        assert_eq!(n.state, "healthy", "{n:?}");
+        assert_eq!(n.state, TunnelState::Healthy, "{n:?}");
         let since = n.since.as_str();
         assert!(
             since.len() >= 20 && since.as_bytes()[10] == b'T',
@@ -499,7 +500,7 @@ fn a_calico_tunnel_address_keeps_the_node_port_policy() {
     );
     let daemon = Daemon::start_toml(&cluster, &toml, &[]);
     daemon.wait_status("three healthy nodes", READY, |s| {
-        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == "healthy")
+        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
     });
 
     let (code, status) = daemon.apiserver_refusal(&format!("{tunnel}:22"));
@@ -568,7 +569,7 @@ fn every_node_name_type_routes_and_a_shared_name_routes_to_neither() {
     .unwrap();
     let daemon = Daemon::start_toml(&cluster, &nodes_file_config(&cluster, "", None), &[]);
     let status = daemon.wait_status("three healthy nodes", READY, |s| {
-        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == "healthy")
+        s.nodes.len() == 3 && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
     });
 
     let ip1 = cluster.node(1).ip;

@@ -8,7 +8,8 @@
 //! - a live Node that turns invalid keeps its last good routes until it is
 //!   fixed (the fix applies) or deleted.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -111,7 +112,7 @@ fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
     .unwrap();
     let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
     daemon.wait_status("node-1 and node-2 healthy", READY, |s| {
-        names(s) == ["node-1", "node-2"] && s.nodes.iter().all(|n| n.state == "healthy")
+        names(s) == ["node-1", "node-2"] && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
     });
 
     // node-3 joins later, spelling the shared address as IPv4-mapped IPv6.
@@ -123,7 +124,7 @@ fn a_shared_external_ip_is_ambiguous_and_every_node_still_joins() {
             node(3, &format!("::ffff:{shared}")),
         ]),
     );
-    daemon.wait_node_state("node-3", "healthy", READY);
+    daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
     let s = daemon.wait_all_healthy(READY);
     assert_eq!(names(&s), ["node-1", "node-2", "node-3"], "{s:?}");
     let src = file_source(&s).expect("file source in status");
@@ -234,7 +235,7 @@ fn a_node_that_claims_loopback_metadata_or_half_the_internet_is_rejected() {
     let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
     let s = daemon.wait_status("three healthy nodes and evil rejected", READY, |s| {
         names(s) == ["node-1", "node-2", "node-3"]
-            && s.nodes.iter().all(|n| n.state == "healthy")
+            && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
             && rejected_names(s) == ["evil"]
     });
     let src = file_source(&s).expect("file source in status");
@@ -320,7 +321,7 @@ fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
     std::fs::write(&file, list(vec![&good1, &good2])).unwrap();
     let daemon = Daemon::start_with(&cluster, &nodes_file_spec());
     let good = daemon.wait_status("both healthy", READY, |s| {
-        names(s) == ["node-1", "node-2"] && s.nodes.iter().all(|n| n.state == "healthy")
+        names(s) == ["node-1", "node-2"] && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
     });
     let since2 = find_node(&good, "node-2").unwrap().since.clone();
     let pod2 = format!("{}:{ECHO_PORT}", n2.pod_ip);
@@ -364,7 +365,7 @@ fn a_node_that_turns_invalid_keeps_its_routes_until_fixed_or_deleted() {
     daemon.wait_status("node-2 fixed", READY, |s| {
         rejected_names(s).is_empty() && file_source(s).is_some()
     });
-    daemon.wait_node_state("node-2", "healthy", READY);
+    daemon.wait_node_state("node-2", TunnelState::Healthy, READY);
     let got = daemon.echo(&format!("node-2-alias:{ECHO_PORT}"), "fixed");
     assert!(got.starts_with("node=node-2 "), "{got}");
 
@@ -485,7 +486,7 @@ fn forged_address_spellings_are_rejected_and_nothing_dials_loopback() {
         READY,
         |s| {
             names(s) == ["node-1"]
-                && s.nodes.iter().all(|n| n.state == "healthy")
+                && s.nodes.iter().all(|n| n.state == TunnelState::Healthy)
                 && rejected_names(s) == want
         },
     );

@@ -1,9 +1,11 @@
-//! What operators and their tools see (issue 5): Prometheus metrics after
-//! real traffic, `/healthz` and `/readyz`, JSON logs, node discovery from a
-//! watched `kubectl get nodes -o json` file, `status --watch` and shell
-//! completions.
+//! What operators and their tools see, checked against the running daemon
+//! because that is what their dashboards, probes and scripts read:
+//! Prometheus metrics after real traffic, `/healthz` and `/readyz`, JSON
+//! logs, node discovery from a watched `kubectl get nodes -o json` file,
+//! `status --watch` and shell completions.
 
-mod common;
+use crate::common;
+use common::TunnelState;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -63,7 +65,7 @@ fn metrics_after_real_traffic_on_the_admin_socket_and_a_tcp_listener() {
     assert!(st.starts_with("HTTP/1.1 504"), "{st:?}");
     cluster.kill_sshd(2);
     daemon.wait_status("node-2 failing to reconnect", READY, |s| {
-        find_node(s, "node-2").is_some_and(|n| n.state == "backoff")
+        find_node(s, "node-2").is_some_and(|n| n.state == TunnelState::Backoff)
     });
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n2.pod_ip));
     assert!(st.starts_with("HTTP/1.1 503"), "{st:?}");
@@ -386,7 +388,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
         took,
         Duration::from_secs(2),
     );
-    daemon.wait_node_state("node-3", "healthy", READY);
+    daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
     let got = daemon.echo(&format!("{}:{ECHO_PORT}", n3.ip), "added");
     assert!(got.starts_with("node=node-3 "), "{got}");
     let (st, _) = daemon.connect(&format!("{}:{ECHO_PORT}", n3.pod_ip));
@@ -416,7 +418,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     );
     let got = daemon.echo(&target, "changed");
     assert!(got.starts_with("node=node-3 "), "{got}");
-    daemon.wait_node_state("node-3", "healthy", READY);
+    daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
     assert_eq!(
         cluster.ssh_session_ports(2),
         node2_session,
@@ -445,7 +447,7 @@ fn nodes_file_is_reconciled_and_a_bad_file_keeps_the_last_good_set() {
     let got = common::echo_over(&mut on2, "draining");
     assert!(got.starts_with("node=node-2 "), "{got}");
     drop(on2);
-    let good = daemon.wait_node_state("node-3", "healthy", READY);
+    let good = daemon.wait_node_state("node-3", TunnelState::Healthy, READY);
 
     // A file that is not a node list: the last good set stays, the error
     // shows in the status.
