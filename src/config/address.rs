@@ -107,12 +107,20 @@ pub fn forbidden_address(ip: IpAddr) -> Option<&'static str> {
         .map(|(_, why)| why)
 }
 
+/// Whether `a` and `b` share an address. Two CIDRs either nest or are
+/// apart, so they overlap exactly when one holds the other's network
+/// address. Every overlap rule (pod CIDRs, service, cluster and pod
+/// network CIDRs) asks this one question.
+pub fn overlaps(a: IpNet, b: IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 /// Why `net` may not be a pod CIDR by shape alone (it overlaps a range that
 /// never names a node, or covers the IPv4-mapped IPv6 block), or `None`.
 /// Expects the canonical form ([`canonical_net`]).
 pub fn forbidden_net(net: IpNet) -> Option<String> {
     for (bad, why) in never_nodes() {
-        if net.contains(&bad.network()) || bad.contains(&net.network()) {
+        if overlaps(net, bad) {
             return Some(format!("{net} overlaps {bad}: {why}"));
         }
     }

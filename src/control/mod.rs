@@ -26,8 +26,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn, Instrument};
 
 use crate::config::{
-    check_node_set, check_pod_scope, check_strict_against_discovered, Config, ConfigError,
-    NodeConfig, ProxyConfig,
+    check_discovered_fit, check_node_set, check_pod_scope, check_strict_against_discovered, Config,
+    ConfigError, NodeConfig, ProxyConfig,
 };
 use crate::control::config_store::ConfigStore;
 use crate::control::node_set::Candidate;
@@ -532,31 +532,11 @@ impl Control {
         }
         check_node_set(&combined, &new.proxy.service_cidrs)?;
         check_strict_against_discovered(&combined, &discovered)?;
-        for d in &discovered {
-            let key = format!("discovered node {:?}", d.name);
-            check_pod_scope(&key, d, &new.proxy.cluster_cidrs)?;
-            if let Some(c) = d.pod_cidrs.iter().find(|c| {
-                new.proxy
-                    .service_cidrs
-                    .iter()
-                    .any(|s| s.contains(&c.network()) || c.contains(&s.network()))
-            }) {
-                return Err(ChangeError::Invalid(ConfigError::Invalid {
-                    key: "proxy.service_cidrs".into(),
-                    reason: format!("overlaps the pod CIDR {c} of discovered node {:?}", d.name),
-                }));
-            }
-            if let Some(ip) = d
-                .internal_ips
-                .iter()
-                .find(|ip| new.proxy.service_cidrs.iter().any(|s| s.contains(*ip)))
-            {
-                return Err(ChangeError::Invalid(ConfigError::Invalid {
-                    key: "proxy.service_cidrs".into(),
-                    reason: format!("holds {ip}, an internal IP of discovered node {:?}", d.name),
-                }));
-            }
-        }
+        check_discovered_fit(
+            &discovered,
+            &new.proxy.service_cidrs,
+            &new.proxy.cluster_cidrs,
+        )?;
         // Keys and known_hosts are re-read on every reload, also when
         // their paths did not change: a key replaced under the same name is
         // picked up by the next connection of each node.

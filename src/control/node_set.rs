@@ -38,7 +38,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::config::address::{canonical_ip, canonical_net};
-use crate::config::{check_pod_scope, NodeConfig};
+use crate::config::{
+    check_pod_scope, has_internal_ip, net_holding, net_overlapping, pod_cidr_holding,
+    pod_cidr_overlapping, NodeConfig,
+};
 
 /// One Node as a source read it: its name (as written, for the report) and
 /// either its validated config or why it is invalid.
@@ -91,10 +94,6 @@ fn names(n: &NodeConfig) -> impl Iterator<Item = &str> {
     std::iter::once(n.name.as_str()).chain(n.hostnames.iter().map(String::as_str))
 }
 
-fn overlaps(a: IpNet, b: IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
 /// Why `n` cannot join beside `placed` (the source's other nodes) and the
 /// context's other nodes, or `None` when it can.
 fn conflict<'a>(
@@ -107,7 +106,7 @@ fn conflict<'a>(
     }
     for c in &n.pod_cidrs {
         let c = canonical_net(*c);
-        if let Some(s) = cx.service_cidrs.iter().find(|s| overlaps(c, **s)) {
+        if let Some(s) = net_overlapping(cx.service_cidrs, c) {
             return Some(format!("pod CIDR {c} overlaps the service CIDR {s}"));
         }
     }
@@ -115,7 +114,7 @@ fn conflict<'a>(
     // would take those destinations over.
     for ip in &n.internal_ips {
         let ip = canonical_ip(*ip);
-        if let Some(s) = cx.service_cidrs.iter().find(|s| s.contains(&ip)) {
+        if let Some(s) = net_holding(cx.service_cidrs, ip) {
             return Some(format!("internal IP {ip} is inside the service CIDR {s}"));
         }
     }
@@ -155,15 +154,10 @@ fn conflict<'a>(
         }
         for ip in &n.internal_ips {
             let ip = canonical_ip(*ip);
-            if what == "config or API node" && o.internal_ips.iter().any(|x| canonical_ip(*x) == ip)
-            {
+            if what == "config or API node" && has_internal_ip(o, ip) {
                 return Some(format!("{ip} is an internal IP of {what} {:?}", o.name));
             }
-            if let Some(oc) = o
-                .pod_cidrs
-                .iter()
-                .find(|c| canonical_net(**c).contains(&ip))
-            {
+            if let Some(oc) = pod_cidr_holding(o, ip) {
                 return Some(format!(
                     "internal IP {ip} is inside pod CIDR {oc} of {what} {:?}",
                     o.name
@@ -172,12 +166,7 @@ fn conflict<'a>(
         }
         for c in &n.pod_cidrs {
             let c = canonical_net(*c);
-            if let Some(oc) = o
-                .pod_cidrs
-                .iter()
-                .map(|x| canonical_net(*x))
-                .find(|oc| overlaps(c, *oc))
-            {
+            if let Some(oc) = pod_cidr_overlapping(o, c) {
                 return Some(format!("pod CIDR {c} overlaps {oc} of {what} {:?}", o.name));
             }
         }
