@@ -323,9 +323,9 @@ async fn dial_node(
     settings: &ProxySettings,
     deadline: Instant,
 ) -> Result<Dial, Refusal> {
-    // A node's own address is its host network: only the
-    // kubelet and the listed ports, whatever host it becomes.
-    // So is a pod CIDR address its CNI gives the node itself.
+    // A node's own address is its host network: only the kubelet and the
+    // listed ports, whatever host it becomes. So is a pod CIDR address its
+    // CNI gives the node itself.
     let host_network = node_local
         || host
             .parse()
@@ -336,8 +336,8 @@ async fn dial_node(
             return Err(Refusal::forbidden(target, &why));
         }
     }
-    // Kubelets may listen on loopback only: the old SSH tunnels
-    // gave that property, and so do we when asked.
+    // Kubelets may listen on loopback only: the old SSH tunnels gave that
+    // property, and so do we when asked.
     let host = if node_local && settings.node_local_via_loopback {
         if host.contains(':') {
             "::1".to_string()
@@ -347,9 +347,8 @@ async fn dial_node(
     } else {
         host
     };
-    // A node still connecting (at start, or after a lost
-    // session) is waited for, up to wait_for_healthy, before
-    // the connection moves to its shard.
+    // A node still connecting (at start, or after a lost session) is waited
+    // for, up to wait_for_healthy, before the connection moves to its shard.
     let wait_until = (Instant::now() + settings.wait_for_healthy).min(deadline);
     if let Err(e) = crate::proxy::healthy::wait_for_node(&node, wait_until).await {
         info!(node = %node.node.name, error = %e, "dial failed");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -261,21 +261,7 @@ impl EgressProxy {
     ) {
         let mut buf = BytesMut::with_capacity(512);
         let limit = self.settings.load().handshake_timeout;
-        let head = tokio::time::timeout(limit, async {
-            loop {
-                match parse_head(&buf) {
-                    Ok(Parsed::Partial) => {}
-                    other => return other,
-                }
-                let want = MAX_HEADER_BYTES.saturating_sub(buf.len()).max(1);
-                let mut limited = (&mut s).take(want as u64);
-                match limited.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) if buf.is_empty() => return Err(HeadError::Closed),
-                    Ok(0) | Err(_) => return Err(HeadError::Truncated),
-                    Ok(_) => {}
-                }
-            }
-        });
+        let head = tokio::time::timeout(limit, read_head(&mut s, &mut buf));
         let parsed = tokio::select! {
             _ = self.cancel.cancelled() => return,
             r = head => r,
@@ -318,6 +304,27 @@ impl EgressProxy {
 enum Conn {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
+}
+
+/// Reads into `buf` until it holds a complete head (or one that cannot
+/// become one), never past [`MAX_HEADER_BYTES`].
+async fn read_head<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Parsed, HeadError> {
+    loop {
+        match parse_head(buf) {
+            Ok(Parsed::Partial) => {}
+            other => return other,
+        }
+        let want = MAX_HEADER_BYTES.saturating_sub(buf.len()).max(1);
+        let mut limited = (&mut *s).take(want as u64);
+        match limited.read_buf(buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return Err(HeadError::Closed),
+            Ok(0) | Err(_) => return Err(HeadError::Truncated),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// What an accepted connection carries to its handler: where it came in,

@@ -28,7 +28,7 @@
 //! SSH session. A pool dial picks its node first, then moves; a retry on a
 //! node of another shard moves again.
 //!
-//! The rooms: `head` parses the request head; `listen` holds the bound
+//! Its files: `head` parses the request head; `listen` holds the bound
 //! listeners, their admission budgets and the accept loops; `refusal` maps
 //! every refusal to its reply and metric; `dial` routes a stream, moves it
 //! to its node's shard and relays it; `pool` picks the node of a pool dial.
