@@ -16,7 +16,7 @@ use crate::proxy::access::{Carried, DialRecord, RouteKind};
 use crate::proxy::live::LiveStream;
 use crate::proxy::pool::Pool;
 use crate::proxy::refusal::Refusal;
-use crate::proxy::route::{pod_host_address, Route, RouteTable};
+use crate::proxy::route::{pod_host_address, PoolKind, Route, RouteTable};
 use crate::proxy::{EgressProxy, ProxySettings, Target};
 use crate::shard::Movable;
 use crate::tunnel::relay::{relay, RelayBudget, Relayed, StreamEnd};
@@ -271,7 +271,7 @@ fn route_kind(route: &Route<Arc<NodeTunnel>>, routes: &Routes) -> Option<RouteKi
         } else {
             RouteKind::Pod
         }),
-        Route::Pool { host } => Some(if routes.pool_kind(host) == "service address" {
+        Route::Pool { host } => Some(if routes.pool_kind(host) == PoolKind::Service {
             RouteKind::Service
         } else {
             RouteKind::Pool

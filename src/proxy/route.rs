@@ -73,6 +73,25 @@ pub enum Route<T> {
     Forbidden,
 }
 
+/// What a pool target is, for the route kind and for messages: an address
+/// in a service CIDR (or a name), or a pod address no node claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// A pod address outside every node's pod CIDRs.
+    Pod,
+    /// A service address, or anything that is not an IP literal.
+    Service,
+}
+
+impl std::fmt::Display for PoolKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PoolKind::Pod => "pod address",
+            PoolKind::Service => "service address",
+        })
+    }
+}
+
 /// The kubelet's port when the Node does not say (Kubernetes' default).
 pub const DEFAULT_KUBELET_PORT: u16 = 10250;
 
@@ -431,12 +450,12 @@ impl<T: Clone> RouteTable<T> {
         }
     }
 
-    /// What a pool target is, for messages: `service address` inside a
-    /// service CIDR, else `pod address` (a pod network).
-    pub fn pool_kind(&self, host: &str) -> &'static str {
+    /// What a pool target is: a service address inside a service CIDR
+    /// (or not an IP literal at all), else a pod address.
+    pub fn pool_kind(&self, host: &str) -> PoolKind {
         match host.parse::<IpAddr>() {
-            Ok(ip) if !self.services.iter().any(|s| s.contains(&canonical_ip(ip))) => "pod address",
-            _ => "service address",
+            Ok(ip) if !self.services.iter().any(|s| s.contains(&canonical_ip(ip))) => PoolKind::Pod,
+            _ => PoolKind::Service,
         }
     }
 
@@ -808,8 +827,10 @@ mod tests {
         // A block no Node names: any node may carry it.
         assert_eq!(t.lookup("10.244.77.5"), pool("10.244.77.5"));
         assert_eq!(t.lookup("::ffff:10.244.77.5"), pool("10.244.77.5"));
-        assert_eq!(t.pool_kind("10.244.77.5"), "pod address");
-        assert_eq!(t.pool_kind("10.96.0.1"), "service address");
+        assert_eq!(t.pool_kind("10.244.77.5"), PoolKind::Pod);
+        assert_eq!(t.pool_kind("10.96.0.1"), PoolKind::Service);
+        assert_eq!(PoolKind::Pod.to_string(), "pod address");
+        assert_eq!(PoolKind::Service.to_string(), "service address");
         // A mapped pod network is compared in its IPv4 form.
         assert_eq!(t.lookup("100.64.3.4"), pool("100.64.3.4"));
         // Claimed addresses still go to their owner.
