@@ -7,7 +7,7 @@ cargo-mutants names a mutant by file, line and column, which shift with
 every edit. An allowlist entry instead names the file, the source line as
 written (whitespace-trimmed) and the mutation:
 
-    src/proxy/mod.rs | Some(if load(b) < load(a) { b } else { a }) | replace < with <= in pick_two
+    src/proxy/pool.rs | Some(if load(b) < load(a) { b } else { a }) | replace < with <= in pick_two
 
 Every entry needs a `# reason` comment right above it. An entry whose line
 is edited stops matching, so the surviving mutant must be looked at again.
