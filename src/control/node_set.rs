@@ -22,6 +22,11 @@
 //! placed in name order. So a forged Node cannot take a pod range or a
 //! name away from a node that already holds it.
 //!
+//! What counts as holding an address or a range (canonical forms, CIDR
+//! overlap) is asked of `config::node_set`, the same predicates the
+//! config's own node-set checks use; only the rules on who may share what,
+//! and the wording of a rejection, are this file's.
+//!
 //! Two discovered Nodes may share an SSH address (every node behind one NAT
 //! address, with address_types preferring ExternalIP). The SSH address is
 //! where we dial sshd, not a route: nothing is dialed *to* it through a
