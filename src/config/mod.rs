@@ -8,21 +8,23 @@
 //!
 //! One file per concern: `raw` the serde shapes; one file per section with
 //! its validated types, their defaults and its validator (`ssh` with
-//! `[reconnect]`, `proxy`, `admin` with `[health]`, `discovery`,
-//! `runtime`); `node` one node and the rules that span a node set;
-//! `address` the shape of node addresses and pod CIDRs; `parse` the value
-//! parsers the sections share; `effects` what a reload does with each key.
-//! [`Config::validate`] only drives the sections in order and checks what
-//! spans two of them.
+//! `[reconnect]`, `proxy` with its relay limits in `relay`, `admin` with
+//! `[health]`, `discovery`, `runtime`); `node` one node and its own rules;
+//! `node_set` the rules that span a node set; `address` the shape of node
+//! addresses and pod CIDRs; `parse` the value parsers the sections share;
+//! `effects` what a reload does with each key. [`Config::validate`] only
+//! drives the sections in order and checks what spans two of them.
 
 pub mod address;
 mod admin;
 mod discovery;
 pub(crate) mod effects;
 mod node;
+mod node_set;
 mod parse;
 mod proxy;
 mod raw;
+mod relay;
 mod runtime;
 mod ssh;
 
@@ -33,16 +35,16 @@ use serde::Serialize;
 pub use admin::{AdminConfig, HealthConfig, ProbeTarget, DEFAULT_ADMIN_SOCKET};
 pub use discovery::{DiscoveryConfig, KubeSource};
 pub use node::{
-    check_discovered_fit, check_node_set, check_pod_scope, check_strict_against_discovered,
-    is_localhost, node_from_json, node_from_spec, normalize_name, valid_node_name, NodeConfig,
+    check_pod_scope, is_localhost, node_from_json, node_from_spec, normalize_name, valid_node_name,
+    NodeConfig,
 };
-pub(crate) use node::{
+pub use node_set::{check_discovered_fit, check_node_set, check_strict_against_discovered};
+pub(crate) use node_set::{
     has_internal_ip, net_holding, net_overlapping, pod_cidr_holding, pod_cidr_overlapping,
 };
-pub use proxy::{
-    parse_listen, ListenAddr, ProxyConfig, RelayLimits, TlsConfig, DEFAULT_POD_HOST_OFFSETS,
-};
+pub use proxy::{parse_listen, ListenAddr, ProxyConfig, TlsConfig, DEFAULT_POD_HOST_OFFSETS};
 pub use raw::NodeSpec;
+pub use relay::RelayLimits;
 pub use runtime::{RuntimeConfig, MAX_SHARDS};
 pub use ssh::{
     HostKeyPolicy, ReconnectConfig, SshConfig, WindowBounds, DEFAULT_MAXIMUM_PACKET_SIZE,

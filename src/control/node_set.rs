@@ -22,6 +22,11 @@
 //! placed in name order. So a forged Node cannot take a pod range or a
 //! name away from a node that already holds it.
 //!
+//! What counts as holding an address or a range (canonical forms, CIDR
+//! overlap) is asked of `config::node_set`, the same predicates the
+//! config's own node-set checks use; only the rules on who may share what,
+//! and the wording of a rejection, are this file's.
+//!
 //! Two discovered Nodes may share an SSH address (every node behind one NAT
 //! address, with address_types preferring ExternalIP). The SSH address is
 //! where we dial sshd, not a route: nothing is dialed *to* it through a
@@ -94,6 +99,28 @@ fn names(n: &NodeConfig) -> impl Iterator<Item = &str> {
     std::iter::once(n.name.as_str()).chain(n.hostnames.iter().map(String::as_str))
 }
 
+/// Whose node a candidate is checked against: what it may share, and how
+/// a rejection names the other node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// A config or API node: nothing may be shared with it.
+    Strict,
+    /// A node of another discovery source.
+    OtherSource,
+    /// Another node of the same source.
+    SameSource,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Holder::Strict => "config or API node",
+            Holder::OtherSource => "node of another discovery source",
+            Holder::SameSource => "node",
+        })
+    }
+}
+
 /// Why `n` cannot join beside `placed` (the source's other nodes) and the
 /// context's other nodes, or `None` when it can.
 fn conflict<'a>(
@@ -118,14 +145,11 @@ fn conflict<'a>(
             return Some(format!("internal IP {ip} is inside the service CIDR {s}"));
         }
     }
-    let strict = cx.strict.iter().map(|o| (o, "config or API node"));
-    let others = cx
-        .other_discovered
-        .iter()
-        .map(|o| (o, "node of another discovery source"));
-    let same_source = placed.map(|o| (o, "node"));
+    let strict = cx.strict.iter().map(|o| (o, Holder::Strict));
+    let others = cx.other_discovered.iter().map(|o| (o, Holder::OtherSource));
+    let same_source = placed.map(|o| (o, Holder::SameSource));
     for (o, what) in strict.chain(others).chain(same_source) {
-        if o.name == n.name && what == "node" {
+        if o.name == n.name && what == Holder::SameSource {
             continue;
         }
         if let Some(h) = names(n).find(|h| names(o).any(|x| x == *h)) {
@@ -137,7 +161,7 @@ fn conflict<'a>(
         // A DNS name two discovered Nodes share is ambiguous, not a
         // conflict (the route table routes it to neither); one that a
         // config or API node has is refused, as for internal IPs.
-        if what == "config or API node" {
+        if what == Holder::Strict {
             let theirs = |h: &str| names(o).any(|x| x == h) || o.dns_names.iter().any(|x| x == h);
             if let Some(h) = n.dns_names.iter().find(|h| theirs(h)) {
                 return Some(format!(
@@ -154,7 +178,7 @@ fn conflict<'a>(
         }
         for ip in &n.internal_ips {
             let ip = canonical_ip(*ip);
-            if what == "config or API node" && has_internal_ip(o, ip) {
+            if what == Holder::Strict && has_internal_ip(o, ip) {
                 return Some(format!("{ip} is an internal IP of {what} {:?}", o.name));
             }
             if let Some(oc) = pod_cidr_holding(o, ip) {
