@@ -494,8 +494,8 @@ impl Jitter {
 }
 
 fn next_seed() -> u64 {
-    static N: AtomicU64 = AtomicU64::new(1);
-    pattern::word(0x736f_616b_7365_6564, N.fetch_add(1, Ordering::Relaxed))
+    static SEEDS: pattern::Seeds = pattern::Seeds::new(0x736f_616b_7365_6564);
+    SEEDS.next()
 }
 
 // ---------------------------------------------------------------------------
@@ -1050,23 +1050,6 @@ fn admin_post(daemon: &Daemon, path: &str) -> Result<String, String> {
     }
 }
 
-/// Sum of every sample of `name` in an exposition.
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for l in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, v)) = l.rsplit_once(' ') else {
-            continue;
-        };
-        let n = series.split('{').next().unwrap_or("");
-        if n == name {
-            if let Ok(v) = v.trim().parse::<f64>() {
-                *found.get_or_insert(0.0) += v;
-            }
-        }
-    }
-    found
-}
-
 // ---------------------------------------------------------------------------
 // Samples
 // ---------------------------------------------------------------------------
@@ -1081,17 +1064,11 @@ struct Sample {
     client_open: i64,
 }
 
-fn fd_count(pid: u32) -> u64 {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count() as u64)
-        .unwrap_or(0)
-}
-
 /// One reading of the daemon: /proc, then `GET /metrics`; `t` counts from
 /// `t0`, and `client_open` is the harness's own count of long streams.
 fn sample(t0: Instant, client_open: i64, daemon: &Daemon) -> Option<Sample> {
     let pid = daemon.pid();
-    let fds = fd_count(pid);
+    let fds = common::fd_count(pid);
     let rss_kib = common::rss_kib(pid);
     let (code, text) = common::admin_request(&daemon.admin, "GET", "/metrics", None).ok()?;
     if code != 200 {
@@ -1101,8 +1078,8 @@ fn sample(t0: Instant, client_open: i64, daemon: &Daemon) -> Option<Sample> {
         t: t0.elapsed().as_secs_f64(),
         rss_kib,
         fds,
-        tasks: metric_sum(&text, "tunneler_runtime_tasks")? as u64,
-        active: metric_sum(&text, "tunneler_active_streams").unwrap_or(0.0) as u64,
+        tasks: common::metric_sum(&text, "tunneler_runtime_tasks")? as u64,
+        active: common::metric_sum(&text, "tunneler_active_streams").unwrap_or(0.0) as u64,
         client_open,
     })
 }
@@ -1418,20 +1395,6 @@ fn mib(kib: u64) -> f64 {
 // main
 // ---------------------------------------------------------------------------
 
-fn raise_nofile() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a stack value.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__serve") {
@@ -1441,7 +1404,7 @@ fn main() {
         return;
     }
     let plan = Plan::from_env();
-    raise_nofile();
+    common::raise_nofile();
     let code = run(plan);
     std::process::exit(code);
 }
@@ -1613,7 +1576,7 @@ fn run(plan: Plan) -> i32 {
                     "tunneler_blocked_seconds_total",
                     "tunneler_relay_buffered_bytes_peak",
                 ]
-                .map(|n| metric_sum(&m, n).unwrap_or(f64::NAN))
+                .map(|n| common::metric_sum(&m, n).unwrap_or(f64::NAN))
             });
         eprintln!("[{load_end:7.1}s] load stops: closing every stream");
         stop.cancel();

@@ -56,11 +56,14 @@ pub mod apiserver;
 mod cluster;
 mod daemon;
 pub mod pki;
+mod procfs;
 
 #[allow(unused_imports)]
 pub use cluster::{Cluster, ClusterOptions, ConfigSpec, Node, MAX_BARE_NODES};
 #[allow(unused_imports)]
 pub use daemon::*;
+#[allow(unused_imports)]
+pub use procfs::*;
 
 /// Where slot lock directories live.
 const SLOT_ROOT: &str = "/tmp/tunneler-test-slots";
@@ -451,19 +454,6 @@ pub fn paced_echo(
     result?;
     sent.map_err(|e| format!("sending: {e}"))?;
     Ok(got)
-}
-
-/// The daemon's resident memory in KiB, from /proc.
-pub fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Reads until EOF.
