@@ -251,7 +251,7 @@ fn record_skip(test: &str, why: &str) {
 /// behaviour; where a bound on elapsed time stays, it is a generous sanity
 /// check (did it happen at all, not how fast), and a slow or loaded machine
 /// raises the factor instead of editing tests. Speed is measured by the
-/// benchmark (benches/e2e.rs), not here.
+/// benchmark (benches/e2e/), not here.
 pub fn time_factor() -> f64 {
     static FACTOR: OnceLock<f64> = OnceLock::new();
     *FACTOR.get_or_init(|| match std::env::var("TUNNELER_TEST_TIME_FACTOR") {
