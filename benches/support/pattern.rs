@@ -107,3 +107,29 @@ pub fn check_rate() -> f64 {
     assert_eq!(bad, 3, "pattern check self-test");
     rate
 }
+
+/// A run's stream seeds: `word(salt, 1)`, `word(salt, 2)`, ... A fresh
+/// seed for each stream, so that bytes of one stream showing up on another
+/// are caught too; each bench has its own salt.
+pub struct Seeds {
+    salt: u64,
+    n: std::sync::atomic::AtomicU64,
+}
+
+impl Seeds {
+    /// The sequence for `salt`, starting at index 1.
+    pub const fn new(salt: u64) -> Seeds {
+        Seeds {
+            salt,
+            n: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// The next seed.
+    pub fn next(&self) -> u64 {
+        word(
+            self.salt,
+            self.n.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}

@@ -518,6 +518,23 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
         .next()
 }
 
+/// Sum of every sample of `name` in an exposition.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let n = series.split('{').next().unwrap_or("");
+        if n == name {
+            if let Ok(v) = v.trim().parse::<f64>() {
+                *found.get_or_insert(0.0) += v;
+            }
+        }
+    }
+    found
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

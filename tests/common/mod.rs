@@ -53,14 +53,22 @@ pub use tunneler::admin::status::{NodeStatus, StatusDocument, TunnelState};
 pub use tunneler::control::sources::Source;
 
 pub mod apiserver;
+mod children;
 mod cluster;
 mod daemon;
 pub mod pki;
+mod procfs;
+mod slot;
 
+#[allow(unused_imports)]
+pub use children::{die_with_test, ChildGuard};
 #[allow(unused_imports)]
 pub use cluster::{Cluster, ClusterOptions, ConfigSpec, Node, MAX_BARE_NODES};
 #[allow(unused_imports)]
 pub use daemon::*;
+#[allow(unused_imports)]
+pub use procfs::*;
+pub(crate) use slot::Slot;
 
 /// Where slot lock directories live.
 const SLOT_ROOT: &str = "/tmp/tunneler-test-slots";
@@ -248,7 +256,7 @@ fn record_skip(test: &str, why: &str) {
 /// behaviour; where a bound on elapsed time stays, it is a generous sanity
 /// check (did it happen at all, not how fast), and a slow or loaded machine
 /// raises the factor instead of editing tests. Speed is measured by the
-/// benchmark (benches/e2e.rs), not here.
+/// benchmark (benches/e2e/), not here.
 pub fn time_factor() -> f64 {
     static FACTOR: OnceLock<f64> = OnceLock::new();
     *FACTOR.get_or_init(|| match std::env::var("TUNNELER_TEST_TIME_FACTOR") {
@@ -280,64 +288,6 @@ pub fn assert_within(what: &str, measured: Duration, bound: Duration) {
          TUNNELER_TEST_TIME_FACTOR {}); on a slow machine raise the factor",
         time_factor()
     );
-}
-
-// ---------------------------------------------------------------------------
-// Child processes
-// ---------------------------------------------------------------------------
-
-/// A child process that is killed (and reaped) when the guard drops, also
-/// when the test panics, so no `tunneler run` outlives its test.
-pub struct ChildGuard(Option<Child>);
-
-impl From<Child> for ChildGuard {
-    fn from(child: Child) -> ChildGuard {
-        ChildGuard(Some(child))
-    }
-}
-
-impl ChildGuard {
-    /// Spawns `cmd` under the guard.
-    pub fn spawn(cmd: &mut Command) -> ChildGuard {
-        ChildGuard(Some(
-            die_with_test(cmd)
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
-        ))
-    }
-
-    /// Process id.
-    pub fn id(&self) -> u32 {
-        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// Waits (bounded by `timeout`) for the child to exit by itself and
-    /// returns its status and output; `None` (and the child is killed) when
-    /// it is still running after `timeout`.
-    pub fn wait_exit(mut self, timeout: Duration) -> Option<Output> {
-        let mut child = self.0.take()?;
-        let exited = poll(timeout, || matches!(child.try_wait(), Ok(Some(_))));
-        if !exited {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        child.wait_with_output().ok()
-    }
-
-    /// The child, for its pipes.
-    pub fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child already taken")
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -453,19 +403,6 @@ pub fn paced_echo(
     Ok(got)
 }
 
-/// The daemon's resident memory in KiB, from /proc.
-pub fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Reads until EOF.
 pub fn read_to_eof<S: Read>(mut s: S) -> std::io::Result<Vec<u8>> {
     let mut got = Vec::new();
@@ -503,48 +440,6 @@ macro_rules! require_netns {
 // ---------------------------------------------------------------------------
 // Small process helpers
 // ---------------------------------------------------------------------------
-
-/// Makes `cmd`'s process die with the thread that spawns it: the kernel
-/// sends it SIGKILL (`PR_SET_PDEATHSIG`) when that thread exits, also
-/// when the whole test process is SIGKILLed (cargo-mutants' timeout),
-/// where no `Drop` runs. Every long-lived child of the harness (daemons,
-/// the node-side servers, [`ChildGuard::spawn`], [`Cluster::spawn_in_node`])
-/// goes through here. What the setting does not reach (sshd, which
-/// daemonizes, and its session processes; the namespaces themselves) the
-/// slot's reaper clears (see [`Slot`]).
-///
-/// The trap: the signal follows the *thread* that forked, not the process.
-/// libtest runs each test on its own thread, which outlives everything the
-/// test spawns; a child spawned from a short-lived helper thread would be
-/// killed when that thread ends. No child is shared between tests (no
-/// lazily started fixture), so none needs a process-long thread.
-pub fn die_with_test(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes async-signal-safe calls (prctl, getppid, raise): no allocation
-    // and no locks. Tests may use `unsafe` for this; the daemon never does.
-    let parent = std::process::id() as libc::pid_t;
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died between fork and prctl: then no
-            // signal would ever come, so go now.
-            if libc::getppid() != parent {
-                libc::raise(libc::SIGKILL);
-            }
-            Ok(())
-        })
-    }
-}
 
 /// Runs a command and panics with its output when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {
@@ -662,165 +557,6 @@ fn sshd_has_penalties(dir: &Path) -> bool {
         let _ = fs::remove_file(&cfg);
         ok
     })
-}
-
-// ---------------------------------------------------------------------------
-// Slots
-// ---------------------------------------------------------------------------
-
-/// An exclusively owned slot number, held as an `flock` on
-/// `SLOT_ROOT/<n>.lock`. The kernel drops the lock when its owner exits,
-/// however it exits, so a crashed run never keeps a slot; the next owner
-/// clears what the crashed one left in the kernel.
-///
-/// Each slot also has a reaper: a shell in its own session, outside the
-/// test's process group, that waits for EOF on a pipe only this process
-/// writes to. A test process killed hard (SIGKILL: no `Drop` runs) closes
-/// the pipe; the reaper then takes the slot's lock (so it never races the
-/// slot's next owner) and kills every process left in the slot's
-/// namespaces (sshd, its sessions, anything started there) and deletes the
-/// namespaces, veths and bridge. On an orderly end `Drop` kills the reaper
-/// first (the cluster's own teardown does the clearing), so it never
-/// touches a slot that a later cluster of the same process took.
-pub(crate) struct Slot {
-    n: u32,
-    /// The reaper, with the write end of its stdin (dropping that is what
-    /// starts it, so it is killed before the lock goes).
-    reaper: Option<Child>,
-    /// Kept open: closing it releases the lock. Declared after `reaper`.
-    _lock: fs::File,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some(mut r) = self.reaper.take() {
-            let _ = r.kill();
-            let _ = r.wait();
-        }
-    }
-}
-
-/// The reaper's clearing, run by `flock` under the slot's lock as
-/// `sh -c REAPER_CLEAR <slot>` (the slot number is `$0`).
-const REAPER_CLEAR: &str = r#"
-for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^tnl$0-[0-9]+$"); do
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-    ip netns del "$ns" 2>/dev/null
-done
-for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 |
-    grep -E "^(tv$0h[0-9]+|tnlbr$0)$"); do
-    ip link del "$l" 2>/dev/null
-done
-true"#;
-
-/// Starts slot `n`'s reaper (see [`Slot`]); `None` when it cannot start,
-/// which only loses the clearing after a hard kill.
-fn spawn_reaper(n: u32) -> Option<Child> {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new("sh");
-    // Waits for EOF, then `flock LOCK sh -c REAPER_CLEAR N`.
-    cmd.args([
-        "-c",
-        "read -r _ || true\nexec flock \"$0\" sh -c \"$1\" \"$2\"",
-    ])
-    .arg(format!("{SLOT_ROOT}/{n}.lock"))
-    .args([REAPER_CLEAR, &n.to_string()])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe; it runs in the forked child
-    // before exec. Its own session keeps the reaper out of the test's
-    // process group, which a timeout may kill as a whole.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn().ok()
-}
-
-impl Slot {
-    fn acquire() -> Slot {
-        fs::create_dir_all(SLOT_ROOT).unwrap();
-        // Start at a pid-dependent offset so parallel processes rarely
-        // contend for the same numbers.
-        let start = std::process::id() % MAX_SLOT;
-        for k in 0..MAX_SLOT {
-            let n = (start + k) % MAX_SLOT + 1;
-            let path = format!("{SLOT_ROOT}/{n}.lock");
-            let file = fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .unwrap_or_else(|e| panic!("{path}: {e}"));
-            // flock locks belong to the open file description, so threads of
-            // one process exclude each other as well as other processes do.
-            if file.try_lock().is_ok() {
-                kill_stale_daemon(n);
-                remove_slot_leftovers(n);
-                return Slot {
-                    n,
-                    reaper: spawn_reaper(n),
-                    _lock: file,
-                };
-            }
-        }
-        panic!("no free test slot in {SLOT_ROOT} (1..={MAX_SLOT})");
-    }
-
-    /// Where the pid of this slot's daemon is recorded.
-    fn daemon_pid_file(&self) -> PathBuf {
-        daemon_pid_file(self.n)
-    }
-}
-
-fn daemon_pid_file(n: u32) -> PathBuf {
-    PathBuf::from(format!("{SLOT_ROOT}/{n}.daemon"))
-}
-
-/// A test process killed hard leaves its daemon running; its pid was
-/// recorded next to the slot lock.
-fn kill_stale_daemon(n: u32) {
-    let file = daemon_pid_file(n);
-    let pid = fs::read_to_string(&file)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok());
-    let _ = fs::remove_file(&file);
-    let Some(pid) = pid else { return };
-    // Only a daemon run on this slot's config, in case the pid was reused.
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    if cmdline.contains("tunneler") && cmdline.contains(&format!("/tmp/tnl{n}.")) {
-        signal(pid, "KILL");
-    }
-}
-
-/// Deletes namespaces `tnl<n>-*`, veths `tv<n>h*` and bridge `tnlbr<n>`.
-fn remove_slot_leftovers(n: u32) {
-    let prefix = format!("tnl{n}-");
-    if let Ok(o) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&o.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            if name.starts_with(&prefix) {
-                kill_namespace_processes(name);
-                run_quiet("ip", &["netns", "del", name]);
-            }
-        }
-    }
-    let veth = format!("tv{n}h");
-    if let Ok(o) = Command::new("ip").args(["-o", "link", "show"]).output() {
-        for line in String::from_utf8_lossy(&o.stdout).lines() {
-            let name = line.split(':').nth(1).unwrap_or("").trim();
-            let name = name.split('@').next().unwrap_or("");
-            if name.starts_with(&veth) {
-                run_quiet("ip", &["link", "del", name]);
-            }
-        }
-    }
-    let bridge = format!("tnlbr{n}");
-    run_quiet("ip", &["link", "del", &bridge]);
 }
 
 /// SIGKILLs every process in a namespace and waits (bounded) until gone.

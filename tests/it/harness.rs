@@ -150,7 +150,9 @@ fn children_die_with_a_sigkilled_test() {
     let out = dir.path().join("victim.txt");
     let log = std::fs::File::create(dir.path().join("victim.log")).unwrap();
     let mut victim = common::ChildGuard::spawn(
-        Command::new(std::env::current_exe().unwrap())
+        // /proc/self/exe: this very binary, even when a rebuild has
+        // replaced the file on disk meanwhile.
+        Command::new("/proc/self/exe")
             .args([
                 "--ignored",
                 "--exact",
