@@ -10,8 +10,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tunneler::config::NodeConfig;
-use tunneler::proxy::route::{Route, RouteTable};
+use tunneler::NodeConfig;
+use tunneler::{Route, RouteTable};
 
 const NODES: u32 = 10_000;
 

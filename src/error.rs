@@ -131,11 +131,6 @@ impl FailClass {
         (FailClass::Other, "other"),
     ];
 
-    /// The label.
-    pub fn as_str(self) -> &'static str {
-        Self::ALL[self.index()].1
-    }
-
     fn index(self) -> usize {
         self as usize
     }
@@ -185,7 +180,7 @@ mod tests {
         let counters = ByFailClass::<std::sync::atomic::AtomicU64>::default();
         for (i, (class, name)) in FailClass::ALL.iter().enumerate() {
             assert_eq!(class.index(), i, "{name} sits at its own index");
-            assert_eq!(class.as_str(), *name);
+            assert_eq!(FailClass::ALL[class.index()].1, *name);
             counters[*class].fetch_add(i as u64 + 1, std::sync::atomic::Ordering::Relaxed);
         }
         let seen: Vec<(&str, u64)> = counters

@@ -15,9 +15,7 @@
 //!    shape of node addresses and pod CIDRs); `timestamp` times on the
 //!    wire; `shard` the runtime model: one thread per shard, each owning
 //!    its nodes' sessions and every relay of their streams; `memory`
-//!    handing freed memory back to the system; `signals` every signal the
-//!    daemon handles (held back during the start, reload, stop, a second
-//!    stop).
+//!    handing freed memory back to the system.
 //! 2. **`ssh/`**: `identity` the client key, `known_hosts` host key
 //!    verification, `keygen`, `context` what every session shares (in a
 //!    cell a reload swaps), `readahead` the read buffer under russh,
@@ -44,8 +42,18 @@
 //!    `status` the status document and its builder. `cli` the command line
 //!    and `logging` the subscriber `tunneler run` installs sit beside it.
 //! 9. **Composition root**: `daemon` wires it all (binds, starts the
-//!    shards, tunnels, proxy, sources and admin API, reloads, shuts down);
-//!    nothing but `main.rs` uses it.
+//!    shards, tunnels, proxy, sources and admin API, reloads, shuts down),
+//!    with `daemon::signals` every signal it handles (held back during the
+//!    start, reload, stop, a second stop); nothing but `main.rs` uses it.
+//!
+//! # What is public
+//!
+//! Every module is private. The items below are re-exported for the
+//! binary (its commands, the daemon and what runs around it) and for the
+//! integration tests, benches and fuzz targets (the parsers, the route
+//! table, node admission and the typed documents they drive directly).
+//! Everything else is the crate's own, so the compiler reports what
+//! nothing uses.
 
 // Two calls need `unsafe`, and each allows it for itself alone: glibc's
 // `malloc_trim`, in `memory`, and the kernel's `TCP_INFO` round trip of a
@@ -53,20 +61,45 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod discovery;
-pub(crate) mod error;
-pub mod logging;
-pub(crate) mod memory;
-pub(crate) mod metrics;
-pub mod proxy;
-pub mod shard;
-pub mod signals;
-pub mod ssh;
-pub mod text;
-pub mod timestamp;
-pub(crate) mod tunnel;
+mod admin;
+mod cli;
+mod config;
+mod control;
+mod daemon;
+mod discovery;
+mod error;
+mod logging;
+mod memory;
+mod metrics;
+mod proxy;
+mod shard;
+mod ssh;
+mod text;
+mod timestamp;
+mod tunnel;
+
+// The binary: its commands, the daemon, and what runs around it.
+pub use admin::api::{Request, StreamsQuery};
+pub use admin::client;
+pub use cli::{check_config, keygen, manpages, Cli, Command, LogFormat};
+pub use config::Config;
+pub use daemon::{run, signals};
+pub use logging::init as init_logging;
+pub use proxy::activation::{take_listen_fds, PassedSockets};
+
+// The integration tests, benches and fuzz targets.
+pub use admin::api::{DrainChanged, ReloadReport};
+pub use admin::status::{AmbiguousAddress, NodeStatus, StatusDocument, TunnelState};
+pub use config::address::{
+    canonical_ip, canonical_net, check_pod_scope, forbidden_address, forbidden_net, AddressOrigin,
+};
+pub use config::{check_node_set, node_from_spec, HostKeyPolicy, ListenAddr, NodeConfig};
+pub use control::node_set::{admit, Context as AdmitContext};
+pub use control::sources::{Source, SourceStatus};
+pub use discovery::candidate_from_value;
+pub use proxy::access::FIELDS as ACCESS_LOG_FIELDS;
+pub use proxy::route::{Route, RouteTable};
+pub use proxy::sockets::stage;
+pub use proxy::tls::{certificate_names, name_allowed};
+pub use proxy::{parse_authority, parse_head, Parsed, MAX_HEADER_BYTES};
+pub use ssh::known_hosts::{KnownHostsFile, Verdict};

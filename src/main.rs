@@ -1,7 +1,7 @@
 //! The `tunneler` binary: parse the command line and dispatch. The
 //! commands live in the library: [`tunneler::daemon`] runs the daemon (this
 //! file only adds logging, the runtime and the signal handlers around it),
-//! [`tunneler::admin::client`] talks to a running one. SIGHUP, SIGTERM
+//! [`tunneler::client`] talks to a running one. SIGHUP, SIGTERM
 //! and SIGINT are held back from the first instruction until `run` has its
 //! handlers (see [`tunneler::signals`]).
 
@@ -10,10 +10,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tunneler::admin::client;
-use tunneler::cli::{Cli, Command, LogFormat};
-use tunneler::config::Config;
+use tunneler::client;
 use tunneler::signals;
+use tunneler::Config;
+use tunneler::{Cli, Command, LogFormat};
 
 /// A current-thread runtime on the calling thread. For `run` it is the
 /// control runtime (admin, discovery, reload, metrics);
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         ),
         Command::Reload { socket, config } => client::admin_socket(socket, config).map_or_else(
             |c| c,
-            |s| client::run_request(&s, tunneler::admin::api::Request::Reload),
+            |s| client::run_request(&s, tunneler::Request::Reload),
         ),
         Command::Streams {
             socket,
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         } => client::admin_socket(socket, config).map_or_else(
             |c| c,
             |s| {
-                let query = tunneler::admin::api::StreamsQuery {
+                let query = tunneler::StreamsQuery {
                     node,
                     sort: sort.into(),
                     limit,
@@ -72,24 +72,24 @@ fn main() -> ExitCode {
                 client::run_streams(&s, query, json)
             },
         ),
-        Command::Manpages { out_dir } => tunneler::cli::manpages(&out_dir),
+        Command::Manpages { out_dir } => tunneler::manpages(&out_dir),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let out = &mut std::io::stdout();
             clap_complete::generate(shell, &mut Cli::command(), "tunneler", out);
             0
         }
-        Command::CheckConfig { config } => tunneler::cli::check_config(&config),
-        Command::Keygen { out, comment } => tunneler::cli::keygen(&out, &comment),
+        Command::CheckConfig { config } => tunneler::check_config(&config),
+        Command::Keygen { out, comment } => tunneler::keygen(&out, &comment),
     };
     ExitCode::from(code)
 }
 
 /// Takes the sockets systemd passed (socket activation), before anything
 /// else could open a descriptor or start a thread.
-fn passed_sockets() -> Result<tunneler::proxy::activation::PassedSockets, String> {
+fn passed_sockets() -> Result<tunneler::PassedSockets, String> {
     use std::os::fd::{FromRawFd, OwnedFd};
-    let fds = tunneler::proxy::activation::take_listen_fds().map_err(|e| e.to_string())?;
+    let fds = tunneler::take_listen_fds().map_err(|e| e.to_string())?;
     let owned = fds
         .into_iter()
         .map(|(fd, name)| {
@@ -100,7 +100,7 @@ fn passed_sockets() -> Result<tunneler::proxy::activation::PassedSockets, String
             (unsafe { OwnedFd::from_raw_fd(fd) }, name)
         })
         .collect();
-    tunneler::proxy::activation::PassedSockets::new(owned).map_err(|e| e.to_string())
+    tunneler::PassedSockets::new(owned).map_err(|e| e.to_string())
 }
 
 fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
@@ -116,7 +116,7 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
         signals::Signals::install().map_err(|e| e.to_string())
     });
     signals::release();
-    tunneler::logging::init(log_format);
+    tunneler::init_logging(log_format);
     // Fatal errors go through tracing only: in json mode every stderr line
     // must be one JSON object, and in text mode the log line reads well.
     let fatal = |msg: String| {
@@ -158,7 +158,7 @@ fn run(config_path: &Path, log_format: LogFormat) -> ExitCode {
             interrupt,
         ));
         let path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
-        match tunneler::daemon::run(config, Some(path), shutdown, passed, hangup).await {
+        match tunneler::run(config, Some(path), shutdown, passed, hangup).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fatal(format!("tunneler: {e}")),
         }

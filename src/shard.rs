@@ -367,11 +367,6 @@ impl Shards {
         self.shards.len()
     }
 
-    /// Always false: there is at least one shard.
-    pub fn is_empty(&self) -> bool {
-        self.shards.is_empty()
-    }
-
     /// Places a new node on the least loaded shard (fewest nodes).
     pub fn place(&self) -> NodePlacement {
         let _one_at_a_time = self.placing.lock().unwrap_or_else(|e| e.into_inner());

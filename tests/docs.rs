@@ -418,7 +418,7 @@ fn every_access_record_field_is_documented() {
         .filter_map(|l| l.strip_prefix("| `"))
         .filter_map(|l| l.split_once('`').map(|(f, _)| f.to_string()))
         .collect();
-    let written: BTreeSet<String> = tunneler::proxy::access::FIELDS
+    let written: BTreeSet<String> = tunneler::ACCESS_LOG_FIELDS
         .iter()
         .filter(|f| **f != "message")
         .map(|f| f.to_string())

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tunneler::proxy::tls::{certificate_names, name_allowed};
+use tunneler::{certificate_names, name_allowed};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(names) = certificate_names(data) {

@@ -7,9 +7,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
-use tunneler::config::NodeConfig;
-use tunneler::proxy::{parse_authority, parse_head, Parsed, MAX_HEADER_BYTES};
-use tunneler::proxy::route::{Route, RouteTable};
+use tunneler::NodeConfig;
+use tunneler::{parse_authority, parse_head, Parsed, MAX_HEADER_BYTES};
+use tunneler::{Route, RouteTable};
 
 fn node(name: &str, ips: &[&str], pods: &[&str]) -> NodeConfig {
     NodeConfig {

@@ -9,11 +9,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
-use tunneler::config::address::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
-use tunneler::config::NodeConfig;
-use tunneler::discovery::candidate_from_value;
-use tunneler::control::node_set::{admit, Context};
-use tunneler::proxy::route::{Route, RouteTable};
+use tunneler::{canonical_ip, canonical_net, forbidden_address, forbidden_net};
+use tunneler::NodeConfig;
+use tunneler::candidate_from_value;
+use tunneler::{admit, AdmitContext};
+use tunneler::{Route, RouteTable};
 
 fn live() -> NodeConfig {
     NodeConfig {
@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
     for cluster in [Vec::new(), vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]] {
         let a = admit(
             vec![cand.clone()],
-            &Context {
+            &AdmitContext {
                 current: &[],
                 strict: &[],
                 other_discovered: &live,
@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(a.nodes.len() + a.rejected.len() == 1);
         for n in &a.nodes {
             for c in &n.pod_cidrs {
-                assert!(tunneler::config::address::check_pod_scope(*c, &cluster).is_ok());
+                assert!(tunneler::check_pod_scope(*c, &cluster).is_ok());
             }
         }
         let all: Vec<&NodeConfig> = live.iter().chain(&a.nodes).collect();

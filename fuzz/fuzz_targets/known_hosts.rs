@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tunneler::ssh::known_hosts::{KnownHostsFile, Verdict};
+use tunneler::{KnownHostsFile, Verdict};
 
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFnkMSKsscSxIOcqIJqT1IBgRZbzeg4RR1hUqkvJzp+r";

@@ -7,10 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::admin::status::StatusDocument;
-pub use crate::admin::streams::{StreamSort, StreamsDocument, StreamsQuery};
+pub use crate::admin::streams::{StreamSort, StreamsQuery};
 pub use crate::config::NodeSpec;
-pub use crate::control::{ReloadReport, SyncReport};
+pub use crate::control::ReloadReport;
 
 /// The HTTP methods the API uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

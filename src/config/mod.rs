@@ -35,22 +35,20 @@ use serde::Serialize;
 pub use admin::{AdminConfig, HealthConfig, ProbeTarget, DEFAULT_ADMIN_SOCKET};
 pub use discovery::{DiscoveryConfig, KubeSource};
 pub use node::{
-    check_pod_scope, is_localhost, node_from_json, node_from_spec, normalize_name, valid_node_name,
-    NodeConfig,
+    check_pod_scope, is_localhost, node_from_spec, normalize_name, valid_node_name, NodeConfig,
 };
 pub use node_set::{check_discovered_fit, check_node_set, check_strict_against_discovered};
 pub(crate) use node_set::{
     has_internal_ip, net_holding, net_overlapping, pod_cidr_holding, pod_cidr_overlapping,
 };
-pub use proxy::{parse_listen, ListenAddr, ProxyConfig, TlsConfig, DEFAULT_POD_HOST_OFFSETS};
+pub use proxy::{ListenAddr, ProxyConfig, TlsConfig};
 pub use raw::NodeSpec;
 pub use relay::RelayLimits;
-pub use runtime::{RuntimeConfig, MAX_SHARDS};
-pub use ssh::{
-    HostKeyPolicy, ReconnectConfig, SshConfig, WindowBounds, DEFAULT_MAXIMUM_PACKET_SIZE,
-    DEFAULT_WINDOW_MAX, DEFAULT_WINDOW_MIN, DEFAULT_WINDOW_RATE, MAX_MAXIMUM_PACKET_SIZE,
-    MIN_MAXIMUM_PACKET_SIZE,
-};
+pub use runtime::RuntimeConfig;
+pub use ssh::{HostKeyPolicy, ReconnectConfig, SshConfig};
+// Unit tests elsewhere build an `SshConfig` by hand.
+#[cfg(test)]
+pub(crate) use ssh::{WindowBounds, DEFAULT_MAXIMUM_PACKET_SIZE};
 
 #[cfg(test)]
 pub(crate) use node::test_node;

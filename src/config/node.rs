@@ -83,17 +83,6 @@ pub fn valid_node_name(name: &str) -> bool {
         && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
 }
 
-/// Validates one node given as the raw TOML/JSON shape (also used by the
-/// admin API's `POST /v1/nodes`).
-pub fn node_from_json(
-    value: serde_json::Value,
-    default_port: u16,
-) -> Result<NodeConfig, ConfigError> {
-    let raw: NodeSpec =
-        serde_json::from_value(value).map_err(|e| ConfigError::Parse(e.to_string()))?;
-    validate_node("node", raw, default_port, AddressOrigin::Operator)
-}
-
 /// Validates one node given as a [`NodeSpec`]; errors name the field as
 /// `node.<field>`. `origin` says who wrote it: the admin API's
 /// `POST /v1/nodes` is the operator's, a discovered Node is not, and only

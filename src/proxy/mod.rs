@@ -61,7 +61,7 @@ use crate::tunnel::relay::{RelayBudget, RelayLimits};
 use crate::tunnel::NodeTunnel;
 
 pub use head::{parse_authority, parse_head, HeadError, Parsed, Target, MAX_HEADER_BYTES};
-pub use listen::{DetachedListener, HeadBudget, ProxyListener};
+pub use listen::{HeadBudget, ProxyListener};
 
 /// The live route table, swapped atomically when the node set changes.
 pub type SharedRoutes = Arc<ArcSwap<RouteTable<Arc<NodeTunnel>>>>;

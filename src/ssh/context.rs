@@ -67,7 +67,7 @@ impl SshContext {
 impl SshContext {
     /// russh's settings for one session with SSH window `window` (russh
     /// fixes it per session, so each connect builds its own; see
-    /// [`crate::config::WindowBounds`]). `certificates` also advertises
+    /// `config::WindowBounds`). `certificates` also advertises
     /// certificate host key algorithms, for nodes an `@cert-authority`
     /// line covers.
     pub fn client_config(&self, certificates: bool, window: u32) -> Arc<client::Config> {

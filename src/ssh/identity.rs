@@ -267,20 +267,6 @@ impl Identity {
         })
     }
 
-    /// An identity from a key already in memory (tests, tools).
-    pub fn from_key(key: PrivateKey) -> Identity {
-        Identity {
-            public: key.public_key().clone(),
-            signer: Signer::Key(Arc::new(key)),
-            certificate: None,
-        }
-    }
-
-    /// The public key.
-    pub fn public_key(&self) -> &PublicKey {
-        &self.public
-    }
-
     /// Authenticates `user` on `handle` with this identity.
     pub async fn authenticate<H: client::Handler>(
         &self,

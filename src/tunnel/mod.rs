@@ -548,11 +548,6 @@ impl NodeTunnel {
                 .sum::<u64>()
     }
 
-    /// True when an operator drained the node.
-    pub fn is_draining(&self) -> bool {
-        self.state.borrow().draining
-    }
-
     /// True when pool (service CIDR) dials may use this node.
     pub fn pool_eligible(&self) -> bool {
         self.state.borrow().shown() == TunnelState::Healthy

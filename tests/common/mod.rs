@@ -48,9 +48,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 #[allow(unused_imports)]
-pub use tunneler::admin::status::{NodeStatus, StatusDocument, TunnelState};
+pub use tunneler::Source;
 #[allow(unused_imports)]
-pub use tunneler::control::sources::Source;
+pub use tunneler::{NodeStatus, StatusDocument, TunnelState};
 
 pub mod apiserver;
 mod children;

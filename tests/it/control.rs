@@ -14,7 +14,7 @@ use common::{
     all_output, find_node, node_names, report, Cluster, ConfigSpec, Daemon, Source, StatusDocument,
     ECHO_PORT,
 };
-use tunneler::admin::api::{DrainChanged, ReloadReport};
+use tunneler::{DrainChanged, ReloadReport};
 
 const READY: Duration = Duration::from_secs(20);
 

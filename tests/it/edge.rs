@@ -543,7 +543,7 @@ async fn sockets_are_never_reachable_with_a_looser_mode() {
 
     for (group, mode) in [(None, 0o600), (Some("nogroup"), 0o660)] {
         let path = dir.path().join(format!("s{mode:o}.sock"));
-        let staged = tunneler::proxy::sockets::stage(&path, mode, group).unwrap();
+        let staged = tunneler::stage(&path, mode, group).unwrap();
         // Staged: the directory is private, the socket already has its
         // final mode and group, and the final path does not exist.
         let d = fs::metadata(staged.dir()).unwrap();

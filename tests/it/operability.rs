@@ -15,7 +15,7 @@ use common::{
     ConfigSpec, Daemon, Source, StatusDocument, ECHO_PORT,
 };
 use serde_json::Value;
-use tunneler::control::sources::SourceStatus;
+use tunneler::SourceStatus;
 
 const READY: Duration = Duration::from_secs(20);
 

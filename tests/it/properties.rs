@@ -11,8 +11,8 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use tunneler::config::{check_node_set, Config, HostKeyPolicy, ListenAddr, NodeConfig};
-use tunneler::proxy::route::{Route, RouteTable};
+use tunneler::{check_node_set, Config, HostKeyPolicy, ListenAddr, NodeConfig};
+use tunneler::{Route, RouteTable};
 
 // ---------------------------------------------------------------------------
 // Route table vs brute force
@@ -587,8 +587,8 @@ proptest! {
         with_cluster in any::<bool>(),
         dests in proptest::collection::vec(destination(), 1..60),
     ) {
-        use tunneler::discovery::candidate_from_value;
-        use tunneler::control::node_set::{admit, Context};
+        use tunneler::candidate_from_value;
+        use tunneler::{admit, AdmitContext};
 
         let services: Vec<IpNet> = vec!["10.96.0.0/16".parse().unwrap()];
         let cluster: Vec<IpNet> = if with_cluster {
@@ -604,7 +604,7 @@ proptest! {
                 .map(|(i, v)| candidate_from_value(v.clone(), i, &types, 22))
                 .collect::<Vec<_>>()
         };
-        let cx = |current| Context {
+        let cx = |current| AdmitContext {
             current,
             strict: &[],
             other_discovered: &[],

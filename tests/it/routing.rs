@@ -599,7 +599,7 @@ fn every_node_name_type_routes_and_a_shared_name_routes_to_neither() {
     }
     assert_eq!(
         status.ambiguous_addresses,
-        vec![tunneler::admin::status::AmbiguousAddress {
+        vec![tunneler::AmbiguousAddress {
             address: "shared.example.internal".into(),
             nodes: vec!["node-2".into(), "node-3".into()],
         }]

@@ -20,8 +20,8 @@ use common::{
     StatusDocument, ECHO_PORT,
 };
 use serde_json::{json, Value};
-use tunneler::admin::status::AmbiguousAddress;
-use tunneler::control::sources::SourceStatus;
+use tunneler::AmbiguousAddress;
+use tunneler::SourceStatus;
 
 const READY: Duration = Duration::from_secs(20);
 

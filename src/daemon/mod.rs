@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub mod signals;
+
 use crate::admin::status::StatusView;
 use crate::admin::{AdminApi, AdminHandles};
 use crate::config::{Config, ListenAddr};
@@ -469,7 +471,7 @@ pub async fn run(
     ));
     spawn_watchdog(tracker, &shards, &stop);
     let hup_control = started.control.clone();
-    tracker.spawn(crate::signals::reload_on_hangup(
+    tracker.spawn(signals::reload_on_hangup(
         hup,
         ready,
         stop.clone(),
@@ -550,7 +552,7 @@ async fn shut_down(started: Started, stop: CancellationToken, shards: &Shards) {
     } = started;
     // A second SIGTERM or SIGINT (an impatient operator) ends the drain;
     // listened for before anything says the drain began.
-    let again = crate::signals::stop_again();
+    let again = signals::stop_again();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     accepting.cancel();
     let limit = store.load().proxy.drain_timeout;
