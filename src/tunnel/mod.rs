@@ -11,6 +11,7 @@
 //! drain (bounded by the drain timeout) before disconnecting it.
 
 pub(crate) mod backoff;
+mod flow;
 pub(crate) mod probe;
 pub(crate) mod relay;
 pub(crate) mod stream_stats;
