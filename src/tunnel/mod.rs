@@ -14,17 +14,17 @@ pub(crate) mod backoff;
 mod flow;
 pub(crate) mod probe;
 pub(crate) mod relay;
+mod state;
 pub(crate) mod stream_stats;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use russh::client::{self, Handle};
 use russh::{Channel, Disconnect};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,142 +36,8 @@ use crate::ssh::context::{SharedContext, SshContext};
 use crate::ssh::session::{self, ClientHandler, Session};
 use crate::tunnel::backoff::Backoff;
 use crate::tunnel::probe::Probed;
-
-/// The state a node's tunnel is in, as shown by `tunneler status`. Its
-/// wire names (status document, metrics label, messages) are in
-/// [`TunnelState::ALL`] and nowhere else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TunnelState {
-    /// Connecting or handshaking.
-    Connecting,
-    /// Connected and authenticated.
-    Healthy,
-    /// Connected, but the active health probe fails. Node-addressed dials
-    /// still use it; pool dials avoid it.
-    Unhealthy,
-    /// Connected, but taken out of the pool by an operator. Node-addressed
-    /// dials still use it; streams already flowing keep flowing.
-    Draining,
-    /// Waiting to retry after a failure.
-    Backoff,
-    /// Host key mismatch or authentication refused; retried at max_backoff.
-    Rejected,
-}
-
-impl TunnelState {
-    /// Every state with its wire name.
-    pub const ALL: [(TunnelState, &'static str); 6] = [
-        (TunnelState::Connecting, "connecting"),
-        (TunnelState::Healthy, "healthy"),
-        (TunnelState::Unhealthy, "unhealthy"),
-        (TunnelState::Draining, "draining"),
-        (TunnelState::Backoff, "backoff"),
-        (TunnelState::Rejected, "rejected"),
-    ];
-
-    /// The wire name.
-    pub fn as_str(&self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(s, _)| s == self)
-            .map_or("unknown", |(_, n)| n)
-    }
-
-    /// The state a wire name stands for.
-    pub fn from_name(name: &str) -> Option<TunnelState> {
-        Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
-    }
-
-    /// True when a session is up (whatever the probe or drain say).
-    pub fn is_connected(&self) -> bool {
-        matches!(
-            self,
-            TunnelState::Healthy | TunnelState::Unhealthy | TunnelState::Draining
-        )
-    }
-}
-
-impl std::fmt::Display for TunnelState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Compares with a wire name, as clients of the status document do.
-impl PartialEq<&str> for TunnelState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl Serialize for TunnelState {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for TunnelState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        TunnelState::from_name(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown tunnel state {name:?}")))
-    }
-}
-
-/// Where the connection itself is; the shown state also folds in drain and
-/// probe results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    Connecting,
-    Up,
-    Backoff,
-    Rejected,
-}
-
-/// State plus when it was entered and why the last failure happened.
-#[derive(Debug, Clone)]
-pub struct StateInfo {
-    /// Current shown state.
-    pub state: TunnelState,
-    /// When this state was entered.
-    pub since: SystemTime,
-    /// The most recent failure; cleared when a session is established.
-    pub last_error: Option<TunnelError>,
-    /// When the next connect attempt is due (backoff and rejected only).
-    pub next_retry: Option<SystemTime>,
-    /// Round trip of the last keepalive ping.
-    pub rtt: Option<Duration>,
-    /// The node's link: the best of its connections' links.
-    link: Link,
-    /// One link per SSH connection (`ssh.connections_per_node`).
-    slots: Vec<Link>,
-    draining: bool,
-    probe_failing: bool,
-}
-
-/// The node's link from its connections': up if any is up, else
-/// connecting if any is, else rejected if any is, else backoff.
-fn best_link(slots: &[Link]) -> Link {
-    for l in [Link::Up, Link::Connecting, Link::Rejected] {
-        if slots.contains(&l) {
-            return l;
-        }
-    }
-    Link::Backoff
-}
-
-impl StateInfo {
-    fn shown(&self) -> TunnelState {
-        match self.link {
-            Link::Connecting => TunnelState::Connecting,
-            Link::Backoff => TunnelState::Backoff,
-            Link::Rejected => TunnelState::Rejected,
-            Link::Up if self.draining => TunnelState::Draining,
-            Link::Up if self.probe_failing => TunnelState::Unhealthy,
-            Link::Up => TunnelState::Healthy,
-        }
-    }
-}
+use crate::tunnel::state::Link;
+pub use crate::tunnel::state::{StateInfo, TunnelState};
 
 /// A connected, authenticated session and the streams riding on it.
 pub struct Conn {
@@ -454,17 +320,7 @@ impl NodeTunnel {
     ) -> Arc<NodeTunnel> {
         let n = ctx.load().ssh.connections_per_node.max(1);
         let max = ctx.load().ssh.max_connections_per_node.max(n);
-        let (state, _) = watch::channel(StateInfo {
-            state: TunnelState::Connecting,
-            since: SystemTime::now(),
-            last_error: None,
-            next_retry: None,
-            rtt: None,
-            link: Link::Connecting,
-            slots: vec![Link::Connecting; n],
-            draining: false,
-            probe_failing: false,
-        });
+        let (state, _) = watch::channel(StateInfo::connecting(n));
         let mut commands = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..n {
@@ -562,29 +418,11 @@ impl NodeTunnel {
     /// Marks the node's probe as failing (with the reason, shown as
     /// `last_error`) or passing (clearing a probe error).
     pub(crate) fn set_probe_failing(&self, failing: Option<String>) {
-        self.update(|s| {
-            s.probe_failing = failing.is_some();
-            match failing {
-                Some(why) => s.last_error = Some(TunnelError::Probe(why)),
-                None => {
-                    if matches!(s.last_error, Some(TunnelError::Probe(_))) {
-                        s.last_error = None;
-                    }
-                }
-            }
-        });
+        self.update(|s| s.set_probe_failing(failing));
     }
 
     fn update(&self, f: impl FnOnce(&mut StateInfo)) {
-        self.state.send_modify(|s| {
-            let before = s.shown();
-            f(s);
-            let after = s.shown();
-            if before != after {
-                s.state = after;
-                s.since = SystemTime::now();
-            }
-        });
+        self.state.send_modify(|s| s.apply(f));
     }
 
     fn set_link(
@@ -594,28 +432,7 @@ impl NodeTunnel {
         err: Option<TunnelError>,
         next_retry: Option<Duration>,
     ) {
-        self.update(|s| {
-            if let Some(l) = s.slots.get_mut(slot) {
-                *l = link;
-            }
-            s.link = best_link(&s.slots);
-            if s.link != Link::Up {
-                s.rtt = None;
-                s.probe_failing = false;
-            }
-            if s.link == Link::Up {
-                // A working session answers the question "what is wrong".
-                s.last_error = None;
-            } else if err.is_some() {
-                s.last_error = err;
-            }
-            let retry = next_retry.map(|d| SystemTime::now() + d);
-            s.next_retry = match (s.link, s.next_retry, retry) {
-                (Link::Up | Link::Connecting, _, _) => None,
-                (_, Some(old), Some(new)) if old > SystemTime::now() => Some(old.min(new)),
-                (_, _, new) => new,
-            };
-        });
+        self.update(|s| s.set_link(slot, link, err, next_retry));
     }
 
     /// Asks the actor for a make-before-break reconnect and waits for the
@@ -1424,21 +1241,5 @@ async fn hold_watchdog(
             let _ = watch.shutdown(std::net::Shutdown::Both);
             return;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tunnel_states_round_trip_through_their_wire_names() {
-        for (state, name) in TunnelState::ALL {
-            assert_eq!(state.as_str(), name);
-            let json = serde_json::to_string(&state).unwrap();
-            assert_eq!(json, format!("\"{name}\""));
-            assert_eq!(serde_json::from_str::<TunnelState>(&json).unwrap(), state);
-        }
-        assert!(serde_json::from_str::<TunnelState>("\"sleepy\"").is_err());
     }
 }
