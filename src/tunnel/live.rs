@@ -18,7 +18,12 @@ use crate::tunnel::{Conn, NodeTunnel, SessionLoad, SESSION_IDS};
 
 /// Disconnects a replaced session once its streams are done (or the drain
 /// timeout passes, or the session dies on its own).
-pub(super) async fn retire(conn: Arc<Conn>, ended: CancellationToken, limit: Duration, why: &'static str) {
+pub(super) async fn retire(
+    conn: Arc<Conn>,
+    ended: CancellationToken,
+    limit: Duration,
+    why: &'static str,
+) {
     let drained = tokio::select! {
         d = conn.wait_idle(limit) => d,
         _ = ended.cancelled() => return,

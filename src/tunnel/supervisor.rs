@@ -428,3 +428,334 @@ async fn wait_out(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// What the fake saw, in order, with the (paused) time it happened.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Event {
+        Connect,
+        Install(u32),
+        Retire(u32),
+        Close(u32),
+        Link(Link, Option<Duration>),
+    }
+
+    /// A node without sshd: each connect takes the next scripted result
+    /// (`Ok` makes session 1, 2, ...), after `connect_takes`.
+    struct Fake {
+        cancel: CancellationToken,
+        settings: Settings,
+        script: Mutex<VecDeque<Result<(), TunnelError>>>,
+        connect_takes: Duration,
+        next_id: Mutex<u32>,
+        /// The live sessions' end tokens, by id.
+        sessions: Mutex<Vec<(u32, CancellationToken)>>,
+        log: Mutex<Vec<(Instant, Event)>>,
+        counters: Counters,
+    }
+
+    impl Fake {
+        fn new(script: Vec<Result<(), TunnelError>>) -> Arc<Fake> {
+            Arc::new(Fake {
+                cancel: CancellationToken::new(),
+                settings: Settings {
+                    initial_backoff: Duration::from_secs(1),
+                    max_backoff: Duration::from_secs(60),
+                    stable_after: Duration::from_secs(30),
+                    drain_timeout: Duration::from_secs(5),
+                },
+                script: Mutex::new(script.into()),
+                connect_takes: Duration::from_millis(10),
+                next_id: Mutex::new(0),
+                sessions: Mutex::new(Vec::new()),
+                log: Mutex::new(Vec::new()),
+                counters: Counters::default(),
+            })
+        }
+
+        fn note(&self, e: Event) {
+            self.log.lock().unwrap().push((Instant::now(), e));
+        }
+
+        fn events(&self) -> Vec<Event> {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, e)| e.clone())
+                .collect()
+        }
+
+        /// When each connect attempt began.
+        fn connects(&self) -> Vec<Instant> {
+            let log = self.log.lock().unwrap();
+            log.iter()
+                .filter(|(_, e)| *e == Event::Connect)
+                .map(|(t, _)| *t)
+                .collect()
+        }
+
+        /// Ends session `id` as a dead link would.
+        fn lose(&self, id: u32) {
+            let s = self.sessions.lock().unwrap();
+            let (_, t) = s.iter().find(|(i, _)| *i == id).unwrap();
+            t.cancel();
+        }
+    }
+
+    impl Connect for Arc<Fake> {
+        type Ctx = ();
+        type Fresh = u32;
+        type Live = u32;
+
+        fn load(&self) {}
+
+        fn settings(&self, _: &()) -> Settings {
+            self.settings
+        }
+
+        fn cancelled(&self) -> &CancellationToken {
+            &self.cancel
+        }
+
+        fn endpoint(&self) -> String {
+            "node-1:22".into()
+        }
+
+        async fn connect(&self, _: &()) -> Result<u32, TunnelError> {
+            self.note(Event::Connect);
+            tokio::time::sleep(self.connect_takes).await;
+            let next = self.script.lock().unwrap().pop_front();
+            match next {
+                Some(Ok(())) => {
+                    let mut id = self.next_id.lock().unwrap();
+                    *id += 1;
+                    Ok(*id)
+                }
+                Some(Err(e)) => Err(e),
+                // Past the script: a node that never answers.
+                None => std::future::pending().await,
+            }
+        }
+
+        fn install(&self, _: usize, fresh: u32, _: &()) -> (u32, CancellationToken) {
+            self.note(Event::Install(fresh));
+            let t = CancellationToken::new();
+            self.sessions.lock().unwrap().push((fresh, t.clone()));
+            (fresh, t)
+        }
+
+        fn end_reason(&self, _: &u32) -> String {
+            "keepalive timeout".into()
+        }
+
+        fn vacate(&self, _: usize) {}
+
+        async fn close(&self, live: &u32) {
+            self.note(Event::Close(*live))
+        }
+
+        fn retire(&self, old: u32, _: CancellationToken, limit: Duration) {
+            assert_eq!(limit, self.settings.drain_timeout);
+            self.note(Event::Retire(old));
+        }
+
+        fn set_link(
+            &self,
+            _: usize,
+            link: Link,
+            _: Option<TunnelError>,
+            next_retry: Option<Duration>,
+        ) {
+            self.note(Event::Link(link, next_retry));
+        }
+
+        fn counters(&self) -> &Counters {
+            &self.counters
+        }
+    }
+
+    fn refused() -> TunnelError {
+        TunnelError::ConnectRefused("connection refused".into())
+    }
+
+    fn host_key_changed() -> TunnelError {
+        TunnelError::HostKeyChanged("node-1".into())
+    }
+
+    /// Starts the supervisor on `fake`; returns its command sender.
+    fn start(fake: &Arc<Fake>) -> (mpsc::Sender<Command>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(4);
+        let task = tokio::spawn(supervise(fake.clone(), 0, rx));
+        (tx, task)
+    }
+
+    /// Failed connects back off with full jitter under a doubling ceiling
+    /// (1 s, 2 s, 4 s, ... up to 60 s), every delay shown as the next retry.
+    #[tokio::test(start_paused = true)]
+    async fn failed_connects_back_off_under_a_doubling_ceiling() {
+        let fake = Fake::new((0..8).map(|_| Err(refused())).collect());
+        let (_tx, task) = start(&fake);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let at = fake.connects();
+        assert_eq!(at.len(), 9, "8 failures, then the 9th attempt hangs");
+        for (n, w) in at.windows(2).enumerate() {
+            let gap = w[1] - w[0] - fake.connect_takes;
+            let ceiling = Duration::from_secs(1 << n).min(fake.settings.max_backoff);
+            assert!(gap <= ceiling, "delay {n}: {gap:?} over {ceiling:?}");
+        }
+        let backoffs: Vec<_> = fake
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Link(Link::Backoff, r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(backoffs.len(), 8);
+        assert!(backoffs.iter().all(Option::is_some));
+        let failures: u64 = fake
+            .counters
+            .open_failures
+            .iter()
+            .map(|(_, _, n)| n.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(failures, 8);
+        fake.cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// A rejected node (its host key changed) is retried at `max_backoff`,
+    /// every time, never sooner: no hot loop against a node that will say
+    /// the same again. The mismatch is counted and the state shows it.
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_node_is_retried_at_the_max_backoff_only() {
+        let fake = Fake::new((0..4).map(|_| Err(host_key_changed())).collect());
+        let (_tx, task) = start(&fake);
+        tokio::time::sleep(Duration::from_secs(3 * 60 + 30)).await;
+        let at = fake.connects();
+        assert_eq!(at.len(), 4, "{at:?}");
+        for w in at.windows(2) {
+            assert_eq!(w[1] - w[0], fake.settings.max_backoff + fake.connect_takes);
+        }
+        assert_eq!(fake.counters.host_key_mismatches.load(Ordering::Relaxed), 4);
+        let rejected = fake
+            .events()
+            .into_iter()
+            .filter(|e| *e == Event::Link(Link::Rejected, Some(fake.settings.max_backoff)))
+            .count();
+        assert_eq!(rejected, 4);
+        fake.cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// A session that stayed up for `stable_after` resets the backoff: the
+    /// delay after it is under the first ceiling again, although seven
+    /// failures before had raised the ceiling to `max_backoff`.
+    #[tokio::test(start_paused = true)]
+    async fn a_stable_session_resets_the_backoff() {
+        let mut script: Vec<_> = (0..7).map(|_| Err(refused())).collect();
+        script.extend([Ok(()), Ok(())]);
+        let fake = Fake::new(script);
+        let (_tx, task) = start(&fake);
+        // Seven failures (ceilings 1+2+4+8+16+32+60 s), then session 1.
+        tokio::time::sleep(Duration::from_secs(130)).await;
+        assert!(fake.events().contains(&Event::Install(1)));
+        for id in [1, 2] {
+            tokio::time::sleep(fake.settings.stable_after).await;
+            let lost_at = Instant::now();
+            fake.lose(id);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let retry = *fake.connects().last().unwrap();
+            assert!(
+                retry > lost_at && retry - lost_at <= fake.settings.initial_backoff,
+                "after stable session {id}: {:?}",
+                retry - lost_at
+            );
+        }
+        assert!(fake.events().contains(&Event::Install(2)));
+        assert_eq!(fake.counters.reconnects.load(Ordering::Relaxed), 2);
+        fake.cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// A planned reconnect makes the new session while the old one serves,
+    /// switches to it, then retires the old one; the link never leaves Up
+    /// and the caller hears Ok.
+    #[tokio::test(start_paused = true)]
+    async fn a_planned_reconnect_makes_before_it_breaks() {
+        let fake = Fake::new(vec![Ok(()), Ok(())]);
+        let (tx, task) = start(&fake);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (reply, answer) = oneshot::channel();
+        tx.send(Command::Reconnect(reply)).await.unwrap();
+        assert!(answer.await.unwrap().is_ok());
+        assert_eq!(
+            fake.events(),
+            [
+                Event::Link(Link::Connecting, None),
+                Event::Connect,
+                Event::Install(1),
+                Event::Link(Link::Up, None),
+                Event::Connect,
+                Event::Install(2),
+                Event::Retire(1),
+            ]
+        );
+        fake.cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(fake.events().last(), Some(&Event::Close(2)));
+    }
+
+    /// A planned reconnect that cannot make its new session keeps the old
+    /// one serving (nothing retired, no backoff) and tells the caller why.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_planned_reconnect_keeps_the_session() {
+        let fake = Fake::new(vec![Ok(()), Err(refused())]);
+        let (tx, task) = start(&fake);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (reply, answer) = oneshot::channel();
+        tx.send(Command::Reconnect(reply)).await.unwrap();
+        assert!(matches!(
+            answer.await.unwrap(),
+            Err(TunnelError::ConnectRefused(_))
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ev = fake.events();
+        assert_eq!(ev.last(), Some(&Event::Connect), "{ev:?}");
+        assert!(!ev
+            .iter()
+            .any(|e| matches!(e, Event::Retire(_) | Event::Link(Link::Backoff, _))));
+        // Still serving session 1: losing it now is what backs off.
+        fake.lose(1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(matches!(
+            fake.events().last(),
+            Some(Event::Link(Link::Backoff, Some(_)))
+        ));
+        fake.cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// A reconnect asked for during a backoff cuts it short, and is
+    /// answered with the outcome of the attempt it caused.
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_during_backoff_retries_at_once() {
+        let fake = Fake::new(vec![Err(host_key_changed()), Ok(())]);
+        let (tx, task) = start(&fake);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let asked = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        tx.send(Command::Reconnect(reply)).await.unwrap();
+        assert!(answer.await.unwrap().is_ok());
+        assert!(Instant::now() - asked < Duration::from_secs(1));
+        assert_eq!(fake.connects().len(), 2);
+        fake.cancel.cancel();
+        task.await.unwrap();
+    }
+}
