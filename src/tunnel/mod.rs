@@ -13,6 +13,8 @@
 pub(crate) mod backoff;
 mod flow;
 mod live;
+mod load;
+mod open;
 pub(crate) mod probe;
 pub(crate) mod relay;
 mod state;
@@ -20,7 +22,7 @@ pub(crate) mod stream_stats;
 mod supervisor;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,12 +32,13 @@ use russh::Channel;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, Instrument};
+use tracing::{info_span, Instrument};
 
 use crate::config::NodeConfig;
-use crate::error::{channel_open_reason, ByFailClass, TunnelError};
+use crate::error::{channel_open_reason, TunnelError};
 use crate::ssh::context::SharedContext;
 use crate::ssh::session::ClientHandler;
+pub use crate::tunnel::load::{Congestion, Counters, SessionLoad};
 use crate::tunnel::probe::Probed;
 use crate::tunnel::state::Link;
 pub use crate::tunnel::state::{StateInfo, TunnelState};
@@ -55,101 +58,6 @@ pub struct Conn {
     window: u32,
 }
 
-/// What the relays of one SSH session hold, and whether they hold the
-/// session itself: russh's only backpressure parks the whole session loop
-/// while one of its streams is not drained (see `relay`). Placement reads
-/// it to keep new streams off a congested session.
-#[derive(Debug, Default)]
-pub struct SessionLoad {
-    /// Bytes queued for this session's clients.
-    pub backlog: AtomicUsize,
-    /// Of those, the bytes counted in the session's floor (see
-    /// `relay::RelayBudget`) ...
-    pub floor_used: AtomicUsize,
-    /// ... and those held of the shared budget.
-    pub pooled: AtomicUsize,
-    /// Relays running on the session now.
-    pub relays: AtomicUsize,
-    /// Streams over their slow watermark now.
-    pub slow: AtomicUsize,
-    /// Drains waiting now, and since when at least one has.
-    held: Mutex<(usize, Option<Instant>)>,
-    /// Notified when a hold begins, so that the session's watchdog sleeps
-    /// until then instead of waking on a timer for every idle session.
-    hold_started: Notify,
-    /// Cancelled when the session is torn down: its relays stop, so a
-    /// disconnect never waits on a loop one of them parks.
-    closing: CancellationToken,
-}
-
-impl SessionLoad {
-    /// True while a stream is slow or a drain holds the session: new
-    /// streams go elsewhere if they can.
-    pub fn congested(&self) -> bool {
-        self.slow.load(Ordering::Relaxed) > 0 || self.is_held()
-    }
-
-    /// True while at least one drain waits, i.e. the session loop is (or
-    /// is about to be) parked by our own backpressure.
-    pub fn is_held(&self) -> bool {
-        self.lock().0 > 0
-    }
-
-    /// A drain starts waiting.
-    pub fn hold_begin(&self) {
-        let mut h = self.lock();
-        h.0 += 1;
-        if h.0 == 1 {
-            h.1 = Some(Instant::now());
-            // Stores a permit if the watchdog is not waiting yet.
-            self.hold_started.notify_one();
-        }
-    }
-
-    /// A drain stops waiting; the held time goes to the node's counters.
-    pub fn hold_end(&self, counters: &Counters) {
-        let mut h = self.lock();
-        h.0 = h.0.saturating_sub(1);
-        if h.0 == 0 {
-            if let Some(since) = h.1.take() {
-                counters
-                    .blocked_ns
-                    .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// How long the current hold has lasted (none while not held).
-    fn held_for(&self) -> Duration {
-        self.lock().1.map(|t| t.elapsed()).unwrap_or_default()
-    }
-
-    /// The session's teardown token.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<Instant>)> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A node's congestion, for metrics and status.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Congestion {
-    /// SSH sessions up now (supervised and extra).
-    pub sessions: usize,
-    /// Of those, congested now.
-    pub congested_sessions: usize,
-    /// Total time sessions spent held by our backpressure, ongoing holds
-    /// included.
-    pub blocked_seconds: f64,
-    /// Streams that ever went over their slow watermark.
-    pub streams_slowed: u64,
-    /// The largest SSH window of the node's live sessions (0: none up).
-    pub window_bytes: u64,
-}
-
 impl Conn {
     async fn wait_idle(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
@@ -160,54 +68,6 @@ impl Conn {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.streams.load(Ordering::Acquire) == 0;
-            }
-        }
-    }
-}
-
-/// Per-node counters, updated lock-free by streams.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Streams open right now.
-    pub active_streams: AtomicU64,
-    /// Streams opened since start.
-    pub total_streams: AtomicU64,
-    /// Bytes from the node to clients.
-    pub bytes_in: AtomicU64,
-    /// Bytes from clients to the node.
-    pub bytes_out: AtomicU64,
-    /// Sessions that ended after being established.
-    pub reconnects: AtomicU64,
-    /// Connects refused because the node presented a key other than the
-    /// one known_hosts lists for it (`tunneler_host_key_mismatch_total`).
-    pub host_key_mismatches: AtomicU64,
-    /// Sessions established (including make-before-break replacements).
-    pub opens: AtomicU64,
-    /// Failed session attempts, by class.
-    pub open_failures: ByFailClass<AtomicU64>,
-    /// Nanoseconds sessions spent held by a slow reader's backpressure
-    /// (finished holds).
-    pub blocked_ns: AtomicU64,
-    /// Streams whose client fell behind by half the per-stream limit.
-    pub streams_slowed: AtomicU64,
-    /// Streams ended, by how (indexed as [`relay::StreamEnd::ALL`]).
-    pub ended: [AtomicU64; relay::StreamEnd::ALL.len()],
-    /// Channels whose open the node confirmed after its dial had given up
-    /// (timed out, or its waiter went away), closed on arrival.
-    pub late_opens_closed: AtomicU64,
-    /// Channel opens abandoned by their dial and not answered yet. They
-    /// are not in `active_streams`, but count against the stream cap.
-    pub abandoned_opens: AtomicU64,
-}
-
-impl Counters {
-    fn count_attempt<T>(&self, r: &Result<T, TunnelError>) {
-        match r {
-            Ok(_) => {
-                self.opens.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.open_failures[e.class()].fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -518,7 +378,7 @@ impl NodeTunnel {
             conn: conn.clone(),
         };
         let (tx, mut rx) = oneshot::channel();
-        let opener = open_owned(
+        let opener = open::open_owned(
             self.clone(),
             conn,
             guard,
@@ -539,7 +399,7 @@ impl NodeTunnel {
                     let tunnel = self.clone();
                     self.shard().spawn(
                         &self.tracker,
-                        async move { close_late(&tunnel, late).await }.in_current_span(),
+                        async move { open::close_late(&tunnel, late).await }.in_current_span(),
                     );
                 }
                 return Err(TunnelError::ChannelOpenTimeout(deadline - started));
@@ -745,88 +605,4 @@ impl Probed for Arc<NodeTunnel> {
     fn set_probe_failing(&self, failing: Option<String>) {
         NodeTunnel::set_probe_failing(self, failing)
     }
-}
-
-/// Opens a channel on `conn` in a task of its own, so that the open
-/// outlives a dial that gives up on it: russh cannot cancel an open
-/// (dropping its future leaves the request queued, and a later
-/// confirmation would leave a channel open on the node that nobody reads
-/// or closes). The answer goes to `reply`; when nobody waits for it any
-/// more, a confirmed channel is closed at once and counted. The stream's
-/// guard stays held until then, and an abandoned open counts against the
-/// node's stream cap (in `abandoned_opens`, no longer in `active_streams`),
-/// so a slow-confirming node cannot pile them up. Ends early only when the session
-/// ends or the node stops (the channel dies with the session then).
-async fn open_owned(
-    tunnel: Arc<NodeTunnel>,
-    conn: Arc<Conn>,
-    guard: StreamGuard,
-    host: String,
-    port: u16,
-    originator: SocketAddr,
-    mut reply: oneshot::Sender<Result<OpenStream, russh::Error>>,
-) {
-    let open = conn.handle.channel_open_direct_tcpip(
-        host,
-        port as u32,
-        originator.ip().to_string(),
-        originator.port() as u32,
-    );
-    tokio::pin!(open);
-    let mut abandoned = false;
-    let result = loop {
-        tokio::select! {
-            r = &mut open => break r,
-            _ = reply.closed(), if !abandoned => {
-                // No longer a stream of the node (nobody will use it), but
-                // still one against its cap until the node answers.
-                abandoned = true;
-                tunnel.counters.abandoned_opens.fetch_add(1, Ordering::AcqRel);
-                tunnel.counters.active_streams.fetch_sub(1, Ordering::AcqRel);
-            }
-            _ = conn.ended.cancelled() => break Err(russh::Error::Disconnect),
-            _ = tunnel.cancel.cancelled() => break Err(russh::Error::Disconnect),
-        }
-    };
-    if abandoned {
-        // Back in the stream count for as long as the guard lives (the
-        // late channel's close), which takes it out again.
-        tunnel
-            .counters
-            .active_streams
-            .fetch_add(1, Ordering::AcqRel);
-        tunnel
-            .counters
-            .abandoned_opens
-            .fetch_sub(1, Ordering::AcqRel);
-    }
-    let answer = result.map(|channel| OpenStream { channel, guard });
-    if let Err(Ok(late)) = reply.send(answer) {
-        close_late(&tunnel, late).await;
-    }
-}
-
-/// Closes a channel the node confirmed after its dial gave up. Nobody
-/// reads it: its read half goes first, so the session loop can never park
-/// on it, and the close waits for the session's queue as long as the
-/// session lives (a session held by a slow reader delays it, never loses
-/// it). The stream's guard is released once the close is sent.
-async fn close_late(tunnel: &NodeTunnel, late: OpenStream) {
-    let OpenStream { channel, guard } = late;
-    tunnel
-        .counters
-        .late_opens_closed
-        .fetch_add(1, Ordering::Relaxed);
-    info!(
-        node = %tunnel.node.name,
-        "the node confirmed a channel after its dial gave up; closing it"
-    );
-    let (read_half, write_half) = channel.split();
-    drop(read_half);
-    tokio::select! {
-        _ = write_half.close() => {}
-        _ = guard.conn.ended.cancelled() => {}
-        _ = tunnel.cancel.cancelled() => {}
-    }
-    drop(guard);
 }
