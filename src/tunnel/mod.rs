@@ -9,6 +9,18 @@
 //! A planned reconnect is make-before-break: the actor opens the new session
 //! while the old one serves, switches new streams to it, and lets the old one
 //! drain (bounded by the drain timeout) before disconnecting it.
+//!
+//! # Files
+//!
+//! - here: the handle, its sessions and where a new stream goes;
+//! - `state`: the state enum and its transitions, without I/O;
+//! - `supervisor`: the actor loop, behind the `Connect` trait;
+//! - `live`: a live session's tasks (keepalive ping, hold watchdog,
+//!   retire, close) and the extra sessions opened on demand;
+//! - `open`: a channel open that outlives its dial;
+//! - `load`: what sessions and streams count (load, congestion, counters);
+//! - `backoff`, `probe`; `relay` one stream over one channel, with `flow`
+//!   its flow-control accounting, and `stream_stats` its own figures.
 
 pub(crate) mod backoff;
 mod flow;
