@@ -9,168 +9,51 @@
 //! A planned reconnect is make-before-break: the actor opens the new session
 //! while the old one serves, switches new streams to it, and lets the old one
 //! drain (bounded by the drain timeout) before disconnecting it.
+//!
+//! # Files
+//!
+//! - here: the handle, its sessions and where a new stream goes;
+//! - `state`: the state enum and its transitions, without I/O;
+//! - `supervisor`: the actor loop, behind the `Connect` trait;
+//! - `live`: a live session's tasks (keepalive ping, hold watchdog,
+//!   retire, close) and the extra sessions opened on demand;
+//! - `open`: a channel open that outlives its dial;
+//! - `load`: what sessions and streams count (load, congestion, counters);
+//! - `backoff`, `probe`; `relay` one stream over one channel, with `flow`
+//!   its flow-control accounting, and `stream_stats` its own figures.
 
 pub(crate) mod backoff;
+mod flow;
+mod live;
+mod load;
+mod open;
 pub(crate) mod probe;
 pub(crate) mod relay;
+mod state;
 pub(crate) mod stream_stats;
+mod supervisor;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use russh::client::{self, Handle};
-use russh::{Channel, Disconnect};
-use serde::Serialize;
+use russh::Channel;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{info_span, Instrument};
 
 use crate::config::NodeConfig;
-use crate::error::{channel_open_reason, ByFailClass, TunnelError};
-use crate::ssh::context::{SharedContext, SshContext};
-use crate::ssh::session::{self, ClientHandler, Session};
-use crate::tunnel::backoff::Backoff;
+use crate::error::{channel_open_reason, TunnelError};
+use crate::ssh::context::SharedContext;
+use crate::ssh::session::ClientHandler;
+pub use crate::tunnel::load::{Congestion, Counters, SessionLoad};
 use crate::tunnel::probe::Probed;
-
-/// The state a node's tunnel is in, as shown by `tunneler status`. Its
-/// wire names (status document, metrics label, messages) are in
-/// [`TunnelState::ALL`] and nowhere else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TunnelState {
-    /// Connecting or handshaking.
-    Connecting,
-    /// Connected and authenticated.
-    Healthy,
-    /// Connected, but the active health probe fails. Node-addressed dials
-    /// still use it; pool dials avoid it.
-    Unhealthy,
-    /// Connected, but taken out of the pool by an operator. Node-addressed
-    /// dials still use it; streams already flowing keep flowing.
-    Draining,
-    /// Waiting to retry after a failure.
-    Backoff,
-    /// Host key mismatch or authentication refused; retried at max_backoff.
-    Rejected,
-}
-
-impl TunnelState {
-    /// Every state with its wire name.
-    pub const ALL: [(TunnelState, &'static str); 6] = [
-        (TunnelState::Connecting, "connecting"),
-        (TunnelState::Healthy, "healthy"),
-        (TunnelState::Unhealthy, "unhealthy"),
-        (TunnelState::Draining, "draining"),
-        (TunnelState::Backoff, "backoff"),
-        (TunnelState::Rejected, "rejected"),
-    ];
-
-    /// The wire name.
-    pub fn as_str(&self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(s, _)| s == self)
-            .map_or("unknown", |(_, n)| n)
-    }
-
-    /// The state a wire name stands for.
-    pub fn from_name(name: &str) -> Option<TunnelState> {
-        Self::ALL.iter().find(|(_, n)| *n == name).map(|(s, _)| *s)
-    }
-
-    /// True when a session is up (whatever the probe or drain say).
-    pub fn is_connected(&self) -> bool {
-        matches!(
-            self,
-            TunnelState::Healthy | TunnelState::Unhealthy | TunnelState::Draining
-        )
-    }
-}
-
-impl std::fmt::Display for TunnelState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Compares with a wire name, as clients of the status document do.
-impl PartialEq<&str> for TunnelState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-impl Serialize for TunnelState {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for TunnelState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(d)?;
-        TunnelState::from_name(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown tunnel state {name:?}")))
-    }
-}
-
-/// Where the connection itself is; the shown state also folds in drain and
-/// probe results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    Connecting,
-    Up,
-    Backoff,
-    Rejected,
-}
-
-/// State plus when it was entered and why the last failure happened.
-#[derive(Debug, Clone)]
-pub struct StateInfo {
-    /// Current shown state.
-    pub state: TunnelState,
-    /// When this state was entered.
-    pub since: SystemTime,
-    /// The most recent failure; cleared when a session is established.
-    pub last_error: Option<TunnelError>,
-    /// When the next connect attempt is due (backoff and rejected only).
-    pub next_retry: Option<SystemTime>,
-    /// Round trip of the last keepalive ping.
-    pub rtt: Option<Duration>,
-    /// The node's link: the best of its connections' links.
-    link: Link,
-    /// One link per SSH connection (`ssh.connections_per_node`).
-    slots: Vec<Link>,
-    draining: bool,
-    probe_failing: bool,
-}
-
-/// The node's link from its connections': up if any is up, else
-/// connecting if any is, else rejected if any is, else backoff.
-fn best_link(slots: &[Link]) -> Link {
-    for l in [Link::Up, Link::Connecting, Link::Rejected] {
-        if slots.contains(&l) {
-            return l;
-        }
-    }
-    Link::Backoff
-}
-
-impl StateInfo {
-    fn shown(&self) -> TunnelState {
-        match self.link {
-            Link::Connecting => TunnelState::Connecting,
-            Link::Backoff => TunnelState::Backoff,
-            Link::Rejected => TunnelState::Rejected,
-            Link::Up if self.draining => TunnelState::Draining,
-            Link::Up if self.probe_failing => TunnelState::Unhealthy,
-            Link::Up => TunnelState::Healthy,
-        }
-    }
-}
+use crate::tunnel::state::Link;
+pub use crate::tunnel::state::{StateInfo, TunnelState};
 
 /// A connected, authenticated session and the streams riding on it.
 pub struct Conn {
@@ -185,101 +68,6 @@ pub struct Conn {
     load: Arc<SessionLoad>,
     /// The SSH window of this session's channels (fixed at connect).
     window: u32,
-}
-
-/// What the relays of one SSH session hold, and whether they hold the
-/// session itself: russh's only backpressure parks the whole session loop
-/// while one of its streams is not drained (see `relay`). Placement reads
-/// it to keep new streams off a congested session.
-#[derive(Debug, Default)]
-pub struct SessionLoad {
-    /// Bytes queued for this session's clients.
-    pub backlog: AtomicUsize,
-    /// Of those, the bytes counted in the session's floor (see
-    /// `relay::RelayBudget`) ...
-    pub floor_used: AtomicUsize,
-    /// ... and those held of the shared budget.
-    pub pooled: AtomicUsize,
-    /// Relays running on the session now.
-    pub relays: AtomicUsize,
-    /// Streams over their slow watermark now.
-    pub slow: AtomicUsize,
-    /// Drains waiting now, and since when at least one has.
-    held: Mutex<(usize, Option<Instant>)>,
-    /// Notified when a hold begins, so that the session's watchdog sleeps
-    /// until then instead of waking on a timer for every idle session.
-    hold_started: Notify,
-    /// Cancelled when the session is torn down: its relays stop, so a
-    /// disconnect never waits on a loop one of them parks.
-    closing: CancellationToken,
-}
-
-impl SessionLoad {
-    /// True while a stream is slow or a drain holds the session: new
-    /// streams go elsewhere if they can.
-    pub fn congested(&self) -> bool {
-        self.slow.load(Ordering::Relaxed) > 0 || self.is_held()
-    }
-
-    /// True while at least one drain waits, i.e. the session loop is (or
-    /// is about to be) parked by our own backpressure.
-    pub fn is_held(&self) -> bool {
-        self.lock().0 > 0
-    }
-
-    /// A drain starts waiting.
-    pub fn hold_begin(&self) {
-        let mut h = self.lock();
-        h.0 += 1;
-        if h.0 == 1 {
-            h.1 = Some(Instant::now());
-            // Stores a permit if the watchdog is not waiting yet.
-            self.hold_started.notify_one();
-        }
-    }
-
-    /// A drain stops waiting; the held time goes to the node's counters.
-    pub fn hold_end(&self, counters: &Counters) {
-        let mut h = self.lock();
-        h.0 = h.0.saturating_sub(1);
-        if h.0 == 0 {
-            if let Some(since) = h.1.take() {
-                counters
-                    .blocked_ns
-                    .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// How long the current hold has lasted (none while not held).
-    fn held_for(&self) -> Duration {
-        self.lock().1.map(|t| t.elapsed()).unwrap_or_default()
-    }
-
-    /// The session's teardown token.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.closing
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<Instant>)> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A node's congestion, for metrics and status.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Congestion {
-    /// SSH sessions up now (supervised and extra).
-    pub sessions: usize,
-    /// Of those, congested now.
-    pub congested_sessions: usize,
-    /// Total time sessions spent held by our backpressure, ongoing holds
-    /// included.
-    pub blocked_seconds: f64,
-    /// Streams that ever went over their slow watermark.
-    pub streams_slowed: u64,
-    /// The largest SSH window of the node's live sessions (0: none up).
-    pub window_bytes: u64,
 }
 
 impl Conn {
@@ -297,56 +85,8 @@ impl Conn {
     }
 }
 
-/// Per-node counters, updated lock-free by streams.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Streams open right now.
-    pub active_streams: AtomicU64,
-    /// Streams opened since start.
-    pub total_streams: AtomicU64,
-    /// Bytes from the node to clients.
-    pub bytes_in: AtomicU64,
-    /// Bytes from clients to the node.
-    pub bytes_out: AtomicU64,
-    /// Sessions that ended after being established.
-    pub reconnects: AtomicU64,
-    /// Connects refused because the node presented a key other than the
-    /// one known_hosts lists for it (`tunneler_host_key_mismatch_total`).
-    pub host_key_mismatches: AtomicU64,
-    /// Sessions established (including make-before-break replacements).
-    pub opens: AtomicU64,
-    /// Failed session attempts, by class.
-    pub open_failures: ByFailClass<AtomicU64>,
-    /// Nanoseconds sessions spent held by a slow reader's backpressure
-    /// (finished holds).
-    pub blocked_ns: AtomicU64,
-    /// Streams whose client fell behind by half the per-stream limit.
-    pub streams_slowed: AtomicU64,
-    /// Streams ended, by how (indexed as [`relay::StreamEnd::ALL`]).
-    pub ended: [AtomicU64; relay::StreamEnd::ALL.len()],
-    /// Channels whose open the node confirmed after its dial had given up
-    /// (timed out, or its waiter went away), closed on arrival.
-    pub late_opens_closed: AtomicU64,
-    /// Channel opens abandoned by their dial and not answered yet. They
-    /// are not in `active_streams`, but count against the stream cap.
-    pub abandoned_opens: AtomicU64,
-}
-
-impl Counters {
-    fn count_attempt(&self, r: &Result<Session, TunnelError>) {
-        match r {
-            Ok(_) => {
-                self.opens.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.open_failures[e.class()].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
 /// Commands to the actor.
-enum Command {
+pub(crate) enum Command {
     Reconnect(oneshot::Sender<Result<(), TunnelError>>),
 }
 
@@ -453,17 +193,7 @@ impl NodeTunnel {
     ) -> Arc<NodeTunnel> {
         let n = ctx.load().ssh.connections_per_node.max(1);
         let max = ctx.load().ssh.max_connections_per_node.max(n);
-        let (state, _) = watch::channel(StateInfo {
-            state: TunnelState::Connecting,
-            since: SystemTime::now(),
-            last_error: None,
-            next_retry: None,
-            rtt: None,
-            link: Link::Connecting,
-            slots: vec![Link::Connecting; n],
-            draining: false,
-            probe_failing: false,
-        });
+        let (state, _) = watch::channel(StateInfo::connecting(n));
         let mut commands = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..n {
@@ -497,8 +227,16 @@ impl NodeTunnel {
             };
             shard.spawn(
                 tracker,
-                supervise(tunnel.clone(), slot, ctx.clone(), rx, tracker.clone())
-                    .instrument(slot_span),
+                supervisor::supervise(
+                    supervisor::Node {
+                        tunnel: tunnel.clone(),
+                        shared: ctx.clone(),
+                        tracker: tracker.clone(),
+                    },
+                    slot,
+                    rx,
+                )
+                .instrument(slot_span),
             );
         }
         shard.spawn(
@@ -556,29 +294,11 @@ impl NodeTunnel {
     /// Marks the node's probe as failing (with the reason, shown as
     /// `last_error`) or passing (clearing a probe error).
     pub(crate) fn set_probe_failing(&self, failing: Option<String>) {
-        self.update(|s| {
-            s.probe_failing = failing.is_some();
-            match failing {
-                Some(why) => s.last_error = Some(TunnelError::Probe(why)),
-                None => {
-                    if matches!(s.last_error, Some(TunnelError::Probe(_))) {
-                        s.last_error = None;
-                    }
-                }
-            }
-        });
+        self.update(|s| s.set_probe_failing(failing));
     }
 
     fn update(&self, f: impl FnOnce(&mut StateInfo)) {
-        self.state.send_modify(|s| {
-            let before = s.shown();
-            f(s);
-            let after = s.shown();
-            if before != after {
-                s.state = after;
-                s.since = SystemTime::now();
-            }
-        });
+        self.state.send_modify(|s| s.apply(f));
     }
 
     fn set_link(
@@ -588,28 +308,7 @@ impl NodeTunnel {
         err: Option<TunnelError>,
         next_retry: Option<Duration>,
     ) {
-        self.update(|s| {
-            if let Some(l) = s.slots.get_mut(slot) {
-                *l = link;
-            }
-            s.link = best_link(&s.slots);
-            if s.link != Link::Up {
-                s.rtt = None;
-                s.probe_failing = false;
-            }
-            if s.link == Link::Up {
-                // A working session answers the question "what is wrong".
-                s.last_error = None;
-            } else if err.is_some() {
-                s.last_error = err;
-            }
-            let retry = next_retry.map(|d| SystemTime::now() + d);
-            s.next_retry = match (s.link, s.next_retry, retry) {
-                (Link::Up | Link::Connecting, _, _) => None,
-                (_, Some(old), Some(new)) if old > SystemTime::now() => Some(old.min(new)),
-                (_, _, new) => new,
-            };
-        });
+        self.update(|s| s.set_link(slot, link, err, next_retry));
     }
 
     /// Asks the actor for a make-before-break reconnect and waits for the
@@ -686,7 +385,7 @@ impl NodeTunnel {
             conn: conn.clone(),
         };
         let (tx, mut rx) = oneshot::channel();
-        let opener = open_owned(
+        let opener = open::open_owned(
             self.clone(),
             conn,
             guard,
@@ -707,7 +406,7 @@ impl NodeTunnel {
                     let tunnel = self.clone();
                     self.shard().spawn(
                         &self.tracker,
-                        async move { close_late(&tunnel, late).await }.in_current_span(),
+                        async move { open::close_late(&tunnel, late).await }.in_current_span(),
                     );
                 }
                 return Err(TunnelError::ChannelOpenTimeout(deadline - started));
@@ -803,7 +502,7 @@ impl NodeTunnel {
             info_span!(parent: None, "node", node = %self.node.name, shard = self.shard().id());
         self.shard().spawn(
             &self.tracker,
-            extra_session(self.clone(), slot)
+            live::extra_session(self.clone(), slot)
                 .instrument(tracing::info_span!(parent: &span, "extra", slot)),
         );
         true
@@ -912,527 +611,5 @@ impl Probed for Arc<NodeTunnel> {
 
     fn set_probe_failing(&self, failing: Option<String>) {
         NodeTunnel::set_probe_failing(self, failing)
-    }
-}
-
-/// Opens a channel on `conn` in a task of its own, so that the open
-/// outlives a dial that gives up on it: russh cannot cancel an open
-/// (dropping its future leaves the request queued, and a later
-/// confirmation would leave a channel open on the node that nobody reads
-/// or closes). The answer goes to `reply`; when nobody waits for it any
-/// more, a confirmed channel is closed at once and counted. The stream's
-/// guard stays held until then, and an abandoned open counts against the
-/// node's stream cap (in `abandoned_opens`, no longer in `active_streams`),
-/// so a slow-confirming node cannot pile them up. Ends early only when the session
-/// ends or the node stops (the channel dies with the session then).
-async fn open_owned(
-    tunnel: Arc<NodeTunnel>,
-    conn: Arc<Conn>,
-    guard: StreamGuard,
-    host: String,
-    port: u16,
-    originator: SocketAddr,
-    mut reply: oneshot::Sender<Result<OpenStream, russh::Error>>,
-) {
-    let open = conn.handle.channel_open_direct_tcpip(
-        host,
-        port as u32,
-        originator.ip().to_string(),
-        originator.port() as u32,
-    );
-    tokio::pin!(open);
-    let mut abandoned = false;
-    let result = loop {
-        tokio::select! {
-            r = &mut open => break r,
-            _ = reply.closed(), if !abandoned => {
-                // No longer a stream of the node (nobody will use it), but
-                // still one against its cap until the node answers.
-                abandoned = true;
-                tunnel.counters.abandoned_opens.fetch_add(1, Ordering::AcqRel);
-                tunnel.counters.active_streams.fetch_sub(1, Ordering::AcqRel);
-            }
-            _ = conn.ended.cancelled() => break Err(russh::Error::Disconnect),
-            _ = tunnel.cancel.cancelled() => break Err(russh::Error::Disconnect),
-        }
-    };
-    if abandoned {
-        // Back in the stream count for as long as the guard lives (the
-        // late channel's close), which takes it out again.
-        tunnel
-            .counters
-            .active_streams
-            .fetch_add(1, Ordering::AcqRel);
-        tunnel
-            .counters
-            .abandoned_opens
-            .fetch_sub(1, Ordering::AcqRel);
-    }
-    let answer = result.map(|channel| OpenStream { channel, guard });
-    if let Err(Ok(late)) = reply.send(answer) {
-        close_late(&tunnel, late).await;
-    }
-}
-
-/// Closes a channel the node confirmed after its dial gave up. Nobody
-/// reads it: its read half goes first, so the session loop can never park
-/// on it, and the close waits for the session's queue as long as the
-/// session lives (a session held by a slow reader delays it, never loses
-/// it). The stream's guard is released once the close is sent.
-async fn close_late(tunnel: &NodeTunnel, late: OpenStream) {
-    let OpenStream { channel, guard } = late;
-    tunnel
-        .counters
-        .late_opens_closed
-        .fetch_add(1, Ordering::Relaxed);
-    info!(
-        node = %tunnel.node.name,
-        "the node confirmed a channel after its dial gave up; closing it"
-    );
-    let (read_half, write_half) = channel.split();
-    drop(read_half);
-    tokio::select! {
-        _ = write_half.close() => {}
-        _ = guard.conn.ended.cancelled() => {}
-        _ = tunnel.cancel.cancelled() => {}
-    }
-    drop(guard);
-}
-
-/// Disconnects a replaced session once its streams are done (or the drain
-/// timeout passes, or the session dies on its own).
-async fn retire(conn: Arc<Conn>, ended: CancellationToken, limit: Duration, why: &'static str) {
-    let drained = tokio::select! {
-        d = conn.wait_idle(limit) => d,
-        _ = ended.cancelled() => return,
-    };
-    if !drained {
-        warn!(
-            streams = conn.streams.load(Ordering::Relaxed),
-            ?limit,
-            "drain timeout: closing the old session with streams still open"
-        );
-    }
-    close_session(&conn, why).await;
-    debug!(drained, "old session closed");
-}
-
-/// Stops the session's relays (one may be parking its loop), then
-/// disconnects, bounded: russh has no timeout of its own.
-async fn close_session(conn: &Conn, why: &str) {
-    conn.load.closing.cancel();
-    let bye = conn.handle.disconnect(Disconnect::ByApplication, why, "");
-    if tokio::time::timeout(Duration::from_secs(5), bye)
-        .await
-        .is_err()
-    {
-        warn!("disconnect did not complete within 5s; dropping the session");
-    }
-}
-
-/// An extra session: opened once on demand (never retried; a failure
-/// cools the node down for a while), it serves until it has carried no
-/// stream and no congestion for `ssh.extra_session_idle`, the session ends,
-/// or the node stops. It stays out of the node's state: the supervised
-/// sessions say whether the node is up.
-async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
-    let ctx = tunnel.ctx.load_full();
-    let cancel = tunnel.cancel.clone();
-    let attempt = tokio::select! {
-        _ = cancel.cancelled() => None,
-        r = session::connect(&tunnel.node, &ctx, tunnel.known_rtt()) => Some(r),
-    };
-    let session = match attempt {
-        Some(Ok(s)) => {
-            tunnel.counters.opens.fetch_add(1, Ordering::Relaxed);
-            s
-        }
-        other => {
-            if let Some(Err(e)) = other {
-                tunnel.counters.count_attempt(&Err::<Session, _>(e.clone()));
-                info!(error = %e, "extra session failed; new streams share the congested ones for 10s");
-                *tunnel
-                    .extra_cooldown
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + EXTRA_COOLDOWN);
-            }
-            tunnel.opening_extra.store(false, Ordering::Release);
-            tunnel.extra_ready.notify_waiters();
-            return;
-        }
-    };
-    let (conn, ended, end_reason) = install(&tunnel, slot, session, &ctx, &tunnel.tracker);
-    tunnel.opening_extra.store(false, Ordering::Release);
-    tunnel.extra_ready.notify_waiters();
-    info!("extra session open: every other session of the node is congested");
-    let idle_for = ctx.ssh.extra_session_idle;
-    let every = (idle_for / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                tunnel.conns[slot].store(None);
-                close_session(&conn, "tunneler shutting down").await;
-                return;
-            }
-            _ = ended.cancelled() => {
-                tunnel.conns[slot].store(None);
-                info!(reason = %Session::reason(&end_reason), "extra session ended");
-                return;
-            }
-            _ = tokio::time::sleep(every) => {}
-        }
-        if conn.streams.load(Ordering::Acquire) == 0 && !conn.load.congested() {
-            if idle_since.get_or_insert_with(Instant::now).elapsed() >= idle_for {
-                break;
-            }
-        } else {
-            idle_since = None;
-        }
-    }
-    tunnel.conns[slot].store(None);
-    info!(?idle_for, "extra session idle: closing it");
-    retire(conn, ended, ctx.drain_timeout, "extra session idle").await;
-}
-
-/// How long a failed extra session keeps the node from trying another.
-const EXTRA_COOLDOWN: Duration = Duration::from_secs(10);
-
-/// How long after a ping's answer the next ping goes out: a quarter
-/// earlier than russh's own keepalive would.
-///
-/// russh sends `keepalive@openssh.com` once the session has been quiet for
-/// `keepalive_interval`, and any packet from the node (the answer to our
-/// ping, too) restarts that wait. With both on the same period, on an idle
-/// link the two requests left together, and sshd answered them with two
-/// small writes. sshd sets no `TCP_NODELAY` on a connection without an
-/// interactive session, so Nagle held the second answer until our side
-/// acknowledged the first, and Linux delays that acknowledgement by 40 ms:
-/// `rtt_ms` read 40 to 50 ms on a link whose round trip is 0.05 ms. Pinging
-/// first keeps the link from ever being quiet for `keepalive_interval`, so
-/// on an idle link our ping is the only request and russh's keepalive only
-/// fires when the node stopped answering (its liveness verdict is
-/// unchanged), and the link carries one request per period instead of two.
-pub(crate) fn ping_period(every: Duration) -> Duration {
-    every.mul_f64(0.75)
-}
-
-/// How long the first ping waits for the node's host key announcement.
-const FIRST_PING_WAIT: Duration = Duration::from_millis(500);
-
-/// Measures the keepalive round trip while a session is up.
-async fn ping_loop(
-    tunnel: Arc<NodeTunnel>,
-    conn: Arc<Conn>,
-    every: Duration,
-    stop: CancellationToken,
-    announced: CancellationToken,
-) {
-    // The first ping waits for the node's post-authentication host key
-    // announcement (bounded: a server may send none). Sent before it, the
-    // ping's answer queued behind the announcement in sshd's Nagle until
-    // our delayed ACK of the announcement (40 ms on Linux): the first
-    // `rtt_ms` read 41 to 48 ms on a 0.3 ms link.
-    tokio::select! {
-        _ = stop.cancelled() => return,
-        _ = announced.cancelled() => {}
-        _ = tokio::time::sleep(FIRST_PING_WAIT) => {}
-    }
-    loop {
-        if conn.load.is_held() {
-            // Our own backpressure parks the session loop: a ping now
-            // would only time out and show a healthy node as unreachable.
-            // Keep the last round trip and look again later.
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            continue;
-        }
-        let t0 = Instant::now();
-        let ok = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(every.max(Duration::from_secs(1)) * 3, conn.handle.send_ping()) => matches!(r, Ok(Ok(()))),
-        };
-        let rtt = ok.then(|| t0.elapsed());
-        if let Some(r) = rtt {
-            let ns = u64::try_from(r.as_nanos()).unwrap_or(u64::MAX - 1);
-            tunnel.min_rtt_ns.fetch_min(ns, Ordering::Relaxed);
-        }
-        tunnel.state.send_modify(|s| s.rtt = rtt);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(ping_period(every)) => {}
-        }
-    }
-}
-
-/// The actor loop. Runs until the node's token is cancelled.
-async fn supervise(
-    tunnel: Arc<NodeTunnel>,
-    slot: usize,
-    shared: SharedContext,
-    mut commands: mpsc::Receiver<Command>,
-    tracker: TaskTracker,
-) {
-    let first = shared.load_full();
-    let mut backoff = Backoff::new(first.reconnect.initial_backoff, first.reconnect.max_backoff);
-    let cancel = tunnel.cancel.clone();
-    // A reconnect asked for while not connected is answered after the next
-    // attempt, with its real outcome.
-    let mut pending: Option<oneshot::Sender<Result<(), TunnelError>>> = None;
-    'outer: loop {
-        let ctx = shared.load_full();
-        if (ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff)
-            != (backoff.initial(), backoff.max())
-        {
-            // A reload changed the backoff settings.
-            backoff = Backoff::new(ctx.reconnect.initial_backoff, ctx.reconnect.max_backoff);
-        }
-        tunnel.set_link(slot, Link::Connecting, None, None);
-        debug!(endpoint = %tunnel.node.endpoint(), "connecting");
-        let attempt = tokio::select! {
-            _ = cancel.cancelled() => break,
-            // Boxed: the handshake's state machine is large and only lives
-            // while connecting; inline, every idle node's task would keep
-            // room for it for the node's whole life.
-            r = Box::pin(session::connect(&tunnel.node, &ctx, tunnel.known_rtt())) => r,
-        };
-        tunnel.counters.count_attempt(&attempt);
-        if let Some(reply) = pending.take() {
-            let _ = reply.send(attempt.as_ref().map(|_| ()).map_err(Clone::clone));
-        }
-        let delay = match attempt {
-            Ok(first) => {
-                let mut up_at = Instant::now();
-                let (mut conn, mut ended, mut end_reason) =
-                    install(&tunnel, slot, first, &ctx, &tracker);
-                tunnel.set_link(slot, Link::Up, None, None);
-                info!(endpoint = %tunnel.node.endpoint(), "tunnel healthy");
-                // Serve until the session ends, a reconnect is asked for, or
-                // the node is stopped.
-                let why = loop {
-                    let cmd = tokio::select! {
-                        _ = cancel.cancelled() => {
-                            tunnel.conns[slot].store(None);
-                            close_session(&conn, "tunneler shutting down").await;
-                            break 'outer;
-                        }
-                        _ = ended.cancelled() => break Session::reason(&end_reason),
-                        c = commands.recv() => c,
-                    };
-                    let Some(Command::Reconnect(reply)) = cmd else {
-                        continue;
-                    };
-                    info!("planned reconnect: opening the new session first");
-                    let fresh = shared.load_full();
-                    let next = tokio::select! {
-                        _ = cancel.cancelled() => {
-                            let _ = reply.send(Err(TunnelError::NotConnected("node is shutting down".into())));
-                            continue;
-                        }
-                        r = Box::pin(session::connect(&tunnel.node, &fresh, tunnel.known_rtt())) => r,
-                    };
-                    tunnel.counters.count_attempt(&next);
-                    match next {
-                        Ok(new) => {
-                            let old = conn;
-                            let (c, e, r) = install(&tunnel, slot, new, &ctx, &tracker);
-                            let old_ended = std::mem::replace(&mut ended, e);
-                            end_reason = r;
-                            conn = c;
-                            up_at = Instant::now();
-                            tunnel.shard().spawn(
-                                &tracker,
-                                retire(
-                                    old,
-                                    old_ended,
-                                    ctx.drain_timeout,
-                                    "replaced by a new session",
-                                )
-                                .in_current_span(),
-                            );
-                            info!("switched to the new session; the old one drains");
-                            let _ = reply.send(Ok(()));
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "planned reconnect failed; keeping the current session");
-                            let _ = reply.send(Err(e));
-                        }
-                    }
-                };
-                tunnel.conns[slot].store(None);
-                warn!(reason = %why, "tunnel lost");
-                tunnel.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                if up_at.elapsed() >= ctx.reconnect.stable_after {
-                    backoff.reset();
-                }
-                let delay = backoff.next_delay();
-                tunnel.set_link(
-                    slot,
-                    Link::Backoff,
-                    Some(TunnelError::Session(why)),
-                    Some(delay),
-                );
-                delay
-            }
-            Err(e) if e.is_rejection() => {
-                if matches!(e, TunnelError::HostKeyChanged(_)) {
-                    tunnel
-                        .counters
-                        .host_key_mismatches
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                warn!(error = %e, retry_in = ?backoff.max(), "tunnel rejected");
-                tunnel.set_link(slot, Link::Rejected, Some(e), Some(backoff.max()));
-                backoff.max()
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                info!(error = %e, retry_in = ?delay, "connect failed");
-                tunnel.set_link(slot, Link::Backoff, Some(e), Some(delay));
-                delay
-            }
-        };
-        // Wait out the delay; a reconnect command cuts it short.
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break 'outer,
-                _ = &mut sleep => break,
-                c = commands.recv() => if let Some(Command::Reconnect(reply)) = c {
-                    info!("reconnect requested: retrying now");
-                    pending = Some(reply);
-                    break;
-                },
-            }
-        }
-    }
-    tunnel.conns[slot].store(None);
-    debug!("supervisor stopped");
-}
-
-/// Makes `handle` the live session: new streams go to it from now on, and
-/// its keepalive round trip is measured (and, while a slow reader holds
-/// it, the kernel's liveness verdict watched) until the session ends.
-/// Hands back the session's end token and end reason, for the caller's
-/// wait.
-fn install(
-    tunnel: &Arc<NodeTunnel>,
-    slot: usize,
-    session: Session,
-    ctx: &SshContext,
-    tracker: &TaskTracker,
-) -> (Arc<Conn>, CancellationToken, EndReason) {
-    let Session {
-        handle,
-        ended,
-        end_reason,
-        watch,
-        window,
-        announced,
-    } = session;
-    let conn = Arc::new(Conn {
-        id: SESSION_IDS.fetch_add(1, Ordering::Relaxed),
-        handle,
-        ended: ended.clone(),
-        streams: AtomicU64::new(0),
-        idle: Notify::new(),
-        load: Arc::new(SessionLoad::default()),
-        window,
-    });
-    let out = (conn.clone(), ended.clone(), end_reason);
-    tunnel.conns[slot].store(Some(conn.clone()));
-    let stop = ended.clone();
-    let cancel = tunnel.cancel.clone();
-    let t = tunnel.clone();
-    let c = conn.clone();
-    let every = ctx.ssh.keepalive_interval;
-    let shard = tunnel.shard();
-    shard.spawn(
-        tracker,
-        async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = ping_loop(t, c, every, stop, announced) => {}
-            }
-        }
-        .in_current_span(),
-    );
-    if let Some(watch) = watch {
-        let c = conn.clone();
-        let cancel = tunnel.cancel.clone();
-        shard.spawn(
-            tracker,
-            async move {
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    _ = hold_watchdog(c, watch, every, ended) => {}
-                }
-            }
-            .in_current_span(),
-        );
-    }
-    out
-}
-
-/// Why a session ended, filled in by its handler.
-type EndReason = Arc<Mutex<Option<String>>>;
-
-/// While a slow reader holds the session (russh's loop parked, so its
-/// keepalive verdict paused), reads the kernel's verdict on the socket
-/// every `every`: TCP keepalive probes and the user timeout keep running
-/// whether we read or not. On an error the node is gone: stop the
-/// session's relays (that unparks the loop, which then reads the error and
-/// ends) and shut the socket. Owns the second handle on the socket and
-/// drops it when the session ends, so the socket closes with russh's.
-/// A session that is not held costs no wake-up here: with thousands of
-/// idle nodes, a timer per session would double the keepalive's.
-async fn hold_watchdog(
-    conn: Arc<Conn>,
-    watch: std::net::TcpStream,
-    every: Duration,
-    ended: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = ended.cancelled() => return,
-            _ = conn.load.hold_started.notified() => {}
-        }
-        // A permit left from a hold that has already ended finds nothing.
-        while conn.load.is_held() {
-            tokio::select! {
-                _ = ended.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            if !conn.load.is_held() {
-                break;
-            }
-            let err = match watch.take_error() {
-                Ok(None) => continue,
-                Ok(Some(e)) | Err(e) => e,
-            };
-            warn!(error = %err, "the node stopped answering while a slow reader held the session; closing it");
-            conn.load.closing.cancel();
-            let _ = watch.shutdown(std::net::Shutdown::Both);
-            return;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tunnel_states_round_trip_through_their_wire_names() {
-        for (state, name) in TunnelState::ALL {
-            assert_eq!(state.as_str(), name);
-            let json = serde_json::to_string(&state).unwrap();
-            assert_eq!(json, format!("\"{name}\""));
-            assert_eq!(serde_json::from_str::<TunnelState>(&json).unwrap(), state);
-        }
-        assert!(serde_json::from_str::<TunnelState>("\"sleepy\"").is_err());
     }
 }
