@@ -1,5 +1,7 @@
 //! The library holds everything; `main.rs` parses the command line
-//! (`cli`) and dispatches to `daemon::run` or the admin client.
+//! (`cli`) and dispatches to `daemon::run` or the admin client. Each
+//! folder is a room with one concern, and each file in it one part of
+//! that concern; the folder's module doc lists its files.
 //!
 //! # Module map
 //!
@@ -11,8 +13,12 @@
 //! `tests/layers.rs` runs it under `cargo test`.
 //!
 //! 1. **Leaves**: `error` typed tunnel errors and their failure classes;
-//!    `config/` TOML shapes and validated types (`config::address`: the
-//!    shape of node addresses and pod CIDRs); `timestamp` times on the
+//!    `config/` the TOML shapes (`raw`), the validated types with their
+//!    defaults and one validation function per section (`ssh`, `proxy`,
+//!    `relay`, `admin`, `discovery`, `runtime`), the node rules (`node`,
+//!    `node_set`, `address`: the shape of node addresses and pod CIDRs,
+//!    with the one CIDR `overlaps`) and the reload `effects` table beside
+//!    the types it describes; `timestamp` times on the
 //!    wire; `shard` the runtime model: one thread per shard, each owning
 //!    its nodes' sessions and every relay of their streams; `memory`
 //!    handing freed memory back to the system.
@@ -20,21 +26,28 @@
 //!    verification, `keygen`, `context` what every session shares (in a
 //!    cell a reload swaps), `readahead` the read buffer under russh,
 //!    `session` one SSH session's connect, verify, authenticate.
-//! 3. **`tunnel/`**: one supervised node (its sessions, state, drain,
-//!    reconnect), with `backoff`, `probe` (the active health probe, which
-//!    drives a node through its `Probed` trait) and `relay` (one stream
-//!    over one channel, whose backpressure holds the node's session).
-//! 4. **`metrics`**: the Prometheus metrics, read from the tunnels'
-//!    counters at scrape time.
-//! 5. **`proxy/`**: the HTTP CONNECT front end, with `route` the
+//! 3. **`tunnel/`**: one supervised node: `state` its states and their
+//!    pure transitions, `supervisor` its life (connect, backoff, rejection,
+//!    make-before-break) behind a `Connect` trait, `live` a session's
+//!    keepalives and retirement, `load` and `open` the sessions' load and
+//!    channel opens, `backoff`, `probe` (the active health probe, which
+//!    drives a node through its `Probed` trait), `relay` (one stream over
+//!    one channel, whose backpressure holds the node's session) and `flow`
+//!    (the relay's memory: per-session floors and the shared budget).
+//! 4. **`metrics/`**: the Prometheus metrics, read from the tunnels'
+//!    counters at scrape time by a collector that walks a table of rows.
+//! 5. **`proxy/`**: the HTTP CONNECT front end: `head` the pure CONNECT
+//!    parser, `listen` listeners and admission, `refusal` the answers that
+//!    refuse, `dial` and `pool` routing a dial to a node, `route` the
 //!    lock-free route table, `tls` the mTLS listener, `sockets` safe Unix
 //!    sockets, `activation` listeners passed in by systemd, `healthy` a
-//!    dial's bounded wait for its tunnel to come up.
+//!    dial's bounded wait for its tunnel to come up, `access` the access
+//!    log, `live` the open streams.
 //! 6. **`control/`**: every node-set change and reload, with
 //!    `config_store` the running config and the change lock, `registry` the
 //!    live node map, `sources` where nodes come from, `node_set` how
-//!    discovered Nodes are admitted, `reload` what a reload applies (derived
-//!    from the config types), `readiness` the ready latch.
+//!    discovered Nodes are admitted, `reload` what a reload changes (the
+//!    diff over the config's effects table), `readiness` the ready latch.
 //! 7. **`discovery/`**: the nodes file, and `kube_watch` the Kubernetes API
 //!    source; both feed `control`.
 //! 8. **`admin/`**: the admin API server, given narrow handles, with `api`
