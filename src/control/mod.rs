@@ -40,7 +40,7 @@ use crate::shard::Shards;
 use crate::ssh::context::{SharedContext, SshContext};
 use crate::ssh::identity::Identity;
 use crate::ssh::known_hosts::KnownHostsStore;
-use crate::tunnel::{NodeTunnel, TunnelState};
+use crate::tunnel::{NodeTunnel, SharedSettings, TunnelSettings, TunnelState};
 
 /// Why the SSH identity or known_hosts could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -81,9 +81,6 @@ pub fn load_context(
     })?;
     Ok(SshContext::new(
         config.ssh.clone(),
-        config.reconnect.clone(),
-        config.health.clone(),
-        config.proxy.drain_timeout,
         Arc::new(identity),
         Arc::new(known_hosts),
         handshakes,
@@ -177,6 +174,8 @@ pub struct Control {
     pub(crate) settings: Arc<ArcSwap<ProxySettings>>,
     /// The SSH context new connections use.
     pub(crate) ctx: SharedContext,
+    /// The tunnels' own settings (backoff, probe, drain).
+    pub(crate) tunnel_settings: SharedSettings,
     /// For the ambiguous-address gauge.
     pub(crate) metrics: Arc<Metrics>,
     /// Where node actors and drains run.
@@ -231,6 +230,7 @@ impl Control {
         NodeTunnel::spawn(
             node,
             self.ctx.clone(),
+            self.tunnel_settings.clone(),
             self.shutdown.child_token(),
             &self.tracker,
             self.shards.place(),
@@ -548,6 +548,8 @@ impl Control {
             .filter_map(|c| c.warning())
             .collect();
         self.ctx.store(Arc::new(new_ctx));
+        self.tunnel_settings
+            .store(Arc::new(TunnelSettings::from_config(&new)));
         self.settings
             .store(Arc::new(ProxySettings::from_config(&new.proxy)));
         let (nodes, retired) = self.apply_desired(Source::Config, &new.nodes);

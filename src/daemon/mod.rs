@@ -41,6 +41,7 @@ use crate::proxy::sockets::{bind_unix_for, BindError};
 use crate::proxy::{EgressProxy, HeadBudget, ProxyListener, ProxySettings, SharedRoutes};
 use crate::shard::Shards;
 use crate::ssh::context::{ContextCell, SharedContext};
+use crate::tunnel::{SettingsCell, TunnelSettings};
 
 /// How long shutdown waits for streams and sessions to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -111,6 +112,7 @@ pub async fn start(
         config.ssh.max_concurrent_handshakes,
     ));
     let ctx: SharedContext = Arc::new(ContextCell::new(load_context(&config, handshakes)?));
+    let tunnel_settings = Arc::new(SettingsCell::new(TunnelSettings::from_config(&config)));
 
     // Bind everything before starting anything, so a bind error leaves
     // nothing running.
@@ -143,6 +145,7 @@ pub async fn start(
         routes: routes.clone(),
         settings: settings.clone(),
         ctx,
+        tunnel_settings,
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),

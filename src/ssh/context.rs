@@ -2,20 +2,17 @@
 //! host keys and the russh client configuration, built once per config.
 //!
 //! It sits with the session, below the node tunnel: the session reads it
-//! to connect, the tunnel's supervisor and the health probe read it for
-//! their own settings. A reload swaps it in a [`ContextCell`], which also
-//! tells the readers that asked to be woken (the probe waits on that rather
-//! than polling for a `[health]` section).
+//! to connect. The tunnel's own settings (backoff, probe, drain) are not
+//! here but in `tunnel::settings`, whose cell is the one that wakes the
+//! probe on a reload. A reload swaps this context in a [`ContextCell`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use russh::client;
-use tokio::sync::watch;
 
-use crate::config::{HealthConfig, ReconnectConfig, SshConfig};
+use crate::config::SshConfig;
 use crate::ssh::identity::Identity;
 use crate::ssh::known_hosts::KnownHostsStore;
 
@@ -24,12 +21,6 @@ use crate::ssh::known_hosts::KnownHostsStore;
 pub struct SshContext {
     /// SSH settings.
     pub ssh: SshConfig,
-    /// Backoff settings.
-    pub reconnect: ReconnectConfig,
-    /// The optional active health probe.
-    pub health: Option<HealthConfig>,
-    /// How long a retiring session may keep serving its streams.
-    pub drain_timeout: Duration,
     /// The service CIDRs: no SSH connect goes to an address inside them.
     pub service_cidrs: Vec<IpNet>,
     /// The loaded client identity. Its `Debug` shows the fingerprint only.
@@ -44,18 +35,12 @@ impl SshContext {
     /// Builds the shared context and russh settings from validated config.
     pub fn new(
         ssh: SshConfig,
-        reconnect: ReconnectConfig,
-        health: Option<HealthConfig>,
-        drain_timeout: Duration,
         identity: Arc<Identity>,
         known_hosts: Arc<KnownHostsStore>,
         handshakes: Arc<tokio::sync::Semaphore>,
     ) -> SshContext {
         SshContext {
             ssh,
-            reconnect,
-            health,
-            drain_timeout,
             service_cidrs: Vec::new(),
             identity,
             known_hosts,
@@ -133,7 +118,6 @@ pub fn host_key_algorithms() -> Vec<russh::keys::Algorithm> {
 #[derive(Debug)]
 pub struct ContextCell {
     current: ArcSwap<SshContext>,
-    changed: watch::Sender<()>,
 }
 
 impl ContextCell {
@@ -141,7 +125,6 @@ impl ContextCell {
     pub fn new(ctx: SshContext) -> ContextCell {
         ContextCell {
             current: ArcSwap::from_pointee(ctx),
-            changed: watch::Sender::new(()),
         }
     }
 
@@ -155,16 +138,9 @@ impl ContextCell {
         self.current.load_full()
     }
 
-    /// Replaces the context and wakes every subscriber.
+    /// Replaces the context.
     pub fn store(&self, ctx: Arc<SshContext>) {
         self.current.store(ctx);
-        self.changed.send_replace(());
-    }
-
-    /// A receiver that sees every [`store`](Self::store) made after this
-    /// call.
-    pub fn subscribe(&self) -> watch::Receiver<()> {
-        self.changed.subscribe()
     }
 }
 

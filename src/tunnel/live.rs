@@ -59,6 +59,8 @@ pub(super) async fn close_session(conn: &Conn, why: &str) {
 /// sessions say whether the node is up.
 pub(super) async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
     let ctx = tunnel.ctx.load_full();
+    // The drain timeout in force when the session opens, as with `ctx`.
+    let drain_timeout = tunnel.settings.load().drain_timeout;
     let cancel = tunnel.cancel.clone();
     let attempt = tokio::select! {
         _ = cancel.cancelled() => None,
@@ -114,7 +116,7 @@ pub(super) async fn extra_session(tunnel: Arc<NodeTunnel>, slot: usize) {
     }
     tunnel.conns[slot].store(None);
     info!(?idle_for, "extra session idle: closing it");
-    retire(conn, ended, ctx.drain_timeout, "extra session idle").await;
+    retire(conn, ended, drain_timeout, "extra session idle").await;
 }
 
 /// How long a failed extra session keeps the node from trying another.

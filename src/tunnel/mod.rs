@@ -19,6 +19,8 @@
 //!   retire, close) and the extra sessions opened on demand;
 //! - `open`: a channel open that outlives its dial;
 //! - `load`: what sessions and streams count (load, congestion, counters);
+//! - `settings`: the tunnel's own settings (backoff, probe, drain), beside
+//!   the SSH context its sessions share;
 //! - `backoff`, `probe`; `relay` one stream over one channel, with `flow`
 //!   its flow-control accounting, and `stream_stats` its own figures.
 
@@ -29,6 +31,7 @@ mod load;
 mod open;
 pub(crate) mod probe;
 pub(crate) mod relay;
+mod settings;
 mod state;
 pub(crate) mod stream_stats;
 mod supervisor;
@@ -52,6 +55,7 @@ use crate::ssh::context::SharedContext;
 use crate::ssh::session::ClientHandler;
 pub use crate::tunnel::load::{Congestion, Counters, SessionLoad};
 use crate::tunnel::probe::Probed;
+pub use crate::tunnel::settings::{SettingsCell, SharedSettings, TunnelSettings};
 use crate::tunnel::state::Link;
 pub use crate::tunnel::state::{StateInfo, TunnelState};
 
@@ -156,6 +160,8 @@ pub struct NodeTunnel {
     /// Notified when an extra session opens or fails.
     extra_ready: Notify,
     ctx: SharedContext,
+    /// The tunnel's own settings (backoff, probe, drain).
+    settings: SharedSettings,
     tracker: TaskTracker,
     /// Stream and byte counters.
     pub counters: Counters,
@@ -183,10 +189,12 @@ impl NodeTunnel {
     /// Creates the handle and starts the supervising actor (and the health
     /// probe, when configured) on `tracker`, on the node's shard: every
     /// task of the node runs there (see `shard`). Both stop when `cancel`
-    /// fires.
+    /// fires. `ctx` is what its SSH sessions share, `settings` the
+    /// tunnel's own (backoff, probe, drain).
     pub fn spawn(
         node: NodeConfig,
         ctx: SharedContext,
+        settings: SharedSettings,
         cancel: CancellationToken,
         tracker: &TaskTracker,
         placement: crate::shard::NodePlacement,
@@ -210,6 +218,7 @@ impl NodeTunnel {
             extra_cooldown: Mutex::new(None),
             extra_ready: Notify::new(),
             ctx: ctx.clone(),
+            settings: settings.clone(),
             tracker: tracker.clone(),
             counters: Counters::default(),
             cancel,
@@ -231,6 +240,7 @@ impl NodeTunnel {
                     supervisor::Node {
                         tunnel: tunnel.clone(),
                         shared: ctx.clone(),
+                        settings: settings.clone(),
                         tracker: tracker.clone(),
                     },
                     slot,
@@ -241,7 +251,7 @@ impl NodeTunnel {
         }
         shard.spawn(
             tracker,
-            crate::tunnel::probe::run(tunnel.clone(), ctx).instrument(span),
+            crate::tunnel::probe::run(tunnel.clone(), settings).instrument(span),
         );
         tunnel
     }

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{HealthConfig, ProbeTarget};
 use crate::error::TunnelError;
-use crate::ssh::context::SharedContext;
+use crate::tunnel::settings::SharedSettings;
 
 /// What the probe needs from one node.
 pub trait Probed: Send + Sync + 'static {
@@ -80,16 +80,16 @@ pub enum ProbeError {
 
 /// Runs probes for one node until its token is cancelled.
 ///
-/// The probe settings are re-read whenever the shared context changes, so
+/// The probe settings are re-read whenever the tunnel settings change, so
 /// a reload that adds, changes or removes `[health]` applies without a
 /// restart. Without a `[health]` section the task sleeps until a reload.
-pub async fn run<N: Probed>(node: N, ctx: SharedContext) {
+pub async fn run<N: Probed>(node: N, settings: SharedSettings) {
     let cancel = node.cancelled().clone();
-    let mut changes = ctx.subscribe();
+    let mut changes = settings.subscribe();
     let mut failures = 0u32;
     let mut next: Option<tokio::time::Instant> = None;
     loop {
-        let Some(cfg) = ctx.load().health.clone() else {
+        let Some(cfg) = settings.load().health.clone() else {
             // No probe configured: the node is never marked unhealthy.
             failures = 0;
             node.set_probe_failing(None);

@@ -33,10 +33,11 @@ use crate::ssh::context::{SharedContext, SshContext};
 use crate::ssh::session::{self, Session};
 use crate::tunnel::backoff::Backoff;
 use crate::tunnel::live::{close_session, install, retire, EndReason};
+use crate::tunnel::settings::{SharedSettings, TunnelSettings};
 use crate::tunnel::state::Link;
 use crate::tunnel::{Command, Conn, Counters, NodeTunnel};
 
-/// The settings the supervisor reads from each loaded context.
+/// The settings the supervisor reads from each loaded snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Settings {
     /// The first backoff's ceiling.
@@ -50,13 +51,13 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    /// The supervisor's part of the shared context.
-    pub(crate) fn of(ctx: &SshContext) -> Settings {
+    /// The supervisor's part of the tunnel settings.
+    pub(crate) fn of(tunnel: &TunnelSettings) -> Settings {
         Settings {
-            initial_backoff: ctx.reconnect.initial_backoff,
-            max_backoff: ctx.reconnect.max_backoff,
-            stable_after: ctx.reconnect.stable_after,
-            drain_timeout: ctx.drain_timeout,
+            initial_backoff: tunnel.reconnect.initial_backoff,
+            max_backoff: tunnel.reconnect.max_backoff,
+            stable_after: tunnel.reconnect.stable_after,
+            drain_timeout: tunnel.drain_timeout,
         }
     }
 }
@@ -129,7 +130,15 @@ pub(crate) trait Connect: Send + Sync + 'static {
 pub(crate) struct Node {
     pub(crate) tunnel: Arc<NodeTunnel>,
     pub(crate) shared: SharedContext,
+    pub(crate) settings: SharedSettings,
     pub(crate) tracker: TaskTracker,
+}
+
+/// What one attempt of a [`Node`] is made with: the sessions' shared
+/// context and the tunnel's own settings, as they were at its start.
+pub(crate) struct Snapshot {
+    ssh: Arc<SshContext>,
+    tunnel: Arc<TunnelSettings>,
 }
 
 /// A serving session and where its handler leaves why it ended.
@@ -139,16 +148,19 @@ pub(crate) struct Installed {
 }
 
 impl Connect for Node {
-    type Ctx = Arc<SshContext>;
+    type Ctx = Snapshot;
     type Fresh = Session;
     type Live = Installed;
 
-    fn load(&self) -> Arc<SshContext> {
-        self.shared.load_full()
+    fn load(&self) -> Snapshot {
+        Snapshot {
+            ssh: self.shared.load_full(),
+            tunnel: self.settings.load_full(),
+        }
     }
 
-    fn settings(&self, ctx: &Arc<SshContext>) -> Settings {
-        Settings::of(ctx)
+    fn settings(&self, ctx: &Snapshot) -> Settings {
+        Settings::of(&ctx.tunnel)
     }
 
     fn cancelled(&self) -> &CancellationToken {
@@ -161,18 +173,18 @@ impl Connect for Node {
 
     fn connect<'a>(
         &'a self,
-        ctx: &'a Arc<SshContext>,
+        ctx: &'a Snapshot,
     ) -> impl Future<Output = Result<Session, TunnelError>> + Send + 'a {
-        session::connect(&self.tunnel.node, ctx, self.tunnel.known_rtt())
+        session::connect(&self.tunnel.node, &ctx.ssh, self.tunnel.known_rtt())
     }
 
     fn install(
         &self,
         slot: usize,
         fresh: Session,
-        ctx: &Arc<SshContext>,
+        ctx: &Snapshot,
     ) -> (Installed, CancellationToken) {
-        let (conn, ended, end_reason) = install(&self.tunnel, slot, fresh, ctx, &self.tracker);
+        let (conn, ended, end_reason) = install(&self.tunnel, slot, fresh, &ctx.ssh, &self.tracker);
         (Installed { conn, end_reason }, ended)
     }
 
