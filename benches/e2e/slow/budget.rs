@@ -18,14 +18,19 @@ pub(crate) fn fair_budget(sz: &Sizes) -> Table {
     );
     let _servers: Vec<ChildGuard> = cluster.nodes.iter().map(|n| start_servers(&n.ns)).collect();
     let spec = ConfigSpec {
-        ssh_extra: "max_connections_per_node = 1".into(),
+        ssh_extra: "connections_per_node = 4\nmax_connections_per_node = 4".into(),
         ..ConfigSpec::default()
     };
     let toml = bench_toml(&cluster, &spec).replacen(
         "[proxy]\n",
-        // The smallest floor, so that the stalled sessions (4 × 256 KiB
-        // each) reach into the shared budget and it binds.
-        "[proxy]\nrelay_buffer_budget = \"1MiB\"\nrelay_stream_buffer_limit = \"256KiB\"\nrelay_session_floor = \"256KiB\"\n",
+        // One stalled stream on each of eight sessions, each asking for its
+        // 512 KiB stream limit: its session's 256 KiB floor (the smallest)
+        // plus 256 KiB of the budget, 2 MiB of the 1 MiB budget in all,
+        // whatever order their data comes in. With several on one
+        // session, the first to reach its own limit held the session
+        // while the others were short, and the budget filled or not by
+        // chance.
+        "[proxy]\nrelay_buffer_budget = \"1MiB\"\nrelay_stream_buffer_limit = \"512KiB\"\nrelay_session_floor = \"256KiB\"\n",
         1,
     );
     let mut daemon = Daemon::start_toml(&cluster, &toml, &[]);
@@ -44,7 +49,7 @@ pub(crate) fn fair_budget(sz: &Sizes) -> Table {
     }
     let bulk = (sz.bulk_bytes / 4).max(32 << 20);
     let mut t = Table::new(
-        format!("Fair budget: a {} download from node-3 alone, and while 8 stalled readers on node-1 and node-2 fill the budget (daemon: relay_buffer_budget 1MiB, relay_stream_buffer_limit 256KiB, relay_session_floor 256KiB, max_connections_per_node 1)", mib(bulk)),
+        format!("Fair budget: a {} download from node-3 alone, and while 8 stalled readers on node-1 and node-2 fill the budget (daemon: relay_buffer_budget 1MiB, relay_stream_buffer_limit 512KiB, relay_session_floor 256KiB, 4 sessions a node)", mib(bulk)),
         &["path", "alone MB/s", "beside stalled MB/s", "ratio", "held by the budget"],
     );
     let download = |p: PathKind| -> io::Result<f64> {
