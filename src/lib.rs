@@ -18,22 +18,25 @@
 //!    `relay`, `admin`, `discovery`, `runtime`), the node rules (`node`,
 //!    `node_set`, `address`: the shape of node addresses and pod CIDRs,
 //!    with the one CIDR `overlaps`) and the reload `effects` table beside
-//!    the types it describes; `timestamp` times on the
-//!    wire; `shard` the runtime model: one thread per shard, each owning
+//!    the types it describes; `timestamp` times on the wire; `shard` the
+//!    runtime model: one thread per shard, each owning
 //!    its nodes' sessions and every relay of their streams; `memory`
 //!    handing freed memory back to the system.
 //! 2. **`ssh/`**: `identity` the client key, `known_hosts` host key
-//!    verification, `keygen`, `context` what every session shares (in a
-//!    cell a reload swaps), `readahead` the read buffer under russh,
-//!    `session` one SSH session's connect, verify, authenticate.
+//!    verification, `keygen`, `context` what every session shares to
+//!    connect (in a cell a reload swaps), `readahead` the read buffer
+//!    under russh, `session` one SSH session's connect, verify,
+//!    authenticate.
 //! 3. **`tunnel/`**: one supervised node: `state` its states and their
 //!    pure transitions, `supervisor` its life (connect, backoff, rejection,
 //!    make-before-break) behind a `Connect` trait, `live` a session's
 //!    keepalives and retirement, `load` and `open` the sessions' load and
-//!    channel opens, `backoff`, `probe` (the active health probe, which
-//!    drives a node through its `Probed` trait), `relay` (one stream over
-//!    one channel, whose backpressure holds the node's session) and `flow`
-//!    (the relay's memory: per-session floors and the shared budget).
+//!    channel opens, `settings` the tunnel's own reloadable settings
+//!    (backoff, probe, drain), `backoff`, `probe` (the active health
+//!    probe, which drives a node through its `Probed` trait), `relay`
+//!    (one stream over one channel, whose backpressure holds the node's
+//!    session) and `flow` (the relay's memory: per-session floors and the
+//!    shared budget).
 //! 4. **`metrics/`**: the Prometheus metrics, read from the tunnels'
 //!    counters at scrape time by a collector that walks a table of rows.
 //! 5. **`proxy/`**: the HTTP CONNECT front end: `head` the pure CONNECT
