@@ -40,7 +40,7 @@ use crate::proxy::route::RouteTable;
 use crate::proxy::sockets::{bind_unix_for, BindError};
 use crate::proxy::{EgressProxy, HeadBudget, ProxyListener, ProxySettings, SharedRoutes};
 use crate::shard::Shards;
-use crate::ssh::context::{ContextCell, SharedContext};
+use crate::ssh::context::SharedContext;
 use crate::tunnel::{SettingsCell, TunnelSettings};
 
 /// How long shutdown waits for streams and sessions to finish.
@@ -111,7 +111,7 @@ pub async fn start(
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         config.ssh.max_concurrent_handshakes,
     ));
-    let ctx: SharedContext = Arc::new(ContextCell::new(load_context(&config, handshakes)?));
+    let ctx: SharedContext = Arc::new(ArcSwap::from_pointee(load_context(&config, handshakes)?));
     let tunnel_settings = Arc::new(SettingsCell::new(TunnelSettings::from_config(&config)));
 
     // Bind everything before starting anything, so a bind error leaves

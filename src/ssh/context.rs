@@ -4,7 +4,7 @@
 //! It sits with the session, below the node tunnel: the session reads it
 //! to connect. The tunnel's own settings (backoff, probe, drain) are not
 //! here but in `tunnel::settings`, whose cell is the one that wakes the
-//! probe on a reload. A reload swaps this context in a [`ContextCell`].
+//! probe on a reload. A reload swaps this context in its [`SharedContext`].
 
 use std::sync::Arc;
 
@@ -114,38 +114,9 @@ pub fn host_key_algorithms() -> Vec<russh::keys::Algorithm> {
 /// The context as currently configured. A reload stores a new one, and
 /// each connect attempt loads the newest (so a rotated key or a changed
 /// known_hosts path applies at the next connect without touching live
-/// sessions).
-#[derive(Debug)]
-pub struct ContextCell {
-    current: ArcSwap<SshContext>,
-}
-
-impl ContextCell {
-    /// A cell holding `ctx`.
-    pub fn new(ctx: SshContext) -> ContextCell {
-        ContextCell {
-            current: ArcSwap::from_pointee(ctx),
-        }
-    }
-
-    /// The current context, cheaply (lock-free).
-    pub fn load(&self) -> arc_swap::Guard<Arc<SshContext>> {
-        self.current.load()
-    }
-
-    /// The current context, as an owned handle.
-    pub fn load_full(&self) -> Arc<SshContext> {
-        self.current.load_full()
-    }
-
-    /// Replaces the context.
-    pub fn store(&self, ctx: Arc<SshContext>) {
-        self.current.store(ctx);
-    }
-}
-
-/// The shared handle on the current context.
-pub type SharedContext = Arc<ContextCell>;
+/// sessions). A plain `ArcSwap`: loads are lock-free and nothing else is
+/// needed of it.
+pub type SharedContext = Arc<ArcSwap<SshContext>>;
 
 /// Bytes russh may queue per channel before its session loop waits for
 /// the relay, on top of the relay's own per-stream limit.
