@@ -92,15 +92,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::config::Config;
-
-    fn example() -> Config {
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tunneler.example.toml"),
-        )
-        .unwrap();
-        Config::from_toml(&text, Path::new("/etc/tunneler")).unwrap()
-    }
+    use crate::config::{example, example_text, Config};
 
     /// `config` as a JSON object of sections, as the diff sees it.
     fn sections(config: &Config) -> serde_json::Map<String, Value> {
@@ -181,10 +173,7 @@ mod tests {
     /// reload does not apply the key.
     #[test]
     fn the_example_config_says_restart_exactly_at_the_restart_keys() {
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tunneler.example.toml"),
-        )
-        .unwrap();
+        let text = example_text();
         let says_restart =
             |block: &[&str]| block.iter().any(|l| l.to_lowercase().contains("restart"));
         let mut section = String::new();

@@ -53,6 +53,22 @@ pub(crate) use ssh::{WindowBounds, DEFAULT_MAXIMUM_PACKET_SIZE};
 #[cfg(test)]
 pub(crate) use node::test_node;
 
+/// The text of the example config in deploy/, which tests hold against the
+/// effects table and the reload diff.
+#[cfg(test)]
+pub(crate) fn example_text() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tunneler.example.toml"),
+    )
+    .unwrap()
+}
+
+/// The example config, parsed as installed under /etc/tunneler.
+#[cfg(test)]
+pub(crate) fn example() -> Config {
+    Config::from_toml(&example_text(), std::path::Path::new("/etc/tunneler")).unwrap()
+}
+
 use address::AddressOrigin;
 use raw::RawConfig;
 

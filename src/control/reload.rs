@@ -85,15 +85,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn example() -> Config {
-        let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tunneler.example.toml"),
-        )
-        .unwrap();
-        Config::from_toml(&text, Path::new("/etc/tunneler")).unwrap()
-    }
+    use crate::config::example;
 
     #[test]
     fn the_diff_names_each_changed_key_with_its_effect() {

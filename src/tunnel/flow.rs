@@ -429,6 +429,18 @@ impl Drop for Riding<'_> {
     }
 }
 
+/// Limits for a test account: `limit` per stream, `floor` per session,
+/// and a stopped reader after 60 s (the relay's tests use it too).
+#[cfg(test)]
+pub(crate) fn test_limits(limit: usize, floor: usize) -> RelayLimits {
+    RelayLimits {
+        buffer_budget: 512 << 20,
+        stream_buffer_limit: limit,
+        session_floor: floor,
+        stopped_reader_timeout: Duration::from_secs(60),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,17 +448,6 @@ mod tests {
 
     const KIB: usize = 1024;
     const MIB: usize = 1024 * KIB;
-
-    /// Limits for a test account: `limit` per stream, `floor` per session,
-    /// and a stopped reader after 60 s.
-    fn lim(limit: usize, floor: usize) -> RelayLimits {
-        RelayLimits {
-            buffer_budget: 512 * MIB,
-            stream_buffer_limit: limit,
-            session_floor: floor,
-            stopped_reader_timeout: Duration::from_secs(60),
-        }
-    }
 
     /// Admits `n`, failing the test rather than hanging it if that waits.
     async fn admitted(a: &Account<'_>, n: usize, stop: &CancellationToken) -> Admit {
@@ -477,7 +478,7 @@ mod tests {
         let b = RelayBudget::new(64 * MIB);
         let s = SessionLoad::default();
         let c = Counters::default();
-        let a = Account::new(&b, &s, &c, &lim(MIB, MIB));
+        let a = Account::new(&b, &s, &c, &test_limits(MIB, MIB));
         let stop = CancellationToken::new();
         for _ in 0..16 {
             assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
@@ -517,7 +518,7 @@ mod tests {
         let b = RelayBudget::new(64 * MIB);
         let s = SessionLoad::default();
         let c = Counters::default();
-        let a = Account::new(&b, &s, &c, &lim(MIB, MIB));
+        let a = Account::new(&b, &s, &c, &test_limits(MIB, MIB));
         let stop = CancellationToken::new();
         for _ in 0..7 {
             assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
@@ -584,7 +585,7 @@ mod tests {
         let stalled: Vec<SessionLoad> = (0..4).map(|_| SessionLoad::default()).collect();
         let accounts: Vec<Account<'_>> = stalled
             .iter()
-            .map(|s| Account::new(&b, s, &c, &lim(64 * MIB, floor)))
+            .map(|s| Account::new(&b, s, &c, &test_limits(64 * MIB, floor)))
             .collect();
         for a in &accounts {
             fill(a, &stop, g).await;
@@ -598,7 +599,7 @@ mod tests {
         b.set_limit(st.budget_used);
         assert!(!b.try_take(64 * KIB, 0));
         let fresh = SessionLoad::default();
-        let a = Account::new(&b, &fresh, &c, &lim(64 * MIB, floor));
+        let a = Account::new(&b, &fresh, &c, &test_limits(64 * MIB, floor));
         for _ in 0..floor / (64 * KIB) {
             assert_eq!(admitted(&a, 64 * KIB, &stop).await, Admit::Taken);
         }
@@ -619,8 +620,8 @@ mod tests {
         let (s1, s2) = (SessionLoad::default(), SessionLoad::default());
         let c = Counters::default();
         let stop = CancellationToken::new();
-        let l = Account::new(&b, &s2, &c, &lim(64 * MIB, 256 * KIB));
-        let a = Account::new(&b, &s1, &c, &lim(64 * MIB, 256 * KIB));
+        let l = Account::new(&b, &s2, &c, &test_limits(64 * MIB, 256 * KIB));
+        let a = Account::new(&b, &s1, &c, &test_limits(64 * MIB, 256 * KIB));
         // l alone: its floor, then half the budget (T = P, 2P ≤ G).
         assert_eq!(fill(&l, &stop, 4 * MIB).await, 256 * KIB + 512 * KIB);
         // a: its floor, then until T + P_a + n > G with T = 512K + P_a.
@@ -668,10 +669,10 @@ mod tests {
         let (heavy, light) = (SessionLoad::default(), SessionLoad::default());
         let c = Counters::default();
         let stop = CancellationToken::new();
-        let h = Account::new(&b, &heavy, &c, &lim(g, MIB));
+        let h = Account::new(&b, &heavy, &c, &test_limits(g, MIB));
         let taken = fill(&h, &stop, 2 * g).await;
         assert_eq!(taken, MIB + g / 2, "its floor, then half the budget");
-        let l = Account::new(&b, &light, &c, &lim(g, MIB));
+        let l = Account::new(&b, &light, &c, &test_limits(g, MIB));
         let got = fill(&l, &stop, 2 * g).await;
         // Its floor, then while 8 MiB + P + P ≤ 16 MiB: 4 MiB more.
         assert_eq!(got, MIB + 4 * MIB);
@@ -728,7 +729,7 @@ mod tests {
         let s = SessionLoad::default();
         let c = Counters::default();
         let stop = CancellationToken::new();
-        let a = Account::new(&b, &s, &c, &lim(256 * KIB, MIB));
+        let a = Account::new(&b, &s, &c, &test_limits(256 * KIB, MIB));
         let _me = Riding::on(&s);
         for _ in 0..4 {
             assert_eq!(a.admit(64 * KIB, &stop).await, Admit::Taken);
@@ -769,8 +770,8 @@ mod tests {
         let s = SessionLoad::default();
         let c = Counters::default();
         let stop = CancellationToken::new();
-        let other = Account::new(&b, &s, &c, &lim(256 * KIB, 256 * KIB));
-        let a = Account::new(&b, &s, &c, &lim(256 * KIB, 256 * KIB));
+        let other = Account::new(&b, &s, &c, &test_limits(256 * KIB, 256 * KIB));
+        let a = Account::new(&b, &s, &c, &test_limits(256 * KIB, 256 * KIB));
         let (_o, _a) = (Riding::on(&s), Riding::on(&s));
         for _ in 0..4 {
             assert_eq!(other.admit(64 * KIB, &stop).await, Admit::Taken);

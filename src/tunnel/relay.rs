@@ -731,7 +731,7 @@ mod tests {
         let b = RelayBudget::new(64 * MIB);
         let s = SessionLoad::default();
         let c = Counters::default();
-        let a = Account::new(&b, &s, &c, &lim(8 * MIB, MIB));
+        let a = Account::new(&b, &s, &c, &crate::tunnel::flow::test_limits(8 * MIB, MIB));
         let stop = CancellationToken::new();
         let flags = Flags::default();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -757,16 +757,5 @@ mod tests {
         assert_eq!(w.wire, data);
         assert!(!flags.gone.load(Ordering::Relaxed));
         drop(tx);
-    }
-
-    /// Limits for a test account: `limit` per stream, `floor` per session,
-    /// and a stopped reader after 60 s.
-    fn lim(limit: usize, floor: usize) -> RelayLimits {
-        RelayLimits {
-            buffer_budget: 512 * MIB,
-            stream_buffer_limit: limit,
-            session_floor: floor,
-            stopped_reader_timeout: Duration::from_secs(60),
-        }
     }
 }
